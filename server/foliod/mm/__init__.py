@@ -1,0 +1,71 @@
+"""foliod's domain core: simulated physical memory, folios and memory-map accounting.
+
+Imports no grpc, protobuf or prometheus_client (tests/test_layering.py proves it).
+"""
+
+from foliod.mm.debug import InconsistentState, check_machine
+from foliod.mm.errors import (
+    FailedPrecondition,
+    FolioAlreadyFreed,
+    FoliodError,
+    InvalidArgument,
+    NotFound,
+    OutOfMemory,
+    OutOfRange,
+    UnknownFolio,
+    UnknownMachine,
+    UnknownOwner,
+)
+from foliod.mm.huge_memory import ThpPolicy, ThpSetting
+from foliod.mm.machine import (
+    HOST,
+    MAX_FOLIOS_PER_CALL,
+    MAX_IO_BYTES,
+    Allocation,
+    Machine,
+    Machines,
+    Meminfo,
+    Release,
+)
+from foliod.mm.memmap import Descriptor, DescriptorCost, DescriptorSizes, MemmapModel, ModelCost
+from foliod.mm.mm_types import Folio, FolioKind
+from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SIZE, Watermarks
+from foliod.mm.vmstat import MthpStat, VmEvent, VmStat
+
+__all__ = [
+    "HOST",
+    "MAX_FOLIOS_PER_CALL",
+    "MAX_IO_BYTES",
+    "MAX_PAGE_ORDER",
+    "PAGE_SIZE",
+    "Allocation",
+    "Descriptor",
+    "DescriptorCost",
+    "DescriptorSizes",
+    "FailedPrecondition",
+    "Folio",
+    "FolioAlreadyFreed",
+    "FolioKind",
+    "FoliodError",
+    "InconsistentState",
+    "InvalidArgument",
+    "Machine",
+    "Machines",
+    "Meminfo",
+    "MemmapModel",
+    "ModelCost",
+    "MthpStat",
+    "NotFound",
+    "OutOfMemory",
+    "OutOfRange",
+    "Release",
+    "ThpPolicy",
+    "ThpSetting",
+    "UnknownFolio",
+    "UnknownMachine",
+    "UnknownOwner",
+    "VmEvent",
+    "VmStat",
+    "Watermarks",
+    "check_machine",
+]

@@ -1,0 +1,86 @@
+"""The domain error tree of foliod's core; the rpc layer alone maps it to gRPC status codes.
+
+    FoliodError                    anything the core refuses to do
+    ├── InvalidArgument            a request value is malformed or out of its domain
+    ├── NotFound                   a named object does not exist
+    │   ├── UnknownMachine
+    │   ├── UnknownOwner
+    │   └── UnknownFolio
+    ├── FailedPrecondition         the request is well formed but the state forbids it
+    │   └── FolioAlreadyFreed
+    ├── OutOfRange                 an offset or length passes the end of an object
+    └── OutOfMemory                the allocator cannot serve the request
+
+Every error names the request field at fault (``field``, empty when no single field is) and has
+a stable ``reason`` string that travels to clients in google.rpc.ErrorInfo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class FoliodError(Exception):
+    """Base of every error the core raises on purpose."""
+
+    reason = "FOLIOD_ERROR"
+
+    def __init__(self, message: str, *, field: str = "", metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(FoliodError):
+    """A request value is malformed or outside the values the field accepts."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(FoliodError):
+    """A named object (machine, owner, folio) does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class UnknownMachine(NotFound):
+    """No machine has the requested name."""
+
+    reason = "UNKNOWN_MACHINE"
+
+
+class UnknownOwner(NotFound):
+    """No owner (address space) has the requested name on the machine."""
+
+    reason = "UNKNOWN_OWNER"
+
+
+class UnknownFolio(NotFound):
+    """No folio was ever allocated with the requested handle on the machine."""
+
+    reason = "UNKNOWN_FOLIO"
+
+
+class FailedPrecondition(FoliodError):
+    """The request is well formed but the machine's state does not allow it."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class FolioAlreadyFreed(FailedPrecondition):
+    """The handle named a folio that has been freed (a double free)."""
+
+    reason = "FOLIO_ALREADY_FREED"
+
+
+class OutOfRange(FoliodError):
+    """An offset or length reaches past the end of the object it addresses."""
+
+    reason = "OUT_OF_RANGE"
+
+
+class OutOfMemory(FoliodError):
+    """The buddy allocator has no block of the requested order above the min watermark."""
+
+    reason = "OUT_OF_MEMORY"

@@ -1,0 +1,139 @@
+"""Owners' address spaces: virtual placement of anon folios and their page tables (mm/memory.c).
+
+x86-64 four-level paging (P4D folded): a PTE table maps 512 pages (2 MiB), a PMD table 512 PTE
+tables (1 GiB), a PUD table 512 PMD tables (512 GiB), and one PGD per address space. A table is
+allocated when the first entry below it is installed and freed when its last entry goes (the
+PGD lives until the owner is released). A PMD-mapped 2 MiB anon folio needs no PTE table to be
+mapped, but, as __do_huge_pmd_anonymous_page does, it deposits one preallocated PTE table so the
+mapping can be split later without allocating; `deposit_pgtable=False` models an architecture
+without that deposit.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from foliod.mm.huge_memory import HPAGE_PMD_NR, HPAGE_PMD_ORDER
+from foliod.mm.mm_types import Folio
+
+PT_LEVELS = 4
+PTE_LEVEL, PMD_LEVEL, PUD_LEVEL, PGD_LEVEL = range(PT_LEVELS)
+# Virtual page number >> shift = index of the table that holds the entry at that level.
+_LEVEL_SHIFT = (9, 18, 27, 36)
+
+
+class TableAllocator(Protocol):
+    """Where page-table pages come from; raises OutOfMemory when none can be had."""
+
+    def alloc_pagetable(self, owner: str) -> Folio: ...
+
+    def free_pagetable(self, table: Folio) -> None: ...
+
+
+class PageTable:
+    """One page-table page and the number of its entries in use."""
+
+    __slots__ = ("entries", "folio")
+
+    def __init__(self, folio: Folio) -> None:
+        self.folio = folio
+        self.entries = 0
+
+
+class AddressSpace:
+    """The virtual memory and page tables of one owner (an mm_struct)."""
+
+    __slots__ = ("deposit_pgtable", "deposited", "name", "next_vpage", "tables")
+
+    def __init__(self, name: str, *, deposit_pgtable: bool = True) -> None:
+        self.name = name
+        self.deposit_pgtable = deposit_pgtable
+        # Per level: index of the table (virtual page >> level shift) -> table.
+        self.tables: list[dict[int, PageTable]] = [{} for _ in range(PT_LEVELS)]
+        # PTE tables deposited with PMD-mapped folios, by the folio's virtual page.
+        self.deposited: dict[int, Folio] = {}
+        self.next_vpage = 0
+
+    @property
+    def nr_pagetable_pages(self) -> int:
+        """Page-table pages this address space holds (every table is one order-0 page)."""
+        return sum(len(level) for level in self.tables) + len(self.deposited)
+
+    def get_unmapped_area(self, nr_pages: int, align_pages: int) -> int:
+        """Places a new mapping after the previous one; mappings of 2 MiB or more are
+        PMD-aligned, as thp_get_unmapped_area does for anonymous memory."""
+        if nr_pages >= HPAGE_PMD_NR:
+            align_pages = max(align_pages, HPAGE_PMD_NR)
+        start = -(-self.next_vpage // align_pages) * align_pages
+        self.next_vpage = start + nr_pages
+        return start
+
+    def map_folio(self, folio: Folio, vpage: int, allocator: TableAllocator) -> int:
+        """Maps an anon folio at a virtual page; returns page-table pages allocated.
+
+        All or nothing: when a table cannot be allocated, nothing is installed.
+        """
+        pmd_mapped = folio.order == HPAGE_PMD_ORDER and vpage % HPAGE_PMD_NR == 0
+        level = PMD_LEVEL if pmd_mapped else PTE_LEVEL
+        entries = 1 if pmd_mapped else folio.nr_pages
+        missing = []
+        lvl = level
+        while lvl < PT_LEVELS and (vpage >> _LEVEL_SHIFT[lvl]) not in self.tables[lvl]:
+            missing.append(lvl)
+            lvl += 1
+        want_deposit = pmd_mapped and self.deposit_pgtable
+        new: list[Folio] = []
+        try:
+            # Top-down, as __handle_mm_fault allocates them.
+            for _ in range(len(missing) + want_deposit):
+                new.append(allocator.alloc_pagetable(self.name))
+        except BaseException:
+            for table in new:
+                allocator.free_pagetable(table)
+            raise
+        for lvl in reversed(missing):
+            self.tables[lvl][vpage >> _LEVEL_SHIFT[lvl]] = PageTable(new.pop(0))
+            if lvl + 1 < PT_LEVELS:
+                self.tables[lvl + 1][vpage >> _LEVEL_SHIFT[lvl + 1]].entries += 1
+        self.tables[level][vpage >> _LEVEL_SHIFT[level]].entries += entries
+        if want_deposit:
+            self.deposited[vpage] = new.pop()
+        folio.vaddr = vpage
+        folio.pmd_mapped = pmd_mapped
+        return len(missing) + want_deposit
+
+    def unmap_folio(self, folio: Folio, allocator: TableAllocator) -> int:
+        """Unmaps an anon folio; returns page-table pages freed because they became empty."""
+        vpage = folio.vaddr
+        freed = 0
+        if folio.pmd_mapped:
+            level, entries = PMD_LEVEL, 1
+            deposit = self.deposited.pop(vpage, None)
+            if deposit is not None:
+                allocator.free_pagetable(deposit)
+                freed += 1
+        else:
+            level, entries = PTE_LEVEL, folio.nr_pages
+        while level < PGD_LEVEL:
+            index = vpage >> _LEVEL_SHIFT[level]
+            table = self.tables[level][index]
+            table.entries -= entries
+            if table.entries:
+                break
+            del self.tables[level][index]
+            allocator.free_pagetable(table.folio)
+            freed += 1
+            level, entries = level + 1, 1
+        else:
+            self.tables[PGD_LEVEL][0].entries -= entries
+        folio.vaddr = -1
+        folio.pmd_mapped = False
+        return freed
+
+    def release_pgd(self, allocator: TableAllocator) -> int:
+        """Frees the PGD of an address space that maps nothing; returns pages freed."""
+        pgd = self.tables[PGD_LEVEL].pop(0, None)
+        if pgd is None:
+            return 0
+        allocator.free_pagetable(pgd.folio)
+        return 1

@@ -1,0 +1,101 @@
+"""Folios and their kinds: what an allocation is and what it holds (include/linux/mm_types.h)."""
+
+from __future__ import annotations
+
+import enum
+
+from foliod.mm.errors import OutOfRange
+from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+
+
+class FolioKind(enum.StrEnum):
+    """What an allocation is used for; mirrors the memdesc types."""
+
+    ANON = "anon"
+    FILE = "file"
+    SLAB = "slab"
+    PAGETABLE = "pagetable"
+    HUGETLB = "hugetlb"
+
+
+class Folio:
+    """A power-of-two group of 2^order pages allocated as one unit.
+
+    Contents are kept per written page, so memory grows with the data written and a page
+    never written reads as zeros (like init_on_alloc).
+    """
+
+    __slots__ = ("contents", "handle", "kind", "order", "owner", "pfn", "pmd_mapped", "vaddr")
+
+    def __init__(self, handle: int, pfn: int, order: int, kind: FolioKind, owner: str) -> None:
+        self.handle = handle
+        self.pfn = pfn
+        self.order = order
+        self.kind = kind
+        self.owner = owner
+        # Virtual page number in the owner's address space (anon only; -1 when unmapped).
+        self.vaddr = -1
+        self.pmd_mapped = False
+        self.contents: dict[int, bytearray] | None = None
+
+    @property
+    def nr_pages(self) -> int:
+        return 1 << self.order
+
+    @property
+    def size_bytes(self) -> int:
+        return PAGE_SIZE << self.order
+
+    @property
+    def is_large(self) -> bool:
+        return self.order > 0
+
+    def __check_range(self, offset: int, length: int, field: str) -> None:
+        if offset + length > self.size_bytes:
+            raise OutOfRange(
+                f"offset {offset} + {length} bytes passes the end of folio {self.handle} "
+                f"({self.size_bytes} bytes)",
+                field=field,
+            )
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copies data into the folio at a byte offset, page by page."""
+        self.__check_range(offset, len(data), "offset")
+        if self.contents is None:
+            self.contents = {}
+        contents = self.contents
+        pos = 0
+        while pos < len(data):
+            index, start = divmod(offset + pos, PAGE_SIZE)
+            chunk = min(PAGE_SIZE - start, len(data) - pos)
+            page = contents.get(index)
+            if page is None:
+                page = contents[index] = bytearray(PAGE_SIZE)
+            page[start : start + chunk] = data[pos : pos + chunk]
+            pos += chunk
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Returns length bytes from a byte offset; unwritten pages read as zeros."""
+        self.__check_range(offset, length, "length")
+        if not self.contents:
+            return bytes(length)
+        contents = self.contents
+        out = bytearray(length)
+        pos = 0
+        while pos < length:
+            index, start = divmod(offset + pos, PAGE_SIZE)
+            chunk = min(PAGE_SIZE - start, length - pos)
+            page = contents.get(index)
+            if page is not None:
+                out[pos : pos + chunk] = page[start : start + chunk]
+            pos += chunk
+        return bytes(out)
+
+    @property
+    def nr_pages_written(self) -> int:
+        """Pages that hold written contents (the simulator's own memory for this folio)."""
+        return len(self.contents) if self.contents else 0
+
+
+def pages_to_bytes(nr_pages: int) -> int:
+    return nr_pages << PAGE_SHIFT

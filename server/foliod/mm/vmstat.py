@@ -1,0 +1,44 @@
+"""Counter families of a simulated machine, named as the kernel names them (mm/vmstat.c).
+
+Each family is one enum whose member values are the kernel's vmstat names; the API, the metrics
+adapter and the documentation all derive their names from these enums and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class VmEvent(enum.StrEnum):
+    """Monotonic event counters (include/linux/vm_event_item.h)."""
+
+    PGALLOC = "pgalloc"
+    PGFREE = "pgfree"
+    PGFAULT = "pgfault"
+    THP_FAULT_ALLOC = "thp_fault_alloc"
+    THP_FAULT_FALLBACK = "thp_fault_fallback"
+
+
+class VmStat(enum.StrEnum):
+    """Point-in-time state counters in pages (include/linux/mmzone.h, node_stat_item)."""
+
+    NR_FREE_PAGES = "nr_free_pages"
+    NR_ANON_PAGES = "nr_anon_pages"
+    NR_ANON_TRANSPARENT_HUGEPAGES = "nr_anon_transparent_hugepages"
+    NR_FILE_PAGES = "nr_file_pages"
+    NR_SLAB_UNRECLAIMABLE = "nr_slab_unreclaimable"
+    NR_PAGE_TABLE_PAGES = "nr_page_table_pages"
+
+
+class MthpStat(enum.StrEnum):
+    """Per-size anonymous large folio counters (/sys/kernel/mm/transparent_hugepage/*/stats)."""
+
+    ANON_FAULT_ALLOC = "anon_fault_alloc"
+    ANON_FAULT_FALLBACK = "anon_fault_fallback"
+    SPLIT = "split"
+    SPLIT_FAILED = "split_failed"
+
+
+def new_event_counters() -> dict[VmEvent, int]:
+    """Returns a zeroed counter table for every VmEvent."""
+    return dict.fromkeys(VmEvent, 0)
