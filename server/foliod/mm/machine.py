@@ -368,8 +368,8 @@ class Machine:
             nr_pages += folio.nr_pages
             nr_tables += self.__release_folio(holder, folio)
         for folio in folios:
-            holder = self.owners.get(folio.owner)
-            if holder is not None and not holder.folios and holder.mm is None:
+            emptied = self.owners.get(folio.owner)
+            if emptied is not None and not emptied.folios and emptied.mm is None:
                 del self.owners[folio.owner]
         return Release(len(folios), nr_pages + nr_tables, nr_tables)
 

@@ -1,0 +1,274 @@
+"""Server configuration: flags, then FOLIOD_* environment variables, then TOML, then defaults.
+
+Every option is declared once in OPTIONS; the flag (--ram), the variable (FOLIOD_RAM), the TOML
+key (ram) and the --help text all derive from that one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from foliod import __version__
+from foliod.mm import DescriptorSizes, FoliodError, ThpSetting
+from foliod.mm.huge_memory import size_kb_to_order
+from foliod.mm.machine import validate_ram_bytes
+
+ENV_PREFIX = "FOLIOD_"
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and its source."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "4GiB", "512M" (binary), "1GB" (decimal) or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _SIZE.fullmatch(str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 4GiB, 512MiB, 1TiB, 4096)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_thp(text: str) -> ThpSetting:
+    try:
+        return ThpSetting(str(text).strip().lower())
+    except ValueError:
+        raise ValueError(f"not a THP setting: {text!r} (always, madvise, never)") from None
+
+
+def parse_mthp(text: str | Mapping[str, str]) -> dict[int, ThpSetting]:
+    """Per-size knobs, "64kB=always,2048kB=inherit" or a TOML table; keys are sizes in kB."""
+    items = text.items() if isinstance(text, Mapping) else (
+        part.split("=", 1) for part in str(text).split(",") if part.strip()
+    )  # fmt: skip
+    result = {}
+    for key, value in items:
+        size = str(key).strip().lower().removesuffix("kb")
+        if not size.isdigit():
+            raise ValueError(f"not an mTHP size: {key!r} (examples: 16kB, 64kB, 2048kB)")
+        try:
+            size_kb_to_order(int(size))
+        except FoliodError as exc:
+            raise ValueError(exc.message) from None
+        result[int(size)] = parse_thp(value)
+    return result
+
+
+def parse_level(text: str) -> str:
+    level = str(text).strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"not a log level: {text!r} (debug, info, warning, error)")
+    return level
+
+
+def parse_format(text: str) -> str:
+    fmt = str(text).strip().lower()
+    if fmt not in ("json", "console"):
+        raise ValueError(f"not a log format: {text!r} (json, console)")
+    return fmt
+
+
+def parse_address(text: str) -> str:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not a host:port address: {text!r}")
+    return str(text)
+
+
+def parse_positive_int(text: str | int) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, not {value}")
+    return value
+
+
+def parse_seconds(text: str | float) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise ValueError(f"must be 0 to 3600 seconds, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = ""
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", parse_address, "gRPC listen address", "HOST:PORT"),
+    Option("metrics_listen", str, "Prometheus /metrics address; empty disables it", "HOST:PORT"),
+    Option("ram", parse_size, "simulated RAM of the host (1 MiB to 16 TiB)", "SIZE"),
+    Option("state_dir", Path, "directory for foliod's state", "DIR"),
+    Option("log_level", parse_level, "log level: debug, info, warning, error", "LEVEL"),
+    Option("log_format", parse_format, "log format: json (JSON lines) or console", "FORMAT"),
+    Option("grace_seconds", parse_seconds, "time in-flight RPCs get to finish on shutdown", "S"),
+    Option("workers", parse_positive_int, "gRPC worker threads", "N"),
+    Option("max_message_bytes", parse_size, "largest gRPC message accepted or sent", "SIZE"),
+    Option("debug_checks", parse_bool, "run the consistency checker after every change", "BOOL"),
+    Option("thp_enabled", parse_thp, "top-level THP knob: always, madvise, never", "SETTING"),
+    Option("mthp", parse_mthp, "per-size mTHP knobs, e.g. 64kB=always,2048kB=inherit", "LIST"),
+    Option(
+        "thp_deposit_pgtable",
+        parse_bool,
+        "PMD-mapped THPs deposit a PTE table, as on x86-64",
+        "BOOL",
+    ),
+    Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),
+    Option("interim_page_bytes", parse_positive_int, "struct page size in the interim plan", "B"),
+    Option("memdesc_bytes", parse_positive_int, "per-frame memdesc entry size", "B"),
+    Option("folio_bytes", parse_positive_int, "folio descriptor size, order 0", "B"),
+    Option("large_folio_bytes", parse_positive_int, "folio descriptor size, large folios", "B"),
+    Option("slab_bytes", parse_positive_int, "slab descriptor size (estimate)", "B"),
+    Option("ptdesc_bytes", parse_positive_int, "page-table descriptor size (estimate)", "B"),
+)
+
+
+_SIZES = DescriptorSizes()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration of one server."""
+
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
+    ram: int = 4 << 30
+    state_dir: Path = Path("var")
+    log_level: str = "info"
+    log_format: str = "json"
+    grace_seconds: float = 5.0
+    workers: int = 8
+    max_message_bytes: int = 4 << 20
+    debug_checks: bool = False
+    thp_enabled: ThpSetting = ThpSetting.ALWAYS
+    mthp: dict[int, ThpSetting] = field(default_factory=dict)
+    thp_deposit_pgtable: bool = True
+    struct_page_bytes: int = _SIZES.struct_page_bytes
+    interim_page_bytes: int = _SIZES.interim_page_bytes
+    memdesc_bytes: int = _SIZES.memdesc_bytes
+    folio_bytes: int = _SIZES.folio_bytes
+    large_folio_bytes: int = _SIZES.large_folio_bytes
+    slab_bytes: int = _SIZES.slab_bytes
+    ptdesc_bytes: int = _SIZES.ptdesc_bytes
+
+    def descriptor_sizes(self) -> DescriptorSizes:
+        return DescriptorSizes(
+            struct_page_bytes=self.struct_page_bytes,
+            interim_page_bytes=self.interim_page_bytes,
+            memdesc_bytes=self.memdesc_bytes,
+            folio_bytes=self.folio_bytes,
+            large_folio_bytes=self.large_folio_bytes,
+            slab_bytes=self.slab_bytes,
+            ptdesc_bytes=self.ptdesc_bytes,
+        )
+
+    def as_log_fields(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["state_dir"] = str(self.state_dir)
+        values["thp_enabled"] = str(self.thp_enabled)
+        values["mthp"] = {f"{k}kB": str(v) for k, v in self.mthp.items()}
+        return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        prog="foliod",
+        description="foliod: a gRPC service simulating Linux physical memory, folios and the "
+        "memory map. Precedence: flags, then FOLIOD_* environment variables, then the TOML "
+        "file, then defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"foliod {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML file with any option below as a top-level key (env: FOLIOD_CONFIG)",
+    )
+    for option in OPTIONS:
+        default = getattr(defaults, option.name)
+        if isinstance(default, dict):
+            default = ",".join(f"{k}kB={v}" for k, v in default.items()) or "none"
+        parser.add_argument(
+            "--" + option.name.replace("_", "-"),
+            dest=option.name,
+            metavar=option.metavar or None,
+            default=argparse.SUPPRESS,
+            help=f"{option.help} (env: {ENV_PREFIX}{option.name.upper()}; default: {default})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Builds the effective configuration; raises ConfigError naming the bad option."""
+    environ = os.environ if environ is None else environ
+    flags = vars(build_parser().parse_args(list(argv)))
+    config_path = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    table: dict[str, Any] = {}
+    if config_path:
+        try:
+            with open(config_path, "rb") as handle:
+                table = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
+        known = {option.name for option in OPTIONS}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) in {config_path}: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        env_name = ENV_PREFIX + option.name.upper()
+        for source, raw in (
+            (f"--{option.name.replace('_', '-')}", flags.get(option.name)),
+            (env_name, environ.get(env_name)),
+            (f"{config_path}:{option.name}", table.get(option.name)),
+        ):
+            if raw is None:
+                continue
+            try:
+                values[option.name] = option.parse(raw)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+            break
+    if values.get("metrics_listen"):
+        try:
+            parse_address(values["metrics_listen"])
+        except ValueError as exc:
+            raise ConfigError(f"metrics_listen: {exc}") from exc
+    config = Config(**values)
+    try:
+        validate_ram_bytes(config.ram, "ram")
+        config.descriptor_sizes()
+    except FoliodError as exc:
+        raise ConfigError(f"{exc.field}: {exc.message}") from exc
+    return config

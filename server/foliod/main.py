@@ -1,0 +1,48 @@
+"""The foliod command: parse the configuration, serve until SIGTERM or SIGINT, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from foliod.config import ConfigError, load_config
+from foliod.logs import configure_logging
+from foliod.server import FoliodServer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"foliod: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    log = structlog.get_logger("foliod")
+    log.info("config", **config.as_log_fields())
+    try:
+        server = FoliodServer(config)
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(3600):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""foliod's rpc layer: servicers, interceptors, status mapping and the metrics adapter."""

@@ -1,0 +1,223 @@
+"""Server interceptors: error mapping, and observation of every call for logs and metrics.
+
+Servicers stay free of cross-cutting work: they raise the core's errors, ErrorMapper turns them
+into rich gRPC statuses, and ObservingInterceptor reports each call's start and end (method, peer,
+request id, status code, duration, messages) to observers such as the access log and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+import grpc
+import structlog
+
+from foliod.mm import FoliodError
+from foliod.rpc.status import internal_status, to_status
+
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+if TYPE_CHECKING:
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+HandlerCallDetails = Any
+
+
+def context_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code set on a call so far (by abort or set_code), if any."""
+    code = context.code()  # type: ignore[attr-defined]
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """One call as observers see it."""
+
+    service: str
+    method: str
+    grpc_type: str
+    request_id: str
+    peer: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    messages_received: int = 0
+    messages_sent: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CallObserver(Protocol):
+    def started(self, call: CallInfo) -> None: ...
+
+    def finished(self, call: CallInfo, seconds: float) -> None: ...
+
+
+def _grpc_type(handler: Handler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _rebuild(handler: Handler, behavior: Behavior) -> Handler:
+    """A handler like `handler` whose behavior is replaced."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _behavior(handler: Handler) -> Behavior:
+    behavior: Behavior | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    assert behavior is not None
+    return behavior
+
+
+class ErrorMapper(grpc.ServerInterceptor):
+    """Turns the core's errors into gRPC statuses; anything else becomes INTERNAL, logged."""
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("foliod.rpc")
+
+    def intercept_service(
+        self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
+    ) -> Handler | None:
+        handler: Handler | None = continuation(details)
+        if handler is None or handler.response_streaming:
+            return handler
+        inner = _behavior(handler)
+        log = self._log
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return inner(request, context)
+            except FoliodError as exc:
+                context.abort_with_status(to_status(exc))
+            except Exception:
+                if context_code(context) is not None:  # already aborted by the servicer
+                    raise
+                log.exception("unhandled error", method=details.method)
+                context.abort_with_status(internal_status("internal error (see the server log)"))
+
+        return _rebuild(handler, behavior)
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Reports every call to observers, with the status code it ended with."""
+
+    def __init__(self, observers: Sequence[CallObserver]) -> None:
+        self._observers = tuple(observers)
+
+    def intercept_service(
+        self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
+    ) -> Handler | None:
+        handler: Handler | None = continuation(details)
+        if handler is None:
+            return None
+        _, _, rest = details.method.partition("/")
+        service, _, method = rest.partition("/")
+        grpc_type = _grpc_type(handler)
+        request_id = ""
+        for key, value in details.invocation_metadata or ():
+            if key == REQUEST_ID_KEY and isinstance(value, str):
+                request_id = value[:_MAX_REQUEST_ID]
+        inner = _behavior(handler)
+        observers = self._observers
+
+        def begin(context: grpc.ServicerContext) -> CallInfo:
+            call = CallInfo(service, method, grpc_type, request_id or uuid.uuid4().hex)
+            call.peer = context.peer()
+            context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+            for observer in observers:
+                observer.started(call)
+            return call
+
+        def end(call: CallInfo, context: grpc.ServicerContext, start: float, failed: bool) -> None:
+            code = context_code(context)
+            if code is not None:
+                call.code = code
+            elif failed:
+                call.code = grpc.StatusCode.UNKNOWN
+            seconds = time.perf_counter() - start
+            for observer in observers:
+                observer.finished(call, seconds)
+
+        def count_requests(call: CallInfo, requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                call.messages_received += 1
+                yield request
+
+        def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
+            call = begin(context)
+            start = time.perf_counter()
+            failed = True
+            try:
+                if handler.request_streaming:
+                    request = count_requests(call, request)
+                else:
+                    call.messages_received = 1
+                response = inner(request, context)
+                failed = False
+                if context_code(context) in (None, grpc.StatusCode.OK):
+                    call.messages_sent = 1
+                return response
+            finally:
+                end(call, context, start, failed)
+
+        def streaming_response(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = begin(context)
+            start = time.perf_counter()
+            failed = True
+            try:
+                if handler.request_streaming:
+                    request = count_requests(call, request)
+                else:
+                    call.messages_received = 1
+                for response in inner(request, context):
+                    call.messages_sent += 1
+                    yield response
+                failed = False
+            finally:
+                end(call, context, start, failed)
+
+        return _rebuild(
+            handler, streaming_response if handler.response_streaming else unary_response
+        )
+
+
+class AccessLog:
+    """One structlog line per call: method, peer, code, duration, request id; never payloads."""
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("foliod.access")
+
+    def started(self, call: CallInfo) -> None:
+        pass
+
+    def finished(self, call: CallInfo, seconds: float) -> None:
+        self._log.info(
+            "rpc",
+            method=f"/{call.service}/{call.method}",
+            grpc_type=call.grpc_type,
+            peer=call.peer,
+            code=call.code.name,
+            duration_ms=round(seconds * 1000, 3),
+            request_id=call.request_id,
+        )

@@ -1,0 +1,270 @@
+"""The foliod.v1.Foliod servicer: unpack the request, one call into the core, pack the reply."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from foliod.mm import (
+    PAGE_SIZE,
+    FolioKind,
+    InvalidArgument,
+    Machine,
+    Machines,
+    MemmapModel,
+    MthpStat,
+    ThpSetting,
+    check_machine,
+)
+from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
+from foliod.mm.page_alloc import MAX_PAGE_ORDER
+from foliod.v1 import foliod_pb2 as pb
+from foliod.v1 import foliod_pb2_grpc
+
+T = TypeVar("T")
+
+# proto enum value <-> core enum, derived from the names so neither list is written twice.
+_KIND_FROM_PB: dict[pb.FolioKind.ValueType, FolioKind] = {
+    pb.FolioKind.Value(f"FOLIO_KIND_{k.name}"): k for k in FolioKind
+}
+_KIND_TO_PB = {k: v for v, k in _KIND_FROM_PB.items()}
+_THP_FROM_PB: dict[pb.ThpSetting.ValueType, ThpSetting] = {
+    pb.ThpSetting.Value(f"THP_SETTING_{s.name}"): s for s in ThpSetting
+}
+_THP_TO_PB = {s: v for v, s in _THP_FROM_PB.items()}
+_MODEL_TO_PB = {m: pb.MemmapModel.Value(f"MEMMAP_MODEL_{m.name}") for m in MemmapModel}
+
+
+def _kind(value: pb.FolioKind.ValueType) -> FolioKind:
+    kind = _KIND_FROM_PB.get(value)
+    if kind is None:
+        raise InvalidArgument(f"kind {value} is not a folio kind", field="kind")
+    return kind
+
+
+def _thp_setting(value: pb.ThpSetting.ValueType, field: str) -> ThpSetting:
+    setting = _THP_FROM_PB.get(value)
+    if setting is None:
+        raise InvalidArgument(f"{value} is not a THP setting", field=field)
+    return setting
+
+
+class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
+    """Serves foliod.v1.Foliod over a set of machines."""
+
+    def __init__(self, machines: Machines, *, debug_checks: bool = False) -> None:
+        self.machines = machines
+        self.debug_checks = debug_checks
+
+    def _change(self, name: str, operation: Callable[[Machine], T]) -> T:
+        """Runs a state-changing operation under the machine's lock (and the checker, in debug)."""
+        machine = self.machines.get(name)
+        with machine.lock:
+            result = operation(machine)
+            if self.debug_checks:
+                check_machine(machine)
+        return result
+
+    def _read(self, name: str, operation: Callable[[Machine], T]) -> T:
+        machine = self.machines.get(name)
+        with machine.lock:
+            return operation(machine)
+
+    def Allocate(
+        self, request: pb.AllocateRequest, context: grpc.ServicerContext
+    ) -> pb.AllocateResponse:
+        kind = _kind(request.kind)
+        order = request.order if request.HasField("order") else None
+        result = self._change(
+            request.machine,
+            lambda m: m.allocate(
+                request.owner,
+                kind,
+                order=order,
+                count=request.count,
+                nr_bytes=request.bytes,
+                madvise_hugepage=request.madvise_hugepage,
+            ),
+        )
+        return pb.AllocateResponse(
+            first_handle=result.first_handle,
+            count=result.count,
+            nr_pages=result.nr_pages,
+            folios_by_order=result.folios_by_order,
+            nr_pagetable_pages=result.nr_pagetable_pages,
+        )
+
+    def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
+        result = self._change(request.machine, lambda m: m.free(request.handles))
+        return pb.FreeResponse(
+            nr_pages=result.nr_pages, nr_pagetable_pages=result.nr_pagetable_pages
+        )
+
+    def ReleaseOwner(
+        self, request: pb.ReleaseOwnerRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseOwnerResponse:
+        result = self._change(request.machine, lambda m: m.release_owner(request.owner))
+        return pb.ReleaseOwnerResponse(folios=result.folios, nr_pages=result.nr_pages)
+
+    def GetFolio(self, request: pb.GetFolioRequest, context: grpc.ServicerContext) -> pb.FolioInfo:
+        folio = self._read(request.machine, lambda m: m.lookup(request.handle))
+        return pb.FolioInfo(
+            handle=folio.handle,
+            pfn=folio.pfn,
+            order=folio.order,
+            kind=_KIND_TO_PB[folio.kind],
+            owner=folio.owner,
+            size_bytes=folio.size_bytes,
+            virtual_address=max(folio.vaddr, 0) * PAGE_SIZE,
+            pmd_mapped=folio.pmd_mapped,
+        )
+
+    def WriteFolio(
+        self, request: pb.WriteFolioRequest, context: grpc.ServicerContext
+    ) -> pb.WriteFolioResponse:
+        written = self._change(
+            request.machine, lambda m: m.folio_write(request.handle, request.offset, request.data)
+        )
+        return pb.WriteFolioResponse(written_bytes=written)
+
+    def ReadFolio(
+        self, request: pb.ReadFolioRequest, context: grpc.ServicerContext
+    ) -> pb.ReadFolioResponse:
+        data = self._read(
+            request.machine, lambda m: m.folio_read(request.handle, request.offset, request.length)
+        )
+        return pb.ReadFolioResponse(data=data)
+
+    def GetMachine(
+        self, request: pb.GetMachineRequest, context: grpc.ServicerContext
+    ) -> pb.MachineInfo:
+        def info(m: Machine) -> pb.MachineInfo:
+            marks = m.watermarks
+            return pb.MachineInfo(
+                name=m.name,
+                ram_bytes=m.ram_bytes,
+                nr_pages=m.nr_pages,
+                nr_free_pages=m.zone.nr_free,
+                page_size_bytes=PAGE_SIZE,
+                max_order=MAX_PAGE_ORDER,
+                watermarks=pb.Watermarks(
+                    nr_min=marks.nr_min,
+                    nr_low=marks.nr_low,
+                    nr_high=marks.nr_high,
+                    min_free_kbytes=marks.min_free_kbytes,
+                ),
+                below_low_watermark=m.zone.nr_free < marks.nr_low,
+            )
+
+        return self._read(request.machine, info)
+
+    def GetBuddyInfo(
+        self, request: pb.GetBuddyInfoRequest, context: grpc.ServicerContext
+    ) -> pb.BuddyInfo:
+        blocks = self._read(request.machine, lambda m: m.zone.buddyinfo())
+        return pb.BuddyInfo(zone="Normal", free_blocks=blocks)
+
+    def GetMeminfo(
+        self, request: pb.GetMeminfoRequest, context: grpc.ServicerContext
+    ) -> pb.Meminfo:
+        info = self._read(request.machine, lambda m: m.meminfo())
+        return pb.Meminfo(
+            mem_total_bytes=info.mem_total_bytes,
+            mem_free_bytes=info.mem_free_bytes,
+            anon_pages_bytes=info.anon_pages_bytes,
+            anon_huge_pages_bytes=info.anon_huge_pages_bytes,
+            file_pages_bytes=info.file_pages_bytes,
+            slab_bytes=info.slab_bytes,
+            page_tables_bytes=info.page_tables_bytes,
+            hugetlb_bytes=info.hugetlb_bytes,
+            memmap_bytes=info.memmap_bytes,
+        )
+
+    def GetMemmap(
+        self, request: pb.GetMemmapRequest, context: grpc.ServicerContext
+    ) -> pb.MemmapReport:
+        machine = self.machines.get(request.machine)
+        with machine.lock:
+            reports = machine.memmap()
+            counts = sorted(
+                machine.nr_folios.items(),
+                key=lambda kv: (list(FolioKind).index(kv[0][0]), kv[0][1]),
+            )
+        return pb.MemmapReport(
+            machine=machine.name,
+            ram_bytes=machine.ram_bytes,
+            models=[
+                pb.ModelReport(
+                    model=_MODEL_TO_PB[r.model],
+                    total_bytes=r.total_bytes,
+                    fraction_of_ram=r.fraction_of_ram,
+                    breakdown=[
+                        pb.DescriptorBytes(
+                            descriptor=str(c.descriptor),
+                            size_bytes=c.size_bytes,
+                            count=c.count,
+                            total_bytes=c.total_bytes,
+                        )
+                        for c in r.breakdown
+                    ],
+                    by_kind=[
+                        pb.KindBytes(kind=_KIND_TO_PB[kind], total_bytes=nr_bytes)
+                        for kind, nr_bytes in r.by_kind.items()
+                    ],
+                    free_memory_bytes=r.free_memory_bytes,
+                )
+                for r in reports
+            ],
+            folios=[
+                pb.FolioCount(kind=_KIND_TO_PB[kind], order=order, folios=n, nr_pages=n << order)
+                for (kind, order), n in counts
+            ],
+        )
+
+    def GetVmstat(self, request: pb.GetVmstatRequest, context: grpc.ServicerContext) -> pb.Vmstat:
+        values = self._read(request.machine, lambda m: m.vmstat())
+        return pb.Vmstat(entries=[pb.VmstatEntry(name=k, value=v) for k, v in values.items()])
+
+    def GetThpPolicy(
+        self, request: pb.GetThpPolicyRequest, context: grpc.ServicerContext
+    ) -> pb.ThpPolicy:
+        return self._read(request.machine, _thp_policy)
+
+    def SetThpPolicy(
+        self, request: pb.SetThpPolicyRequest, context: grpc.ServicerContext
+    ) -> pb.ThpPolicy:
+        enabled = None
+        if request.enabled != pb.THP_SETTING_UNSPECIFIED:
+            enabled = _thp_setting(request.enabled, "enabled")
+        sizes = {
+            size_kb_to_order(size_kb): _thp_setting(value, "sizes")
+            for size_kb, value in request.sizes.items()
+        }
+
+        def apply(m: Machine) -> pb.ThpPolicy:
+            m.set_thp(enabled, sizes)
+            return _thp_policy(m)
+
+        return self._change(request.machine, apply)
+
+
+def _thp_policy(m: Machine) -> pb.ThpPolicy:
+    thp = m.thp
+    return pb.ThpPolicy(
+        enabled=_THP_TO_PB[thp.enabled],
+        sizes=[
+            pb.MthpSize(
+                size_kb=order_to_size_kb(order),
+                order=order,
+                enabled=_THP_TO_PB[setting],
+                anon_fault_alloc=thp.stats[order][MthpStat.ANON_FAULT_ALLOC],
+                anon_fault_fallback=thp.stats[order][MthpStat.ANON_FAULT_FALLBACK],
+                split=thp.stats[order][MthpStat.SPLIT],
+                split_failed=thp.stats[order][MthpStat.SPLIT_FAILED],
+                nr_anon=thp.nr_anon[order],
+            )
+            for order, setting in thp.items()
+        ],
+    )

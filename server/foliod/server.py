@@ -1,0 +1,105 @@
+"""Assembles and runs a foliod server: machines, gRPC services, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from foliod.config import Config
+from foliod.mm import HOST, Machine, Machines, ThpPolicy
+from foliod.mm.huge_memory import size_kb_to_order
+from foliod.rpc.interceptors import AccessLog, CallObserver, ErrorMapper, ObservingInterceptor
+from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
+from foliod.rpc.servicer import FoliodServicer
+from foliod.v1 import foliod_pb2, foliod_pb2_grpc
+
+SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
+
+
+def build_host(config: Config) -> Machine:
+    return Machine(
+        HOST,
+        config.ram,
+        sizes=config.descriptor_sizes(),
+        thp=ThpPolicy(
+            config.thp_enabled, {size_kb_to_order(kb): s for kb, s in config.mthp.items()}
+        ),
+        deposit_pgtable=config.thp_deposit_pgtable,
+    )
+
+
+class FoliodServer:
+    """One running foliod: start() binds the ports, stop() drains and shuts down."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = structlog.get_logger("foliod")
+        self.machines = Machines(build_host(config))
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(MachineCollector(self.machines))
+        observers: list[CallObserver] = [AccessLog(), GrpcServerMetrics(self.registry)]
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            interceptors=[ObservingInterceptor(observers), ErrorMapper()],
+            options=options,
+        )
+        self.servicer = FoliodServicer(self.machines, debug_checks=config.debug_checks)
+        foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_httpd: WSGIServer | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.grpc_port = self.grpc.add_insecure_port(self.config.listen)
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            self._metrics_httpd, _ = start_http_server(int(port), host, registry=self.registry)
+            self.metrics_port = self._metrics_httpd.server_port
+        self.grpc.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.log.info(
+            "started",
+            grpc_address=f"{self.config.listen.rpartition(':')[0]}:{self.grpc_port}",
+            metrics_port=self.metrics_port,
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.log.info("stopping", grace_seconds=grace)
+        self.grpc.stop(grace).wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        self.log.info("stopped")
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
