@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,3 +66,67 @@ def connect(server: FoliodServer) -> tuple[grpc.Channel, foliod_pb2_grpc.FoliodS
     """A channel and stub to a server started by make_server; close the channel when done."""
     chan = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     return chan, foliod_pb2_grpc.FoliodStub(chan)
+
+
+class ServerProcess:
+    """`foliod` in a child process, its stderr JSON log lines collected by a reader thread."""
+
+    def __init__(self, state_dir: Path, *args: str) -> None:
+        command = [sys.executable, "-m", "foliod.main", "--listen", "127.0.0.1:0"]
+        command += ["--metrics-listen", "127.0.0.1:0", "--state-dir", str(state_dir), *args]
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._started.wait(15):
+            self.kill()
+            raise RuntimeError(f"foliod did not start: {''.join(self.raw)}")
+        started = next(line for line in self.lines if line.get("event") == "started")
+        self.port = int(started["grpc_address"].rpartition(":")[2])
+        self.metrics_port = int(started["metrics_port"])
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            self.lines.append(record)
+            if record.get("event") == "started":
+                self._started.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        """Kills the process if it still runs and releases its pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts foliod processes on ephemeral loopback ports; kills any left running."""
+    procs: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        proc = ServerProcess(tmp_path / "var", *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()

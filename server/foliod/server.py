@@ -45,7 +45,7 @@ class FoliodServer:
         self.log = structlog.get_logger("foliod")
         self.machines = Machines(build_host(config))
         # Counters' *_created series only double the scrape for no use in dashboards.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

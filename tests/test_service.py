@@ -1,0 +1,216 @@
+"""The service around the API: health, reflection, graceful shutdown, logs and metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from foliod.server import FoliodServer
+from foliod.v1 import foliod_pb2 as pb
+from foliod.v1 import foliod_pb2_grpc
+from tests.conftest import ServerProcess, connect
+
+SERVICE = "foliod.v1.Foliod"
+
+
+def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _value(
+    samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
+    matches = [
+        v for got, v in samples.get(name, []) if all(got.get(k) == w for k, w in labels.items())
+    ]
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0]
+
+
+def test_health_reports_serving_for_server_and_service(channel: grpc.Channel) -> None:
+    """The standard health service answers SERVING for the server and for foliod.v1.Foliod."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_api(channel: grpc.Channel) -> None:
+    """Server reflection lists foliod, health and reflection, and serves foliod's descriptors."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]
+    listing, files = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert files.file_descriptor_response.file_descriptor_proto
+
+
+def test_request_id_is_echoed_or_generated(channel: grpc.Channel) -> None:
+    """A request id sent in metadata comes back in the initial metadata; one is made otherwise."""
+    stub = foliod_pb2_grpc.FoliodStub(channel)
+    _, call = stub.GetMachine.with_call(
+        pb.GetMachineRequest(), metadata=(("x-request-id", "req-42"),)
+    )
+    assert ("x-request-id", "req-42") in call.initial_metadata()
+    _, call = stub.GetMachine.with_call(pb.GetMachineRequest())
+    generated = dict(call.initial_metadata())["x-request-id"]
+    assert len(generated) == 32
+
+
+def test_metrics_match_the_api(make_server: Callable[..., FoliodServer]) -> None:
+    """A scrape reports the same memmap, folio, buddy and RAM figures as the gRPC API."""
+    server = make_server(ram=64 << 20)
+    _, stub = connect(server)
+    stub.Allocate(pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_FILE, order=2, count=100))
+    stub.Allocate(pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_ANON, bytes=2 << 20))
+    with pytest.raises(grpc.RpcError):
+        stub.Allocate(pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_FILE, order=99, count=1))
+    samples = _scrape(server.metrics_port)
+    report = stub.GetMemmap(pb.GetMemmapRequest())
+    for model, name in zip(report.models, ("struct_page", "interim", "memdesc"), strict=True):
+        assert (
+            _value(samples, "foliod_memmap_bytes", machine="host", model=name) == model.total_bytes
+        )
+        for row in model.breakdown:
+            assert row.total_bytes == _value(
+                samples,
+                "foliod_memmap_descriptor_bytes",
+                machine="host",
+                model=name,
+                descriptor=row.descriptor,
+            )
+    assert _value(samples, "foliod_folios", machine="host", kind="file", order="2") == 100
+    assert _value(samples, "foliod_folios", machine="host", kind="anon", order="9") == 1
+    buddy = stub.GetBuddyInfo(pb.GetBuddyInfoRequest()).free_blocks
+    for order, blocks in enumerate(buddy):
+        assert (
+            _value(samples, "foliod_buddy_free_blocks", machine="host", order=str(order)) == blocks
+        )
+    assert _value(samples, "foliod_ram_bytes", machine="host") == 64 << 20
+    free = stub.GetMachine(pb.GetMachineRequest()).nr_free_pages * 4096
+    assert _value(samples, "foliod_free_bytes", machine="host") == free
+    assert (
+        _value(samples, "foliod_vmstat_events_total", machine="host", event="thp_fault_alloc") == 1
+    )
+    handled = dict(grpc_method="Allocate", grpc_service=SERVICE, grpc_type="unary")
+    assert _value(samples, "grpc_server_handled_total", grpc_code="OK", **handled) == 2
+    assert (
+        _value(samples, "grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **handled) == 1
+    )
+    assert _value(samples, "grpc_server_started_total", **handled) == 3
+    assert _value(samples, "grpc_server_msg_received_total", **handled) == 3
+    assert _value(samples, "grpc_server_msg_sent_total", **handled) == 2
+    assert _value(samples, "grpc_server_handling_seconds_count", **handled) == 3
+    assert _value(samples, "foliod_build_info", version="0.1.0") == 1
+    assert "process_resident_memory_bytes" in samples
+    assert not any(name.endswith("_created") for name in samples)
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(
+    spawn: Callable[..., ServerProcess],
+) -> None:
+    """On SIGTERM health goes NOT_SERVING, an in-flight call completes, new calls fail, exit 0."""
+    server = spawn("--ram", "4GiB", "--grace-seconds", "20")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = foliod_pb2_grpc.FoliodStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    result: dict[str, object] = {}
+
+    def slow_call() -> None:
+        # A million folios takes the server seconds: long enough to be in flight at SIGTERM.
+        request = pb.AllocateRequest(owner="big", kind=pb.FOLIO_KIND_FILE, count=1 << 19)
+        try:
+            result["reply"] = stub.Allocate(request, timeout=60)
+        except grpc.RpcError as exc:
+            result["error"] = exc
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    caller.join(60)
+    assert "error" not in result, result.get("error")
+    reply = result["reply"]
+    assert isinstance(reply, pb.AllocateResponse) and reply.count == (1 << 19)
+    watch.cancel()
+    assert server.wait(60) == 0
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetMachine(pb.GetMachineRequest(), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+    lifecycle = [e["event"] for e in server.lines if e["event"] != "rpc"]
+    assert lifecycle == ["config", "started", "signal", "stopping", "stopped"]
+    allocate = next(e for e in server.events("rpc") if e["method"].endswith("/Allocate"))
+    assert allocate["code"] == "OK"
+
+
+def test_logs_are_json_lines_without_payloads(spawn: Callable[..., ServerProcess]) -> None:
+    """The log has the config once at start, one line per RPC with its fields, and no payload."""
+    server = spawn("--ram", "64MiB")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = foliod_pb2_grpc.FoliodStub(channel)
+        h = stub.Allocate(
+            pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_FILE, count=1)
+        ).first_handle
+        stub.WriteFolio(
+            pb.WriteFolioRequest(handle=h, offset=0, data=b"SECRET-PAYLOAD"),
+            metadata=(("x-request-id", "trace-7"),),
+        )
+        with pytest.raises(grpc.RpcError):
+            stub.Free(pb.FreeRequest(handles=[12345]))
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    assert all(json.loads(line) for line in server.raw)
+    configs = server.events("config")
+    assert len(configs) == 1 and configs[0]["ram"] == 64 << 20
+    rpcs = server.events("rpc")
+    assert [(r["method"].rpartition("/")[2], r["code"]) for r in rpcs] == [
+        ("Allocate", "OK"),
+        ("WriteFolio", "OK"),
+        ("Free", "NOT_FOUND"),
+    ]
+    write = rpcs[1]
+    assert write["request_id"] == "trace-7"
+    assert write["peer"].startswith("ipv4:127.0.0.1:")
+    assert write["duration_ms"] >= 0
+    assert "SECRET" not in "".join(server.raw)
+
+
+def test_bad_configuration_exits_with_a_clear_message() -> None:
+    """An invalid option value stops foliod at start with exit code 2 and names the option."""
+    done = subprocess.run(
+        [sys.executable, "-m", "foliod.main", "--ram", "3000"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "ram" in done.stderr
