@@ -614,10 +614,19 @@ def print_section(results: Sequence[Result]) -> None:
         print(f"  {result.name:<{NAME_WIDTH}}{best:>14}{median:>14}  {unit}", flush=True)
 
 
+SECTIONS = (("allocator", bench_allocator), ("grpc", bench_grpc), ("memmap", bench_memmap))
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="about 5x smaller counts")
+    parser.add_argument(
+        "--only",
+        choices=[name for name, _ in SECTIONS],
+        action="append",
+        help="run only these sections (repeatable)",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--probe-boot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -639,7 +648,9 @@ def main(argv: Sequence[str]) -> int:
     if not args.json:
         print_header(header)
     report = Report()
-    for section in (bench_allocator, bench_grpc, bench_memmap):
+    for name, section in SECTIONS:
+        if args.only and name not in args.only:
+            continue
         done = len(report.results)
         section(report, counts)
         if not args.json:

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -70,15 +71,19 @@ def test_reflection_lists_and_describes_the_api(channel: grpc.Channel) -> None:
 
 
 def test_request_id_is_echoed_or_generated(channel: grpc.Channel) -> None:
-    """A request id sent in metadata comes back in the initial metadata; one is made otherwise."""
+    """A request id sent in metadata comes back in the trailers, even on errors, or one is made."""
     stub = foliod_pb2_grpc.FoliodStub(channel)
     _, call = stub.GetMachine.with_call(
         pb.GetMachineRequest(), metadata=(("x-request-id", "req-42"),)
     )
-    assert ("x-request-id", "req-42") in call.initial_metadata()
+    assert ("x-request-id", "req-42") in call.trailing_metadata()
     _, call = stub.GetMachine.with_call(pb.GetMachineRequest())
-    generated = dict(call.initial_metadata())["x-request-id"]
+    generated = dict(call.trailing_metadata())["x-request-id"]
     assert len(generated) == 32
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Free(pb.FreeRequest(handles=[77]), metadata=(("x-request-id", "req-43"),))
+    trailers: Any = err.value.trailing_metadata()
+    assert ("x-request-id", "req-43") in list(trailers)
 
 
 def test_metrics_match_the_api(make_server: Callable[..., FoliodServer]) -> None:

@@ -7,6 +7,7 @@ request id, status code, duration, messages) to observers such as the access log
 
 from __future__ import annotations
 
+import contextvars
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,9 @@ from foliod.rpc.status import internal_status, to_status
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
+# Unknown methods get no handler; bound the cache so probing random names cannot grow it.
+_MAX_CACHED_METHODS = 1024
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 if TYPE_CHECKING:
@@ -90,17 +94,37 @@ def _behavior(handler: Handler) -> Behavior:
     return behavior
 
 
-class ErrorMapper(grpc.ServerInterceptor):
-    """Turns the core's errors into gRPC statuses; anything else becomes INTERNAL, logged."""
+class _CachingInterceptor(grpc.ServerInterceptor):
+    """Wraps each method's handler once and reuses the wrapper for every later call."""
 
     def __init__(self) -> None:
-        self._log = structlog.get_logger("foliod.rpc")
+        self._wrapped: dict[str, Handler | None] = {}
 
     def intercept_service(
         self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
     ) -> Handler | None:
+        method: str = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler: Handler | None = continuation(details)
-        if handler is None or handler.response_streaming:
+        wrapped = None if handler is None else self._wrap(method, handler)
+        if len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        raise NotImplementedError
+
+
+class ErrorMapper(_CachingInterceptor):
+    """Turns the core's errors into gRPC statuses; anything else becomes INTERNAL, logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._log = structlog.get_logger("foliod.rpc")
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.response_streaming:
             return handler
         inner = _behavior(handler)
         log = self._log
@@ -109,42 +133,57 @@ class ErrorMapper(grpc.ServerInterceptor):
             try:
                 return inner(request, context)
             except FoliodError as exc:
-                context.abort_with_status(to_status(exc))
+                context.abort_with_status(_with_request_id(to_status(exc)))
             except Exception:
                 if context_code(context) is not None:  # already aborted by the servicer
                     raise
-                log.exception("unhandled error", method=details.method)
-                context.abort_with_status(internal_status("internal error (see the server log)"))
+                log.exception("unhandled error", method=method, request_id=REQUEST_ID.get())
+                status = internal_status("internal error (see the server log)")
+                context.abort_with_status(_with_request_id(status))
 
         return _rebuild(handler, behavior)
 
 
-class ObservingInterceptor(grpc.ServerInterceptor):
-    """Reports every call to observers, with the status code it ended with."""
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def _with_request_id(status: grpc.Status) -> grpc.Status:
+    """The status with the call's request id added to its trailing metadata."""
+    metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, REQUEST_ID.get()))
+    return _Status(status.code, status.details, metadata)
+
+
+class ObservingInterceptor(_CachingInterceptor):
+    """Reports every call to observers, with the status code it ended with.
+
+    The call's request id (from x-request-id metadata, or generated) is set in REQUEST_ID for
+    the duration of the call and returned to the client in the trailing metadata.
+    """
 
     def __init__(self, observers: Sequence[CallObserver]) -> None:
+        super().__init__()
         self._observers = tuple(observers)
 
-    def intercept_service(
-        self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
-    ) -> Handler | None:
-        handler: Handler | None = continuation(details)
-        if handler is None:
-            return None
-        _, _, rest = details.method.partition("/")
+    def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        _, _, rest = full_method.partition("/")
         service, _, method = rest.partition("/")
         grpc_type = _grpc_type(handler)
-        request_id = ""
-        for key, value in details.invocation_metadata or ():
-            if key == REQUEST_ID_KEY and isinstance(value, str):
-                request_id = value[:_MAX_REQUEST_ID]
         inner = _behavior(handler)
         observers = self._observers
 
         def begin(context: grpc.ServicerContext) -> CallInfo:
+            request_id = ""
+            for key, value in context.invocation_metadata():
+                if key == REQUEST_ID_KEY and isinstance(value, str):
+                    request_id = value[:_MAX_REQUEST_ID]
             call = CallInfo(service, method, grpc_type, request_id or uuid.uuid4().hex)
             call.peer = context.peer()
-            context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+            REQUEST_ID.set(call.request_id)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             for observer in observers:
                 observer.started(call)
             return call
