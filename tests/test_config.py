@@ -81,3 +81,10 @@ def test_help_documents_every_option() -> None:
     for name in Config.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
         assert "FOLIOD_" + name.upper() in text
+
+
+def test_example_config_file_loads_and_matches_defaults() -> None:
+    """deploy/foliod.toml is a valid configuration that spells out the defaults."""
+    example = Path(__file__).resolve().parent.parent / "deploy" / "foliod.toml"
+    config = load_config(["--config", str(example)], environ={})
+    assert config == Config(mthp={2048: ThpSetting.INHERIT})

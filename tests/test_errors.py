@@ -95,6 +95,7 @@ def _alloc(**fields: Any) -> pb.AllocateRequest:
         ({"count": (1 << 20) + 1}, "count"),
         ({"count": (1 << 64) - 1}, "count"),
         ({"count": 0, "bytes": 1 << 30}, "bytes"),  # more than the machine's 256 MiB
+        ({"madvise_hugepage": True}, "madvise_hugepage"),  # file memory is not a mapping
     ],
 )
 def test_allocate_rejects_bad_fields(

@@ -219,3 +219,15 @@ def test_bad_configuration_exits_with_a_clear_message() -> None:
     )
     assert done.returncode == 2
     assert "ram" in done.stderr
+
+
+def test_one_tib_host_idles_under_100_mb(spawn: Callable[..., ServerProcess]) -> None:
+    """A 1 TiB host serves with under 100 MB resident: memory follows use, not simulated RAM."""
+    server = spawn("--ram", "1TiB")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = foliod_pb2_grpc.FoliodStub(channel)
+        assert stub.GetMachine(pb.GetMachineRequest()).ram_bytes == 1 << 40
+        memdesc = stub.GetMemmap(pb.GetMemmapRequest()).models[2]
+        assert memdesc.total_bytes == 2 << 30  # 8 B for each of 256 Mi frames
+    rss = _value(_scrape(server.metrics_port), "process_resident_memory_bytes")
+    assert rss < 100e6

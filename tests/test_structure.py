@@ -91,8 +91,9 @@ def test_public_api_is_pinned() -> None:
     assert foliod.mm.__all__ == sorted(foliod.mm.__all__, key=lambda n: (not n.isupper(), n))
     assert set(foliod.mm.__all__) == {
         "HOST", "MAX_FOLIOS_PER_CALL", "MAX_IO_BYTES", "MAX_PAGE_ORDER", "PAGE_SIZE",
-        "Allocation", "Descriptor", "DescriptorCost", "DescriptorSizes", "FailedPrecondition",
-        "Folio", "FolioAlreadyFreed", "FolioKind", "FoliodError", "InconsistentState",
+        "AddressSpaceExhausted", "Allocation", "Descriptor", "DescriptorCost", "DescriptorSizes",
+        "FailedPrecondition", "Folio", "FolioAlreadyFreed", "FolioKind", "FoliodError",
+        "InconsistentState",
         "InvalidArgument", "Machine", "Machines", "Meminfo", "MemmapModel", "ModelCost",
         "MthpStat", "NotFound", "OutOfMemory", "OutOfRange", "Release", "ThpPolicy",
         "ThpSetting", "UnknownFolio", "UnknownMachine", "UnknownOwner", "VmEvent", "VmStat",

@@ -5,6 +5,7 @@ Imports no grpc, protobuf or prometheus_client (tests/test_layering.py proves it
 
 from foliod.mm.debug import InconsistentState, check_machine
 from foliod.mm.errors import (
+    AddressSpaceExhausted,
     FailedPrecondition,
     FolioAlreadyFreed,
     FoliodError,
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_IO_BYTES",
     "MAX_PAGE_ORDER",
     "PAGE_SIZE",
+    "AddressSpaceExhausted",
     "Allocation",
     "Descriptor",
     "DescriptorCost",

@@ -10,6 +10,7 @@
     │   └── FolioAlreadyFreed
     ├── OutOfRange                 an offset or length passes the end of an object
     └── OutOfMemory                the allocator cannot serve the request
+        └── AddressSpaceExhausted  an owner's 128 TiB of virtual addresses are used up
 
 Every error names the request field at fault (``field``, empty when no single field is) and has
 a stable ``reason`` string that travels to clients in google.rpc.ErrorInfo.
@@ -84,3 +85,9 @@ class OutOfMemory(FoliodError):
     """The buddy allocator has no block of the requested order above the min watermark."""
 
     reason = "OUT_OF_MEMORY"
+
+
+class AddressSpaceExhausted(OutOfMemory):
+    """An owner's virtual address space has no room for the mapping (mmap's ENOMEM)."""
+
+    reason = "ADDRESS_SPACE_EXHAUSTED"

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from foliod.mm.errors import (
+    AddressSpaceExhausted,
     FolioAlreadyFreed,
     InvalidArgument,
     OutOfMemory,
@@ -208,11 +209,16 @@ class Machine:
                 if order == HPAGE_PMD_ORDER:
                     self.events[VmEvent.THP_FAULT_FALLBACK] += 1
                 continue
-            thp.count(order, MthpStat.ANON_FAULT_ALLOC)
-            if order == HPAGE_PMD_ORDER:
-                self.events[VmEvent.THP_FAULT_ALLOC] += 1
+            self.__count_large_fault(order)
             return folio
         return self.__alloc_folio(0, FolioKind.ANON, mm.name)
+
+    def __count_large_fault(self, order: int) -> None:
+        """Counts a large anon folio faulted in (anon_fault_alloc, thp_fault_alloc)."""
+        if order:
+            self.thp.count(order, MthpStat.ANON_FAULT_ALLOC)
+            if order == HPAGE_PMD_ORDER:
+                self.events[VmEvent.THP_FAULT_ALLOC] += 1
 
     def __validate_allocate(
         self, owner: str, kind: FolioKind, order: int | None, count: int, nr_bytes: int
@@ -268,6 +274,10 @@ class Machine:
         its folio orders follow the mTHP knobs unless an order is given. All or nothing.
         """
         order, nr_pages = self.__validate_allocate(owner, kind, order, count, nr_bytes)
+        if madvise_hugepage and kind is not FolioKind.ANON:
+            raise InvalidArgument(
+                "madvise_hugepage applies to anon mappings only", field="madvise_hugepage"
+            )
         if nr_pages > self.zone.nr_free - self.zone.watermarks.nr_min:
             raise self.__out_of_memory(order or 0)
         holder = self.owners.get(owner) or Owner(owner)
@@ -282,9 +292,13 @@ class Machine:
                 assert order is not None
                 for _ in range(nr_pages >> order):
                     made.append(self.__alloc_folio(order, kind, owner))
-        except OutOfMemory:
+        except AddressSpaceExhausted:
             self.__unwind(holder, made, mm_before, next_vpage_before)
             raise
+        except OutOfMemory as exc:
+            self.__unwind(holder, made, mm_before, next_vpage_before)
+            # Describe the machine as the caller finds it: after the rollback.
+            raise self.__out_of_memory(int(exc.metadata["order"])) from None
         self.owners[owner] = holder
         first = self.next_handle
         by_order: dict[int, int] = {}
@@ -311,6 +325,7 @@ class Machine:
             else:
                 self.events[_PGFAULT] += 1
                 folio = self.__alloc_folio(order, FolioKind.ANON, holder.name)
+                self.__count_large_fault(order)
             try:
                 nr_tables += mm.map_folio(folio, vpage, self)
             except OutOfMemory:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from foliod.mm.errors import AddressSpaceExhausted
 from foliod.mm.huge_memory import HPAGE_PMD_NR, HPAGE_PMD_ORDER
 from foliod.mm.mm_types import Folio
 
+# x86-64 user space with 4-level paging: 47 bits, 128 TiB.
+TASK_SIZE_PAGES = 1 << (47 - 12)
 PT_LEVELS = 4
 PTE_LEVEL, PMD_LEVEL, PUD_LEVEL, PGD_LEVEL = range(PT_LEVELS)
 # Virtual page number >> shift = index of the table that holds the entry at that level.
@@ -61,10 +64,24 @@ class AddressSpace:
 
     def get_unmapped_area(self, nr_pages: int, align_pages: int) -> int:
         """Places a new mapping after the previous one; mappings of 2 MiB or more are
-        PMD-aligned, as thp_get_unmapped_area does for anonymous memory."""
+        PMD-aligned, as thp_get_unmapped_area does for anonymous memory.
+
+        Addresses are not reused while anything is mapped; once nothing is, placement starts
+        again from the bottom. Raises AddressSpaceExhausted past TASK_SIZE (128 TiB).
+        """
+        pgd = self.tables[PGD_LEVEL].get(0)
+        if pgd is None or not pgd.entries:
+            self.next_vpage = 0
         if nr_pages >= HPAGE_PMD_NR:
             align_pages = max(align_pages, HPAGE_PMD_NR)
         start = -(-self.next_vpage // align_pages) * align_pages
+        if start + nr_pages > TASK_SIZE_PAGES:
+            raise AddressSpaceExhausted(
+                f"owner {self.name!r} has no room for {nr_pages} more pages below the "
+                f"128 TiB user address limit; release it or free its mappings",
+                field="owner",
+                metadata={"next_vpage": str(self.next_vpage), "nr_pages": str(nr_pages)},
+            )
         self.next_vpage = start + nr_pages
         return start
 
