@@ -421,7 +421,7 @@ def bench_grpc(report: Report, counts: Counts) -> None:
             "--ram",
             "4GiB",
             "--log-level",
-            "warning",
+            "info",  # the default: one access-log line per call, as deployed
             "--state-dir",
             str(tmp_path / "state"),
         ]
