@@ -182,15 +182,7 @@ class Config:
     ptdesc_bytes: int = _SIZES.ptdesc_bytes
 
     def descriptor_sizes(self) -> DescriptorSizes:
-        return DescriptorSizes(
-            struct_page_bytes=self.struct_page_bytes,
-            interim_page_bytes=self.interim_page_bytes,
-            memdesc_bytes=self.memdesc_bytes,
-            folio_bytes=self.folio_bytes,
-            large_folio_bytes=self.large_folio_bytes,
-            slab_bytes=self.slab_bytes,
-            ptdesc_bytes=self.ptdesc_bytes,
-        )
+        return DescriptorSizes(**{f.name: getattr(self, f.name) for f in fields(DescriptorSizes)})
 
     def as_log_fields(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

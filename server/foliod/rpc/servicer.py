@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TypeVar
 
 import grpc
@@ -30,6 +31,7 @@ _KIND_FROM_PB: dict[pb.FolioKind.ValueType, FolioKind] = {
     pb.FolioKind.Value(f"FOLIO_KIND_{k.name}"): k for k in FolioKind
 }
 _KIND_TO_PB = {k: v for v, k in _KIND_FROM_PB.items()}
+_KIND_RANK = {k: rank for rank, k in enumerate(FolioKind)}
 _THP_FROM_PB: dict[pb.ThpSetting.ValueType, ThpSetting] = {
     pb.ThpSetting.Value(f"THP_SETTING_{s.name}"): s for s in ThpSetting
 }
@@ -169,18 +171,8 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def GetMeminfo(
         self, request: pb.GetMeminfoRequest, context: grpc.ServicerContext
     ) -> pb.Meminfo:
-        info = self._read(request.machine, lambda m: m.meminfo())
-        return pb.Meminfo(
-            mem_total_bytes=info.mem_total_bytes,
-            mem_free_bytes=info.mem_free_bytes,
-            anon_pages_bytes=info.anon_pages_bytes,
-            anon_huge_pages_bytes=info.anon_huge_pages_bytes,
-            file_pages_bytes=info.file_pages_bytes,
-            slab_bytes=info.slab_bytes,
-            page_tables_bytes=info.page_tables_bytes,
-            hugetlb_bytes=info.hugetlb_bytes,
-            memmap_bytes=info.memmap_bytes,
-        )
+        # The core's Meminfo and the message share their field names.
+        return pb.Meminfo(**asdict(self._read(request.machine, lambda m: m.meminfo())))
 
     def GetMemmap(
         self, request: pb.GetMemmapRequest, context: grpc.ServicerContext
@@ -190,7 +182,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             reports = machine.memmap()
             counts = sorted(
                 machine.nr_folios.items(),
-                key=lambda kv: (list(FolioKind).index(kv[0][0]), kv[0][1]),
+                key=lambda kv: (_KIND_RANK[kv[0][0]], kv[0][1]),
             )
         return pb.MemmapReport(
             machine=machine.name,
