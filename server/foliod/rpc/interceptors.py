@@ -161,7 +161,9 @@ class ObservingInterceptor(_CachingInterceptor):
     """Reports every call to observers, with the status code it ended with.
 
     The call's request id (from x-request-id metadata, or generated) is set in REQUEST_ID for
-    the duration of the call and returned to the client in the trailing metadata.
+    the duration of the call and returned to the client in the trailing metadata. Observers
+    hear of the end from a call-completion callback, once the status has been sent, so logging
+    and metrics stay off the path of the response (the duration is the handler's).
     """
 
     def __init__(self, observers: Sequence[CallObserver]) -> None:
@@ -189,14 +191,20 @@ class ObservingInterceptor(_CachingInterceptor):
             return call
 
         def end(call: CallInfo, context: grpc.ServicerContext, start: float, failed: bool) -> None:
-            code = context_code(context)
-            if code is not None:
-                call.code = code
-            elif failed:
-                call.code = grpc.StatusCode.UNKNOWN
             seconds = time.perf_counter() - start
-            for observer in observers:
-                observer.finished(call, seconds)
+
+            def report() -> None:
+                code = context_code(context)
+                if code is not None:
+                    call.code = code
+                elif failed:
+                    call.code = grpc.StatusCode.UNKNOWN
+                for observer in observers:
+                    observer.finished(call, seconds)
+
+            # Report once the call is over, off the path of its response.
+            if not context.add_callback(report):
+                report()
 
         def count_requests(call: CallInfo, requests: Iterator[Any]) -> Iterator[Any]:
             for request in requests:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable, Iterator
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
@@ -25,6 +26,9 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
+
+
+_Children = tuple[Counter, dict[grpc.StatusCode, Counter], Histogram, Counter, Counter]
 
 
 class GrpcServerMetrics:
@@ -55,18 +59,37 @@ class GrpcServerMetrics:
         self.msg_sent_total = Counter(
             "grpc_server_msg_sent", "Messages sent by the server.", labels, registry=registry
         )
+        self._bound: dict[tuple[str, str, str], _Children] = {}
 
     def started(self, call: CallInfo) -> None:
-        self.started_total.labels(call.service, call.method, call.grpc_type).inc()
+        self._children(call)[0].inc()
 
     def finished(self, call: CallInfo, seconds: float) -> None:
-        labels = (call.service, call.method, call.grpc_type)
-        self.handled_total.labels(*labels, call.code.name).inc()
-        self.handling_seconds.labels(*labels).observe(seconds)
+        _, handled, handling, received, sent = self._children(call)
+        counter = handled.get(call.code)
+        if counter is None:
+            labels = (call.service, call.method, call.grpc_type, call.code.name)
+            counter = handled[call.code] = self.handled_total.labels(*labels)
+        counter.inc()
+        handling.observe(seconds)
         if call.messages_received:
-            self.msg_received_total.labels(*labels).inc(call.messages_received)
+            received.inc(call.messages_received)
         if call.messages_sent:
-            self.msg_sent_total.labels(*labels).inc(call.messages_sent)
+            sent.inc(call.messages_sent)
+
+    def _children(self, call: CallInfo) -> _Children:
+        """The labelled children of one method, bound once: labels() costs a lock and a lookup."""
+        key = (call.service, call.method, call.grpc_type)
+        children = self._bound.get(key)
+        if children is None:
+            children = self._bound[key] = (
+                self.started_total.labels(*key),
+                {},
+                self.handling_seconds.labels(*key),
+                self.msg_received_total.labels(*key),
+                self.msg_sent_total.labels(*key),
+            )
+        return children
 
 
 class MachineCollector(Collector):
