@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine
-from foliod.mm.memory import PGD_LEVEL, PMD_LEVEL, PTE_LEVEL, PUD_LEVEL, AddressSpace
+from foliod.mm.memory import PGD_LEVEL, PMD_LEVEL, PTE_LEVEL, PUD_LEVEL, MmStruct
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
 
@@ -73,7 +73,7 @@ def check_machine(machine: Machine) -> None:
     _require(covered == machine.nr_pages, f"{covered} of {machine.nr_pages} frames accounted")
 
 
-def _check_page_tables(mm: AddressSpace, mapped: list[Folio]) -> None:
+def _check_page_tables(mm: MmStruct, mapped: list[Folio]) -> None:
     name, tables = mm.name, mm.tables
     expected: list[dict[int, int]] = [{} for _ in tables]
     pmd_mapped = sum(1 for folio in mapped if folio.pmd_mapped)

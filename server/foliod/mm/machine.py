@@ -23,7 +23,7 @@ from foliod.mm.errors import (
 )
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
 from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
-from foliod.mm.memory import AddressSpace
+from foliod.mm.memory import MmStruct
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER, Watermarks, Zone
 from foliod.mm.vmstat import MthpStat, VmEvent, VmStat, new_event_counters
@@ -85,7 +85,7 @@ class Owner:
 
     name: str
     folios: dict[int, Folio] = field(default_factory=dict)
-    mm: AddressSpace | None = None
+    mm: MmStruct | None = None
 
 
 def validate_ram_bytes(ram_bytes: int, field_name: str = "ram_bytes") -> int:
@@ -194,7 +194,7 @@ class Machine:
         """TableAllocator: returns a page-table page (pagetable_free)."""
         self.__free_folio(table)
 
-    def __fault_anon(self, mm: AddressSpace, vpage: int, end: int, madvised: bool) -> Folio:
+    def __fault_anon(self, mm: MmStruct, vpage: int, end: int, madvised: bool) -> Folio:
         """Faults in one anon folio at vpage: the largest enabled order that fits aligned,
         falling back order by order to a single page (alloc_anon_folio)."""
         self.events[_PGFAULT] += 1
@@ -314,7 +314,7 @@ class Machine:
         self, holder: Owner, order: int | None, nr_pages: int, madvised: bool, made: list[Folio]
     ) -> int:
         if holder.mm is None:
-            holder.mm = AddressSpace(holder.name, deposit_pgtable=self.deposit_pgtable)
+            holder.mm = MmStruct(holder.name, deposit_pgtable=self.deposit_pgtable)
         mm = holder.mm
         vpage = mm.get_unmapped_area(nr_pages, 1 << (order or 0))
         end = vpage + nr_pages
@@ -339,7 +339,7 @@ class Machine:
         self,
         holder: Owner,
         made: list[Folio],
-        mm_before: AddressSpace | None,
+        mm_before: MmStruct | None,
         next_vpage_before: int,
     ) -> None:
         """Frees the folios of a failed allocate call, leaving the machine as it was."""

@@ -1,4 +1,4 @@
-"""Owners' address spaces: virtual placement of anon folios and their page tables (mm/memory.c).
+"""Owners' address spaces (mm_struct): placement of anon folios and their page tables (mm/memory.c).
 
 x86-64 four-level paging (P4D folded): a PTE table maps 512 pages (2 MiB), a PMD table 512 PTE
 tables (1 GiB), a PUD table 512 PMD tables (512 GiB), and one PGD per address space. A table is
@@ -43,7 +43,7 @@ class PageTable:
         self.entries = 0
 
 
-class AddressSpace:
+class MmStruct:
     """The virtual memory and page tables of one owner (an mm_struct)."""
 
     __slots__ = ("deposit_pgtable", "deposited", "name", "next_vpage", "tables")
