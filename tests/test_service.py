@@ -179,7 +179,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
     lifecycle = [e["event"] for e in server.lines if e["event"] != "rpc"]
-    assert lifecycle == ["config", "started", "signal", "stopping", "stopped"]
+    assert lifecycle == ["config", "started", "signal", "stopping", "synced", "stopped"]
     allocate = next(e for e in server.events("rpc") if e["method"].endswith("/Allocate"))
     assert allocate["code"] == "OK"
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from foliod import __version__
 from foliod.mm import DescriptorSizes, FoliodError, ThpSetting
+from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.machine import validate_ram_bytes
 
@@ -116,6 +118,34 @@ def parse_seconds(text: str | float) -> float:
     return value
 
 
+def parse_device(text: str) -> str:
+    name = str(text).strip().lower()
+    if name not in DEVICE_PROFILES:
+        raise ValueError(f"not a device profile: {text!r} ({', '.join(DEVICE_PROFILES)})")
+    return name
+
+
+def parse_order(text: str | int) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_PAGECACHE_ORDER:
+        raise ValueError(f"must be 0..{MAX_PAGECACHE_ORDER}, not {value}")
+    return value
+
+
+def parse_ra_kb(text: str | int) -> int:
+    value = int(text)
+    if value < 0 or value % 4 or value > 1 << 18:
+        raise ValueError(f"must be a multiple of 4 from 0 to 262144, not {value}")
+    return value
+
+
+def parse_percent(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise ValueError(f"must be 1..100, not {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -143,6 +173,13 @@ OPTIONS: tuple[Option, ...] = (
         "PMD-mapped THPs deposit a PTE table, as on x86-64",
         "BOOL",
     ),
+    Option("device", parse_device, "simulated device under the files: nvme or hdd", "PROFILE"),
+    Option("max_file_order", parse_order, "largest page cache folio order (0..9)", "N"),
+    Option("ra_kb", parse_ra_kb, "default readahead window in KiB (0 turns it off)", "KIB"),
+    Option("dirty_background_ratio", parse_percent, "flusher starts above this percent dirty", "PCT"),
+    Option("dirty_ratio", parse_percent, "writers write back first above this percent dirty", "PCT"),
+    Option("dirty_expire_seconds", parse_seconds, "dirty data older than this is flushed", "S"),
+    Option("dirty_writeback_seconds", parse_seconds, "flusher period (0 turns it off)", "S"),
     Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),
     Option("interim_page_bytes", parse_positive_int, "struct page size in the interim plan", "B"),
     Option("memdesc_bytes", parse_positive_int, "per-frame memdesc entry size", "B"),
@@ -173,6 +210,13 @@ class Config:
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True
+    device: str = "nvme"
+    max_file_order: int = 9
+    ra_kb: int = 128
+    dirty_background_ratio: int = 10
+    dirty_ratio: int = 20
+    dirty_expire_seconds: float = 30.0
+    dirty_writeback_seconds: float = 5.0
     struct_page_bytes: int = _SIZES.struct_page_bytes
     interim_page_bytes: int = _SIZES.interim_page_bytes
     memdesc_bytes: int = _SIZES.memdesc_bytes
@@ -183,6 +227,9 @@ class Config:
 
     def descriptor_sizes(self) -> DescriptorSizes:
         return DescriptorSizes(**{f.name: getattr(self, f.name) for f in fields(DescriptorSizes)})
+
+    def dirty_limits(self) -> DirtyLimits:
+        return DirtyLimits(self.dirty_background_ratio, self.dirty_ratio, self.dirty_expire_seconds)
 
     def as_log_fields(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -261,6 +308,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
     try:
         validate_ram_bytes(config.ram, "ram")
         config.descriptor_sizes()
+        config.dirty_limits()
     except FoliodError as exc:
         raise ConfigError(f"{exc.field}: {exc.message}") from exc
     return config

@@ -16,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from foliod.config import Config
 from foliod.mm import HOST, Machine, Machines, ThpPolicy
+from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.rpc.interceptors import AccessLog, CallObserver, ErrorMapper, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
@@ -26,6 +27,7 @@ SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 
 def build_host(config: Config) -> Machine:
+    store = BackingStore(config.state_dir / "files" / HOST, DEVICE_PROFILES[config.device])
     return Machine(
         HOST,
         config.ram,
@@ -34,6 +36,10 @@ def build_host(config: Config) -> Machine:
             config.thp_enabled, {size_kb_to_order(kb): s for kb, s in config.mthp.items()}
         ),
         deposit_pgtable=config.thp_deposit_pgtable,
+        store=store,
+        max_file_order=config.max_file_order,
+        ra_pages=config.ra_kb // 4,
+        dirty_limits=config.dirty_limits(),
     )
 
 
@@ -72,6 +78,17 @@ class FoliodServer:
         self.metrics_port = 0
         self._metrics_httpd: WSGIServer | None = None
         self._stopped = threading.Event()
+        self._stop_flusher = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+
+    def _flush_loop(self) -> None:
+        """The flusher threads (wb_workfn): every dirty_writeback interval, each machine's
+        expired dirty data and anything over the background threshold is written back."""
+        while not self._stop_flusher.wait(self.config.dirty_writeback_seconds):
+            for machine in self.machines:
+                with machine.lock:
+                    if machine.page_cache is not None:
+                        machine.page_cache.flush()
 
     def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +98,8 @@ class FoliodServer:
             self._metrics_httpd, _ = start_http_server(int(port), host, registry=self.registry)
             self.metrics_port = self._metrics_httpd.server_port
         self.grpc.start()
+        if self.config.dirty_writeback_seconds:
+            self._flusher.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.log.info(
@@ -98,6 +117,15 @@ class FoliodServer:
         self.health.enter_graceful_shutdown()
         self.log.info("stopping", grace_seconds=grace)
         self.grpc.stop(grace).wait()
+        self._stop_flusher.set()
+        if self._flusher.is_alive():
+            self._flusher.join()
+        written = 0
+        for machine in self.machines:
+            with machine.lock:
+                if machine.page_cache is not None:
+                    written += machine.page_cache.sync()
+        self.log.info("synced", nr_pages=written)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

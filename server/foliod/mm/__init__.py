@@ -17,11 +17,11 @@ from foliod.mm.errors import (
     UnknownMachine,
     UnknownOwner,
 )
+from foliod.mm.filemap import MAX_IO_BYTES
 from foliod.mm.huge_memory import ThpPolicy, ThpSetting
 from foliod.mm.machine import (
     HOST,
     MAX_FOLIOS_PER_CALL,
-    MAX_IO_BYTES,
     Allocation,
     Machine,
     Machines,

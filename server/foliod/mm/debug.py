@@ -52,6 +52,8 @@ def check_machine(machine: Machine) -> None:
             folios.extend(t.folio for level in owner.mm.tables for t in level.values())
             folios.extend(owner.mm.deposited.values())
             _check_page_tables(owner.mm, list(owner.folios.values()))
+    if machine.page_cache is not None:
+        folios.extend(_check_page_cache(machine))
     owned = sum(len(o.folios) for o in machine.owners.values())
     _require(owned == len(machine.folios), f"{len(machine.folios)} folios, {owned} owned")
 
@@ -108,3 +110,39 @@ def _check_page_tables(mm: MmStruct, mapped: list[Folio]) -> None:
         (pgd.entries if pgd else 0) == expected[PGD_LEVEL].get(0, 0),
         f"{name}: PGD entry count wrong",
     )
+
+
+def _check_page_cache(machine: Machine) -> list[Folio]:
+    """Mappings, LRU lists and dirty counts agree; returns the cached folios."""
+    cache = machine.page_cache
+    assert cache is not None
+    cached: list[Folio] = []
+    nr_dirty_total = 0
+    for inode in cache.files.values():
+        end = -1
+        nr_pages = nr_dirty = 0
+        for index in sorted(inode.folios):
+            folio = inode.folios[index]
+            name = f"{inode.name}[{index}]"
+            _require(folio.mapping is inode and folio.index == index, f"{name}: wrong mapping")
+            _require(index % folio.nr_pages == 0, f"{name}: misaligned order-{folio.order}")
+            _require(index > end, f"{name}: overlaps the folio ending at {end}")
+            _require(index not in inode.shadows, f"{name}: cached and shadowed")
+            end = index + folio.nr_pages - 1
+            nr_pages += folio.nr_pages
+            nr_dirty += folio.nr_pages if folio.dirty else 0
+            cached.append(folio)
+        _require(nr_pages == inode.nr_pages, f"{inode.name}: {inode.nr_pages} != {nr_pages}")
+        _require(nr_dirty == inode.nr_dirty, f"{inode.name}: dirty {inode.nr_dirty} != {nr_dirty}")
+        nr_dirty_total += nr_dirty
+    _require(sum(f.nr_pages for f in cached) == cache.nr_pages, "page cache page count wrong")
+    _require(nr_dirty_total == cache.nr_dirty, "page cache dirty count wrong")
+    lru = machine.lru
+    on_lists = set(lru.inactive) | set(lru.active)
+    _require(len(on_lists) == len(lru.inactive) + len(lru.active), "a folio is on both lists")
+    _require(on_lists == set(cached), "LRU lists and page cache hold different folios")
+    _require(all(f.active for f in lru.active), "an active-list folio is not PG_active")
+    _require(not any(f.active for f in lru.inactive), "an inactive-list folio is PG_active")
+    _require(lru.nr_active == sum(f.nr_pages for f in lru.active), "nr_active wrong")
+    _require(lru.nr_inactive == sum(f.nr_pages for f in lru.inactive), "nr_inactive wrong")
+    return cached

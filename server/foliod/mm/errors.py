@@ -5,10 +5,15 @@
     ├── NotFound                   a named object does not exist
     │   ├── UnknownMachine
     │   ├── UnknownOwner
-    │   └── UnknownFolio
+    │   ├── UnknownFolio
+    │   ├── UnknownFile
+    │   └── UnknownFileHandle
+    ├── AlreadyExists              the object to create exists already
     ├── FailedPrecondition         the request is well formed but the state forbids it
-    │   └── FolioAlreadyFreed
+    │   ├── FolioAlreadyFreed
+    │   └── FileHandleClosed
     ├── OutOfRange                 an offset or length passes the end of an object
+    ├── WritebackFailed            fsync found a writeback error since the handle's last look
     └── OutOfMemory                the allocator cannot serve the request
         └── AddressSpaceExhausted  an owner's 128 TiB of virtual addresses are used up
 
@@ -91,3 +96,33 @@ class AddressSpaceExhausted(OutOfMemory):
     """An owner's virtual address space has no room for the mapping (mmap's ENOMEM)."""
 
     reason = "ADDRESS_SPACE_EXHAUSTED"
+
+
+class UnknownFile(NotFound):
+    """No file has the requested name on the machine."""
+
+    reason = "UNKNOWN_FILE"
+
+
+class UnknownFileHandle(NotFound):
+    """No file handle with that number was ever opened on the machine."""
+
+    reason = "UNKNOWN_FILE_HANDLE"
+
+
+class AlreadyExists(FoliodError):
+    """The object to create exists already."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class FileHandleClosed(FailedPrecondition):
+    """The file handle was closed, or its file deleted."""
+
+    reason = "FILE_HANDLE_CLOSED"
+
+
+class WritebackFailed(FoliodError):
+    """fsync found a writeback error recorded since the handle last checked (errseq)."""
+
+    reason = "WRITEBACK_FAILED"

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from foliod.mm.backing_dev import BackingStore
 from foliod.mm.errors import (
     AddressSpaceExhausted,
+    FailedPrecondition,
     FolioAlreadyFreed,
     InvalidArgument,
     OutOfMemory,
@@ -21,18 +24,22 @@ from foliod.mm.errors import (
     UnknownMachine,
     UnknownOwner,
 )
+from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
 from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
 from foliod.mm.memory import MmStruct
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER, Watermarks, Zone
+from foliod.mm.readahead import DEFAULT_RA_PAGES
+from foliod.mm.vmscan import FileLru
 from foliod.mm.vmstat import MthpStat, VmEvent, VmStat, new_event_counters
 
 HOST = "host"
 MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 40
 MAX_FOLIOS_PER_CALL = 1 << 20
-MAX_IO_BYTES = 2 << 20
+# Pages reclaim tries to free per attempt (SWAP_CLUSTER_MAX).
+SWAP_CLUSTER_MAX = 32
 _OWNER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 VALID_ORDERS: Mapping[FolioKind, tuple[int, ...]] = {
@@ -77,6 +84,10 @@ class Meminfo:
     page_tables_bytes: int
     hugetlb_bytes: int
     memmap_bytes: int
+    cached_bytes: int
+    dirty_bytes: int
+    active_file_bytes: int
+    inactive_file_bytes: int
 
 
 @dataclass
@@ -109,6 +120,11 @@ class Machine:
         sizes: DescriptorSizes | None = None,
         thp: ThpPolicy | None = None,
         deposit_pgtable: bool = True,
+        store: BackingStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_file_order: int = MAX_PAGECACHE_ORDER,
+        ra_pages: int = DEFAULT_RA_PAGES,
+        dirty_limits: DirtyLimits | None = None,
     ) -> None:
         self.name = name
         self.nr_pages = validate_ram_bytes(ram_bytes)
@@ -121,8 +137,17 @@ class Machine:
         self.folios: dict[int, Folio] = {}
         self.owners: dict[str, Owner] = {}
         self.next_handle = 1
-        # Allocated folios per (kind, order), page tables included.
+        # Allocated folios per (kind, order), page tables and page cache included.
         self.nr_folios: dict[tuple[FolioKind, int], int] = {}
+        self.clock = clock
+        self.lru = FileLru(self.events)
+        self.page_cache: PageCache | None = None
+        if store is not None:
+            self.page_cache = PageCache(
+                store, self, self.lru, self.events, clock, max_file_order, ra_pages
+            )
+            self.page_cache.dirtyable = lambda: self.zone.nr_free + self.nr_reclaimable
+            self.page_cache.limits = dirty_limits or DirtyLimits()
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -149,17 +174,44 @@ class Machine:
 
     # -- folio allocation ------------------------------------------------------------------
 
-    def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
-        """Takes a 2^order block above the min watermark; raises OutOfMemory."""
+    def __rmqueue(self, order: int) -> int | None:
         zone = self.zone
-        pfn = None
-        if zone.watermark_ok(order):
-            pfn = zone.rmqueue(order) if order <= MAX_PAGE_ORDER else zone.alloc_contig(order)
-        if pfn is None:
-            raise self.__out_of_memory(order)
+        if not zone.watermark_ok(order):
+            return None
+        return zone.rmqueue(order) if order <= MAX_PAGE_ORDER else zone.alloc_contig(order)
+
+    def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
+        """Takes a 2^order block above the min watermark, reclaiming page cache directly when
+        there is none (__alloc_pages_slowpath); wakes kswapd below the low watermark.
+        Raises OutOfMemory when reclaim can free nothing more."""
+        pfn = self.__rmqueue(order)
+        while pfn is None:
+            if self.page_cache is None or not self.lru.nr_inactive + self.lru.nr_active:
+                raise self.__out_of_memory(order)
+            self.events[VmEvent.ALLOCSTALL] += 1
+            if not self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True):
+                raise self.__out_of_memory(order)
+            pfn = self.__rmqueue(order)
         self.__account(kind, order, 1)
         self.events[_PGALLOC] += 1 << order
+        zone = self.zone
+        if zone.nr_free < zone.watermarks.nr_low and self.page_cache is not None:
+            # kswapd, run in line: reclaim until free memory is back above high.
+            self.lru.shrink(zone.watermarks.nr_high - zone.nr_free, self.page_cache, False)
         return Folio(0, pfn, order, kind, owner)
+
+    def alloc_cache_folio(self, order: int) -> Folio:
+        """CacheAllocator: a page cache folio (filemap_alloc_folio)."""
+        return self.__alloc_folio(order, FolioKind.FILE, "")
+
+    def free_cache_folio(self, folio: Folio) -> None:
+        """CacheAllocator: returns an evicted or truncated page cache folio."""
+        self.__free_folio(folio)
+
+    @property
+    def nr_reclaimable(self) -> int:
+        """Pages reclaim could free: the page cache on the file LRU lists."""
+        return self.lru.nr_inactive + self.lru.nr_active
 
     def __free_folio(self, folio: Folio) -> None:
         if folio.order <= MAX_PAGE_ORDER:
@@ -278,7 +330,7 @@ class Machine:
             raise InvalidArgument(
                 "madvise_hugepage applies to anon mappings only", field="madvise_hugepage"
             )
-        if nr_pages > self.zone.nr_free - self.zone.watermarks.nr_min:
+        if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
             raise self.__out_of_memory(order or 0)
         holder = self.owners.get(owner) or Owner(owner)
         mm_before = holder.mm
@@ -425,6 +477,30 @@ class Machine:
         check_io(offset, length, "length")
         return folio.read(offset, length)
 
+    # -- page cache ------------------------------------------------------------------------
+
+    @property
+    def files(self) -> PageCache:
+        """The machine's page cache and files; FailedPrecondition when it has no store."""
+        if self.page_cache is None:
+            raise FailedPrecondition(
+                f"machine {self.name!r} has no backing store for files", field="machine"
+            )
+        return self.page_cache
+
+    def reclaim(self, nr_bytes: int) -> int:
+        """Reclaims page cache on demand, like memory.reclaim; returns bytes freed."""
+        if nr_bytes <= 0 or nr_bytes % PAGE_SIZE:
+            raise InvalidArgument(
+                f"bytes must be a positive multiple of {PAGE_SIZE}, not {nr_bytes}", field="bytes"
+            )
+        pages = nr_bytes >> PAGE_SHIFT
+        return self.lru.shrink(pages, self.files, False) << PAGE_SHIFT
+
+    def drop_caches(self) -> int:
+        """Frees clean page cache (echo 1 > /proc/sys/vm/drop_caches); returns bytes freed."""
+        return self.files.drop_caches() << PAGE_SHIFT
+
     # -- reports ---------------------------------------------------------------------------
 
     def memmap(self) -> tuple[ModelCost, ...]:
@@ -444,6 +520,10 @@ class Machine:
             page_tables_bytes=self.nr_pages_of(FolioKind.PAGETABLE) << PAGE_SHIFT,
             hugetlb_bytes=self.nr_pages_of(FolioKind.HUGETLB) << PAGE_SHIFT,
             memmap_bytes=self.nr_pages * self.sizes.struct_page_bytes,
+            cached_bytes=(self.page_cache.nr_pages if self.page_cache else 0) << PAGE_SHIFT,
+            dirty_bytes=(self.page_cache.nr_dirty if self.page_cache else 0) << PAGE_SHIFT,
+            active_file_bytes=self.lru.nr_active << PAGE_SHIFT,
+            inactive_file_bytes=self.lru.nr_inactive << PAGE_SHIFT,
         )
 
     def vmstat(self) -> dict[str, int]:
@@ -454,7 +534,10 @@ class Machine:
             VmStat.NR_ANON_TRANSPARENT_HUGEPAGES: self.nr_folios.get(
                 (FolioKind.ANON, HPAGE_PMD_ORDER), 0
             ),
+            VmStat.NR_INACTIVE_FILE: self.lru.nr_inactive,
+            VmStat.NR_ACTIVE_FILE: self.lru.nr_active,
             VmStat.NR_FILE_PAGES: self.nr_pages_of(FolioKind.FILE),
+            VmStat.NR_DIRTY: self.page_cache.nr_dirty if self.page_cache else 0,
             VmStat.NR_SLAB_UNRECLAIMABLE: self.nr_pages_of(FolioKind.SLAB),
             VmStat.NR_PAGE_TABLE_PAGES: self.nr_pages_of(FolioKind.PAGETABLE),
         }
@@ -475,12 +558,7 @@ def check_owner_name(owner: str) -> None:
 
 
 def check_io(offset: int, length: int, field_name: str) -> None:
-    if offset < 0:
-        raise InvalidArgument(f"offset must not be negative, not {offset}", field="offset")
-    if not 0 < length <= MAX_IO_BYTES:
-        raise InvalidArgument(
-            f"length must be 1 to {MAX_IO_BYTES} bytes, not {length}", field=field_name
-        )
+    check_range(offset, length, field_name)
 
 
 class Machines:

@@ -25,7 +25,23 @@ class Folio:
     never written reads as zeros (like init_on_alloc).
     """
 
-    __slots__ = ("contents", "handle", "kind", "order", "owner", "pfn", "pmd_mapped", "vaddr")
+    __slots__ = (
+        "active",
+        "contents",
+        "dirtied_at",
+        "dirty",
+        "handle",
+        "index",
+        "kind",
+        "mapping",
+        "order",
+        "owner",
+        "pfn",
+        "pmd_mapped",
+        "readahead",
+        "referenced",
+        "vaddr",
+    )
 
     def __init__(self, handle: int, pfn: int, order: int, kind: FolioKind, owner: str) -> None:
         self.handle = handle
@@ -37,6 +53,15 @@ class Folio:
         self.vaddr = -1
         self.pmd_mapped = False
         self.contents: dict[int, bytearray] | None = None
+        # Page cache folios: the file (an Inode) and the page index of the head page.
+        self.mapping: object = None
+        self.index = 0
+        # Page flags of page cache folios (PG_dirty, PG_referenced, PG_active, PG_readahead).
+        self.dirty = False
+        self.referenced = False
+        self.active = False
+        self.readahead = False
+        self.dirtied_at = 0.0
 
     @property
     def nr_pages(self) -> int:

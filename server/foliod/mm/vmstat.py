@@ -10,13 +10,30 @@ import enum
 
 
 class VmEvent(enum.StrEnum):
-    """Monotonic event counters (include/linux/vm_event_item.h)."""
+    """Monotonic event counters (include/linux/vm_event_item.h); pgpgin/pgpgout in KiB."""
 
+    PGPGIN = "pgpgin"
+    PGPGOUT = "pgpgout"
     PGALLOC = "pgalloc"
     PGFREE = "pgfree"
+    PGACTIVATE = "pgactivate"
+    PGDEACTIVATE = "pgdeactivate"
     PGFAULT = "pgfault"
+    PGMAJFAULT = "pgmajfault"
+    PGREFILL = "pgrefill"
+    PGSTEAL_KSWAPD = "pgsteal_kswapd"
+    PGSTEAL_DIRECT = "pgsteal_direct"
+    PGSCAN_KSWAPD = "pgscan_kswapd"
+    PGSCAN_DIRECT = "pgscan_direct"
+    PGROTATED = "pgrotated"
+    ALLOCSTALL = "allocstall"
+    WORKINGSET_REFAULT_FILE = "workingset_refault_file"
+    WORKINGSET_ACTIVATE_FILE = "workingset_activate_file"
+    NR_DIRTIED = "nr_dirtied"
+    NR_WRITTEN = "nr_written"
     THP_FAULT_ALLOC = "thp_fault_alloc"
     THP_FAULT_FALLBACK = "thp_fault_fallback"
+    THP_SPLIT_PAGE = "thp_split_page"
 
 
 class VmStat(enum.StrEnum):
@@ -25,7 +42,10 @@ class VmStat(enum.StrEnum):
     NR_FREE_PAGES = "nr_free_pages"
     NR_ANON_PAGES = "nr_anon_pages"
     NR_ANON_TRANSPARENT_HUGEPAGES = "nr_anon_transparent_hugepages"
+    NR_INACTIVE_FILE = "nr_inactive_file"
+    NR_ACTIVE_FILE = "nr_active_file"
     NR_FILE_PAGES = "nr_file_pages"
+    NR_DIRTY = "nr_dirty"
     NR_SLAB_UNRECLAIMABLE = "nr_slab_unreclaimable"
     NR_PAGE_TABLE_PAGES = "nr_page_table_pages"
 

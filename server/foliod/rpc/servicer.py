@@ -19,6 +19,7 @@ from foliod.mm import (
     ThpSetting,
     check_machine,
 )
+from foliod.mm.filemap import FileStat, IoStats
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.v1 import foliod_pb2 as pb
@@ -240,6 +241,118 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             return _thp_policy(m)
 
         return self._change(request.machine, apply)
+
+    # -- files -----------------------------------------------------------------------------
+
+    def CreateFile(
+        self, request: pb.CreateFileRequest, context: grpc.ServicerContext
+    ) -> pb.FileStat:
+        max_order = request.max_order if request.HasField("max_order") else None
+        ra_pages = request.ra_pages if request.HasField("ra_pages") else None
+
+        def create(m: Machine) -> FileStat:
+            m.files.create(request.name, max_order=max_order, ra_pages=ra_pages)
+            return m.files.stat(request.name)
+
+        return _file_stat(self._change(request.machine, create))
+
+    def OpenFile(
+        self, request: pb.OpenFileRequest, context: grpc.ServicerContext
+    ) -> pb.OpenFileResponse:
+        handle = self._change(request.machine, lambda m: m.files.open(request.name))
+        return pb.OpenFileResponse(handle=handle.number)
+
+    def CloseFile(
+        self, request: pb.CloseFileRequest, context: grpc.ServicerContext
+    ) -> pb.CloseFileResponse:
+        self._change(request.machine, lambda m: m.files.close(request.handle))
+        return pb.CloseFileResponse()
+
+    def StatFile(self, request: pb.StatFileRequest, context: grpc.ServicerContext) -> pb.FileStat:
+        return _file_stat(self._read(request.machine, lambda m: m.files.stat(request.name)))
+
+    def ListFiles(
+        self, request: pb.ListFilesRequest, context: grpc.ServicerContext
+    ) -> pb.ListFilesResponse:
+        stats = self._read(
+            request.machine, lambda m: [m.files.stat(name) for name in sorted(m.files.files)]
+        )
+        return pb.ListFilesResponse(files=[_file_stat(s) for s in stats])
+
+    def ReadFile(
+        self, request: pb.ReadFileRequest, context: grpc.ServicerContext
+    ) -> pb.ReadFileResponse:
+        # A read changes the cache (readahead, LRU), so it takes the machine like a write.
+        data, stats = self._change(
+            request.machine, lambda m: m.files.read(request.name, request.offset, request.length)
+        )
+        return pb.ReadFileResponse(data=data, stats=_io_stats(stats))
+
+    def WriteFile(
+        self, request: pb.WriteFileRequest, context: grpc.ServicerContext
+    ) -> pb.WriteFileResponse:
+        stats = self._change(
+            request.machine, lambda m: m.files.write(request.name, request.offset, request.data)
+        )
+        return pb.WriteFileResponse(written_bytes=len(request.data), stats=_io_stats(stats))
+
+    def TruncateFile(
+        self, request: pb.TruncateFileRequest, context: grpc.ServicerContext
+    ) -> pb.FileStat:
+        def truncate(m: Machine) -> FileStat:
+            m.files.truncate(request.name, request.size_bytes)
+            return m.files.stat(request.name)
+
+        return _file_stat(self._change(request.machine, truncate))
+
+    def DeleteFile(
+        self, request: pb.DeleteFileRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteFileResponse:
+        self._change(request.machine, lambda m: m.files.delete(request.name))
+        return pb.DeleteFileResponse()
+
+    def Writeback(
+        self, request: pb.WritebackRequest, context: grpc.ServicerContext
+    ) -> pb.WritebackResponse:
+        name = request.name or None
+        end = request.offset + request.length if request.length else None
+        pages = self._change(
+            request.machine, lambda m: m.files.writeback(name, request.offset, end)
+        )
+        return pb.WritebackResponse(nr_pages=pages)
+
+    def Fsync(self, request: pb.FsyncRequest, context: grpc.ServicerContext) -> pb.FsyncResponse:
+        pages = self._change(request.machine, lambda m: m.files.fsync(request.handle))
+        return pb.FsyncResponse(nr_pages=pages)
+
+    def Reclaim(
+        self, request: pb.ReclaimRequest, context: grpc.ServicerContext
+    ) -> pb.ReclaimResponse:
+        freed = self._change(request.machine, lambda m: m.reclaim(request.bytes))
+        return pb.ReclaimResponse(reclaimed_bytes=freed)
+
+    def DropCaches(
+        self, request: pb.DropCachesRequest, context: grpc.ServicerContext
+    ) -> pb.DropCachesResponse:
+        dropped = self._change(request.machine, lambda m: m.drop_caches())
+        return pb.DropCachesResponse(dropped_bytes=dropped)
+
+
+def _file_stat(stat: FileStat) -> pb.FileStat:
+    return pb.FileStat(
+        name=stat.name,
+        size_bytes=stat.size_bytes,
+        nr_cached=stat.nr_cached,
+        nr_dirty=stat.nr_dirty,
+        folios_by_order=stat.folios_by_order,
+        max_order=stat.max_order,
+        ra_pages=stat.ra_pages,
+        open_handles=stat.open_handles,
+    )
+
+
+def _io_stats(stats: IoStats) -> pb.IoStats:
+    return pb.IoStats(**asdict(stats))
 
 
 def _thp_policy(m: Machine) -> pb.ThpPolicy:

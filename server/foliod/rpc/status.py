@@ -22,6 +22,8 @@ STATUS_CODES: dict[type[errors.FoliodError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.WritebackFailed: grpc.StatusCode.DATA_LOSS,
     errors.FoliodError: grpc.StatusCode.INTERNAL,
 }
 

@@ -672,6 +672,10 @@ class Meminfo(_message.Message):
     PAGE_TABLES_BYTES_FIELD_NUMBER: _builtins.int
     HUGETLB_BYTES_FIELD_NUMBER: _builtins.int
     MEMMAP_BYTES_FIELD_NUMBER: _builtins.int
+    CACHED_BYTES_FIELD_NUMBER: _builtins.int
+    DIRTY_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVE_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    INACTIVE_FILE_BYTES_FIELD_NUMBER: _builtins.int
     mem_total_bytes: _builtins.int
     mem_free_bytes: _builtins.int
     anon_pages_bytes: _builtins.int
@@ -686,6 +690,13 @@ class Meminfo(_message.Message):
     """Hugetlb: memory in hugetlb folios of all sizes."""
     memmap_bytes: _builtins.int
     """The memory map under the struct_page model (what the kernel pays today)."""
+    cached_bytes: _builtins.int
+    """Cached: page cache of files."""
+    dirty_bytes: _builtins.int
+    """Dirty: page cache not yet written back."""
+    active_file_bytes: _builtins.int
+    """Active(file) and Inactive(file): the file LRU lists."""
+    inactive_file_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -698,10 +709,14 @@ class Meminfo(_message.Message):
         page_tables_bytes: _builtins.int = ...,
         hugetlb_bytes: _builtins.int = ...,
         memmap_bytes: _builtins.int = ...,
+        cached_bytes: _builtins.int = ...,
+        dirty_bytes: _builtins.int = ...,
+        active_file_bytes: _builtins.int = ...,
+        inactive_file_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anon_huge_pages_bytes", b"anon_huge_pages_bytes", "anon_pages_bytes", b"anon_pages_bytes", "file_pages_bytes", b"file_pages_bytes", "hugetlb_bytes", b"hugetlb_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "memmap_bytes", b"memmap_bytes", "page_tables_bytes", b"page_tables_bytes", "slab_bytes", b"slab_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_file_bytes", b"active_file_bytes", "anon_huge_pages_bytes", b"anon_huge_pages_bytes", "anon_pages_bytes", b"anon_pages_bytes", "cached_bytes", b"cached_bytes", "dirty_bytes", b"dirty_bytes", "file_pages_bytes", b"file_pages_bytes", "hugetlb_bytes", b"hugetlb_bytes", "inactive_file_bytes", b"inactive_file_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "memmap_bytes", b"memmap_bytes", "page_tables_bytes", b"page_tables_bytes", "slab_bytes", b"slab_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1094,3 +1109,617 @@ class SetThpPolicyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetThpPolicyRequest: _TypeAlias = SetThpPolicyRequest  # noqa: Y015
+
+@_typing.final
+class CreateFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_ORDER_FIELD_NUMBER: _builtins.int
+    RA_PAGES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    max_order: _builtins.int
+    """Largest page cache folio order for this file (0..9; 0 forces base pages). Unset: the
+    server's default (9).
+    """
+    ra_pages: _builtins.int
+    """Maximum readahead window in pages (0 turns readahead off). Unset: the default (32)."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        max_order: _builtins.int | None = ...,
+        ra_pages: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_order", b"_max_order", "_ra_pages", b"_ra_pages", "max_order", b"max_order", "ra_pages", b"ra_pages"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_order", b"_max_order", "_ra_pages", b"_ra_pages", "machine", b"machine", "max_order", b"max_order", "name", b"name", "ra_pages", b"ra_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_order: _TypeAlias = _typing.Literal["max_order"]  # noqa: Y015
+    _WhichOneofArgType__max_order: _TypeAlias = _typing.Literal["_max_order", b"_max_order"]  # noqa: Y015
+    _WhichOneofReturnType__ra_pages: _TypeAlias = _typing.Literal["ra_pages"]  # noqa: Y015
+    _WhichOneofArgType__ra_pages: _TypeAlias = _typing.Literal["_ra_pages", b"_ra_pages"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_order) -> _WhichOneofReturnType__max_order | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ra_pages) -> _WhichOneofReturnType__ra_pages | None: ...
+
+Global___CreateFileRequest: _TypeAlias = CreateFileRequest  # noqa: Y015
+
+@_typing.final
+class FileStat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FoliosByOrderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    NR_CACHED_FIELD_NUMBER: _builtins.int
+    NR_DIRTY_FIELD_NUMBER: _builtins.int
+    FOLIOS_BY_ORDER_FIELD_NUMBER: _builtins.int
+    MAX_ORDER_FIELD_NUMBER: _builtins.int
+    RA_PAGES_FIELD_NUMBER: _builtins.int
+    OPEN_HANDLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    nr_cached: _builtins.int
+    """Pages of the file in the page cache, and of those, dirty ones."""
+    nr_dirty: _builtins.int
+    max_order: _builtins.int
+    ra_pages: _builtins.int
+    open_handles: _builtins.int
+    @_builtins.property
+    def folios_by_order(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Cached folios per order."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        nr_cached: _builtins.int = ...,
+        nr_dirty: _builtins.int = ...,
+        folios_by_order: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        max_order: _builtins.int = ...,
+        ra_pages: _builtins.int = ...,
+        open_handles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folios_by_order", b"folios_by_order", "max_order", b"max_order", "name", b"name", "nr_cached", b"nr_cached", "nr_dirty", b"nr_dirty", "open_handles", b"open_handles", "ra_pages", b"ra_pages", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileStat: _TypeAlias = FileStat  # noqa: Y015
+
+@_typing.final
+class OpenFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenFileRequest: _TypeAlias = OpenFileRequest  # noqa: Y015
+
+@_typing.final
+class OpenFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    handle: _builtins.int
+    def __init__(
+        self,
+        *,
+        handle: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenFileResponse: _TypeAlias = OpenFileResponse  # noqa: Y015
+
+@_typing.final
+class CloseFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    handle: _builtins.int
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        handle: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseFileRequest: _TypeAlias = CloseFileRequest  # noqa: Y015
+
+@_typing.final
+class CloseFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseFileResponse: _TypeAlias = CloseFileResponse  # noqa: Y015
+
+@_typing.final
+class StatFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatFileRequest: _TypeAlias = StatFileRequest  # noqa: Y015
+
+@_typing.final
+class ListFilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFilesRequest: _TypeAlias = ListFilesRequest  # noqa: Y015
+
+@_typing.final
+class ListFilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileStat]:
+        """Every file, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___FileStat] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFilesResponse: _TypeAlias = ListFilesResponse  # noqa: Y015
+
+@_typing.final
+class IoStats(_message.Message):
+    """What one read or write did in the page cache and what the device would have spent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGES_HIT_FIELD_NUMBER: _builtins.int
+    PAGES_MISSED_FIELD_NUMBER: _builtins.int
+    PAGES_READAHEAD_FIELD_NUMBER: _builtins.int
+    DEVICE_SECONDS_FIELD_NUMBER: _builtins.int
+    pages_hit: _builtins.int
+    """Pages of the request found in the cache."""
+    pages_missed: _builtins.int
+    """Pages of the request that had to be read in (or newly allocated, for writes)."""
+    pages_readahead: _builtins.int
+    """Pages read in beyond the request by readahead."""
+    device_seconds: _builtins.float
+    """Simulated device time of the I/O this call issued."""
+    def __init__(
+        self,
+        *,
+        pages_hit: _builtins.int = ...,
+        pages_missed: _builtins.int = ...,
+        pages_readahead: _builtins.int = ...,
+        device_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_seconds", b"device_seconds", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IoStats: _TypeAlias = IoStats  # noqa: Y015
+
+@_typing.final
+class ReadFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    offset: _builtins.int
+    length: _builtins.int
+    """1 byte to 2 MiB."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadFileRequest: _TypeAlias = ReadFileRequest  # noqa: Y015
+
+@_typing.final
+class ReadFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def stats(self) -> Global___IoStats: ...
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        stats: Global___IoStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadFileResponse: _TypeAlias = ReadFileResponse  # noqa: Y015
+
+@_typing.final
+class WriteFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    offset: _builtins.int
+    data: _builtins.bytes
+    """1 byte to 2 MiB."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileRequest: _TypeAlias = WriteFileRequest  # noqa: Y015
+
+@_typing.final
+class WriteFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    written_bytes: _builtins.int
+    @_builtins.property
+    def stats(self) -> Global___IoStats: ...
+    def __init__(
+        self,
+        *,
+        written_bytes: _builtins.int = ...,
+        stats: Global___IoStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "written_bytes", b"written_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileResponse: _TypeAlias = WriteFileResponse  # noqa: Y015
+
+@_typing.final
+class TruncateFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruncateFileRequest: _TypeAlias = TruncateFileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFileRequest: _TypeAlias = DeleteFileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFileResponse: _TypeAlias = DeleteFileResponse  # noqa: Y015
+
+@_typing.final
+class WritebackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    """Empty: every file."""
+    offset: _builtins.int
+    """Byte range of the file; length 0 means to the end."""
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WritebackRequest: _TypeAlias = WritebackRequest  # noqa: Y015
+
+@_typing.final
+class WritebackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NR_PAGES_FIELD_NUMBER: _builtins.int
+    nr_pages: _builtins.int
+    def __init__(
+        self,
+        *,
+        nr_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nr_pages", b"nr_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WritebackResponse: _TypeAlias = WritebackResponse  # noqa: Y015
+
+@_typing.final
+class FsyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    handle: _builtins.int
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        handle: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FsyncRequest: _TypeAlias = FsyncRequest  # noqa: Y015
+
+@_typing.final
+class FsyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NR_PAGES_FIELD_NUMBER: _builtins.int
+    nr_pages: _builtins.int
+    def __init__(
+        self,
+        *,
+        nr_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nr_pages", b"nr_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FsyncResponse: _TypeAlias = FsyncResponse  # noqa: Y015
+
+@_typing.final
+class ReclaimRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    bytes: _builtins.int
+    """How much to reclaim, a multiple of 4096."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReclaimRequest: _TypeAlias = ReclaimRequest  # noqa: Y015
+
+@_typing.final
+class ReclaimResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECLAIMED_BYTES_FIELD_NUMBER: _builtins.int
+    reclaimed_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        reclaimed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reclaimed_bytes", b"reclaimed_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReclaimResponse: _TypeAlias = ReclaimResponse  # noqa: Y015
+
+@_typing.final
+class DropCachesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropCachesRequest: _TypeAlias = DropCachesRequest  # noqa: Y015
+
+@_typing.final
+class DropCachesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    dropped_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        dropped_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropCachesResponse: _TypeAlias = DropCachesResponse  # noqa: Y015

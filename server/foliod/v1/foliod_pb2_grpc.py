@@ -99,6 +99,71 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.SetThpPolicyRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.ThpPolicy.FromString,
                 _registered_method=True)
+        self.CreateFile = channel.unary_unary(
+                '/foliod.v1.Foliod/CreateFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.CreateFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+                _registered_method=True)
+        self.OpenFile = channel.unary_unary(
+                '/foliod.v1.Foliod/OpenFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.OpenFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.OpenFileResponse.FromString,
+                _registered_method=True)
+        self.CloseFile = channel.unary_unary(
+                '/foliod.v1.Foliod/CloseFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.CloseFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.CloseFileResponse.FromString,
+                _registered_method=True)
+        self.StatFile = channel.unary_unary(
+                '/foliod.v1.Foliod/StatFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.StatFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/foliod.v1.Foliod/ListFiles',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_unary(
+                '/foliod.v1.Foliod/ReadFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.unary_unary(
+                '/foliod.v1.Foliod/WriteFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
+        self.TruncateFile = channel.unary_unary(
+                '/foliod.v1.Foliod/TruncateFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/foliod.v1.Foliod/DeleteFile',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.DeleteFileRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.DeleteFileResponse.FromString,
+                _registered_method=True)
+        self.Writeback = channel.unary_unary(
+                '/foliod.v1.Foliod/Writeback',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.WritebackRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.WritebackResponse.FromString,
+                _registered_method=True)
+        self.Fsync = channel.unary_unary(
+                '/foliod.v1.Foliod/Fsync',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.FsyncRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.FsyncResponse.FromString,
+                _registered_method=True)
+        self.Reclaim = channel.unary_unary(
+                '/foliod.v1.Foliod/Reclaim',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ReclaimRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReclaimResponse.FromString,
+                _registered_method=True)
+        self.DropCaches = channel.unary_unary(
+                '/foliod.v1.Foliod/DropCaches',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.FromString,
+                _registered_method=True)
 
 
 class FoliodServicer:
@@ -195,6 +260,97 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateFile(self, request, context):
+        """Files and the page cache. File names are relative paths inside the machine's store: no
+        leading "/", no empty, "." or ".." components, no NUL, at most 1024 bytes.
+        Creates an empty file. ALREADY_EXISTS if it exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenFile(self, request, context):
+        """Opens a file: the handle carries its own writeback-error sample for Fsync.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatFile(self, request, context):
+        """Size, cached and dirty pages, folio orders in use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """Reads through the page cache (with readahead); holes read as zeros, EOF shortens the reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request, context):
+        """Writes into the page cache (dirty folios); the file grows as written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TruncateFile(self, request, context):
+        """Sets the size; a large folio straddling a smaller new end is split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Writeback(self, request, context):
+        """Writes dirty folios back: a byte range of a file, a whole file, or every file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fsync(self, request, context):
+        """Writes the handle's file back and makes it durable; DATA_LOSS reports a writeback error
+        since this handle last looked (errseq), once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reclaim(self, request, context):
+        """Reclaims page cache on demand, like memory.reclaim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCaches(self, request, context):
+        """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FoliodServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +418,71 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.SetThpPolicy,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.SetThpPolicyRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.ThpPolicy.SerializeToString,
+            ),
+            'CreateFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.CreateFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.FileStat.SerializeToString,
+            ),
+            'OpenFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.OpenFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.OpenFileResponse.SerializeToString,
+            ),
+            'CloseFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.CloseFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.CloseFileResponse.SerializeToString,
+            ),
+            'StatFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.StatFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.FileStat.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ListFilesRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReadFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ReadFileResponse.SerializeToString,
+            ),
+            'WriteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.WriteFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'TruncateFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.TruncateFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.FileStat.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.DeleteFileRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.DeleteFileResponse.SerializeToString,
+            ),
+            'Writeback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Writeback,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.WritebackRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.WritebackResponse.SerializeToString,
+            ),
+            'Fsync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fsync,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.FsyncRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.FsyncResponse.SerializeToString,
+            ),
+            'Reclaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reclaim,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReclaimRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ReclaimResponse.SerializeToString,
+            ),
+            'DropCaches': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCaches,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +836,357 @@ class Foliod:
             '/foliod.v1.Foliod/SetThpPolicy',
             foliod_dot_v1_dot_foliod__pb2.SetThpPolicyRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.ThpPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/CreateFile',
+            foliod_dot_v1_dot_foliod__pb2.CreateFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/OpenFile',
+            foliod_dot_v1_dot_foliod__pb2.OpenFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.OpenFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/CloseFile',
+            foliod_dot_v1_dot_foliod__pb2.CloseFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.CloseFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/StatFile',
+            foliod_dot_v1_dot_foliod__pb2.StatFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/ListFiles',
+            foliod_dot_v1_dot_foliod__pb2.ListFilesRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/ReadFile',
+            foliod_dot_v1_dot_foliod__pb2.ReadFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ReadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/WriteFile',
+            foliod_dot_v1_dot_foliod__pb2.WriteFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TruncateFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/TruncateFile',
+            foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/DeleteFile',
+            foliod_dot_v1_dot_foliod__pb2.DeleteFileRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.DeleteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Writeback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/Writeback',
+            foliod_dot_v1_dot_foliod__pb2.WritebackRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.WritebackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fsync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/Fsync',
+            foliod_dot_v1_dot_foliod__pb2.FsyncRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.FsyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reclaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/Reclaim',
+            foliod_dot_v1_dot_foliod__pb2.ReclaimRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ReclaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCaches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/DropCaches',
+            foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.FromString,
             options,
             channel_credentials,
             insecure,

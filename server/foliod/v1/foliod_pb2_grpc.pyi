@@ -66,6 +66,34 @@ class FoliodStub:
     """The anonymous large folio (mTHP) knobs and per-size counters."""
     SetThpPolicy: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.SetThpPolicyRequest, _foliod_pb2.ThpPolicy]
     """Changes mTHP knobs. Sizes not named keep their setting."""
+    CreateFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.CreateFileRequest, _foliod_pb2.FileStat]
+    """Files and the page cache. File names are relative paths inside the machine's store: no
+    leading "/", no empty, "." or ".." components, no NUL, at most 1024 bytes.
+    Creates an empty file. ALREADY_EXISTS if it exists.
+    """
+    OpenFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.OpenFileRequest, _foliod_pb2.OpenFileResponse]
+    """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+    CloseFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.CloseFileRequest, _foliod_pb2.CloseFileResponse]
+    StatFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.StatFileRequest, _foliod_pb2.FileStat]
+    """Size, cached and dirty pages, folio orders in use."""
+    ListFiles: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ListFilesRequest, _foliod_pb2.ListFilesResponse]
+    ReadFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ReadFileRequest, _foliod_pb2.ReadFileResponse]
+    """Reads through the page cache (with readahead); holes read as zeros, EOF shortens the reply."""
+    WriteFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.WriteFileRequest, _foliod_pb2.WriteFileResponse]
+    """Writes into the page cache (dirty folios); the file grows as written."""
+    TruncateFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.TruncateFileRequest, _foliod_pb2.FileStat]
+    """Sets the size; a large folio straddling a smaller new end is split."""
+    DeleteFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DeleteFileRequest, _foliod_pb2.DeleteFileResponse]
+    Writeback: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.WritebackRequest, _foliod_pb2.WritebackResponse]
+    """Writes dirty folios back: a byte range of a file, a whole file, or every file."""
+    Fsync: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.FsyncRequest, _foliod_pb2.FsyncResponse]
+    """Writes the handle's file back and makes it durable; DATA_LOSS reports a writeback error
+    since this handle last looked (errseq), once.
+    """
+    Reclaim: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ReclaimRequest, _foliod_pb2.ReclaimResponse]
+    """Reclaims page cache on demand, like memory.reclaim."""
+    DropCaches: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DropCachesRequest, _foliod_pb2.DropCachesResponse]
+    """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
 
 @_typing.type_check_only
 class FoliodAsyncStub(FoliodStub):
@@ -96,6 +124,34 @@ class FoliodAsyncStub(FoliodStub):
     """The anonymous large folio (mTHP) knobs and per-size counters."""
     SetThpPolicy: _aio.UnaryUnaryMultiCallable[_foliod_pb2.SetThpPolicyRequest, _foliod_pb2.ThpPolicy]  # type: ignore[assignment]
     """Changes mTHP knobs. Sizes not named keep their setting."""
+    CreateFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.CreateFileRequest, _foliod_pb2.FileStat]  # type: ignore[assignment]
+    """Files and the page cache. File names are relative paths inside the machine's store: no
+    leading "/", no empty, "." or ".." components, no NUL, at most 1024 bytes.
+    Creates an empty file. ALREADY_EXISTS if it exists.
+    """
+    OpenFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.OpenFileRequest, _foliod_pb2.OpenFileResponse]  # type: ignore[assignment]
+    """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+    CloseFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.CloseFileRequest, _foliod_pb2.CloseFileResponse]  # type: ignore[assignment]
+    StatFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.StatFileRequest, _foliod_pb2.FileStat]  # type: ignore[assignment]
+    """Size, cached and dirty pages, folio orders in use."""
+    ListFiles: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ListFilesRequest, _foliod_pb2.ListFilesResponse]  # type: ignore[assignment]
+    ReadFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ReadFileRequest, _foliod_pb2.ReadFileResponse]  # type: ignore[assignment]
+    """Reads through the page cache (with readahead); holes read as zeros, EOF shortens the reply."""
+    WriteFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.WriteFileRequest, _foliod_pb2.WriteFileResponse]  # type: ignore[assignment]
+    """Writes into the page cache (dirty folios); the file grows as written."""
+    TruncateFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.TruncateFileRequest, _foliod_pb2.FileStat]  # type: ignore[assignment]
+    """Sets the size; a large folio straddling a smaller new end is split."""
+    DeleteFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DeleteFileRequest, _foliod_pb2.DeleteFileResponse]  # type: ignore[assignment]
+    Writeback: _aio.UnaryUnaryMultiCallable[_foliod_pb2.WritebackRequest, _foliod_pb2.WritebackResponse]  # type: ignore[assignment]
+    """Writes dirty folios back: a byte range of a file, a whole file, or every file."""
+    Fsync: _aio.UnaryUnaryMultiCallable[_foliod_pb2.FsyncRequest, _foliod_pb2.FsyncResponse]  # type: ignore[assignment]
+    """Writes the handle's file back and makes it durable; DATA_LOSS reports a writeback error
+    since this handle last looked (errseq), once.
+    """
+    Reclaim: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ReclaimRequest, _foliod_pb2.ReclaimResponse]  # type: ignore[assignment]
+    """Reclaims page cache on demand, like memory.reclaim."""
+    DropCaches: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DropCachesRequest, _foliod_pb2.DropCachesResponse]  # type: ignore[assignment]
+    """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
 
 class FoliodServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -201,5 +257,111 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.ThpPolicy, _abc.Awaitable[_foliod_pb2.ThpPolicy]]:
         """Changes mTHP knobs. Sizes not named keep their setting."""
+
+    @_abc_1.abstractmethod
+    def CreateFile(
+        self,
+        request: _foliod_pb2.CreateFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.FileStat, _abc.Awaitable[_foliod_pb2.FileStat]]:
+        """Files and the page cache. File names are relative paths inside the machine's store: no
+        leading "/", no empty, "." or ".." components, no NUL, at most 1024 bytes.
+        Creates an empty file. ALREADY_EXISTS if it exists.
+        """
+
+    @_abc_1.abstractmethod
+    def OpenFile(
+        self,
+        request: _foliod_pb2.OpenFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.OpenFileResponse, _abc.Awaitable[_foliod_pb2.OpenFileResponse]]:
+        """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+
+    @_abc_1.abstractmethod
+    def CloseFile(
+        self,
+        request: _foliod_pb2.CloseFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.CloseFileResponse, _abc.Awaitable[_foliod_pb2.CloseFileResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StatFile(
+        self,
+        request: _foliod_pb2.StatFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.FileStat, _abc.Awaitable[_foliod_pb2.FileStat]]:
+        """Size, cached and dirty pages, folio orders in use."""
+
+    @_abc_1.abstractmethod
+    def ListFiles(
+        self,
+        request: _foliod_pb2.ListFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ListFilesResponse, _abc.Awaitable[_foliod_pb2.ListFilesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _foliod_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ReadFileResponse, _abc.Awaitable[_foliod_pb2.ReadFileResponse]]:
+        """Reads through the page cache (with readahead); holes read as zeros, EOF shortens the reply."""
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request: _foliod_pb2.WriteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.WriteFileResponse, _abc.Awaitable[_foliod_pb2.WriteFileResponse]]:
+        """Writes into the page cache (dirty folios); the file grows as written."""
+
+    @_abc_1.abstractmethod
+    def TruncateFile(
+        self,
+        request: _foliod_pb2.TruncateFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.FileStat, _abc.Awaitable[_foliod_pb2.FileStat]]:
+        """Sets the size; a large folio straddling a smaller new end is split."""
+
+    @_abc_1.abstractmethod
+    def DeleteFile(
+        self,
+        request: _foliod_pb2.DeleteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.DeleteFileResponse, _abc.Awaitable[_foliod_pb2.DeleteFileResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Writeback(
+        self,
+        request: _foliod_pb2.WritebackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.WritebackResponse, _abc.Awaitable[_foliod_pb2.WritebackResponse]]:
+        """Writes dirty folios back: a byte range of a file, a whole file, or every file."""
+
+    @_abc_1.abstractmethod
+    def Fsync(
+        self,
+        request: _foliod_pb2.FsyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.FsyncResponse, _abc.Awaitable[_foliod_pb2.FsyncResponse]]:
+        """Writes the handle's file back and makes it durable; DATA_LOSS reports a writeback error
+        since this handle last looked (errseq), once.
+        """
+
+    @_abc_1.abstractmethod
+    def Reclaim(
+        self,
+        request: _foliod_pb2.ReclaimRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ReclaimResponse, _abc.Awaitable[_foliod_pb2.ReclaimResponse]]:
+        """Reclaims page cache on demand, like memory.reclaim."""
+
+    @_abc_1.abstractmethod
+    def DropCaches(
+        self,
+        request: _foliod_pb2.DropCachesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.DropCachesResponse, _abc.Awaitable[_foliod_pb2.DropCachesResponse]]:
+        """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
 
 def add_FoliodServicer_to_server(servicer: FoliodServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

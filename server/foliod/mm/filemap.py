@@ -1,0 +1,758 @@
+"""The page cache: files, their folios, the read and write paths and writeback
+(mm/filemap.c, mm/readahead.c callers, mm/page-writeback.c, mm/truncate.c).
+
+Each file (an Inode, with its address_space) indexes its folios by page offset; an order-k
+folio covers 2^k indices from an index aligned to 2^k. Evicted folios leave shadow entries that
+detect refaults. The backing file is the truth for clean data: a folio keeps in memory only the
+pages that differ from it (written and not yet written back), so the simulator's memory grows
+with dirty data, not with what is cached.
+
+Writeback errors follow the kernel: the folio is marked clean and the error is recorded in the
+file's errseq for fsync to report, once per open handle; the written data stays in the cached
+folio (reads still see it) until the folio is evicted, when it is lost, as in Linux.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from foliod.mm.backing_dev import BackingStore, check_file_name
+from foliod.mm.errors import (
+    AlreadyExists,
+    FileHandleClosed,
+    InvalidArgument,
+    OutOfMemory,
+    UnknownFile,
+    UnknownFileHandle,
+    WritebackFailed,
+)
+from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
+from foliod.mm.mm_types import Folio
+from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+from foliod.mm.readahead import (
+    DEFAULT_RA_PAGES,
+    NO_MISS_BEFORE_START,
+    RaState,
+    RaWindow,
+    ra_folio_layout,
+)
+from foliod.mm.vmscan import FileLru
+from foliod.mm.vmstat import VmEvent
+
+MAX_PAGECACHE_ORDER = 9
+MAX_FILE_BYTES = 1 << 44  # 16 TiB
+# Largest read or write of one call.
+MAX_IO_BYTES = 2 << 20
+_KIB_PER_PAGE = PAGE_SIZE >> 10
+
+
+class CacheAllocator(Protocol):
+    """Where page cache folios come from (with reclaim); raises OutOfMemory."""
+
+    def alloc_cache_folio(self, order: int) -> Folio: ...
+
+    def free_cache_folio(self, folio: Folio) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyLimits:
+    """vm.dirty_background_ratio, vm.dirty_ratio (percent of dirtyable memory) and
+    vm.dirty_expire_centisecs, in seconds."""
+
+    background_ratio: int = 10
+    ratio: int = 20
+    expire_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.background_ratio < self.ratio <= 100:
+            raise InvalidArgument(
+                "dirty ratios must satisfy 0 < background < ratio <= 100", field="dirty_ratio"
+            )
+        if self.expire_seconds < 0:
+            raise InvalidArgument("dirty expiry must not be negative", field="dirty_expire")
+
+
+@dataclass(slots=True)
+class IoStats:
+    """What one read or write did: pages found, pages read in, device time it cost."""
+
+    pages_hit: int = 0
+    pages_missed: int = 0
+    pages_readahead: int = 0
+    device_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    name: str
+    size_bytes: int
+    nr_cached: int
+    nr_dirty: int
+    folios_by_order: dict[int, int]
+    max_order: int
+    ra_pages: int
+    open_handles: int
+
+
+class Inode:
+    """One file and its page cache mapping (struct inode + struct address_space)."""
+
+    __slots__ = (
+        "folios",
+        "handles",
+        "max_order",
+        "name",
+        "nr_dirty",
+        "nr_pages",
+        "ra",
+        "shadows",
+        "size",
+        "wb_err",
+    )
+
+    def __init__(self, name: str, size: int, max_order: int, ra_pages: int) -> None:
+        self.name = name
+        self.size = size
+        self.max_order = max_order
+        self.ra = RaState(ra_pages)
+        # Head index -> folio; index -> eviction age of a folio that left (shadow entry).
+        self.folios: dict[int, Folio] = {}
+        self.shadows: dict[int, int] = {}
+        self.nr_pages = 0
+        self.nr_dirty = 0
+        self.wb_err = 0
+        self.handles: set[int] = set()
+
+    def find(self, index: int) -> Folio | None:
+        """The folio that covers a page index (filemap_get_entry)."""
+        folios = self.folios
+        for order in range(MAX_PAGECACHE_ORDER + 1):
+            folio = folios.get(index & ~((1 << order) - 1))
+            if folio is not None and folio.order >= order:
+                return folio
+        return None
+
+    # CacheView for readahead.
+    def prev_miss(self, index: int, max_scan: int) -> int:
+        for i in range(index, index - max_scan, -1):
+            if i < 0:
+                return NO_MISS_BEFORE_START
+            if self.find(i) is None:
+                return i
+        return index - max_scan
+
+    def next_miss(self, index: int, max_scan: int) -> int:
+        i = index
+        while i < index + max_scan:
+            folio = self.find(i)
+            if folio is None:
+                return i
+            i = folio.index + folio.nr_pages
+        return index + max_scan
+
+
+@dataclass(slots=True)
+class FileHandle:
+    """An open file description: its writeback-error sample."""
+
+    number: int
+    inode: Inode
+    wb_err_since: int
+    closed: bool = False
+
+
+@dataclass
+class PageCache:
+    """The files of one machine and their cached folios."""
+
+    store: BackingStore
+    allocator: CacheAllocator
+    lru: FileLru
+    events: dict[VmEvent, int]
+    clock: Callable[[], float]
+    default_max_order: int = MAX_PAGECACHE_ORDER
+    default_ra_pages: int = DEFAULT_RA_PAGES
+    files: dict[str, Inode] = field(default_factory=dict)
+    handles: dict[int, FileHandle] = field(default_factory=dict)
+    next_handle: int = 1
+    nr_pages: int = 0
+    nr_dirty: int = 0
+    # Evictions and activations so far: the clock shadow entries are stamped with.
+    nonresident_age: int = 0
+    # Folios the current call works on; reclaim passes them by (they are locked, in the kernel).
+    busy: set[Folio] = field(default_factory=set)
+    limits: DirtyLimits = field(default_factory=DirtyLimits)
+    # Pages the machine could hold dirty: free memory plus the file LRU (global_dirtyable_memory),
+    # supplied by the machine.
+    dirtyable: Callable[[], int] = lambda: 0
+    # Writes that had to write back first because dirty memory was over the limit.
+    nr_throttled: int = 0
+
+    def __post_init__(self) -> None:
+        for name, size in self.store.names().items():
+            self.files[name] = Inode(name, size, self.default_max_order, self.default_ra_pages)
+
+    # -- namespace -------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Inode:
+        inode = self.files.get(check_file_name(name))
+        if inode is None:
+            raise UnknownFile(f"no file {name[:80]!r}", field="name")
+        return inode
+
+    def create(
+        self, name: str, *, max_order: int | None = None, ra_pages: int | None = None
+    ) -> Inode:
+        check_file_name(name)
+        if name in self.files:
+            raise AlreadyExists(f"file {name[:80]!r} exists", field="name")
+        if max_order is not None and not 0 <= max_order <= MAX_PAGECACHE_ORDER:
+            raise InvalidArgument(
+                f"max_order must be 0..{MAX_PAGECACHE_ORDER}, not {max_order}", field="max_order"
+            )
+        if ra_pages is not None and not 0 <= ra_pages <= 1 << 16:
+            raise InvalidArgument(f"ra_pages must be 0..65536, not {ra_pages}", field="ra_pages")
+        self.store.create(name)
+        inode = Inode(
+            name,
+            0,
+            self.default_max_order if max_order is None else max_order,
+            self.default_ra_pages if ra_pages is None else ra_pages,
+        )
+        self.files[name] = inode
+        return inode
+
+    def open(self, name: str) -> FileHandle:
+        inode = self.lookup(name)
+        handle = FileHandle(self.next_handle, inode, errseq_sample(inode.wb_err))
+        self.handles[handle.number] = handle
+        inode.handles.add(handle.number)
+        self.next_handle += 1
+        return handle
+
+    def handle(self, number: int) -> FileHandle:
+        handle = self.handles.get(number)
+        if handle is None:
+            if 0 < number < self.next_handle:
+                raise FileHandleClosed(f"file handle {number} is closed", field="handle")
+            raise UnknownFileHandle(f"no file handle {number}", field="handle")
+        return handle
+
+    def close(self, number: int) -> None:
+        handle = self.handle(number)
+        handle.inode.handles.discard(number)
+        del self.handles[number]
+
+    def stat(self, name: str) -> FileStat:
+        inode = self.lookup(name)
+        by_order: dict[int, int] = {}
+        for folio in inode.folios.values():
+            by_order[folio.order] = by_order.get(folio.order, 0) + 1
+        return FileStat(
+            inode.name,
+            inode.size,
+            inode.nr_pages,
+            inode.nr_dirty,
+            dict(sorted(by_order.items())),
+            inode.max_order,
+            inode.ra.ra_pages,
+            len(inode.handles),
+        )
+
+    def delete(self, name: str) -> None:
+        inode = self.lookup(name)
+        for folio in list(inode.folios.values()):
+            self.__remove(inode, folio, shadow=False)
+        for number in list(inode.handles):
+            del self.handles[number]
+        self.store.delete(name)
+        del self.files[name]
+
+    # -- folios in the mapping -------------------------------------------------------------
+
+    def __insert(self, inode: Inode, folio: Folio, index: int) -> None:
+        """filemap_add_folio: into the mapping and onto the inactive LRU; a refault of a
+        recently evicted folio is activated (workingset_refault)."""
+        folio.mapping = inode
+        folio.index = index
+        self.busy.add(folio)
+        inode.folios[index] = folio
+        inode.nr_pages += folio.nr_pages
+        self.nr_pages += folio.nr_pages
+        self.lru.add(folio)
+        shadow = None
+        for i in range(index, index + folio.nr_pages):
+            age = inode.shadows.pop(i, None)
+            if age is not None and shadow is None:
+                shadow = age
+        if shadow is not None:
+            self.events[VmEvent.WORKINGSET_REFAULT_FILE] += folio.nr_pages
+            # The refault distance: evictions and activations since this folio left. If the
+            # folio would have stayed had the active list yielded that much, it belongs there.
+            if self.nonresident_age - shadow <= self.lru.nr_active + self.lru.nr_inactive:
+                self.lru.activate(folio)
+                self.nonresident_age += folio.nr_pages
+                self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += folio.nr_pages
+
+    def __remove(self, inode: Inode, folio: Folio, *, shadow: bool) -> None:
+        """Takes a folio out of its mapping and the LRU and frees it."""
+        self.lru.remove(folio)
+        del inode.folios[folio.index]
+        inode.nr_pages -= folio.nr_pages
+        self.nr_pages -= folio.nr_pages
+        if folio.dirty:
+            inode.nr_dirty -= folio.nr_pages
+            self.nr_dirty -= folio.nr_pages
+            folio.dirty = False
+        if shadow:
+            self.nonresident_age += folio.nr_pages
+            for i in range(folio.index, folio.index + folio.nr_pages):
+                inode.shadows[i] = self.nonresident_age
+        folio.mapping = None
+        self.allocator.free_cache_folio(folio)
+
+    def is_busy(self, folio: Folio) -> bool:
+        """Evictor: the current call holds this folio."""
+        return folio in self.busy
+
+    def evict_folio(self, folio: Folio) -> None:
+        """Evictor: reclaim frees a clean folio, leaving shadow entries."""
+        assert isinstance(folio.mapping, Inode)
+        self.__remove(folio.mapping, folio, shadow=True)
+
+    def __alloc(self, order: int) -> Folio:
+        """A cache folio of order, falling back to base pages when large ones cannot be had."""
+        try:
+            return self.allocator.alloc_cache_folio(order)
+        except OutOfMemory:
+            if order == 0:
+                raise
+        return self.allocator.alloc_cache_folio(0)
+
+    def __populate(
+        self, inode: Inode, layout: list[tuple[int, int]], made: list[Folio]
+    ) -> list[Folio]:
+        """Allocates and inserts folios for (index, order) slots not cached yet; a slot that is
+        partly cached becomes base pages. Appends the new folios to made as it goes (so a caller
+        can undo them when an allocation fails) and returns it."""
+        for index, order in layout:
+            slots = [(index, order)]
+            if any(inode.find(i) for i in range(index, index + (1 << order))):
+                slots = [(i, 0) for i in range(index, index + (1 << order)) if not inode.find(i)]
+            for slot_index, slot_order in slots:
+                folio = self.__alloc(slot_order)
+                if folio.order < slot_order:
+                    # Fallen back to a base page: insert it and the rest as base pages too.
+                    self.__insert(inode, folio, slot_index)
+                    made.append(folio)
+                    for i in range(slot_index + 1, slot_index + (1 << slot_order)):
+                        extra = self.allocator.alloc_cache_folio(0)
+                        self.__insert(inode, extra, i)
+                        made.append(extra)
+                    continue
+                self.__insert(inode, folio, slot_index)
+                made.append(folio)
+        return made
+
+    # -- read ------------------------------------------------------------------------------
+
+    def read(self, name: str, offset: int, length: int) -> tuple[bytes, IoStats]:
+        """filemap_read: the bytes of [offset, offset + length) up to EOF, through the cache.
+
+        Pages of the request that this call had to read in are misses, the others hits; pages
+        read in beyond the request are read ahead. Each readahead window is one device read.
+        """
+        inode = self.lookup(name)
+        check_range(offset, length)
+        stats = IoStats()
+        end = min(offset + length, inode.size)
+        if offset >= end:
+            return b"", stats
+        first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        fresh: set[Folio] = set()
+        try:
+            self.__read_folios(inode, first, last, fresh, stats)
+            return self.__read_bytes(inode, offset, end - offset), stats
+        finally:
+            self.busy.clear()
+
+    def __read_folios(
+        self, inode: Inode, first: int, last: int, fresh: set[Folio], stats: IoStats
+    ) -> None:
+        index = first
+        while index <= last:
+            folio = inode.find(index)
+            if folio is None:
+                window = inode.ra.sync(index, last - index + 1, inode, inode.max_order)
+                self.__readahead(inode, window, fresh, stats)
+                folio = inode.find(index)
+                assert folio is not None
+            elif folio.readahead:
+                folio.readahead = False
+                window_or_none = inode.ra.async_(
+                    index, last - index + 1, folio.order, inode, inode.max_order
+                )
+                if window_or_none is not None:
+                    self.__readahead(inode, window_or_none, fresh, stats)
+            pages = min(folio.index + folio.nr_pages, last + 1) - index
+            if folio in fresh:
+                stats.pages_missed += pages
+            else:
+                stats.pages_hit += pages
+            # A read that starts in the folio where the previous one ended does not count as
+            # another access to it (filemap_read's pos_same_folio check).
+            prev = inode.ra.prev_index
+            if not (index == first and folio.index <= prev < folio.index + folio.nr_pages):
+                self.lru.mark_accessed(folio)
+            index = folio.index + folio.nr_pages
+        stats.pages_readahead = sum(
+            f.nr_pages - max(0, min(f.index + f.nr_pages, last + 1) - max(f.index, first))
+            for f in fresh
+        )
+        self.events[VmEvent.PGFAULT] += last - first + 1
+        self.events[VmEvent.PGMAJFAULT] += stats.pages_missed
+        inode.ra.note_read(last)
+
+    def __readahead(
+        self, inode: Inode, window: RaWindow, fresh: set[Folio], stats: IoStats
+    ) -> None:
+        """Reads one window in (page_cache_ra_order) and marks its PG_readahead folio."""
+        eof_index = (inode.size - 1) >> PAGE_SHIFT
+        made = self.__populate(inode, ra_folio_layout(window, eof_index), [])
+        if window.mark is not None:
+            marked = inode.find(window.mark)
+            if marked is not None and marked in made:
+                marked.readahead = True
+        nr_read = sum(f.nr_pages for f in made)
+        if nr_read:
+            stats.device_seconds += self.store.device.read_seconds(nr_read * PAGE_SIZE)
+            self.events[VmEvent.PGPGIN] += nr_read * _KIB_PER_PAGE
+        fresh.update(made)
+
+    def __read_bytes(self, inode: Inode, offset: int, length: int) -> bytes:
+        """The file's bytes: the backing file overlaid with pages not yet written back."""
+        first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+        data = bytearray(self.store.read_pages(inode.name, first, last - first + 1))
+        for index, page in self.__memory_pages(inode, first, last):
+            start = (index - first) * PAGE_SIZE
+            data[start : start + PAGE_SIZE] = page
+        skip = offset - first * PAGE_SIZE
+        return bytes(data[skip : skip + length])
+
+    def __memory_pages(
+        self, inode: Inode, first: int, last: int
+    ) -> Iterator[tuple[int, bytearray]]:
+        index = first
+        while index <= last:
+            folio = inode.find(index)
+            if folio is None:
+                index += 1
+                continue
+            if folio.contents:
+                for i, page in folio.contents.items():
+                    if first <= folio.index + i <= last:
+                        yield folio.index + i, page
+            index = folio.index + folio.nr_pages
+
+    # -- write -----------------------------------------------------------------------------
+
+    def write(self, name: str, offset: int, data: bytes) -> IoStats:
+        """generic_perform_write: copies data into folios (allocating aligned ones of up to the
+        file's max order), marks them dirty and grows the file. All or nothing."""
+        inode = self.lookup(name)
+        check_range(offset, len(data), "data")
+        end = offset + len(data)
+        if end > MAX_FILE_BYTES:
+            raise InvalidArgument(f"files end at {MAX_FILE_BYTES} bytes", field="offset")
+        first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        index = first
+        while index <= last:
+            cached = inode.find(index)
+            if cached is not None:
+                self.busy.add(cached)
+            index = cached.index + cached.nr_pages if cached is not None else index + 1
+        made: list[Folio] = []
+        try:
+            self.__populate(inode, self.__write_layout(inode, first, last), made)
+        except OutOfMemory:
+            # Nothing was written yet: take the empty new folios back out.
+            for folio in made:
+                self.__remove(inode, folio, shadow=False)
+            self.busy.clear()
+            raise
+        try:
+            stats = self.__write_folios(inode, offset, data, set(made))
+        finally:
+            self.busy.clear()
+        self.balance_dirty_pages(stats)
+        return stats
+
+    def dirty_thresholds(self) -> tuple[int, int]:
+        """(background, limit) in pages: the ratios of dirtyable memory (domain_dirty_limits)."""
+        dirtyable = self.dirtyable()
+        limits = self.limits
+        return dirtyable * limits.background_ratio // 100, dirtyable * limits.ratio // 100
+
+    def balance_dirty_pages(self, stats: IoStats) -> None:
+        """A writer that took dirty memory over the limit writes back, oldest first, until it
+        is under the background threshold; the device time is charged to its call."""
+        background, limit = self.dirty_thresholds()
+        if self.nr_dirty <= limit:
+            return
+        self.nr_throttled += 1
+        written = self.__writeback_oldest(lambda: self.nr_dirty > background)
+        stats.device_seconds += self.store.device.write_seconds(written * PAGE_SIZE)
+
+    def flush(self) -> int:
+        """One pass of the flusher (wb_workfn): writes back folios dirty for longer than
+        dirty_expire, then more, oldest first, while dirty memory is over the background
+        threshold. Returns pages written."""
+        background, _ = self.dirty_thresholds()
+        expired_before = self.clock() - self.limits.expire_seconds
+        written = 0
+        for folio in sorted(self.dirty_folios(), key=lambda f: f.dirtied_at):
+            if folio.dirtied_at > expired_before and self.nr_dirty <= background:
+                break
+            self.writeback_folio(folio)
+            written += folio.nr_pages
+        return written
+
+    def __writeback_oldest(self, more: Callable[[], bool]) -> int:
+        written = 0
+        for folio in sorted(self.dirty_folios(), key=lambda f: f.dirtied_at):
+            if not more():
+                break
+            self.writeback_folio(folio)
+            written += folio.nr_pages
+        return written
+
+    def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[Folio]) -> IoStats:
+        stats = IoStats()
+        end = offset + len(data)
+        first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        now = self.clock()
+        index = first
+        while index <= last:
+            folio = inode.find(index)
+            assert folio is not None
+            stop = min(folio.index + folio.nr_pages, last + 1)
+            if folio in fresh:
+                stats.pages_missed += stop - index
+            else:
+                stats.pages_hit += stop - index
+            self.__copy_in(
+                inode, folio=folio, offset=offset, data=data, index=index, stop=stop, stats=stats
+            )
+            if not folio.dirty:
+                folio.dirty = True
+                folio.dirtied_at = now
+                inode.nr_dirty += folio.nr_pages
+                self.nr_dirty += folio.nr_pages
+                self.events[VmEvent.NR_DIRTIED] += folio.nr_pages
+            self.lru.mark_accessed(folio)
+            index = stop
+        inode.size = max(inode.size, end)
+        return stats
+
+    def __write_layout(self, inode: Inode, first: int, last: int) -> list[tuple[int, int]]:
+        """Folios for the uncached pages of a write: the largest aligned order up to the file's
+        maximum that fits inside the written range (base pages where the range is cached)."""
+        layout = []
+        index = first
+        while index <= last:
+            folio = inode.find(index)
+            if folio is not None:
+                index = folio.index + folio.nr_pages
+                continue
+            order = min(inode.max_order, (index & -index).bit_length() - 1 if index else 63)
+            while order and index + (1 << order) - 1 > last:
+                order -= 1
+            layout.append((index, order))
+            index += 1 << order
+        return layout
+
+    def __copy_in(
+        self,
+        inode: Inode,
+        *,
+        folio: Folio,
+        offset: int,
+        data: bytes,
+        index: int,
+        stop: int,
+        stats: IoStats,
+    ) -> None:
+        """Copies the part of data that falls in pages [index, stop) of a folio; a partly
+        written page not yet in memory is read in first (its bytes come from the file)."""
+        if folio.contents is None:
+            folio.contents = {}
+        end = offset + len(data)
+        for page_index in range(index, stop):
+            page_start = page_index << PAGE_SHIFT
+            lo, hi = max(offset, page_start), min(end, page_start + PAGE_SIZE)
+            page = folio.contents.get(page_index - folio.index)
+            if page is None:
+                whole = lo == page_start and hi == page_start + PAGE_SIZE
+                if whole or page_start >= inode.size:
+                    page = bytearray(PAGE_SIZE)
+                else:
+                    page = bytearray(self.store.read_pages(inode.name, page_index, 1))
+                    stats.device_seconds += self.store.device.read_seconds(PAGE_SIZE)
+                    self.events[VmEvent.PGPGIN] += _KIB_PER_PAGE
+                folio.contents[page_index - folio.index] = page
+            page[lo - page_start : hi - page_start] = data[lo - offset : hi - offset]
+
+    # -- writeback -------------------------------------------------------------------------
+
+    def writeback_folio(self, folio: Folio) -> None:
+        """Writes a dirty folio's in-memory pages to the backing file and marks it clean; an
+        error is recorded in the file's errseq and the folio is marked clean all the same."""
+        inode = folio.mapping
+        assert isinstance(inode, Inode)
+        if not folio.dirty:
+            return
+        try:
+            for i, page in sorted((folio.contents or {}).items()):
+                self.store.write(
+                    inode.name, (folio.index + i) << PAGE_SHIFT, bytes(page), inode.size
+                )
+            if not folio.contents:
+                self.store.write(inode.name, 0, b"", inode.size)
+        except OSError as exc:
+            inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
+        else:
+            folio.contents = None
+            self.events[VmEvent.NR_WRITTEN] += folio.nr_pages
+            self.events[VmEvent.PGPGOUT] += folio.nr_pages * _KIB_PER_PAGE
+        folio.dirty = False
+        inode.nr_dirty -= folio.nr_pages
+        self.nr_dirty -= folio.nr_pages
+
+    def dirty_folios(self, inode: Inode | None = None) -> list[Folio]:
+        inodes = [inode] if inode is not None else list(self.files.values())
+        return [f for i in inodes for f in i.folios.values() if f.dirty]
+
+    def writeback(self, name: str | None = None, start: int = 0, end: int | None = None) -> int:
+        """Writes back dirty folios of one file's byte range, of one file, or of all files;
+        returns pages written."""
+        inode = self.lookup(name) if name is not None else None
+        written = 0
+        for folio in self.dirty_folios(inode):
+            folio_start = folio.index << PAGE_SHIFT
+            if folio_start + folio.size_bytes <= start or (end is not None and folio_start >= end):
+                continue
+            self.writeback_folio(folio)
+            written += folio.nr_pages
+        return written
+
+    def sync(self) -> int:
+        """Writes back every dirty file and makes it durable (sync(2)); returns pages written.
+        Errors stay recorded for the files' handles to see."""
+        written = 0
+        for inode in {id(f.mapping): f.mapping for f in self.dirty_folios()}.values():
+            assert isinstance(inode, Inode)
+            written += self.writeback(inode.name)
+            try:
+                self.store.fsync(inode.name)
+            except OSError as exc:
+                inode.wb_err = errseq_set(inode.wb_err, exc.errno or errno.EIO)
+        return written
+
+    def fsync(self, number: int) -> int:
+        """Writes the file back and makes it durable; reports a writeback error that happened
+        since this handle last looked, once. Returns pages written."""
+        handle = self.handle(number)
+        inode = handle.inode
+        written = self.writeback(inode.name)
+        try:
+            self.store.fsync(inode.name)
+        except OSError as exc:
+            inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
+        err, handle.wb_err_since, inode.wb_err = errseq_check_and_advance(
+            inode.wb_err, handle.wb_err_since
+        )
+        if err:
+            raise WritebackFailed(
+                f"writeback of {inode.name!r} failed since this handle last checked: "
+                f"{errno.errorcode.get(err, str(err))}",
+                field="handle",
+                metadata={"errno": str(err), "name": inode.name},
+            )
+        return written
+
+    # -- truncate and drop -----------------------------------------------------------------
+
+    def truncate(self, name: str, size: int) -> None:
+        """Sets the file's size: folios past the end go; a large folio straddling the new end
+        is split and its pages past the end freed; the last page's tail reads as zeros."""
+        inode = self.lookup(name)
+        if not 0 <= size <= MAX_FILE_BYTES:
+            raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
+        keep = -(-size // PAGE_SIZE)  # pages that remain
+        for folio in list(inode.folios.values()):
+            if folio.index >= keep:
+                self.__remove(inode, folio, shadow=False)
+            elif folio.index + folio.nr_pages > keep:
+                self.__split_tail(inode, folio, keep)
+        for index in [i for i in inode.shadows if i >= keep]:
+            del inode.shadows[index]
+        if size % PAGE_SIZE:
+            last = inode.find(size >> PAGE_SHIFT)
+            page = (
+                last.contents.get((size >> PAGE_SHIFT) - last.index)
+                if last and last.contents
+                else None
+            )
+            if page is not None:
+                page[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
+        inode.size = size
+        self.store.truncate(inode.name, size)
+
+    def __split_tail(self, inode: Inode, folio: Folio, keep: int) -> None:
+        """Splits a large folio into base pages and frees those at or past page keep."""
+        self.events[VmEvent.THP_SPLIT_PAGE] += 1
+        contents = folio.contents or {}
+        dirty, referenced, active, when = (
+            folio.dirty,
+            folio.referenced,
+            folio.active,
+            folio.dirtied_at,
+        )
+        index = folio.index
+        self.__remove(inode, folio, shadow=False)
+        for i in range(index, keep):
+            page = self.allocator.alloc_cache_folio(0)
+            self.__insert(inode, page, i)
+            if i - index in contents:
+                page.contents = {0: contents[i - index]}
+            page.referenced = referenced
+            if active and not page.active:
+                self.lru.activate(page)
+            if dirty:
+                page.dirty, page.dirtied_at = True, when
+                inode.nr_dirty += 1
+                self.nr_dirty += 1
+
+    def drop_caches(self) -> int:
+        """Frees every clean page cache folio (echo 1 > drop_caches); returns pages freed.
+        Data kept only in a folio whose writeback failed goes with it, as in Linux."""
+        freed = 0
+        for inode in self.files.values():
+            for folio in list(inode.folios.values()):
+                if not folio.dirty:
+                    freed += folio.nr_pages
+                    self.__remove(inode, folio, shadow=False)
+        return freed
+
+
+def check_range(offset: int, length: int, field: str = "length") -> None:
+    """offset >= 0 and 1 <= length <= MAX_IO_BYTES, else InvalidArgument naming the field."""
+    if offset < 0:
+        raise InvalidArgument(f"offset must not be negative, not {offset}", field="offset")
+    if not 0 < length <= MAX_IO_BYTES:
+        raise InvalidArgument(
+            f"length must be 1 to {MAX_IO_BYTES} bytes, not {length}", field=field
+        )
