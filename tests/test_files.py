@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
@@ -256,3 +258,30 @@ def test_file_errors(stub: Stub) -> None:
     stub.DeleteFile(pb.DeleteFileRequest(name="e"))
     _expect(lambda: _write(stub, "e", 0, b"x"), not_found)
     assert [f.name for f in stub.ListFiles(pb.ListFilesRequest()).files] == []
+
+
+def test_page_cache_metrics_follow_the_api(make_server: ServerFactory) -> None:
+    """Scraped meminfo, LRU and dirty-threshold gauges match the API's figures."""
+    server = make_server(ram=64 * MIB)
+    _, stub = connect(server)
+    stub.CreateFile(pb.CreateFileRequest(name="m"))
+    _write(stub, "m", 0, b"d" * (256 * 1024))
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    meminfo = stub.GetMeminfo(pb.GetMeminfoRequest())
+
+    def gauge(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"machine": "host", **labels}.items())))]
+
+    assert gauge("foliod_meminfo_bytes", field="cached") == meminfo.cached_bytes == 256 * 1024
+    assert gauge("foliod_meminfo_bytes", field="dirty") == meminfo.dirty_bytes
+    assert gauge("foliod_lru_folios", lru="inactive_file") == 1  # one order-6 folio
+    background = gauge("foliod_dirty_threshold_bytes", level="background")
+    limit = gauge("foliod_dirty_threshold_bytes", level="limit")
+    assert 0 < background < limit < 64 * MIB
+    assert gauge("foliod_vmstat_events_total", event="nr_dirtied") == 64

@@ -176,8 +176,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", parse_device, "simulated device under the files: nvme or hdd", "PROFILE"),
     Option("max_file_order", parse_order, "largest page cache folio order (0..9)", "N"),
     Option("ra_kb", parse_ra_kb, "default readahead window in KiB (0 turns it off)", "KIB"),
-    Option("dirty_background_ratio", parse_percent, "flusher starts above this percent dirty", "PCT"),
-    Option("dirty_ratio", parse_percent, "writers write back first above this percent dirty", "PCT"),
+    Option(
+        "dirty_background_ratio", parse_percent, "flusher starts above this percent dirty", "PCT"
+    ),
+    Option(
+        "dirty_ratio", parse_percent, "writers write back first above this percent dirty", "PCT"
+    ),
     Option("dirty_expire_seconds", parse_seconds, "dirty data older than this is flushed", "S"),
     Option("dirty_writeback_seconds", parse_seconds, "flusher period (0 turns it off)", "S"),
     Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),

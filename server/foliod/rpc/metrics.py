@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -152,6 +153,19 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             "Free blocks per order, as /proc/buddyinfo.",
             labels=["machine", "order"],
         ),
+        "meminfo": gauge(
+            "foliod_meminfo_bytes",
+            "/proc/meminfo-style memory use (field: mem_free, anon_pages, cached, dirty, ...).",
+            labels=["machine", "field"],
+        ),
+        "lru": gauge(
+            "foliod_lru_folios", "Folios on each file LRU list.", labels=["machine", "lru"]
+        ),
+        "dirty_threshold": gauge(
+            "foliod_dirty_threshold_bytes",
+            "Dirty page cache thresholds: background (flusher starts), limit (writers throttle).",
+            labels=["machine", "level"],
+        ),
         "events": counter(
             "foliod_vmstat_events", "Kernel vmstat event counters.", labels=["machine", "event"]
         ),
@@ -186,6 +200,16 @@ def _collect_machine(
             families["folios"].add_metric([name, str(kind), str(order)], count)
     for order, blocks in enumerate(machine.zone.buddyinfo()[: MAX_PAGE_ORDER + 1]):
         families["buddy"].add_metric([name, str(order)], blocks)
+    for field_name, value in asdict(machine.meminfo()).items():
+        if field_name not in ("mem_total_bytes", "memmap_bytes"):
+            label = field_name.removesuffix("_bytes")
+            families["meminfo"].add_metric([name, label], value)
+    families["lru"].add_metric([machine.name, "inactive_file"], len(machine.lru.inactive))
+    families["lru"].add_metric([machine.name, "active_file"], len(machine.lru.active))
+    if machine.page_cache is not None:
+        background, limit = machine.page_cache.dirty_thresholds()
+        for level, pages in (("background", background), ("limit", limit)):
+            families["dirty_threshold"].add_metric([machine.name, level], pages * PAGE_SIZE)
     for event, value in machine.events.items():
         families["events"].add_metric([name, str(event)], value)
     for order, stats in machine.thp.stats.items():
