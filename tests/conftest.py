@@ -15,10 +15,17 @@ import grpc
 import pytest
 
 from foliod.config import Config
+from foliod.logs import configure_logging
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2_grpc
 
 ServerFactory = Callable[..., FoliodServer]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_logs() -> None:
+    """In-process servers log warnings only: access lines would land after capture ends."""
+    configure_logging("warning", "json")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from foliod.mm import DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
 from foliod.mm.huge_memory import size_kb_to_order
+from foliod.mm.lru import POLICIES
 from foliod.mm.machine import validate_ram_bytes
 
 ENV_PREFIX = "FOLIOD_"
@@ -139,6 +140,20 @@ def parse_ra_kb(text: str | int) -> int:
     return value
 
 
+def parse_policy(text: str) -> str:
+    name = str(text).strip().lower()
+    if name not in POLICIES:
+        raise ValueError(f"not a reclaim policy: {text!r} ({', '.join(POLICIES)})")
+    return name
+
+
+def parse_capacity(text: str | int) -> int:
+    value = parse_size(text)
+    if value % 4096:
+        raise ValueError(f"must be a multiple of 4096 bytes, not {value}")
+    return value
+
+
 def parse_percent(text: str | int) -> int:
     value = int(text)
     if not 1 <= value <= 100:
@@ -184,6 +199,18 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("dirty_expire_seconds", parse_seconds, "dirty data older than this is flushed", "S"),
     Option("dirty_writeback_seconds", parse_seconds, "flusher period (0 turns it off)", "S"),
+    Option(
+        "reclaim_policy",
+        parse_policy,
+        "file LRU policy: two_list, mglru, lru, fifo or clock",
+        "NAME",
+    ),
+    Option(
+        "cache_capacity",
+        parse_capacity,
+        "most memory the page cache may hold (0: only RAM limits it)",
+        "SIZE",
+    ),
     Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),
     Option("interim_page_bytes", parse_positive_int, "struct page size in the interim plan", "B"),
     Option("memdesc_bytes", parse_positive_int, "per-frame memdesc entry size", "B"),
@@ -221,6 +248,8 @@ class Config:
     dirty_ratio: int = 20
     dirty_expire_seconds: float = 30.0
     dirty_writeback_seconds: float = 5.0
+    reclaim_policy: str = "two_list"
+    cache_capacity: int = 0
     struct_page_bytes: int = _SIZES.struct_page_bytes
     interim_page_bytes: int = _SIZES.interim_page_bytes
     memdesc_bytes: int = _SIZES.memdesc_bytes

@@ -40,6 +40,8 @@ def build_host(config: Config) -> Machine:
         max_file_order=config.max_file_order,
         ra_pages=config.ra_kb // 4,
         dirty_limits=config.dirty_limits(),
+        reclaim_policy=config.reclaim_policy,
+        cache_capacity_pages=config.cache_capacity // 4096 or None,
     )
 
 

@@ -137,12 +137,12 @@ def _check_page_cache(machine: Machine) -> list[Folio]:
         nr_dirty_total += nr_dirty
     _require(sum(f.nr_pages for f in cached) == cache.nr_pages, "page cache page count wrong")
     _require(nr_dirty_total == cache.nr_dirty, "page cache dirty count wrong")
-    lru = machine.lru
-    on_lists = set(lru.inactive) | set(lru.active)
-    _require(len(on_lists) == len(lru.inactive) + len(lru.active), "a folio is on both lists")
-    _require(on_lists == set(cached), "LRU lists and page cache hold different folios")
-    _require(all(f.active for f in lru.active), "an active-list folio is not PG_active")
-    _require(not any(f.active for f in lru.inactive), "an inactive-list folio is PG_active")
-    _require(lru.nr_active == sum(f.nr_pages for f in lru.active), "nr_active wrong")
-    _require(lru.nr_inactive == sum(f.nr_pages for f in lru.inactive), "nr_inactive wrong")
+    policy = machine.lru
+    held = list(policy.folios())
+    _require(len(set(held)) == len(held), f"{policy.name}: a folio is listed twice")
+    _require(set(held) == set(cached), f"{policy.name} and the page cache hold different folios")
+    try:
+        policy.check()
+    except AssertionError as exc:
+        raise InconsistentState(str(exc)) from exc
     return cached

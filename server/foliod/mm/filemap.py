@@ -30,6 +30,7 @@ from foliod.mm.errors import (
     WritebackFailed,
 )
 from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
+from foliod.mm.lru import ReclaimPolicy
 from foliod.mm.mm_types import Folio
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 from foliod.mm.readahead import (
@@ -39,7 +40,6 @@ from foliod.mm.readahead import (
     RaWindow,
     ra_folio_layout,
 )
-from foliod.mm.vmscan import FileLru
 from foliod.mm.vmstat import VmEvent
 
 MAX_PAGECACHE_ORDER = 9
@@ -170,7 +170,7 @@ class PageCache:
 
     store: BackingStore
     allocator: CacheAllocator
-    lru: FileLru
+    lru: ReclaimPolicy
     events: dict[VmEvent, int]
     clock: Callable[[], float]
     default_max_order: int = MAX_PAGECACHE_ORDER
@@ -180,8 +180,8 @@ class PageCache:
     next_handle: int = 1
     nr_pages: int = 0
     nr_dirty: int = 0
-    # Evictions and activations so far: the clock shadow entries are stamped with.
-    nonresident_age: int = 0
+    # Most pages the cache may hold (a cgroup-style limit); None: only RAM limits it.
+    capacity_pages: int | None = None
     # Folios the current call works on; reclaim passes them by (they are locked, in the kernel).
     busy: set[Folio] = field(default_factory=set)
     limits: DirtyLimits = field(default_factory=DirtyLimits)
@@ -289,13 +289,8 @@ class PageCache:
             if age is not None and shadow is None:
                 shadow = age
         if shadow is not None:
-            self.events[VmEvent.WORKINGSET_REFAULT_FILE] += folio.nr_pages
-            # The refault distance: evictions and activations since this folio left. If the
-            # folio would have stayed had the active list yielded that much, it belongs there.
-            if self.nonresident_age - shadow <= self.lru.nr_active + self.lru.nr_inactive:
-                self.lru.activate(folio)
-                self.nonresident_age += folio.nr_pages
-                self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += folio.nr_pages
+            # The refault distance: evictions and activations since this folio left.
+            self.lru.refault(folio, self.lru.nonresident_age - shadow)
 
     def __remove(self, inode: Inode, folio: Folio, *, shadow: bool) -> None:
         """Takes a folio out of its mapping and the LRU and frees it."""
@@ -308,15 +303,27 @@ class PageCache:
             self.nr_dirty -= folio.nr_pages
             folio.dirty = False
         if shadow:
-            self.nonresident_age += folio.nr_pages
+            self.lru.nonresident_age += folio.nr_pages
             for i in range(folio.index, folio.index + folio.nr_pages):
-                inode.shadows[i] = self.nonresident_age
+                inode.shadows[i] = self.lru.nonresident_age
         folio.mapping = None
         self.allocator.free_cache_folio(folio)
 
     def is_busy(self, folio: Folio) -> bool:
         """Evictor: the current call holds this folio."""
         return folio in self.busy
+
+    def __make_room(self, nr_pages: int) -> None:
+        """Evicts what the policy chooses until nr_pages more fit under the capacity
+        (memcg-style limit reclaim)."""
+        assert self.capacity_pages is not None
+        over = self.nr_pages + nr_pages - self.capacity_pages
+        if over > 0 and self.lru.shrink(over, self, True) < over:
+            raise OutOfMemory(
+                f"page cache capacity of {self.capacity_pages} pages is full and nothing in "
+                "it can be reclaimed",
+                metadata={"capacity_pages": str(self.capacity_pages)},
+            )
 
     def evict_folio(self, folio: Folio) -> None:
         """Evictor: reclaim frees a clean folio, leaving shadow entries."""
@@ -325,6 +332,8 @@ class PageCache:
 
     def __alloc(self, order: int) -> Folio:
         """A cache folio of order, falling back to base pages when large ones cannot be had."""
+        if self.capacity_pages is not None:
+            self.__make_room(1 << order)
         try:
             return self.allocator.alloc_cache_folio(order)
         except OutOfMemory:
@@ -349,7 +358,7 @@ class PageCache:
                     self.__insert(inode, folio, slot_index)
                     made.append(folio)
                     for i in range(slot_index + 1, slot_index + (1 << slot_order)):
-                        extra = self.allocator.alloc_cache_folio(0)
+                        extra = self.__alloc(0)
                         self.__insert(inode, extra, i)
                         made.append(extra)
                     continue
@@ -406,7 +415,7 @@ class PageCache:
             # another access to it (filemap_read's pos_same_folio check).
             prev = inode.ra.prev_index
             if not (index == first and folio.index <= prev < folio.index + folio.nr_pages):
-                self.lru.mark_accessed(folio)
+                self.lru.mark_accessed(folio, folio in fresh)
             index = folio.index + folio.nr_pages
         stats.pages_readahead = sum(
             f.nr_pages - max(0, min(f.index + f.nr_pages, last + 1) - max(f.index, first))
@@ -552,7 +561,7 @@ class PageCache:
                 inode.nr_dirty += folio.nr_pages
                 self.nr_dirty += folio.nr_pages
                 self.events[VmEvent.NR_DIRTIED] += folio.nr_pages
-            self.lru.mark_accessed(folio)
+            self.lru.mark_accessed(folio, folio in fresh)
             index = stop
         inode.size = max(inode.size, end)
         return stats
@@ -715,22 +724,15 @@ class PageCache:
         """Splits a large folio into base pages and frees those at or past page keep."""
         self.events[VmEvent.THP_SPLIT_PAGE] += 1
         contents = folio.contents or {}
-        dirty, referenced, active, when = (
-            folio.dirty,
-            folio.referenced,
-            folio.active,
-            folio.dirtied_at,
-        )
+        dirty, referenced, when = folio.dirty, folio.referenced, folio.dirtied_at
         index = folio.index
         self.__remove(inode, folio, shadow=False)
         for i in range(index, keep):
-            page = self.allocator.alloc_cache_folio(0)
+            page = self.__alloc(0)
             self.__insert(inode, page, i)
             if i - index in contents:
                 page.contents = {0: contents[i - index]}
             page.referenced = referenced
-            if active and not page.active:
-                self.lru.activate(page)
             if dirty:
                 page.dirty, page.dirtied_at = True, when
                 inode.nr_dirty += 1

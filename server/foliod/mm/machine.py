@@ -26,12 +26,12 @@ from foliod.mm.errors import (
 )
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
+from foliod.mm.lru import POLICIES
 from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
 from foliod.mm.memory import MmStruct
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER, Watermarks, Zone
 from foliod.mm.readahead import DEFAULT_RA_PAGES
-from foliod.mm.vmscan import FileLru
 from foliod.mm.vmstat import MthpStat, VmEvent, VmStat, new_event_counters
 
 HOST = "host"
@@ -125,6 +125,8 @@ class Machine:
         max_file_order: int = MAX_PAGECACHE_ORDER,
         ra_pages: int = DEFAULT_RA_PAGES,
         dirty_limits: DirtyLimits | None = None,
+        reclaim_policy: str = "two_list",
+        cache_capacity_pages: int | None = None,
     ) -> None:
         self.name = name
         self.nr_pages = validate_ram_bytes(ram_bytes)
@@ -140,7 +142,13 @@ class Machine:
         # Allocated folios per (kind, order), page tables and page cache included.
         self.nr_folios: dict[tuple[FolioKind, int], int] = {}
         self.clock = clock
-        self.lru = FileLru(self.events)
+        policy = POLICIES.get(reclaim_policy)
+        if policy is None:
+            raise InvalidArgument(
+                f"no reclaim policy {reclaim_policy!r} ({', '.join(POLICIES)})",
+                field="reclaim_policy",
+            )
+        self.lru = policy(self.events)
         self.page_cache: PageCache | None = None
         if store is not None:
             self.page_cache = PageCache(
@@ -148,6 +156,7 @@ class Machine:
             )
             self.page_cache.dirtyable = lambda: self.zone.nr_free + self.nr_reclaimable
             self.page_cache.limits = dirty_limits or DirtyLimits()
+            self.page_cache.capacity_pages = cache_capacity_pages
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class Machine:
         Raises OutOfMemory when reclaim can free nothing more."""
         pfn = self.__rmqueue(order)
         while pfn is None:
-            if self.page_cache is None or not self.lru.nr_inactive + self.lru.nr_active:
+            if self.page_cache is None or not self.lru.nr_pages:
                 raise self.__out_of_memory(order)
             self.events[VmEvent.ALLOCSTALL] += 1
             if not self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True):
@@ -211,7 +220,7 @@ class Machine:
     @property
     def nr_reclaimable(self) -> int:
         """Pages reclaim could free: the page cache on the file LRU lists."""
-        return self.lru.nr_inactive + self.lru.nr_active
+        return self.lru.nr_pages
 
     def __free_folio(self, folio: Folio) -> None:
         if folio.order <= MAX_PAGE_ORDER:

@@ -30,6 +30,7 @@ class Folio:
         "contents",
         "dirtied_at",
         "dirty",
+        "gen",
         "handle",
         "index",
         "kind",
@@ -40,6 +41,7 @@ class Folio:
         "pmd_mapped",
         "readahead",
         "referenced",
+        "refs",
         "vaddr",
     )
 
@@ -62,6 +64,9 @@ class Folio:
         self.active = False
         self.readahead = False
         self.dirtied_at = 0.0
+        # Multi-generational LRU: generation sequence number and access count.
+        self.gen = 0
+        self.refs = 0
 
     @property
     def nr_pages(self) -> int:

@@ -204,8 +204,8 @@ def _collect_machine(
         if field_name not in ("mem_total_bytes", "memmap_bytes"):
             label = field_name.removesuffix("_bytes")
             families["meminfo"].add_metric([name, label], value)
-    families["lru"].add_metric([machine.name, "inactive_file"], len(machine.lru.inactive))
-    families["lru"].add_metric([machine.name, "active_file"], len(machine.lru.active))
+    for lru_name, count in machine.lru.lists().items():
+        families["lru"].add_metric([name, lru_name], count)
     if machine.page_cache is not None:
         background, limit = machine.page_cache.dirty_thresholds()
         for level, pages in (("background", background), ("limit", limit)):

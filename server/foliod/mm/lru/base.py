@@ -1,0 +1,114 @@
+"""The interface every reclaim policy implements, and the shared reclaim loop (shrink_node).
+
+A policy keeps page cache folios in its own order and names the next victim; the shared loop
+(`shrink`) does the rest: it skips folios the current call holds, writes dirty ones back first
+(counted as pgrotated: in the kernel they rotate to the tail and are freed once writeback ends;
+here writeback ends within the call), evicts, and counts pgscan/pgsteal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar, Protocol
+
+from foliod.mm.mm_types import Folio
+from foliod.mm.vmstat import VmEvent
+
+
+class Evictor(Protocol):
+    """What reclaim asks of the page cache."""
+
+    def writeback_folio(self, folio: Folio) -> None: ...
+
+    def evict_folio(self, folio: Folio) -> None:
+        """Takes the folio off its policy list and out of its file, and frees it."""
+        ...
+
+    def is_busy(self, folio: Folio) -> bool:
+        """The folio is in use by the call that is reclaiming (locked, in kernel terms)."""
+        ...
+
+
+class ReclaimPolicy:
+    """Base of the policies: page counts, nonresident age and the shared reclaim loop."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, events: dict[VmEvent, int]) -> None:
+        self.events = events
+        self.nr_pages = 0
+        # Evictions and activations so far: what shadow entries are stamped with.
+        self.nonresident_age = 0
+
+    # -- what each policy provides ---------------------------------------------------------
+
+    def add(self, folio: Folio) -> None:
+        """A new page cache folio enters (folio_add_lru)."""
+        raise NotImplementedError
+
+    def remove(self, folio: Folio) -> None:
+        """The folio leaves (eviction, truncation, deletion)."""
+        raise NotImplementedError
+
+    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+        """A read or write touched the folio; fresh when this very call brought it in."""
+        raise NotImplementedError
+
+    def victim(self) -> Folio | None:
+        """The next folio to evict, after any aging or rotation the policy does; None if empty."""
+        raise NotImplementedError
+
+    def pass_over(self, folio: Folio) -> None:
+        """A victim reclaim could not take now (busy): keep it, out of the way."""
+        raise NotImplementedError
+
+    def folios(self) -> Iterator[Folio]:
+        raise NotImplementedError
+
+    def lists(self) -> dict[str, int]:
+        """Folios per list, by the list's name (for metrics)."""
+        raise NotImplementedError
+
+    @property
+    def nr_active(self) -> int:
+        """Pages /proc/meminfo reports as Active(file)."""
+        return 0
+
+    @property
+    def nr_inactive(self) -> int:
+        return self.nr_pages - self.nr_active
+
+    def refault(self, folio: Folio, distance: int) -> None:
+        """A folio evicted distance ages ago is back (workingset_refault)."""
+        self.events[VmEvent.WORKINGSET_REFAULT_FILE] += folio.nr_pages
+
+    def check(self) -> None:
+        """Raises AssertionError if the policy's own bookkeeping is off (for the checker)."""
+        total = sum(f.nr_pages for f in self.folios())
+        assert total == self.nr_pages, f"{self.name}: {self.nr_pages} pages counted, {total} held"
+
+    # -- the shared loop -------------------------------------------------------------------
+
+    def shrink(self, nr_to_reclaim: int, evictor: Evictor, direct: bool) -> int:
+        """Reclaims up to nr_to_reclaim pages; returns pages freed. Looks at no more folios
+        than it holds (plus one), so it ends even when nothing can be freed."""
+        scan_event = VmEvent.PGSCAN_DIRECT if direct else VmEvent.PGSCAN_KSWAPD
+        steal_event = VmEvent.PGSTEAL_DIRECT if direct else VmEvent.PGSTEAL_KSWAPD
+        freed = 0
+        budget = self.nr_pages + 1
+        while freed < nr_to_reclaim and budget > 0:
+            folio = self.victim()
+            if folio is None:
+                break
+            budget -= folio.nr_pages
+            self.events[scan_event] += folio.nr_pages
+            if evictor.is_busy(folio):
+                self.pass_over(folio)
+                continue
+            if folio.dirty:
+                evictor.writeback_folio(folio)
+                self.events[VmEvent.PGROTATED] += folio.nr_pages
+            evictor.evict_folio(folio)
+            freed += folio.nr_pages
+            self.events[steal_event] += folio.nr_pages
+        return freed

@@ -1,0 +1,43 @@
+"""Textbook FIFO: pages leave in the order they came; hits change nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
+
+from foliod.mm.lru.base import ReclaimPolicy
+from foliod.mm.mm_types import Folio
+from foliod.mm.vmstat import VmEvent
+
+
+class Fifo(ReclaimPolicy):
+    name: ClassVar[str] = "fifo"
+
+    def __init__(self, events: dict[VmEvent, int]) -> None:
+        super().__init__(events)
+        # Oldest first.
+        self.queue: dict[Folio, None] = {}
+
+    def add(self, folio: Folio) -> None:
+        self.queue[folio] = None
+        self.nr_pages += folio.nr_pages
+
+    def remove(self, folio: Folio) -> None:
+        del self.queue[folio]
+        self.nr_pages -= folio.nr_pages
+
+    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+        pass
+
+    def victim(self) -> Folio | None:
+        return next(iter(self.queue), None)
+
+    def pass_over(self, folio: Folio) -> None:
+        del self.queue[folio]
+        self.queue[folio] = None
+
+    def folios(self) -> Iterator[Folio]:
+        return iter(self.queue)
+
+    def lists(self) -> dict[str, int]:
+        return {"fifo": len(self.queue)}
