@@ -15,7 +15,7 @@ folio (reads still see it) until the folio is evicted, when it is lost, as in Li
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -387,6 +387,26 @@ class PageCache:
             return self.__read_bytes(inode, offset, end - offset), stats
         finally:
             self.busy.clear()
+
+    def replay(self, name: str, indices: Iterable[int]) -> IoStats:
+        """Reads one page at each index in turn, as read() would (readahead, reclaim, LRU),
+        without copying bytes: for replaying page-access traces. Returns the summed stats."""
+        inode = self.lookup(name)
+        eof_index = (inode.size - 1) >> PAGE_SHIFT
+        stats = IoStats()
+        fresh: set[Folio] = set()
+        try:
+            for index in indices:
+                if not 0 <= index <= eof_index:
+                    raise InvalidArgument(
+                        f"page {index} is outside {name!r} (pages 0..{eof_index})", field="indices"
+                    )
+                self.__read_folios(inode, index, index, fresh, stats)
+                fresh.clear()
+                self.busy.clear()
+        finally:
+            self.busy.clear()
+        return stats
 
     def __read_folios(
         self, inode: Inode, first: int, last: int, fresh: set[Folio], stats: IoStats
