@@ -17,7 +17,7 @@ from typing import Any
 
 from foliod import __version__
 from foliod.mm import DescriptorSizes, FoliodError, ThpSetting
-from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.lru import POLICIES
@@ -154,6 +154,40 @@ def parse_capacity(text: str | int) -> int:
     return value
 
 
+def parse_faults(text: str) -> tuple[FaultRule, ...]:
+    """Fault rules from "ERRNO:key=value,...;..." (ERRNO: EIO, ENOSPC, or empty for slow-only)."""
+    rules = []
+    for spec in str(text).split(";"):
+        if not spec.strip():
+            continue
+        errno_name, _, params = spec.strip().partition(":")
+        values: dict[str, Any] = {"errno_name": errno_name.strip().upper()}
+        for item in params.split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ValueError(f"fault parameter {item!r} is not key=value")
+            if key == "name":
+                values["name"] = value.strip()
+            elif key in ("offset", "length"):
+                values[key] = parse_size(value)
+            elif key == "count":
+                values["remaining"] = int(value)
+            elif key == "probability":
+                values["probability"] = float(value)
+            elif key == "delay_ms":
+                values["delay_seconds"] = int(value) / 1000
+            else:
+                raise ValueError(f"unknown fault parameter {key!r}")
+        try:
+            rules.append(FaultRule(**values))
+        except FoliodError as exc:
+            raise ValueError(exc.message) from None
+    return tuple(rules)
+
+
 def parse_percent(text: str | int) -> int:
     value = int(text)
     if not 1 <= value <= 100:
@@ -211,6 +245,14 @@ OPTIONS: tuple[Option, ...] = (
         "most memory the page cache may hold (0: only RAM limits it)",
         "SIZE",
     ),
+    Option(
+        "faults",
+        parse_faults,
+        "backing-store fault rules, ';'-separated, e.g. "
+        "'EIO:name=a.dat,offset=0,length=4096,count=3,probability=0.5,delay_ms=10'",
+        "RULES",
+    ),
+    Option("fault_seed", int, "seed of the fault rules' probabilities", "N"),
     Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),
     Option("interim_page_bytes", parse_positive_int, "struct page size in the interim plan", "B"),
     Option("memdesc_bytes", parse_positive_int, "per-frame memdesc entry size", "B"),
@@ -250,6 +292,8 @@ class Config:
     dirty_writeback_seconds: float = 5.0
     reclaim_policy: str = "two_list"
     cache_capacity: int = 0
+    faults: tuple[FaultRule, ...] = ()
+    fault_seed: int = 0
     struct_page_bytes: int = _SIZES.struct_page_bytes
     interim_page_bytes: int = _SIZES.interim_page_bytes
     memdesc_bytes: int = _SIZES.memdesc_bytes
@@ -269,6 +313,7 @@ class Config:
         values["state_dir"] = str(self.state_dir)
         values["thp_enabled"] = str(self.thp_enabled)
         values["mthp"] = {f"{k}kB": str(v) for k, v in self.mthp.items()}
+        values["faults"] = [repr(rule) for rule in self.faults]
         return values
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent import futures
 from wsgiref.simple_server import WSGIServer
@@ -28,6 +29,7 @@ SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 def build_host(config: Config) -> Machine:
     store = BackingStore(config.state_dir / "files" / HOST, DEVICE_PROFILES[config.device])
+    store.faults.set([dataclasses.replace(rule) for rule in config.faults], config.fault_seed)
     return Machine(
         HOST,
         config.ram,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from foliod.mm.errors import InvalidArgument
@@ -42,6 +44,81 @@ DEVICE_PROFILES = {
     "nvme": DeviceModel("nvme", 80e-6, 20e-6, 3.0e9, 2.0e9),
     "hdd": DeviceModel("hdd", 8e-3, 8e-3, 180e6, 160e6),
 }
+
+
+FAULT_ERRNOS = {"": 0, "EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
+MAX_FAULT_DELAY_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class FaultRule:
+    """Makes matching writes to the backing store fail with errno_name, or only slow them.
+
+    A write matches when it is to `name` (any file when empty) and overlaps [offset, offset +
+    length) (to the end when length is 0); it then fails with the rule's probability, while
+    `remaining` (None: unlimited) lasts. `delay_seconds` (at most 1 s) stalls every matching
+    write, failing or not, for real: a slow disk.
+    """
+
+    errno_name: str = "EIO"
+    name: str = ""
+    offset: int = 0
+    length: int = 0
+    remaining: int | None = None
+    probability: float = 1.0
+    delay_seconds: float = 0.0
+    injected: int = 0
+
+    def __post_init__(self) -> None:
+        if self.errno_name not in FAULT_ERRNOS:
+            raise InvalidArgument(
+                f"fault errno must be EIO, ENOSPC or empty (slow only), not {self.errno_name!r}",
+                field="rules",
+            )
+        if self.name:
+            check_file_name(self.name)
+        if not 0.0 <= self.probability <= 1.0:
+            raise InvalidArgument("fault probability must be 0..1", field="rules")
+        if not 0.0 <= self.delay_seconds <= MAX_FAULT_DELAY_SECONDS:
+            raise InvalidArgument("fault delay must be 0..1 s", field="rules")
+        if self.remaining is not None and self.remaining < 0:
+            raise InvalidArgument("fault count must not be negative", field="rules")
+
+    def matches(self, name: str, offset: int, length: int) -> bool:
+        if self.name and self.name != name:
+            return False
+        if self.remaining == 0:
+            return False
+        end = self.offset + self.length if self.length else None
+        return offset + max(length, 1) > self.offset and (end is None or offset < end)
+
+
+@dataclass
+class FaultInjector:
+    """The fault rules of one store and the seeded generator their probabilities draw from."""
+
+    rules: list[FaultRule] = field(default_factory=list)
+    seed: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def set(self, rules: list[FaultRule], seed: int) -> None:
+        self.rules = rules
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def check_write(self, name: str, offset: int, length: int) -> None:
+        """Raises OSError for a write a rule fails; sleeps for a slow rule."""
+        for rule in self.rules:
+            if not rule.matches(name, offset, length):
+                continue
+            if rule.delay_seconds:
+                time.sleep(rule.delay_seconds)
+            errno_value = FAULT_ERRNOS[rule.errno_name]
+            if errno_value and (rule.probability >= 1.0 or self.rng.random() < rule.probability):
+                rule.injected += 1
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                raise OSError(errno_value, f"injected {rule.errno_name} writing {name!r}")
 
 
 def check_file_name(name: str) -> str:
@@ -76,6 +153,7 @@ class BackingStore:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self.device = device
+        self.faults = FaultInjector()
 
     def path(self, name: str) -> Path:
         """The path of a valid name, proven to lie inside the store."""
@@ -116,6 +194,7 @@ class BackingStore:
 
     def write(self, name: str, offset: int, data: bytes, size: int) -> None:
         """Writes data at a byte offset, the file's length kept at size bytes."""
+        self.faults.check_write(name, offset, len(data))
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)

@@ -19,6 +19,7 @@ from foliod.mm import (
     ThpSetting,
     check_machine,
 )
+from foliod.mm.backing_dev import FaultInjector, FaultRule
 from foliod.mm.filemap import FileStat, IoStats
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
@@ -336,6 +337,50 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     ) -> pb.DropCachesResponse:
         dropped = self._change(request.machine, lambda m: m.drop_caches())
         return pb.DropCachesResponse(dropped_bytes=dropped)
+
+    # -- fault injection -------------------------------------------------------------------
+
+    def SetFaults(self, request: pb.SetFaultsRequest, context: grpc.ServicerContext) -> pb.Faults:
+        rules = [
+            FaultRule(
+                errno_name=r.errno,
+                name=r.name,
+                offset=r.offset,
+                length=r.length,
+                remaining=r.count if r.HasField("count") else None,
+                probability=r.probability if r.HasField("probability") else 1.0,
+                delay_seconds=r.delay_ms / 1000,
+            )
+            for r in request.rules
+        ]
+
+        def apply(m: Machine) -> FaultInjector:
+            m.files.store.faults.set(rules, request.seed)
+            return m.files.store.faults
+
+        return _faults(self._change(request.machine, apply))
+
+    def GetFaults(self, request: pb.GetFaultsRequest, context: grpc.ServicerContext) -> pb.Faults:
+        return _faults(self._read(request.machine, lambda m: m.files.store.faults))
+
+
+def _faults(faults: FaultInjector) -> pb.Faults:
+    return pb.Faults(
+        seed=faults.seed,
+        rules=[
+            pb.FaultRule(
+                errno=r.errno_name,
+                name=r.name,
+                offset=r.offset,
+                length=r.length,
+                count=r.remaining,
+                probability=r.probability,
+                delay_ms=round(r.delay_seconds * 1000),
+                injected=r.injected,
+            )
+            for r in faults.rules
+        ],
+    )
 
 
 def _file_stat(stat: FileStat) -> pb.FileStat:

@@ -1723,3 +1723,128 @@ class DropCachesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DropCachesResponse: _TypeAlias = DropCachesResponse  # noqa: Y015
+
+@_typing.final
+class FaultRule(_message.Message):
+    """Makes writes to the backing store fail or stall. A write matches when it goes to `name` (any
+    file when empty) and overlaps [offset, offset + length) (to the end when length is 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERRNO_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    DELAY_MS_FIELD_NUMBER: _builtins.int
+    INJECTED_FIELD_NUMBER: _builtins.int
+    errno: _builtins.str
+    """"EIO", "ENOSPC", or "" for a rule that only slows writes."""
+    name: _builtins.str
+    offset: _builtins.int
+    length: _builtins.int
+    count: _builtins.int
+    """Fail only the next `count` matching writes; unset: every one."""
+    probability: _builtins.float
+    """Chance that a matching write fails, 0..1, drawn from the seeded generator; unset: 1."""
+    delay_ms: _builtins.int
+    """Real stall of every matching write, 0..1000 ms (a slow disk)."""
+    injected: _builtins.int
+    """Output: writes this rule has failed so far."""
+    def __init__(
+        self,
+        *,
+        errno: _builtins.str = ...,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        count: _builtins.int | None = ...,
+        probability: _builtins.float | None = ...,
+        delay_ms: _builtins.int = ...,
+        injected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "_probability", b"_probability", "count", b"count", "probability", b"probability"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "_probability", b"_probability", "count", b"count", "delay_ms", b"delay_ms", "errno", b"errno", "injected", b"injected", "length", b"length", "name", b"name", "offset", b"offset", "probability", b"probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    _WhichOneofReturnType__probability: _TypeAlias = _typing.Literal["probability"]  # noqa: Y015
+    _WhichOneofArgType__probability: _TypeAlias = _typing.Literal["_probability", b"_probability"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__probability) -> _WhichOneofReturnType__probability | None: ...
+
+Global___FaultRule: _TypeAlias = FaultRule  # noqa: Y015
+
+@_typing.final
+class SetFaultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    seed: _builtins.int
+    """Seed of the generator that probabilities draw from."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FaultRule]: ...
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        rules: _abc.Iterable[Global___FaultRule] | None = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "rules", b"rules", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFaultsRequest: _TypeAlias = SetFaultsRequest  # noqa: Y015
+
+@_typing.final
+class GetFaultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFaultsRequest: _TypeAlias = GetFaultsRequest  # noqa: Y015
+
+@_typing.final
+class Faults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FaultRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___FaultRule] | None = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Faults: _TypeAlias = Faults  # noqa: Y015

@@ -164,6 +164,16 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.FromString,
                 _registered_method=True)
+        self.SetFaults = channel.unary_unary(
+                '/foliod.v1.Foliod/SetFaults',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.SetFaultsRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
+                _registered_method=True)
+        self.GetFaults = channel.unary_unary(
+                '/foliod.v1.Foliod/GetFaults',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
+                _registered_method=True)
 
 
 class FoliodServicer:
@@ -351,6 +361,19 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFaults(self, request, context):
+        """Admin: replaces the backing store's fault injection rules (an empty list clears them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FoliodServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -483,6 +506,16 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.DropCaches,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.SerializeToString,
+            ),
+            'SetFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFaults,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.SetFaultsRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.Faults.SerializeToString,
+            ),
+            'GetFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFaults,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.Faults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1187,6 +1220,60 @@ class Foliod:
             '/foliod.v1.Foliod/DropCaches',
             foliod_dot_v1_dot_foliod__pb2.DropCachesRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.DropCachesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/SetFaults',
+            foliod_dot_v1_dot_foliod__pb2.SetFaultsRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/GetFaults',
+            foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
             options,
             channel_credentials,
             insecure,

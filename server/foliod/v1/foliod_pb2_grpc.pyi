@@ -94,6 +94,9 @@ class FoliodStub:
     """Reclaims page cache on demand, like memory.reclaim."""
     DropCaches: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DropCachesRequest, _foliod_pb2.DropCachesResponse]
     """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
+    SetFaults: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.SetFaultsRequest, _foliod_pb2.Faults]
+    """Admin: replaces the backing store's fault injection rules (an empty list clears them)."""
+    GetFaults: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.GetFaultsRequest, _foliod_pb2.Faults]
 
 @_typing.type_check_only
 class FoliodAsyncStub(FoliodStub):
@@ -152,6 +155,9 @@ class FoliodAsyncStub(FoliodStub):
     """Reclaims page cache on demand, like memory.reclaim."""
     DropCaches: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DropCachesRequest, _foliod_pb2.DropCachesResponse]  # type: ignore[assignment]
     """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
+    SetFaults: _aio.UnaryUnaryMultiCallable[_foliod_pb2.SetFaultsRequest, _foliod_pb2.Faults]  # type: ignore[assignment]
+    """Admin: replaces the backing store's fault injection rules (an empty list clears them)."""
+    GetFaults: _aio.UnaryUnaryMultiCallable[_foliod_pb2.GetFaultsRequest, _foliod_pb2.Faults]  # type: ignore[assignment]
 
 class FoliodServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -363,5 +369,20 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.DropCachesResponse, _abc.Awaitable[_foliod_pb2.DropCachesResponse]]:
         """Frees clean page cache, like echo 1 > /proc/sys/vm/drop_caches."""
+
+    @_abc_1.abstractmethod
+    def SetFaults(
+        self,
+        request: _foliod_pb2.SetFaultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.Faults, _abc.Awaitable[_foliod_pb2.Faults]]:
+        """Admin: replaces the backing store's fault injection rules (an empty list clears them)."""
+
+    @_abc_1.abstractmethod
+    def GetFaults(
+        self,
+        request: _foliod_pb2.GetFaultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.Faults, _abc.Awaitable[_foliod_pb2.Faults]]: ...
 
 def add_FoliodServicer_to_server(servicer: FoliodServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
