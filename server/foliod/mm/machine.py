@@ -234,10 +234,15 @@ class Machine:
     def __out_of_memory(self, order: int) -> OutOfMemory:
         zone = self.zone
         largest = max((o for o, area in enumerate(zone.free_area) if area), default=-1)
+        why = (
+            f"reclaim could free nothing more ({self.lru.nr_pages} page cache pages, all busy)"
+            if self.lru.nr_pages
+            else "nothing is reclaimable"
+        )
         return OutOfMemory(
             f"cannot allocate an order-{order} folio ({PAGE_SIZE << order} bytes) on machine "
             f"{self.name!r}: {zone.nr_free} pages free, min watermark {zone.watermarks.nr_min} "
-            f"pages, largest free block order {largest}",
+            f"pages, largest free block order {largest}; {why}",
             field="order",
             metadata={
                 "order": str(order),

@@ -169,6 +169,12 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "events": counter(
             "foliod_vmstat_events", "Kernel vmstat event counters.", labels=["machine", "event"]
         ),
+        "throttled": counter(
+            "foliod_dirty_throttled",
+            "Writes that wrote back first because dirty memory was over the limit "
+            "(balance_dirty_pages).",
+            labels=["machine"],
+        ),
         "mthp": counter(
             "foliod_mthp_events",
             "Anonymous mTHP per-size counters (hugepages-<size>/stats).",
@@ -208,6 +214,7 @@ def _collect_machine(
         families["lru"].add_metric([name, lru_name], count)
     if machine.page_cache is not None:
         background, limit = machine.page_cache.dirty_thresholds()
+        families["throttled"].add_metric([name], machine.page_cache.nr_throttled)
         for level, pages in (("background", background), ("limit", limit)):
             families["dirty_threshold"].add_metric([machine.name, level], pages * PAGE_SIZE)
     for event, value in machine.events.items():
