@@ -390,7 +390,9 @@ class PageCache:
 
     def replay(self, name: str, indices: Iterable[int]) -> IoStats:
         """Reads one page at each index in turn, as read() would (readahead, reclaim, LRU),
-        without copying bytes: for replaying page-access traces. Returns the summed stats."""
+        without copying bytes: for replaying page-access traces. Every access counts as one,
+        even a repeat of the page just read (which read() would not count again), as trace
+        simulators do. Returns the summed stats."""
         inode = self.lookup(name)
         eof_index = (inode.size - 1) >> PAGE_SHIFT
         stats = IoStats()
@@ -401,7 +403,7 @@ class PageCache:
                     raise InvalidArgument(
                         f"page {index} is outside {name!r} (pages 0..{eof_index})", field="indices"
                     )
-                self.__read_folios(inode, index, index, fresh, stats)
+                self.__read_folios(inode, index, index, fresh, stats, every_access=True)
                 fresh.clear()
                 self.busy.clear()
         finally:
@@ -409,7 +411,14 @@ class PageCache:
         return stats
 
     def __read_folios(
-        self, inode: Inode, first: int, last: int, fresh: set[Folio], stats: IoStats
+        self,
+        inode: Inode,
+        first: int,
+        last: int,
+        fresh: set[Folio],
+        stats: IoStats,
+        *,
+        every_access: bool = False,
     ) -> None:
         index = first
         while index <= last:
@@ -434,7 +443,8 @@ class PageCache:
             # A read that starts in the folio where the previous one ended does not count as
             # another access to it (filemap_read's pos_same_folio check).
             prev = inode.ra.prev_index
-            if not (index == first and folio.index <= prev < folio.index + folio.nr_pages):
+            same = index == first and folio.index <= prev < folio.index + folio.nr_pages
+            if every_access or not same:
                 self.lru.mark_accessed(folio, folio in fresh)
             index = folio.index + folio.nr_pages
         stats.pages_readahead = sum(
