@@ -24,14 +24,33 @@ What is measured:
 3. The memory-map report on a 1 TiB machine: boot (machine construction) time, ``memmap()``
    reports per second, and the resident memory of a fresh process before and after boot.
 
-Every measurement is repeated 3 times; the best (highest rate, lowest time) and the median are
-reported. The figures are throughputs and ratios that depend on the machine and its load: they
-are for comparing changes on one machine and are never used as assertions in tests.
+4. Page cache replay (``--only replay``), in process: a page-access trace replayed through
+   ``PageCache.replay`` on a machine whose page cache is capped at 10,000 pages, next to a plain
+   ``collections.OrderedDict`` LRU of the same capacity run on the same trace in the same
+   process; reported as page accesses per second and as ratios foliod / OrderedDict. Traces
+   (seeded): Zipf (alpha 1.0) over 100,000 pages, the ranks scattered over the file by a seeded
+   permutation, and a sequential loop over 1.5x the capacity. foliod runs in ``lru`` mode with
+   base pages and no readahead, whose hit count must equal the OrderedDict's (a MISMATCH line is
+   printed and the run exits non-zero otherwise), and in ``two_list`` mode with readahead (32
+   pages, folios up to order 9). A foliod run of the full Zipf trace takes seconds, so each
+   foliod mode runs once per trace; the OrderedDict runs 3 times.
+
+5. gRPC ReadFile (``--only read_rpc``): 4 KiB reads at random page-aligned offsets of a 1 MiB
+   file that is fully in the page cache, 1 and 8 in flight, against a real foliod server (1 GiB
+   of RAM, default info logging, to a file) and against an empty handler that returns 4 KiB of
+   zeros, both in separate processes and driven by the same client code.
+
+Every measurement is repeated 3 times (except the foliod replays of 4.); the best (highest rate,
+lowest time) and the median are reported. The figures are throughputs and ratios that depend on
+the machine and its load: they are for comparing changes on one machine and are never used as
+assertions in tests. Targets printed next to some ratios (meets / below) are goals from issues,
+judged on the median ratio; missing one does not fail the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import gc
 import json
@@ -47,16 +66,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import grpc
 
 from foliod.mm import MAX_PAGE_ORDER, FolioKind, Machine
+from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 
@@ -71,6 +94,22 @@ BIG_RAM = 1 << 40
 ANON_MAPPING_BYTES = 64 << 20
 PAGE_SIZE = 4096
 SERVICE = "foliod.v1.Foliod"
+# Section 4, page cache replay.
+REPLAY_RAM = 1 << 30
+REPLAY_KEYS = 100_000
+REPLAY_CAPACITY = 10_000
+REPLAY_LOOP_PAGES = REPLAY_CAPACITY * 3 // 2
+ZIPF_ALPHA = 1.0
+SEED = 42
+FOLIOD_REPLAY_RUNS = 1  # a foliod run of the full Zipf trace takes seconds
+TARGET_REPLAY_LRU = 1 / 3
+TARGET_REPLAY_TWO_LIST = 1 / 10
+# Section 5, gRPC ReadFile.
+HOT_FILE = "hot"
+HOT_FILE_BYTES = 1 << 20
+TARGET_READ_RPC = 0.8
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,8 @@ class Counts:
     rpc_calls: int = 3_000
     rpc_warmup: int = 200
     memmap_calls: int = 20_000
+    replay_zipf: int = 1_000_000
+    replay_loop: int = 10 * REPLAY_LOOP_PAGES
 
     def scaled(self, divisor: int) -> Counts:
         return Counts(
@@ -107,16 +148,32 @@ class Result:
     median: float
     samples: list[float]
     higher_is_better: bool = True
+    # A goal for this figure (from an issue), judged on the median; None when there is none.
+    target: float | None = None
+
+    @property
+    def meets_target(self) -> bool | None:
+        if self.target is None:
+            return None
+        if self.higher_is_better:
+            return self.median >= self.target
+        return self.median <= self.target
 
 
 @dataclass
 class Report:
     results: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Correctness failures (not slowness): printed loudly, and the run exits non-zero.
+    failures: list[str] = field(default_factory=list)
 
     def add(self, result: Result) -> Result:
         self.results.append(result)
         return result
+
+    def fail(self, message: str) -> None:
+        self.failures.append(message)
+        print(f"MISMATCH: {message}", file=sys.stderr, flush=True)
 
 
 def summarize(
@@ -125,6 +182,26 @@ def summarize(
     best = max(samples) if higher_is_better else min(samples)
     return Result(
         section, name, unit, best, statistics.median(samples), list(samples), higher_is_better
+    )
+
+
+def ratio(
+    section: str, name: str, real: Result, base: Result, target: float | None = None
+) -> Result:
+    """real / base for two rate results: best / best, median / median; the samples pair up
+    run by run when both have as many runs, else every real run with every base run."""
+    if len(real.samples) == len(base.samples):
+        samples = [r / b for r, b in zip(real.samples, base.samples, strict=True)]
+    else:
+        samples = [r / b for r in real.samples for b in base.samples]
+    return Result(
+        section,
+        name,
+        "x",
+        real.best / base.best,
+        real.median / base.median,
+        samples,
+        target=target,
     )
 
 
@@ -331,30 +408,34 @@ def allocate_request() -> pb.AllocateRequest:
     return pb.AllocateRequest(owner="bench", kind=pb.FOLIO_KIND_FILE, order=0, count=1)
 
 
-def sequential_calls(stub: foliod_pb2_grpc.FoliodStub, n: int) -> None:
-    request = allocate_request()
-    for _ in range(n):
-        stub.Allocate(request, timeout=RPC_TIMEOUT_S)
+# Makes RPC number i (its argument) and waits for the reply; the same code drives both servers.
+RpcCall = Callable[[int], object]
 
 
-def rpc_rate_sequential(stub: foliod_pb2_grpc.FoliodStub, n: int) -> tuple[int, float]:
+def sequential_calls(call: RpcCall, first: int, n: int) -> None:
+    for i in range(first, first + n):
+        call(i)
+
+
+def rpc_rate_sequential(call: RpcCall, n: int) -> tuple[int, float]:
     start = time.perf_counter()
-    sequential_calls(stub, n)
+    sequential_calls(call, 0, n)
     return n, time.perf_counter() - start
 
 
 def rpc_rate_concurrent(
-    stub: foliod_pb2_grpc.FoliodStub, pool: futures.ThreadPoolExecutor, n: int
+    call: RpcCall, pool: futures.ThreadPoolExecutor, n: int
 ) -> tuple[int, float]:
     """n calls split over CLIENT_THREADS threads, each with one call in flight."""
     shares = [n // CLIENT_THREADS + (i < n % CLIENT_THREADS) for i in range(CLIENT_THREADS)]
+    firsts = [0, *accumulate(shares)][:CLIENT_THREADS]
     barrier = threading.Barrier(CLIENT_THREADS + 1, timeout=RPC_TIMEOUT_S)
 
-    def worker(share: int) -> None:
+    def worker(first: int, share: int) -> None:
         barrier.wait()
-        sequential_calls(stub, share)
+        sequential_calls(call, first, share)
 
-    jobs = [pool.submit(worker, share) for share in shares]
+    jobs = [pool.submit(worker, first, share) for first, share in zip(firsts, shares, strict=True)]
     barrier.wait()
     start = time.perf_counter()
     for job in jobs:
@@ -363,46 +444,107 @@ def rpc_rate_concurrent(
 
 
 def measure_rpc(
-    stub: foliod_pb2_grpc.FoliodStub, counts: Counts, reset: Callable[[], None]
+    call: RpcCall, counts: Counts, reset: Callable[[], None]
 ) -> tuple[list[float], list[float]]:
     """Returns (sequential rates, concurrent rates); reset() runs untimed between repetitions."""
-    sequential_calls(stub, counts.rpc_warmup)
+    sequential_calls(call, 0, counts.rpc_warmup)
     reset()
     with futures.ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
-        rpc_rate_concurrent(stub, pool, counts.rpc_warmup)
+        rpc_rate_concurrent(call, pool, counts.rpc_warmup)
         reset()
         one: list[float] = []
         many: list[float] = []
         for _ in range(REPEATS):
-            calls, seconds = rpc_rate_sequential(stub, counts.rpc_calls)
+            calls, seconds = rpc_rate_sequential(call, counts.rpc_calls)
             one.append(calls / seconds)
             reset()
-            calls, seconds = rpc_rate_concurrent(stub, pool, counts.rpc_calls)
+            calls, seconds = rpc_rate_concurrent(call, pool, counts.rpc_calls)
             many.append(calls / seconds)
             reset()
     return one, many
 
 
 def run_against(
-    name: str, argv: list[str], port: int, log_path: Path, counts: Counts, *, foliod: bool
-) -> tuple[list[float], list[float]]:
+    name: str,
+    argv: list[str],
+    port: int,
+    log_path: Path,
+    body: Callable[[foliod_pb2_grpc.FoliodStub], T],
+) -> T:
+    """Starts a server process, runs body with a stub connected to it, and stops the server."""
     server = ServerProcess(name, argv, port, log_path)
     try:
         with grpc.insecure_channel(server.target) as channel:
             server.wait_ready(channel)
-            stub = foliod_pb2_grpc.FoliodStub(channel)
-
-            def reset() -> None:
-                if foliod:
-                    stub.ReleaseOwner(pb.ReleaseOwnerRequest(owner="bench"), timeout=RPC_TIMEOUT_S)
-
-            if foliod:
-                # The real server must also free by handle: check Free works on what we made.
-                handle = stub.Allocate(allocate_request(), timeout=RPC_TIMEOUT_S).first_handle
-                stub.Free(pb.FreeRequest(handles=[handle]), timeout=RPC_TIMEOUT_S)
-            return measure_rpc(stub, counts, reset)
+            return body(foliod_pb2_grpc.FoliodStub(channel))
     finally:
         server.stop()
+
+
+def foliod_argv(port: int, ram: str, state_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "foliod.main",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        "",
+        "--ram",
+        ram,
+        "--log-level",
+        "info",  # the default: one access-log line per call, as deployed
+        "--state-dir",
+        str(state_dir),
+    ]
+
+
+def baseline_argv(port: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--serve-baseline", str(port)]
+
+
+def measure_allocate(
+    stub: foliod_pb2_grpc.FoliodStub, counts: Counts, *, foliod: bool
+) -> tuple[list[float], list[float]]:
+    request = allocate_request()
+
+    def call(i: int) -> object:
+        return stub.Allocate(request, timeout=RPC_TIMEOUT_S)
+
+    def reset() -> None:
+        if foliod:
+            stub.ReleaseOwner(pb.ReleaseOwnerRequest(owner="bench"), timeout=RPC_TIMEOUT_S)
+
+    if foliod:
+        # The real server must also free by handle: check Free works on what we made.
+        handle = stub.Allocate(allocate_request(), timeout=RPC_TIMEOUT_S).first_handle
+        stub.Free(pb.FreeRequest(handles=[handle]), timeout=RPC_TIMEOUT_S)
+    return measure_rpc(call, counts, reset)
+
+
+def add_rpc_results(
+    report: Report,
+    section: str,
+    what: str,
+    n: int,
+    *,
+    real: tuple[list[float], list[float]],
+    empty: tuple[list[float], list[float]],
+    target: float | None = None,
+) -> None:
+    for label, real_rates, empty_rates in (
+        ("1 in flight", real[0], empty[0]),
+        (f"{CLIENT_THREADS} in flight", real[1], empty[1]),
+    ):
+        real_result = report.add(
+            summarize(section, f"foliod {what}, {label} ({n:,} calls)", "RPC/s", real_rates)
+        )
+        empty_result = report.add(
+            summarize(section, f"empty grpcio handler, {label}", "RPC/s", empty_rates)
+        )
+        report.add(
+            ratio(section, f"ratio foliod / empty, {label}", real_result, empty_result, target)
+        )
 
 
 def bench_grpc(report: Report, counts: Counts) -> None:
@@ -410,57 +552,35 @@ def bench_grpc(report: Report, counts: Counts) -> None:
     with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
         tmp_path = Path(tmp)
         port = free_port()
-        foliod_argv = [
-            sys.executable,
-            "-m",
-            "foliod.main",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            "",
-            "--ram",
-            "4GiB",
-            "--log-level",
-            "info",  # the default: one access-log line per call, as deployed
-            "--state-dir",
-            str(tmp_path / "state"),
-        ]
-        real_one, real_many = run_against(
-            "foliod", foliod_argv, port, tmp_path / "foliod.log", counts, foliod=True
+        real = run_against(
+            "foliod",
+            foliod_argv(port, "4GiB", tmp_path / "state"),
+            port,
+            tmp_path / "foliod.log",
+            lambda stub: measure_allocate(stub, counts, foliod=True),
         )
         port = free_port()
-        baseline_argv = [sys.executable, os.path.abspath(__file__), "--serve-baseline", str(port)]
-        empty_one, empty_many = run_against(
-            "baseline", baseline_argv, port, tmp_path / "baseline.log", counts, foliod=False
+        empty = run_against(
+            "baseline",
+            baseline_argv(port),
+            port,
+            tmp_path / "baseline.log",
+            lambda stub: measure_allocate(stub, counts, foliod=False),
         )
-    n = counts.rpc_calls
-    for label, real, empty in (
-        ("1 in flight", real_one, empty_one),
-        (f"{CLIENT_THREADS} in flight", real_many, empty_many),
-    ):
-        real_result = report.add(
-            summarize(section, f"foliod Allocate, {label} ({n:,} calls)", "RPC/s", real)
-        )
-        empty_result = report.add(
-            summarize(section, f"empty grpcio handler, {label}", "RPC/s", empty)
-        )
-        report.add(
-            Result(
-                section,
-                f"ratio foliod / empty, {label}",
-                "x",
-                real_result.best / empty_result.best,
-                real_result.median / empty_result.median,
-                [r / e for r, e in zip(real, empty, strict=True)],
-            )
-        )
+    add_rpc_results(report, section, "Allocate", counts.rpc_calls, real=real, empty=empty)
 
 
 def serve_baseline(port: int) -> int:
-    """An empty Allocate handler with foliod's method shape; serves until SIGTERM or SIGINT."""
+    """Empty Allocate and ReadFile handlers with foliod's method shapes (ReadFile returns 4 KiB
+    of zeros); serves until SIGTERM or SIGINT."""
 
     def allocate(request: pb.AllocateRequest, context: grpc.ServicerContext) -> pb.AllocateResponse:
         return pb.AllocateResponse()
+
+    def read_file(
+        request: pb.ReadFileRequest, context: grpc.ServicerContext
+    ) -> pb.ReadFileResponse:
+        return pb.ReadFileResponse(data=bytes(PAGE_SIZE))
 
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
@@ -469,7 +589,12 @@ def serve_baseline(port: int) -> int:
                 allocate,
                 request_deserializer=pb.AllocateRequest.FromString,
                 response_serializer=pb.AllocateResponse.SerializeToString,
-            )
+            ),
+            "ReadFile": grpc.unary_unary_rpc_method_handler(
+                read_file,
+                request_deserializer=pb.ReadFileRequest.FromString,
+                response_serializer=pb.ReadFileResponse.SerializeToString,
+            ),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=CLIENT_THREADS))
@@ -573,6 +698,251 @@ def bench_memmap(report: Report, counts: Counts) -> None:
     )
 
 
+# -- 4. page cache replay ------------------------------------------------------------------------
+
+
+def zipf_trace(n_keys: int, alpha: float, n: int, seed: int) -> list[int]:
+    """n page indices in 0..n_keys-1, Zipf(alpha) by inverse CDF; rank r (0 the most popular)
+    is drawn with probability proportional to 1 / (r + 1) ** alpha, and the ranks are scattered
+    over the file by a seeded permutation so the hot pages are not neighbours."""
+    rng = random.Random(seed)
+    cumulative = list(accumulate((rank + 1) ** -alpha for rank in range(n_keys)))
+    total = cumulative[-1]
+    page_of_rank = list(range(n_keys))
+    rng.shuffle(page_of_rank)
+    last = n_keys - 1
+    return [
+        page_of_rank[min(bisect.bisect_right(cumulative, rng.random() * total), last)]
+        for _ in range(n)
+    ]
+
+
+def loop_trace(n_pages: int, n: int) -> list[int]:
+    """n accesses looping sequentially over pages 0..n_pages-1."""
+    return [i % n_pages for i in range(n)]
+
+
+def replay_ordered_dict(keys: Sequence[int], capacity: int) -> tuple[int, float]:
+    """A plain OrderedDict LRU of capacity entries; returns (hits, seconds)."""
+    gc.collect()
+    cache: OrderedDict[int, bool] = OrderedDict()
+    hits = 0
+    start = time.perf_counter()
+    for key in keys:
+        if cache.get(key) is not None:
+            cache.move_to_end(key)
+            hits += 1
+        else:
+            cache[key] = True
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hits, time.perf_counter() - start
+
+
+def replay_foliod(
+    keys: list[int], store_dir: Path, policy: str, *, ra_pages: int, max_file_order: int
+) -> tuple[int, float]:
+    """keys replayed through a fresh machine's page cache; returns (pages hit, seconds)."""
+    machine = Machine(
+        "bench",
+        REPLAY_RAM,
+        store=BackingStore(store_dir, DEVICE_PROFILES["nvme"]),
+        reclaim_policy=policy,
+        cache_capacity_pages=REPLAY_CAPACITY,
+        ra_pages=ra_pages,
+        max_file_order=max_file_order,
+    )
+    files = machine.files
+    files.create("trace")
+    files.truncate("trace", REPLAY_KEYS * PAGE_SIZE)
+    gc.collect()
+    start = time.perf_counter()
+    stats = files.replay("trace", keys)
+    seconds = time.perf_counter() - start
+    if stats.pages_hit + stats.pages_missed != len(keys):
+        raise RuntimeError(
+            f"foliod {policy}: {stats.pages_hit} hits + {stats.pages_missed} misses "
+            f"for {len(keys)} accesses"
+        )
+    return stats.pages_hit, seconds
+
+
+def replay_runs(run: Callable[[], tuple[int, float]], runs: int, n: int) -> tuple[list[float], int]:
+    """Returns (accesses/s of each run, hits); every run of a trace must hit as often."""
+    rates: list[float] = []
+    hits: set[int] = set()
+    for _ in range(runs):
+        run_hits, seconds = run()
+        hits.add(run_hits)
+        rates.append(n / seconds if seconds > 0 else float("inf"))
+    if len(hits) != 1:
+        raise RuntimeError(f"runs of one trace hit different numbers of times: {sorted(hits)}")
+    return rates, hits.pop()
+
+
+def replay_trace(report: Report, section: str, tag: str, keys: list[int], store: Path) -> None:
+    """One trace: the OrderedDict LRU, then foliod in lru and in two_list mode."""
+    n = len(keys)
+    od_rates, od_hits = replay_runs(lambda: replay_ordered_dict(keys, REPLAY_CAPACITY), REPEATS, n)
+    lru_rates, lru_hits = replay_runs(
+        lambda: replay_foliod(keys, store / "lru", "lru", ra_pages=0, max_file_order=0),
+        FOLIOD_REPLAY_RUNS,
+        n,
+    )
+    two_rates, two_hits = replay_runs(
+        lambda: replay_foliod(keys, store / "two_list", "two_list", ra_pages=32, max_file_order=9),
+        FOLIOD_REPLAY_RUNS,
+        n,
+    )
+    od = report.add(
+        summarize(section, f"{tag}: OrderedDict LRU ({n:,} accesses)", "acc/s", od_rates)
+    )
+    lru = report.add(
+        summarize(section, f"{tag}: foliod lru, order 0, no readahead", "acc/s", lru_rates)
+    )
+    two = report.add(
+        summarize(section, f"{tag}: foliod two_list, readahead 32, order<=9", "acc/s", two_rates)
+    )
+    report.add(ratio(section, f"{tag}: ratio foliod lru / OrderedDict", lru, od, TARGET_REPLAY_LRU))
+    report.add(
+        ratio(
+            section,
+            f"{tag}: ratio foliod two_list / OrderedDict",
+            two,
+            od,
+            TARGET_REPLAY_TWO_LIST,
+        )
+    )
+    for name, hits in (
+        ("OrderedDict LRU", od_hits),
+        ("foliod lru", lru_hits),
+        ("foliod two_list + readahead", two_hits),
+    ):
+        report.add(Result(section, f"{tag}: hits, {name}", "hits", hits, hits, [hits]))
+    if lru_hits != od_hits:
+        report.fail(
+            f"replay {tag}: foliod lru hit {lru_hits:,} times, the OrderedDict LRU "
+            f"{od_hits:,} times, on the same {n:,}-access trace with the same capacity"
+        )
+
+
+def bench_replay(report: Report, counts: Counts) -> None:
+    section = (
+        f"4. page cache replay (in process), capacity {REPLAY_CAPACITY:,} pages, "
+        f"foliod runs once, OrderedDict {REPEATS} times"
+    )
+    traces: list[tuple[str, str, Callable[[], list[int]]]] = [
+        (
+            "zipf",
+            f"Zipf {ZIPF_ALPHA} over {REPLAY_KEYS:,} pages (ranks scattered by a seeded shuffle)",
+            lambda: zipf_trace(REPLAY_KEYS, ZIPF_ALPHA, counts.replay_zipf, SEED),
+        ),
+        (
+            "loop",
+            f"sequential loop over pages 0..{REPLAY_LOOP_PAGES - 1:,} (1.5x the capacity)",
+            lambda: loop_trace(REPLAY_LOOP_PAGES, counts.replay_loop),
+        ),
+    ]
+    with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
+        for tag, description, make in traces:
+            keys = make()
+            report.notes.append(f"replay {tag}: {description}, {len(keys):,} accesses")
+            replay_trace(report, section, tag, keys, Path(tmp) / tag)
+
+
+# -- 5. gRPC ReadFile ----------------------------------------------------------------------------
+
+
+def read_requests(n: int) -> list[pb.ReadFileRequest]:
+    """n 4 KiB reads of the hot file at random (seeded) page-aligned offsets."""
+    rng = random.Random(SEED)
+    pages = HOT_FILE_BYTES // PAGE_SIZE
+    return [
+        pb.ReadFileRequest(name=HOT_FILE, offset=rng.randrange(pages) * PAGE_SIZE, length=PAGE_SIZE)
+        for _ in range(n)
+    ]
+
+
+def pgmajfault(stub: foliod_pb2_grpc.FoliodStub) -> int:
+    vmstat = stub.GetVmstat(pb.GetVmstatRequest(), timeout=RPC_TIMEOUT_S)
+    return next(entry.value for entry in vmstat.entries if entry.name == "pgmajfault")
+
+
+def measure_read(
+    stub: foliod_pb2_grpc.FoliodStub,
+    requests: list[pb.ReadFileRequest],
+    counts: Counts,
+    notes: list[str] | None,
+) -> tuple[list[float], list[float]]:
+    """ReadFile rates; notes is None for the baseline, else foliod's state is checked and noted."""
+    if notes is not None:
+        # The hot file: written, then read once whole, so every page is in the cache.
+        data = random.Random(SEED).randbytes(HOT_FILE_BYTES)
+        stub.CreateFile(pb.CreateFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
+        stub.WriteFile(
+            pb.WriteFileRequest(name=HOT_FILE, offset=0, data=data), timeout=RPC_TIMEOUT_S
+        )
+        whole = stub.ReadFile(
+            pb.ReadFileRequest(name=HOT_FILE, offset=0, length=HOT_FILE_BYTES),
+            timeout=RPC_TIMEOUT_S,
+        )
+        if whole.data != data:
+            raise RuntimeError("foliod read back other bytes than were written to the hot file")
+    for request in requests[:8]:
+        reply = stub.ReadFile(request, timeout=RPC_TIMEOUT_S)
+        if len(reply.data) != PAGE_SIZE or (notes is not None and reply.stats.pages_missed):
+            raise RuntimeError(f"unexpected ReadFile reply: {len(reply.data)} bytes, {reply.stats}")
+
+    def call(i: int) -> object:
+        return stub.ReadFile(requests[i % len(requests)], timeout=RPC_TIMEOUT_S)
+
+    if notes is None:
+        return measure_rpc(call, counts, lambda: None)
+    faults = pgmajfault(stub)
+    rates = measure_rpc(call, counts, lambda: None)
+    faults = pgmajfault(stub) - faults
+    stat = stub.StatFile(pb.StatFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
+    notes.append(
+        f"read_rpc: foliod's pgmajfault grew by {faults} during the timed reads (0: all hits); "
+        f"'{HOT_FILE}' then had {stat.nr_cached} pages cached, {stat.nr_dirty} dirty"
+    )
+    if faults:
+        raise RuntimeError(f"the ReadFile measurement was not all cache hits: {faults} misses")
+    return rates
+
+
+def bench_read_rpc(report: Report, counts: Counts) -> None:
+    section = "5. gRPC ReadFile 4 KiB, cache hits (client and server in separate processes)"
+    requests = read_requests(counts.rpc_calls)
+    with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
+        tmp_path = Path(tmp)
+        port = free_port()
+        real = run_against(
+            "foliod",
+            foliod_argv(port, "1GiB", tmp_path / "state"),
+            port,
+            tmp_path / "foliod.log",
+            lambda stub: measure_read(stub, requests, counts, report.notes),
+        )
+        port = free_port()
+        empty = run_against(
+            "baseline",
+            baseline_argv(port),
+            port,
+            tmp_path / "baseline.log",
+            lambda stub: measure_read(stub, requests, counts, None),
+        )
+    add_rpc_results(
+        report,
+        section,
+        "ReadFile",
+        counts.rpc_calls,
+        real=real,
+        empty=empty,
+        target=TARGET_READ_RPC,
+    )
+
+
 # -- output --------------------------------------------------------------------------------------
 
 
@@ -583,6 +953,8 @@ def format_value(value: float, unit: str) -> str:
         return f"{value * 1000:.1f} ms"
     if unit == "MiB":
         return f"{value:.1f}"
+    if unit == "hits":
+        return f"{value:,.0f}"
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:.2f}"
@@ -611,10 +983,21 @@ def print_section(results: Sequence[Result]) -> None:
         unit = "ms" if result.unit == "s" else result.unit
         best = format_value(result.best, result.unit).removesuffix(" ms")
         median = format_value(result.median, result.unit).removesuffix(" ms")
-        print(f"  {result.name:<{NAME_WIDTH}}{best:>14}{median:>14}  {unit}", flush=True)
+        line = f"  {result.name:<{NAME_WIDTH}}{best:>14}{median:>14}  {unit}"
+        if result.target is not None:
+            relation = ">=" if result.higher_is_better else "<="
+            verdict = "meets" if result.meets_target else "below"
+            line = f"{line:<{NAME_WIDTH + 38}}target {relation} {result.target:.3f}: {verdict}"
+        print(line, flush=True)
 
 
-SECTIONS = (("allocator", bench_allocator), ("grpc", bench_grpc), ("memmap", bench_memmap))
+SECTIONS = (
+    ("allocator", bench_allocator),
+    ("grpc", bench_grpc),
+    ("memmap", bench_memmap),
+    ("replay", bench_replay),
+    ("read_rpc", bench_read_rpc),
+)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -661,8 +1044,11 @@ def main(argv: Sequence[str]) -> int:
             **header,
             "elapsed_s": elapsed,
             "counts": asdict(counts),
-            "results": [asdict(result) for result in report.results],
+            "results": [
+                {**asdict(result), "meets_target": result.meets_target} for result in report.results
+            ],
             "notes": report.notes,
+            "failures": report.failures,
             "command": "make bench",
         }
         print(json.dumps(payload, indent=2))
@@ -670,7 +1056,12 @@ def main(argv: Sequence[str]) -> int:
         print()
         for note in report.notes:
             print(note)
+        for failure in report.failures:
+            print(f"MISMATCH: {failure}")
         print(f"elapsed {elapsed:.1f} s; produced by: make bench")
+    if report.failures:
+        print(f"bench: {len(report.failures)} MISMATCH(ES), exiting with status 1", file=sys.stderr)
+        return 1
     return 0
 
 
