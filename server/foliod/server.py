@@ -129,6 +129,7 @@ class FoliodServer:
             with machine.lock:
                 if machine.page_cache is not None:
                     written += machine.page_cache.sync()
+                    machine.page_cache.store.close()
         self.log.info("synced", nr_pages=written)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()

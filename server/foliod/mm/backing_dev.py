@@ -19,6 +19,9 @@ from foliod.mm.errors import InvalidArgument
 from foliod.mm.page_alloc import PAGE_SIZE
 
 MAX_NAME_BYTES = 1024
+# Bounds on what the store keeps open or remembered between calls.
+_MAX_OPEN_FILES = 256
+_MAX_CACHED = 65_536
 MAX_COMPONENT_BYTES = 255
 
 
@@ -154,14 +157,46 @@ class BackingStore:
         self.root = root.resolve()
         self.device = device
         self.faults = FaultInjector()
+        # Names already proven to lie inside the store, and read descriptors kept open.
+        self._paths: dict[str, Path] = {}
+        self._read_fds: dict[str, int] = {}
 
     def path(self, name: str) -> Path:
         """The path of a valid name, proven to lie inside the store."""
+        path = self._paths.get(name)
+        if path is not None:
+            return path
         path = self.root / check_file_name(name)
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
             raise InvalidArgument(f"file name {name[:80]!r} leaves the store", field="name")
+        if len(self._paths) >= _MAX_CACHED:
+            self._paths.clear()
+        self._paths[name] = path
         return path
+
+    def __read_fd(self, name: str) -> int | None:
+        """A descriptor open for reading the file, kept for the next read; None if absent."""
+        fd = self._read_fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return None
+            if len(self._read_fds) >= _MAX_OPEN_FILES:
+                self.__forget(next(iter(self._read_fds)))
+            self._read_fds[name] = fd
+        return fd
+
+    def __forget(self, name: str) -> None:
+        fd = self._read_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Closes the descriptors kept open for reading."""
+        for name in list(self._read_fds):
+            self.__forget(name)
 
     def names(self) -> dict[str, int]:
         """Every file in the store with its size in bytes."""
@@ -182,15 +217,10 @@ class BackingStore:
     def read_pages(self, name: str, index: int, nr_pages: int) -> bytes:
         """nr_pages pages from page index; bytes past the end of the file read as zeros."""
         length = nr_pages * PAGE_SIZE
-        try:
-            fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        fd = self.__read_fd(name)
+        if fd is None:
             return bytes(length)
-        try:
-            data = os.pread(fd, length, index * PAGE_SIZE)
-        finally:
-            os.close(fd)
-        return data.ljust(length, b"\0")
+        return os.pread(fd, length, index * PAGE_SIZE).ljust(length, b"\0")
 
     def write(self, name: str, offset: int, data: bytes, size: int) -> None:
         """Writes data at a byte offset, the file's length kept at size bytes."""
@@ -221,6 +251,8 @@ class BackingStore:
 
     def delete(self, name: str) -> None:
         path = self.path(name)
+        self.__forget(name)
+        self._paths.pop(name, None)
         path.unlink(missing_ok=True)
         parent = path.parent
         while parent != self.root and not any(parent.iterdir()):

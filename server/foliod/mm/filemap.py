@@ -129,7 +129,10 @@ class Inode:
     def find(self, index: int) -> Folio | None:
         """The folio that covers a page index (filemap_get_entry)."""
         folios = self.folios
-        for order in range(MAX_PAGECACHE_ORDER + 1):
+        folio = folios.get(index)
+        if folio is not None:
+            return folio
+        for order in range(1, self.max_order + 1):
             folio = folios.get(index & ~((1 << order) - 1))
             if folio is not None and folio.order >= order:
                 return folio
@@ -435,22 +438,23 @@ class PageCache:
                 )
                 if window_or_none is not None:
                     self.__readahead(inode, window_or_none, fresh, stats)
-            pages = min(folio.index + folio.nr_pages, last + 1) - index
-            if folio in fresh:
+            end = folio.index + (1 << folio.order)
+            pages = (end if end <= last else last + 1) - index
+            is_fresh = folio in fresh
+            if is_fresh:
                 stats.pages_missed += pages
             else:
                 stats.pages_hit += pages
             # A read that starts in the folio where the previous one ended does not count as
             # another access to it (filemap_read's pos_same_folio check).
-            prev = inode.ra.prev_index
-            same = index == first and folio.index <= prev < folio.index + folio.nr_pages
-            if every_access or not same:
-                self.lru.mark_accessed(folio, folio in fresh)
-            index = folio.index + folio.nr_pages
-        stats.pages_readahead = sum(
-            f.nr_pages - max(0, min(f.index + f.nr_pages, last + 1) - max(f.index, first))
-            for f in fresh
-        )
+            if every_access or not (index == first and folio.index <= inode.ra.prev_index < end):
+                self.lru.mark_accessed(folio, is_fresh)
+            index = end
+        if fresh:
+            stats.pages_readahead += sum(
+                f.nr_pages - max(0, min(f.index + f.nr_pages, last + 1) - max(f.index, first))
+                for f in fresh
+            )
         self.events[VmEvent.PGFAULT] += last - first + 1
         self.events[VmEvent.PGMAJFAULT] += stats.pages_missed
         inode.ra.note_read(last)
@@ -490,11 +494,20 @@ class PageCache:
             if folio is None:
                 index += 1
                 continue
-            if folio.contents:
-                for i, page in folio.contents.items():
-                    if first <= folio.index + i <= last:
-                        yield folio.index + i, page
-            index = folio.index + folio.nr_pages
+            contents = folio.contents
+            end = folio.index + folio.nr_pages
+            if contents:
+                lo, hi = max(first, folio.index), min(last, end - 1)
+                if len(contents) <= hi - lo + 1:
+                    for i, page in contents.items():
+                        if lo <= folio.index + i <= hi:
+                            yield folio.index + i, page
+                else:
+                    for page_index in range(lo, hi + 1):
+                        written = contents.get(page_index - folio.index)
+                        if written is not None:
+                            yield page_index, written
+            index = end
 
     # -- write -----------------------------------------------------------------------------
 
