@@ -5,6 +5,7 @@ chance), the first clear one is evicted. The queue below is the clock face read 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ class Clock(ReclaimPolicy):
     def __init__(self, events: dict[VmEvent, int]) -> None:
         super().__init__(events)
         # From the hand onwards; a new page goes just behind the hand (the end).
-        self.face: dict[Folio, None] = {}
+        self.face: OrderedDict[Folio, None] = OrderedDict()
 
     def add(self, folio: Folio) -> None:
         folio.referenced = False
@@ -41,13 +42,11 @@ class Clock(ReclaimPolicy):
             if not folio.referenced:
                 return folio
             folio.referenced = False
-            del face[folio]
-            face[folio] = None
+            face.move_to_end(folio)
         return None
 
     def pass_over(self, folio: Folio) -> None:
-        del self.face[folio]
-        self.face[folio] = None
+        self.face.move_to_end(folio)
 
     def folios(self) -> Iterator[Folio]:
         return iter(self.face)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ class Fifo(ReclaimPolicy):
     def __init__(self, events: dict[VmEvent, int]) -> None:
         super().__init__(events)
         # Oldest first.
-        self.queue: dict[Folio, None] = {}
+        self.queue: OrderedDict[Folio, None] = OrderedDict()
 
     def add(self, folio: Folio) -> None:
         self.queue[folio] = None
@@ -33,8 +34,7 @@ class Fifo(ReclaimPolicy):
         return next(iter(self.queue), None)
 
     def pass_over(self, folio: Folio) -> None:
-        del self.queue[folio]
-        self.queue[folio] = None
+        self.queue.move_to_end(folio)
 
     def folios(self) -> Iterator[Folio]:
         return iter(self.queue)

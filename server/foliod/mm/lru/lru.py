@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ class Lru(ReclaimPolicy):
     def __init__(self, events: dict[VmEvent, int]) -> None:
         super().__init__(events)
         # Least recent first.
-        self.order: dict[Folio, None] = {}
+        self.order: OrderedDict[Folio, None] = OrderedDict()
 
     def add(self, folio: Folio) -> None:
         self.order[folio] = None
@@ -27,9 +28,7 @@ class Lru(ReclaimPolicy):
         self.nr_pages -= folio.nr_pages
 
     def mark_accessed(self, folio: Folio, fresh: bool) -> None:
-        order = self.order
-        del order[folio]
-        order[folio] = None
+        self.order.move_to_end(folio)
 
     def victim(self) -> Folio | None:
         return next(iter(self.order), None)

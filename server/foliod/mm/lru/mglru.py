@@ -10,6 +10,7 @@ is what the two youngest generations hold, as the kernel reports it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -30,8 +31,8 @@ class Mglru(ReclaimPolicy):
         super().__init__(events)
         self.min_seq = 0
         self.max_seq = MIN_NR_GENS - 1
-        self.gens: dict[int, dict[Folio, None]] = {
-            seq: {} for seq in range(self.min_seq, self.max_seq + 1)
+        self.gens: dict[int, OrderedDict[Folio, None]] = {
+            seq: OrderedDict() for seq in range(self.min_seq, self.max_seq + 1)
         }
         self.gen_pages: dict[int, int] = dict.fromkeys(self.gens, 0)
 
@@ -63,7 +64,7 @@ class Mglru(ReclaimPolicy):
     def age(self) -> None:
         """inc_max_seq: a new youngest generation; accessed folios are promoted into it."""
         self.max_seq += 1
-        self.gens[self.max_seq] = {}
+        self.gens[self.max_seq] = OrderedDict()
         self.gen_pages[self.max_seq] = 0
         for seq in range(self.min_seq, self.max_seq):
             for folio in [f for f in self.gens[seq] if f.refs]:

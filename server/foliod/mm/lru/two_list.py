@@ -11,6 +11,7 @@ size is activated at once (workingset_activate_file). Lists are ordered dicts: f
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -29,8 +30,8 @@ class TwoList(ReclaimPolicy):
 
     def __init__(self, events: dict[VmEvent, int]) -> None:
         super().__init__(events)
-        self.inactive: dict[Folio, None] = {}
-        self.active: dict[Folio, None] = {}
+        self.inactive: OrderedDict[Folio, None] = OrderedDict()
+        self.active: OrderedDict[Folio, None] = OrderedDict()
         self.__nr_active = 0
 
     @property
@@ -101,8 +102,7 @@ class TwoList(ReclaimPolicy):
         return folio
 
     def pass_over(self, folio: Folio) -> None:
-        del self.inactive[folio]
-        self.inactive[folio] = None  # back to the head, as a failed trylock leaves it
+        self.inactive.move_to_end(folio)  # back to the head, as a failed trylock leaves it
 
     def folios(self) -> Iterator[Folio]:
         yield from self.inactive
