@@ -211,16 +211,19 @@ class ObservingInterceptor(_CachingInterceptor):
                 call.messages_received += 1
                 yield request
 
+        def counted(call: CallInfo, request: Any) -> Any:
+            """The request, or the request stream counted as the handler consumes it."""
+            if handler.request_streaming:
+                return count_requests(call, request)
+            call.messages_received = 1
+            return request
+
         def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
             call = begin(context)
             start = time.perf_counter()
             failed = True
             try:
-                if handler.request_streaming:
-                    request = count_requests(call, request)
-                else:
-                    call.messages_received = 1
-                response = inner(request, context)
+                response = inner(counted(call, request), context)
                 failed = False
                 if context_code(context) in (None, grpc.StatusCode.OK):
                     call.messages_sent = 1
@@ -233,11 +236,7 @@ class ObservingInterceptor(_CachingInterceptor):
             start = time.perf_counter()
             failed = True
             try:
-                if handler.request_streaming:
-                    request = count_requests(call, request)
-                else:
-                    call.messages_received = 1
-                for response in inner(request, context):
+                for response in inner(counted(call, request), context):
                     call.messages_sent += 1
                     yield response
                 failed = False
