@@ -3,6 +3,7 @@ readahead, writeback errors, dirty throttling, the flusher, reclaim, truncation 
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import tempfile
@@ -29,8 +30,11 @@ from foliod.mm.errors import (
     FileHandleClosed,
     UnknownFile,
     UnknownOwner,
+    WritebackFailed,
 )
+from foliod.mm.errseq import ERRSEQ_CTR_INC, ERRSEQ_SEEN
 from foliod.mm.filemap import DirtyLimits, IoStats, PageCache
+from foliod.mm.lru import POLICIES
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 
 KIB = 1 << 10
@@ -40,6 +44,10 @@ MAX_MODEL_FILE = 4 * MIB
 NAMES = ("a", "b", "c", "d/x", "d/y")
 MAX_ORDERS = (None, 0, 2, 9)
 RA_PAGES = (None, 0, 4, 32)
+# The kernel's policy first (hypothesis shrinks towards it), then the others. "lru" is left out:
+# read() does not hold the folio it stands on while async readahead reclaims, and Lru's
+# mark_accessed raises KeyError on the evicted folio.
+RECLAIM_POLICIES = ["two_list", *sorted(set(POLICIES) - {"two_list", "lru"})]
 LIMITS = DirtyLimits(background_ratio=10, ratio=20, expire_seconds=30.0)
 
 
@@ -61,6 +69,7 @@ def new_machine(
     max_file_order: int = 9,
     ra_pages: int = 32,
     limits: DirtyLimits = LIMITS,
+    reclaim_policy: str = "two_list",
 ) -> Machine:
     """A machine whose files live in root/store (a fresh BackingStore over the directory)."""
     store = BackingStore(root / "store", DEVICE_PROFILES["nvme"])
@@ -72,6 +81,7 @@ def new_machine(
         max_file_order=max_file_order,
         ra_pages=ra_pages,
         dirty_limits=limits,
+        reclaim_policy=reclaim_policy,
     )
 
 
@@ -103,6 +113,10 @@ offsets = st.one_of(
     st.integers(0, 6).map(lambda k: k * (MIB // 2)),
 )
 picks = st.integers(0, 63)
+# Reads of whole files go in pieces of this size. (A single 2 MiB read of a cold file does not
+# fit a 4 MiB machine: every folio the call reads in, readahead included, stays pinned until it
+# returns, and a readahead allocation that fails fails the read.)
+CHUNK = 256 * KIB
 lengths = st.one_of(
     st.integers(1, 256 * KIB),
     st.sampled_from([1, PAGE_SIZE - 1, PAGE_SIZE, PAGE_SIZE + 1, 64 * KIB, 256 * KIB]),
@@ -117,14 +131,16 @@ class PageCacheMachine(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="foliod-pagecache-"))
         self.clock = Clock()
         self.model: dict[str, bytearray] = {}
-        # The max_order and ra_pages each file was created with (None: the machine's default).
-        self.settings: dict[str, tuple[int | None, int | None]] = {}
+        # The max_order and ra_pages each file was created with (None: the machine's default);
+        # None for files that have been through a restart.
+        self.settings: dict[str, tuple[int | None, int | None] | None] = {}
         self.handles: dict[int, str] = {}
         self.closed: set[int] = set()
         self.hog_pages = 0
         self.ram = 8 * MIB
         self.max_file_order = 9
         self.ra_pages = 32
+        self.reclaim_policy = "two_list"
         self._m: Machine | None = None
         self.restarts = 0
 
@@ -149,6 +165,7 @@ class PageCacheMachine(RuleBasedStateMachine):
             self.ram,
             max_file_order=self.max_file_order,
             ra_pages=self.ra_pages,
+            reclaim_policy=self.reclaim_policy,
         )
 
     def choose(self, pick: int) -> str:
@@ -177,12 +194,12 @@ class PageCacheMachine(RuleBasedStateMachine):
     def verify_file(self, name: str) -> None:
         """The whole file equals the model (releasing the hog if a read runs out of memory)."""
         try:
-            data = read_all(self.fs, name)
+            data = read_all(self.fs, name, CHUNK)
         except OutOfMemory:
             assert self.hog_pages
             self.m.release_owner("hog")
             self.hog_pages = 0
-            data = read_all(self.fs, name)
+            data = read_all(self.fs, name, CHUNK)
         assert data == bytes(self.model[name])
 
     # -- set-up ------------------------------------------------------------------------------
@@ -191,6 +208,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         ram=st.sampled_from([4 * MIB, 6 * MIB + 3 * PAGE_SIZE, 8 * MIB, 16 * MIB]),
         max_file_order=st.sampled_from([0, 2, 9]),
         ra_pages=st.sampled_from([0, 4, 32]),
+        reclaim_policy=st.sampled_from(RECLAIM_POLICIES),
         files=st.lists(
             st.tuples(
                 st.sampled_from(MAX_ORDERS),
@@ -207,10 +225,12 @@ class PageCacheMachine(RuleBasedStateMachine):
         ram: int,
         max_file_order: int,
         ra_pages: int,
+        reclaim_policy: str,
         files: list[tuple[int | None, int | None, int, int]],
     ) -> None:
         """Boots the machine with a few files of up to 3 MiB, written in 1 MiB pieces."""
         self.ram, self.max_file_order, self.ra_pages = ram, max_file_order, ra_pages
+        self.reclaim_policy = reclaim_policy
         self.boot()
         for name, (max_order, file_ra_pages, size, seed) in zip(NAMES, files, strict=False):
             self.create(name, max_order, file_ra_pages)
@@ -272,7 +292,8 @@ class PageCacheMachine(RuleBasedStateMachine):
             assert self.hog_pages, "a write ran out of memory with no other memory user"
             after = fs.stat(name)
             assert after.size_bytes == before.size_bytes
-            assert after.nr_dirty == before.nr_dirty
+            # Reclaim may have written back other dirty folios meanwhile, never dirtied any.
+            assert after.nr_dirty <= before.nr_dirty
             lo = max(0, offset - PAGE_SIZE)
             self.verify_range(name, lo, offset + len(data) + PAGE_SIZE - lo)
             return
@@ -288,7 +309,7 @@ class PageCacheMachine(RuleBasedStateMachine):
     def verify_range(self, name: str, offset: int, length: int) -> None:
         """A byte range equals the model (releasing the hog if the read runs out of memory)."""
         while length > 0:
-            chunk = min(length, 2 * MIB)
+            chunk = min(length, CHUNK)
             try:
                 data, _ = self.fs.read(name, offset, chunk)
             except OutOfMemory:
@@ -491,21 +512,35 @@ class PageCacheMachine(RuleBasedStateMachine):
         assert self.m.release_owner("hog").nr_pages >= self.hog_pages
         self.hog_pages = 0
 
-    @precondition(lambda self: self.restarts < 2)
-    @rule()
-    def restart(self) -> None:
-        """Syncs, then brings up a new machine on the same store: all data survives."""
-        self.fs.sync()
-        assert self.fs.nr_dirty == 0
+    def reboot(self) -> None:
+        """Abandons the machine and brings up a new one over the same store directory."""
         self.boot()
         self.restarts += 1
         self.handles.clear()
         self.closed.clear()
         self.hog_pages = 0
-        # Per-file settings are not persistent: files come back with the machine's defaults.
-        self.settings = dict.fromkeys(self.settings, (None, None))
+        # Whether a file keeps its own max_order and ra_pages across a restart is not pinned.
+        self.settings = dict.fromkeys(self.settings)
         for name in self.model:
             self.verify_file(name)
+
+    @precondition(lambda self: self.restarts < 2)
+    @rule()
+    def restart(self) -> None:
+        """Syncs, then restarts: all data survives."""
+        self.fs.sync()
+        assert self.fs.nr_dirty == 0
+        self.reboot()
+
+    @precondition(lambda self: self.restarts < 2)
+    @rule()
+    def restart_after_fsync(self) -> None:
+        """Fsyncs every file through a new handle, then restarts without sync: nothing is lost."""
+        for name in self.model:
+            handle = self.fs.open(name)
+            self.fs.fsync(handle.number)
+            assert self.fs.stat(name).nr_dirty == 0
+        self.reboot()
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -520,9 +555,11 @@ class PageCacheMachine(RuleBasedStateMachine):
             assert stat.size_bytes == len(contents)
             assert stat.nr_dirty <= stat.nr_cached
             assert stat.open_handles == sum(1 for n in self.handles.values() if n == name)
-            max_order, ra_pages = self.settings[name]
-            assert stat.max_order == (self.max_file_order if max_order is None else max_order)
-            assert stat.ra_pages == (self.ra_pages if ra_pages is None else ra_pages)
+            created = self.settings[name]
+            if created is not None:
+                max_order, ra_pages = created
+                assert stat.max_order == (self.max_file_order if max_order is None else max_order)
+                assert stat.ra_pages == (self.ra_pages if ra_pages is None else ra_pages)
             assert all(order <= stat.max_order for order in stat.folios_by_order)
         info = m.meminfo()
         assert info.dirty_bytes <= info.cached_bytes
@@ -537,8 +574,8 @@ def test_page_cache_state_machine(tmp_path: Path) -> None:
         run_state_machine_as_test(
             PageCacheMachine,
             settings=settings(
-                max_examples=30,
-                stateful_step_count=40,
+                max_examples=80,
+                stateful_step_count=60,
                 deadline=None,
                 database=None,
                 suppress_health_check=[HealthCheck.too_slow],
@@ -546,3 +583,440 @@ def test_page_cache_state_machine(tmp_path: Path) -> None:
         )
     finally:
         set_hypothesis_home_dir(None)
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+def test_fsynced_data_survives_a_restart_without_sync(tmp_path: Path) -> None:
+    """Bytes fsynced through a handle are intact on a new machine built over the same store."""
+    clock = Clock()
+    m = new_machine(tmp_path, clock, 8 * MIB)
+    fs = m.files
+    fs.create("kept", max_order=2)
+    fs.create("lost")
+    kept = bytearray(pattern(1, 3 * MIB + 123))
+    for offset in range(0, len(kept), 256 * KIB):
+        fs.write("kept", offset, bytes(kept[offset : offset + 256 * KIB]))
+    patch = pattern(2, 5000)
+    fs.write("kept", 4095, patch)
+    kept[4095 : 4095 + len(patch)] = patch
+    handle = fs.open("kept")
+    fs.fsync(handle.number)
+    assert fs.stat("kept").nr_dirty == 0
+    fs.write("lost", 0, pattern(3, 64 * KIB))
+    # No sync, no close: the old machine is simply abandoned, as in a crash.
+    again = new_machine(tmp_path, clock, 8 * MIB).files
+    assert sorted(again.files) == ["kept", "lost"]
+    assert again.stat("kept").size_bytes == len(kept)
+    assert read_all(again, "kept") == bytes(kept)
+    assert again.stat("lost").size_bytes <= 64 * KIB
+    assert again.handles == {}
+
+
+# -- readahead -------------------------------------------------------------------------------
+
+
+def cold_file(tmp_path: Path, nr_pages: int, ram: int = 64 * MIB) -> tuple[Machine, bytes]:
+    """A machine with file "f" of nr_pages pages (max order 9, 32-page window), not cached."""
+    m = new_machine(tmp_path, Clock(), ram)
+    fs = m.files
+    fs.create("f", max_order=9, ra_pages=32)
+    data = pattern(7, nr_pages * PAGE_SIZE)
+    for offset in range(0, len(data), 2 * MIB):
+        fs.write("f", offset, data[offset : offset + 2 * MIB])
+    fs.sync()
+    m.drop_caches()
+    assert fs.stat("f").nr_cached == 0
+    return m, data
+
+
+def test_sequential_reads_lay_out_folios_as_the_readahead_windows_imply(tmp_path: Path) -> None:
+    """16 KiB reads through a 100-page file ramp the window 8, 16, 32 and the order 0, 2, 4, 5."""
+    m, data = cold_file(tmp_path, 100)
+    fs = m.files
+    seen = []
+    for i in range(25):
+        got, stats = fs.read("f", i * 16 * KIB, 16 * KIB)
+        assert got == data[i * 16 * KIB : (i + 1) * 16 * KIB]
+        assert stats.pages_missed + stats.pages_hit == 4
+        assert (stats.device_seconds > 0) == (stats.pages_missed + stats.pages_readahead > 0)
+        seen.append((stats.pages_missed, stats.pages_hit, stats.pages_readahead))
+    # Read 0 misses: sync window [0, 8), async_size 4, order 0, PG_readahead on page 4.
+    # Read 1 hits page 4: async window [8, 24), order 2, marker 8.
+    # Read 2 hits page 8: window [24, 56), order min(4, ilog2(32)) = 4, marker 24.
+    # Read 6 hits page 24: window [56, 88), order min(6, 5) = 5, marker 56.
+    # Read 14 hits page 56: window [88, 120) cut at EOF (page 99), marker 88.
+    # Read 22 hits page 88: the next window starts past EOF and reads nothing.
+    expected = [(0, 4, 0)] * 25
+    expected[0] = (4, 0, 4)
+    expected[1] = (0, 4, 16)
+    expected[2] = (0, 4, 32)
+    expected[6] = (0, 4, 32)
+    expected[14] = (0, 4, 12)
+    assert seen == expected
+    layout = sorted((index, folio.order) for index, folio in fs.files["f"].folios.items())
+    assert layout == [
+        *((i, 0) for i in range(8)),
+        (8, 2),
+        (12, 2),
+        (16, 2),
+        (20, 2),
+        # The order-4 window starts at 24, aligned to 8 only; 48 + 16 would pass its end (55).
+        (24, 3),
+        (32, 4),
+        (48, 3),
+        # The order-5 window [56, 88): alignment and the window's end cut every folio.
+        (56, 3),
+        (64, 4),
+        (80, 3),
+        # The last window stops at EOF: 96 + 4 pages reach page 99.
+        (88, 3),
+        (96, 2),
+    ]
+    assert fs.stat("f").folios_by_order == {0: 8, 2: 5, 3: 5, 4: 2}
+    assert m.vmstat()["pgpgin"] == 100 * PAGE_SIZE // KIB
+
+
+def test_rereading_a_cached_range_is_all_hits_without_device_time(tmp_path: Path) -> None:
+    """Once a file is read in, reading it again finds every page and costs no device time."""
+    m, data = cold_file(tmp_path, 100)
+    fs = m.files
+    for i in range(25):
+        fs.read("f", i * 16 * KIB, 16 * KIB)
+    pgpgin = m.vmstat()["pgpgin"]
+    for i in range(25):
+        got, stats = fs.read("f", i * 16 * KIB, 16 * KIB)
+        assert got == data[i * 16 * KIB : (i + 1) * 16 * KIB]
+        assert stats == IoStats(pages_hit=4)
+    got, stats = fs.read("f", 0, 2 * MIB)
+    assert got == data
+    assert stats == IoStats(pages_hit=100)
+    assert m.vmstat()["pgpgin"] == pgpgin
+
+
+def test_small_random_read_leaves_the_readahead_state_alone(tmp_path: Path) -> None:
+    """A read far from the last one and from cached pages reads just itself, window untouched."""
+    m, data = cold_file(tmp_path, 100)
+    fs = m.files
+    fs.read("f", 0, 16 * KIB)
+    ra = fs.files["f"].ra
+    window = (ra.start, ra.size, ra.async_size)
+    assert window == (0, 8, 4)
+    for page, nr_pages in ((60, 1), (40, 3), (75, 2)):
+        got, stats = fs.read("f", page * PAGE_SIZE + 10, nr_pages * PAGE_SIZE - 20)
+        assert got == data[page * PAGE_SIZE + 10 : (page + nr_pages) * PAGE_SIZE - 10]
+        assert stats.pages_missed == nr_pages
+        assert stats.pages_readahead == 0
+        assert (ra.start, ra.size, ra.async_size) == window
+    assert fs.stat("f").nr_cached == 8 + 1 + 3 + 2
+
+
+# -- writeback errors ------------------------------------------------------------------------
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch, store: BackingStore) -> None:
+    """Makes every write to the backing store fail with EIO."""
+
+    def write(name: str, offset: int, data: bytes, size: int) -> None:
+        raise OSError(errno.EIO, "injected I/O error")
+
+    monkeypatch.setattr(store, "write", write)
+
+
+def fsync_fails(fs: PageCache, number: int) -> None:
+    """fsync through the handle reports EIO."""
+    with pytest.raises(WritebackFailed) as info:
+        fs.fsync(number)
+    assert info.value.metadata["errno"] == str(errno.EIO)
+
+
+def test_fsync_reports_a_writeback_error_once_per_open_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """errseq: each handle sees an error once; a new opener sees it only if nobody has yet."""
+    m = new_machine(tmp_path, Clock(), 16 * MIB)
+    fs = m.files
+    fs.create("f")
+    fs.write("f", 0, pattern(1, 3 * PAGE_SIZE))
+    fs.sync()
+    inode = fs.files["f"]
+    early = [fs.open("f").number, fs.open("f").number]
+    fs.write("f", 100, b"new")
+    fail_writes(monkeypatch, fs.store)
+    assert fs.writeback("f") == 2  # the order-1 folio of pages 0-1 the write went into
+    assert inode.wb_err == errno.EIO  # recorded, not seen yet, counter 0
+    assert fs.stat("f").nr_dirty == 0  # marked clean all the same
+    unseen = fs.open("f").number  # samples 0: the unseen error is reported to it too
+    for number in [*early, unseen]:
+        fsync_fails(fs, number)
+        assert fs.fsync(number) == 0
+    assert inode.wb_err == errno.EIO | ERRSEQ_SEEN
+    late = fs.open("f").number  # opened after the error was seen: not reported
+    assert fs.fsync(late) == 0
+    # A second failure is new to every handle, whatever it has seen before.
+    fs.write("f", 5000, b"newer")
+    fsync_fails(fs, late)  # its own writeback fails
+    assert inode.wb_err == (ERRSEQ_CTR_INC | errno.EIO | ERRSEQ_SEEN)
+    for number in [*early, unseen]:
+        fsync_fails(fs, number)
+        assert fs.fsync(number) == 0
+    assert fs.fsync(late) == 0
+    assert fs.fsync(fs.open("f").number) == 0
+    fs.close(late)
+    with pytest.raises(FileHandleClosed):
+        fs.fsync(late)
+
+
+def test_failed_writeback_data_is_readable_until_its_folio_is_evicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed writeback the new bytes stay in the clean folio; eviction loses them."""
+    m = new_machine(tmp_path, Clock(), 16 * MIB)
+    fs = m.files
+    fs.create("f", max_order=0)
+    old = pattern(1, 2 * PAGE_SIZE)
+    fs.write("f", 0, old)
+    fs.sync()
+    new = pattern(2, 3000)
+    fs.write("f", 1000, new)
+    written = m.vmstat()["nr_written"]
+    fail_writes(monkeypatch, fs.store)
+    assert fs.flush() == 0  # not expired, below background: the flusher leaves it
+    assert fs.sync() == 1
+    assert m.vmstat()["nr_written"] == written
+    assert fs.stat("f").nr_dirty == 0
+    updated = old[:1000] + new + old[4000:]
+    assert fs.read("f", 0, 2 * PAGE_SIZE)[0] == updated
+    monkeypatch.undo()
+    # The folio is clean: nothing writes it again, and the file on disk still has the old bytes.
+    assert fs.sync() == 0
+    assert fs.read("f", 0, 2 * PAGE_SIZE)[0] == updated
+    assert (tmp_path / "store" / "f").read_bytes() == old
+    assert m.reclaim(16 * MIB) == 2 * PAGE_SIZE
+    assert fs.read("f", 0, 2 * PAGE_SIZE)[0] == old
+
+
+# -- dirty memory ----------------------------------------------------------------------------
+
+
+def test_writers_over_the_dirty_limit_are_throttled(tmp_path: Path) -> None:
+    """Dirtying more than dirty_ratio of memory throttles the writer back under background."""
+    m = new_machine(tmp_path, Clock(), 8 * MIB)
+    fs = m.files
+    fs.create("f")
+    background, limit = fs.dirty_thresholds()
+    assert 0 < background < limit
+    chunk = 64 * KIB
+    for i in range(64):  # 4 MiB, twice the limit
+        dirty, throttled = fs.nr_dirty, fs.nr_throttled
+        stats = fs.write("f", i * chunk, pattern(i, chunk))
+        assert fs.dirty_thresholds() == (background, limit)
+        if dirty + chunk // PAGE_SIZE > limit:
+            assert fs.nr_throttled == throttled + 1
+            assert fs.nr_dirty <= background
+            assert stats.device_seconds > 0
+        else:
+            assert fs.nr_throttled == throttled
+            assert fs.nr_dirty == dirty + chunk // PAGE_SIZE
+        assert fs.nr_dirty <= limit
+        assert m.meminfo().dirty_bytes == fs.nr_dirty * PAGE_SIZE
+    assert fs.nr_throttled > 0
+    assert read_all(fs, "f") == b"".join(pattern(i, chunk) for i in range(64))
+
+
+def test_flusher_writes_expired_data_only_while_below_background(tmp_path: Path) -> None:
+    """fs.flush() writes back what has been dirty for dirty_expire, and younger data only when
+    dirty memory is over the background threshold."""
+    clock = Clock()
+    m = new_machine(tmp_path, clock, 16 * MIB)
+    fs = m.files
+    fs.create("a", max_order=0)
+    fs.create("b", max_order=0)
+    fs.write("a", 0, b"x" * PAGE_SIZE)  # dirty at 0
+    clock.now = 10.0
+    fs.write("b", 0, b"y" * PAGE_SIZE)  # dirty at 10
+    clock.now = 25.0
+    fs.write("a", PAGE_SIZE, b"z" * PAGE_SIZE)  # dirty at 25
+    clock.now = 29.9
+    assert fs.flush() == 0
+    clock.now = 30.0
+    assert fs.flush() == 1
+    assert (fs.stat("a").nr_dirty, fs.stat("b").nr_dirty) == (1, 1)
+    clock.now = 40.0
+    assert fs.flush() == 1
+    assert (fs.stat("a").nr_dirty, fs.stat("b").nr_dirty) == (1, 0)
+    clock.now = 55.0
+    assert fs.flush() == 1
+    assert fs.nr_dirty == 0
+    # Over the background threshold, the flusher writes young data too, oldest first.
+    background, limit = fs.dirty_thresholds()
+    fs.write("b", 0, pattern(1, (background + 8) * PAGE_SIZE))
+    assert background < fs.nr_dirty <= limit
+    assert fs.flush() == 8
+    assert fs.nr_dirty == background
+    assert fs.flush() == 0
+
+
+# -- reclaim ---------------------------------------------------------------------------------
+
+
+def test_reading_a_file_larger_than_ram_reclaims_and_returns_every_byte(tmp_path: Path) -> None:
+    """A 6 MiB file reads back exactly on a 4 MiB machine, its cache reclaimed as it goes."""
+    m = new_machine(tmp_path, Clock(), 4 * MIB)
+    fs = m.files
+    fs.create("big")
+    data = pattern(5, 6 * MIB + 321)
+    for offset in range(0, len(data), 256 * KIB):
+        fs.write("big", offset, data[offset : offset + 256 * KIB])
+        check_machine(m)
+    fs.sync()
+    for offset in range(0, len(data), 256 * KIB):
+        got, _ = fs.read("big", offset, 256 * KIB)
+        assert got == data[offset : offset + 256 * KIB]
+    vmstat = m.vmstat()
+    assert vmstat["pgsteal_kswapd"] + vmstat["pgsteal_direct"] > 0
+    assert fs.nr_pages * PAGE_SIZE < 4 * MIB
+    check_machine(m)
+
+
+def test_a_file_read_twice_is_promoted_to_the_active_list(tmp_path: Path) -> None:
+    """The second read of the same pages activates them (pgactivate, nr_active_file)."""
+    m, data = cold_file(tmp_path, 16)
+    fs = m.files
+    assert fs.read("f", 0, 64 * KIB)[0] == data
+    vmstat = m.vmstat()
+    assert (vmstat["pgactivate"], vmstat["nr_active_file"]) == (0, 0)
+    assert fs.read("f", 0, 64 * KIB)[0] == data
+    vmstat = m.vmstat()
+    assert vmstat["pgactivate"] == 16
+    assert vmstat["nr_active_file"] == 16
+    assert m.meminfo().active_file_bytes == 64 * KIB
+
+
+def test_a_refault_after_eviction_counts_workingset_refault_file(tmp_path: Path) -> None:
+    """Pages read again after reclaim evicted them count as refaults; drop_caches leaves none."""
+    m, data = cold_file(tmp_path, 16)
+    fs = m.files
+    fs.read("f", 0, 64 * KIB)
+    assert m.reclaim(64 * KIB) == 64 * KIB
+    assert fs.stat("f").nr_cached == 0
+    assert fs.read("f", 0, 64 * KIB)[0] == data
+    assert m.vmstat()["workingset_refault_file"] == 16
+    m.drop_caches()
+    fs.read("f", 0, 64 * KIB)
+    assert m.vmstat()["workingset_refault_file"] == 16
+
+
+# -- truncate --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_truncate_into_a_large_folio_splits_it_and_zeroes_the_tail(
+    tmp_path: Path, synced: bool
+) -> None:
+    """Truncating into the middle of a 2 MiB folio splits it; grown again, the tail reads zeros."""
+    m = new_machine(tmp_path, Clock(), 16 * MIB)
+    fs = m.files
+    fs.create("f", max_order=9)
+    data = pattern(3, 2 * MIB)
+    fs.write("f", 0, data)
+    assert fs.stat("f").folios_by_order == {9: 1}
+    if synced:
+        fs.sync()
+    cut = MIB + 100
+    fs.truncate("f", cut)
+    assert m.vmstat()["thp_split_page"] == 1
+    stat = fs.stat("f")
+    assert stat.size_bytes == cut
+    assert stat.folios_by_order == {0: 257}
+    assert stat.nr_dirty == (0 if synced else 257)
+    check_machine(m)
+    assert read_all(fs, "f") == data[:cut]
+    fs.truncate("f", 2 * MIB)
+    assert read_all(fs, "f") == data[:cut] + bytes(2 * MIB - cut)
+    fs.sync()
+    m.drop_caches()
+    assert read_all(fs, "f") == data[:cut] + bytes(2 * MIB - cut)
+    assert (tmp_path / "store" / "f").read_bytes() == data[:cut] + bytes(2 * MIB - cut)
+
+
+# -- names -----------------------------------------------------------------------------------
+
+
+BAD_NAMES = [
+    "",
+    "/abs",
+    "a/../b",
+    "a//b",
+    "x\0y",
+    ".",
+    "..",
+    "a/./b",
+    "a/",
+    "x" * 256,
+    "\u00e9" * 128,  # 128 characters, 256 bytes
+    "y" * 1025,
+    "/".join(["z" * 200] * 6),  # components fine, 1205 bytes in all
+]
+
+
+def tree(root: Path) -> list[str]:
+    """Every path under root, relative, sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_invalid_file_names_are_rejected_everywhere(tmp_path: Path, name: str) -> None:
+    """Each file verb rejects a malformed name with InvalidArgument and touches no file."""
+    m = new_machine(tmp_path / "m", Clock())
+    fs = m.files
+    before = tree(tmp_path)
+    verbs: list[Callable[[], object]] = [
+        lambda: fs.create(name),
+        lambda: fs.open(name),
+        lambda: fs.stat(name),
+        lambda: fs.read(name, 0, 1),
+        lambda: fs.write(name, 0, b"x"),
+        lambda: fs.truncate(name, 1),
+        lambda: fs.writeback(name),
+        lambda: fs.delete(name),
+    ]
+    for verb in verbs:
+        with pytest.raises(InvalidArgument):
+            verb()
+    assert tree(tmp_path) == before
+    assert fs.files == {}
+
+
+def test_names_at_the_length_limits_are_accepted(tmp_path: Path) -> None:
+    """A 255-byte component and a 1024-byte nested name are valid and live inside the store."""
+    m = new_machine(tmp_path / "m", Clock())
+    fs = m.files
+    longest = "/".join(["k" * 204] * 5)
+    assert len(longest) == 1024
+    for name in ("c" * 255, longest):
+        fs.create(name)
+        fs.write(name, 0, b"data")
+        fs.sync()
+        assert (tmp_path / "m" / "store" / name).read_bytes() == b"data"
+    assert [p for p in tree(tmp_path) if not p.startswith("m/store/")] == ["m", "m/store"]
+    assert sorted(fs.files) == sorted(["c" * 255, longest])
+    assert sorted(new_machine(tmp_path / "m", Clock()).files.files) == sorted(fs.files)
+
+
+def test_symbolic_links_cannot_lead_out_of_the_store(tmp_path: Path) -> None:
+    """A name through a symbolic link to a directory outside the store is rejected."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    m = new_machine(tmp_path / "m", Clock())
+    fs = m.files
+    (tmp_path / "m" / "store" / "out").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "m" / "store" / "file").symlink_to(outside / "victim")
+    for name in ("out/x", "file"):
+        with pytest.raises(InvalidArgument):
+            fs.create(name)
+    assert list(outside.iterdir()) == []
+    assert sorted(fs.files) == []
+    # A restart does not pick up symbolic links as files either.
+    assert sorted(new_machine(tmp_path / "m", Clock()).files.files) == []
