@@ -91,13 +91,14 @@ def test_public_api_is_pinned() -> None:
     assert foliod.mm.__all__ == sorted(foliod.mm.__all__, key=lambda n: (not n.isupper(), n))
     assert set(foliod.mm.__all__) == {
         "HOST", "MAX_FOLIOS_PER_CALL", "MAX_IO_BYTES", "MAX_PAGE_ORDER", "PAGE_SIZE",
-        "AddressSpaceExhausted", "Allocation", "Descriptor", "DescriptorCost", "DescriptorSizes",
-        "FailedPrecondition", "Folio", "FolioAlreadyFreed", "FolioKind", "FoliodError",
+        "AddressSpaceExhausted", "AlreadyExists", "Allocation", "Descriptor", "DescriptorCost",
+        "DescriptorSizes", "FailedPrecondition", "FileHandleClosed", "Folio",
+        "FolioAlreadyFreed", "FolioKind", "FoliodError",
         "InconsistentState",
         "InvalidArgument", "Machine", "Machines", "Meminfo", "MemmapModel", "ModelCost",
         "MthpStat", "NotFound", "OutOfMemory", "OutOfRange", "Release", "ThpPolicy",
-        "ThpSetting", "UnknownFolio", "UnknownMachine", "UnknownOwner", "VmEvent", "VmStat",
-        "Watermarks", "check_machine",
+        "ThpSetting", "UnknownFile", "UnknownFileHandle", "UnknownFolio", "UnknownMachine",
+        "UnknownOwner", "VmEvent", "VmStat", "Watermarks", "WritebackFailed", "check_machine",
     }  # fmt: skip
     assert all(hasattr(foliod.mm, name) for name in foliod.mm.__all__)
     assert foliodclient.__all__ == ["RemoteError", "error_from_rpc"]

@@ -126,7 +126,10 @@ class FaultInjector:
 
 def check_file_name(name: str) -> str:
     """Returns the name if it is a valid relative file name; InvalidArgument otherwise."""
-    encoded = name.encode("utf-8", "surrogatepass")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("file name is not valid UTF-8", field="name") from None
     problem = ""
     if not name:
         problem = "is empty"
@@ -141,7 +144,7 @@ def check_file_name(name: str) -> str:
             if part in ("", ".", ".."):
                 problem = f"has a {part!r} component" if part else "has an empty component"
                 break
-            if len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+            if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
                 problem = f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
                 break
     if problem:

@@ -56,6 +56,8 @@ class CacheAllocator(Protocol):
 
     def free_cache_folio(self, folio: Folio) -> None: ...
 
+    def split_cache_folio(self, folio: Folio) -> list[Folio]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class DirtyLimits:
@@ -212,6 +214,15 @@ class PageCache:
         check_file_name(name)
         if name in self.files:
             raise AlreadyExists(f"file {name[:80]!r} exists", field="name")
+        # A name is a file or a directory, never both.
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in self.files:
+                raise InvalidArgument(
+                    f"{'/'.join(parts[:depth])[:80]!r} is a file, not a directory", field="name"
+                )
+        if any(other.startswith(name + "/") for other in self.files):
+            raise AlreadyExists(f"{name[:80]!r} is a directory of files", field="name")
         if max_order is not None and not 0 <= max_order <= MAX_PAGECACHE_ORDER:
             raise InvalidArgument(
                 f"max_order must be 0..{MAX_PAGECACHE_ORDER}, not {max_order}", field="max_order"
@@ -428,16 +439,17 @@ class PageCache:
             folio = inode.find(index)
             if folio is None:
                 window = inode.ra.sync(index, last - index + 1, inode, inode.max_order)
-                self.__readahead(inode, window, fresh, stats)
+                self.__readahead(inode, window, fresh, stats, required=True)
                 folio = inode.find(index)
                 assert folio is not None
             elif folio.readahead:
                 folio.readahead = False
+                self.busy.add(folio)  # held while the async window may reclaim
                 window_or_none = inode.ra.async_(
                     index, last - index + 1, folio.order, inode, inode.max_order
                 )
                 if window_or_none is not None:
-                    self.__readahead(inode, window_or_none, fresh, stats)
+                    self.__readahead(inode, window_or_none, fresh, stats, required=False)
             end = folio.index + (1 << folio.order)
             pages = (end if end <= last else last + 1) - index
             is_fresh = folio in fresh
@@ -449,6 +461,8 @@ class PageCache:
             # another access to it (filemap_read's pos_same_folio check).
             if every_access or not (index == first and folio.index <= inode.ra.prev_index < end):
                 self.lru.mark_accessed(folio, is_fresh)
+            # Counted: reclaim may take it now (its data is in the file or written there first).
+            self.busy.discard(folio)
             index = end
         if fresh:
             stats.pages_readahead += sum(
@@ -460,11 +474,24 @@ class PageCache:
         inode.ra.note_read(last)
 
     def __readahead(
-        self, inode: Inode, window: RaWindow, fresh: set[Folio], stats: IoStats
+        self,
+        inode: Inode,
+        window: RaWindow,
+        fresh: set[Folio],
+        stats: IoStats,
+        *,
+        required: bool,
     ) -> None:
-        """Reads one window in (page_cache_ra_order) and marks its PG_readahead folio."""
+        """Reads one window in (page_cache_ra_order) and marks its PG_readahead folio.
+        Readahead is best effort: when memory runs out the window stops short, and only the
+        page the reader is waiting for (a sync window's first) must be had."""
         eof_index = (inode.size - 1) >> PAGE_SHIFT
-        made = self.__populate(inode, ra_folio_layout(window, eof_index), [])
+        made: list[Folio] = []
+        try:
+            self.__populate(inode, ra_folio_layout(window, eof_index), made)
+        except OutOfMemory:
+            if required and inode.find(window.start) is None:
+                self.__populate(inode, [(window.start, 0)], made)
         if window.mark is not None:
             marked = inode.find(window.mark)
             if marked is not None and marked in made:
@@ -744,11 +771,14 @@ class PageCache:
         if not 0 <= size <= MAX_FILE_BYTES:
             raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
         keep = -(-size // PAGE_SIZE)  # pages that remain
-        for folio in list(inode.folios.values()):
-            if folio.index >= keep:
-                self.__remove(inode, folio, shadow=False)
-            elif folio.index + folio.nr_pages > keep:
-                self.__split_tail(inode, folio, keep)
+        try:
+            for folio in list(inode.folios.values()):
+                if folio.index >= keep:
+                    self.__remove(inode, folio, shadow=False)
+                elif folio.index + folio.nr_pages > keep:
+                    self.__split_tail(inode, folio, keep)
+        finally:
+            self.busy.clear()
         for index in [i for i in inode.shadows if i >= keep]:
             del inode.shadows[index]
         if size % PAGE_SIZE:
@@ -764,17 +794,26 @@ class PageCache:
         self.store.truncate(inode.name, size)
 
     def __split_tail(self, inode: Inode, folio: Folio, keep: int) -> None:
-        """Splits a large folio into base pages and frees those at or past page keep."""
-        self.events[VmEvent.THP_SPLIT_PAGE] += 1
+        """Splits a large folio in place into base pages and frees those at or past page keep;
+        the kept pages keep their data and flags. Allocates nothing."""
         contents = folio.contents or {}
         dirty, referenced, when = folio.dirty, folio.referenced, folio.dirtied_at
         index = folio.index
-        self.__remove(inode, folio, shadow=False)
-        for i in range(index, keep):
-            page = self.__alloc(0)
-            self.__insert(inode, page, i)
-            if i - index in contents:
-                page.contents = {0: contents[i - index]}
+        self.lru.remove(folio)
+        del inode.folios[index]
+        inode.nr_pages -= folio.nr_pages
+        self.nr_pages -= folio.nr_pages
+        if dirty:
+            inode.nr_dirty -= folio.nr_pages
+            self.nr_dirty -= folio.nr_pages
+        folio.mapping = None
+        for i, page in enumerate(self.allocator.split_cache_folio(folio)):
+            if index + i >= keep:
+                self.allocator.free_cache_folio(page)
+                continue
+            self.__insert(inode, page, index + i)
+            if i in contents:
+                page.contents = {0: contents[i]}
             page.referenced = referenced
             if dirty:
                 page.dirty, page.dirtied_at = True, when

@@ -210,8 +210,31 @@ class Machine:
         return Folio(0, pfn, order, kind, owner)
 
     def alloc_cache_folio(self, order: int) -> Folio:
-        """CacheAllocator: a page cache folio (filemap_alloc_folio)."""
+        """CacheAllocator: a page cache folio (filemap_alloc_folio). A large one is tried
+        with one round of reclaim at most (__GFP_NORETRY): the caller falls back to smaller
+        folios rather than emptying the cache for one large block."""
+        if order:
+            pfn = self.__rmqueue(order)
+            if pfn is None and self.page_cache is not None and self.lru.nr_pages:
+                self.events[VmEvent.ALLOCSTALL] += 1
+                self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True)
+                pfn = self.__rmqueue(order)
+            if pfn is None:
+                raise self.__out_of_memory(order)
+            self.__account(FolioKind.FILE, order, 1)
+            self.events[_PGALLOC] += 1 << order
+            return Folio(0, pfn, order, FolioKind.FILE, "")
         return self.__alloc_folio(order, FolioKind.FILE, "")
+
+    def split_cache_folio(self, folio: Folio) -> list[Folio]:
+        """CacheAllocator: splits a large page cache folio into base-page folios over the same
+        frames, allocating nothing (split_huge_page); the caller places or frees each one."""
+        self.__account(folio.kind, folio.order, -1)
+        pages = [Folio(0, folio.pfn + i, 0, folio.kind, folio.owner) for i in range(folio.nr_pages)]
+        self.__account(folio.kind, 0, len(pages))
+        if folio.order == HPAGE_PMD_ORDER:
+            self.events[VmEvent.THP_SPLIT_PAGE] += 1
+        return pages
 
     def free_cache_folio(self, folio: Folio) -> None:
         """CacheAllocator: returns an evicted or truncated page cache folio."""
