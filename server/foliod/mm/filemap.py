@@ -582,7 +582,7 @@ class PageCache:
         if self.nr_dirty <= limit:
             return
         self.nr_throttled += 1
-        written = self.__writeback_oldest(lambda: self.nr_dirty > background)
+        written = self.__writeback_oldest(lambda folio: self.nr_dirty > background)
         stats.device_seconds += self.store.device.write_seconds(written * PAGE_SIZE)
 
     def flush(self) -> int:
@@ -591,21 +591,18 @@ class PageCache:
         threshold. Returns pages written."""
         background, _ = self.dirty_thresholds()
         expired_before = self.clock() - self.limits.expire_seconds
-        written = 0
-        for folio in sorted(self.dirty_folios(), key=lambda f: f.dirtied_at):
-            if folio.dirtied_at > expired_before and self.nr_dirty <= background:
-                break
-            self.writeback_folio(folio)
-            written += folio.nr_pages
-        return written
+        return self.__writeback_oldest(
+            lambda folio: folio.dirtied_at <= expired_before or self.nr_dirty > background
+        )
 
-    def __writeback_oldest(self, more: Callable[[], bool]) -> int:
+    def __writeback_oldest(self, more: Callable[[Folio], bool]) -> int:
+        """Writes dirty folios back, oldest first, while more(folio) holds; returns pages
+        written successfully."""
         written = 0
         for folio in sorted(self.dirty_folios(), key=lambda f: f.dirtied_at):
-            if not more():
+            if not more(folio):
                 break
-            self.writeback_folio(folio)
-            written += folio.nr_pages
+            written += self.writeback_folio(folio)
         return written
 
     def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[Folio]) -> IoStats:
@@ -686,13 +683,15 @@ class PageCache:
 
     # -- writeback -------------------------------------------------------------------------
 
-    def writeback_folio(self, folio: Folio) -> None:
+    def writeback_folio(self, folio: Folio) -> int:
         """Writes a dirty folio's in-memory pages to the backing file and marks it clean; an
-        error is recorded in the file's errseq and the folio is marked clean all the same."""
+        error is recorded in the file's errseq and the folio is marked clean all the same.
+        Returns the pages written successfully."""
         inode = folio.mapping
         assert isinstance(inode, Inode)
         if not folio.dirty:
-            return
+            return 0
+        written = 0
         try:
             for i, page in sorted((folio.contents or {}).items()):
                 self.store.write(
@@ -704,11 +703,13 @@ class PageCache:
             inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
         else:
             folio.contents = None
-            self.events[VmEvent.NR_WRITTEN] += folio.nr_pages
-            self.events[VmEvent.PGPGOUT] += folio.nr_pages * _KIB_PER_PAGE
+            written = folio.nr_pages
+            self.events[VmEvent.NR_WRITTEN] += written
+            self.events[VmEvent.PGPGOUT] += written * _KIB_PER_PAGE
         folio.dirty = False
         inode.nr_dirty -= folio.nr_pages
         self.nr_dirty -= folio.nr_pages
+        return written
 
     def dirty_folios(self, inode: Inode | None = None) -> list[Folio]:
         inodes = [inode] if inode is not None else list(self.files.values())
@@ -716,15 +717,14 @@ class PageCache:
 
     def writeback(self, name: str | None = None, start: int = 0, end: int | None = None) -> int:
         """Writes back dirty folios of one file's byte range, of one file, or of all files;
-        returns pages written."""
+        returns pages written successfully."""
         inode = self.lookup(name) if name is not None else None
         written = 0
         for folio in self.dirty_folios(inode):
             folio_start = folio.index << PAGE_SHIFT
             if folio_start + folio.size_bytes <= start or (end is not None and folio_start >= end):
                 continue
-            self.writeback_folio(folio)
-            written += folio.nr_pages
+            written += self.writeback_folio(folio)
         return written
 
     def sync(self) -> int:

@@ -505,13 +505,13 @@ class Machine:
 
     def folio_write(self, handle: int, offset: int, data: bytes) -> int:
         folio = self.lookup(handle)
-        check_io(offset, len(data), "data")
+        check_range(offset, len(data), "data")
         folio.write(offset, data)
         return len(data)
 
     def folio_read(self, handle: int, offset: int, length: int) -> bytes:
         folio = self.lookup(handle)
-        check_io(offset, length, "length")
+        check_range(offset, length, "length")
         return folio.read(offset, length)
 
     # -- page cache ------------------------------------------------------------------------
@@ -592,10 +592,6 @@ def check_owner_name(owner: str) -> None:
         raise InvalidArgument(
             f"owner must be 1-64 characters of [A-Za-z0-9._:-], not {owner[:80]!r}", field="owner"
         )
-
-
-def check_io(offset: int, length: int, field_name: str) -> None:
-    check_range(offset, length, field_name)
 
 
 class Machines:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 from foliod.mm.errors import OutOfRange
-from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+from foliod.mm.page_alloc import PAGE_SIZE
 
 
 class FolioKind(enum.StrEnum):
@@ -76,10 +76,6 @@ class Folio:
     def size_bytes(self) -> int:
         return PAGE_SIZE << self.order
 
-    @property
-    def is_large(self) -> bool:
-        return self.order > 0
-
     def __check_range(self, offset: int, length: int, field: str) -> None:
         if offset + length > self.size_bytes:
             raise OutOfRange(
@@ -120,12 +116,3 @@ class Folio:
                 out[pos : pos + chunk] = page[start : start + chunk]
             pos += chunk
         return bytes(out)
-
-    @property
-    def nr_pages_written(self) -> int:
-        """Pages that hold written contents (the simulator's own memory for this folio)."""
-        return len(self.contents) if self.contents else 0
-
-
-def pages_to_bytes(nr_pages: int) -> int:
-    return nr_pages << PAGE_SHIFT

@@ -18,7 +18,7 @@ from foliod.mm.vmstat import VmEvent
 class Evictor(Protocol):
     """What reclaim asks of the page cache."""
 
-    def writeback_folio(self, folio: Folio) -> None: ...
+    def writeback_folio(self, folio: Folio) -> int: ...
 
     def evict_folio(self, folio: Folio) -> None:
         """Takes the folio off its policy list and out of its file, and frees it."""
