@@ -128,6 +128,8 @@ def _check_page_cache(machine: Machine) -> list[Folio]:
             _require(index % folio.nr_pages == 0, f"{name}: misaligned order-{folio.order}")
             _require(index > end, f"{name}: overlaps the folio ending at {end}")
             _require(index not in inode.shadows, f"{name}: cached and shadowed")
+            _require(folio.order <= inode.top_order, f"{name}: above top_order {inode.top_order}")
+            _require(folio.nr_pages == 1 << folio.order, f"{name}: nr_pages off")
             end = index + folio.nr_pages - 1
             nr_pages += folio.nr_pages
             nr_dirty += folio.nr_pages if folio.dirty else 0

@@ -240,6 +240,13 @@ class Machine:
         """CacheAllocator: returns an evicted or truncated page cache folio."""
         self.__free_folio(folio)
 
+    def recycle_cache_frames(self, nr: int) -> None:
+        """CacheAllocator: nr base-page frames went from evicted folios straight to new ones,
+        as the per-CPU page list hands back the frame freed last; the buddy lists and the
+        folio counts are unchanged, the free and the allocation are counted."""
+        self.events[_PGFREE] += nr
+        self.events[_PGALLOC] += nr
+
     @property
     def nr_reclaimable(self) -> int:
         """Pages reclaim could free: the page cache on the file LRU lists."""

@@ -35,6 +35,7 @@ class Folio:
         "index",
         "kind",
         "mapping",
+        "nr_pages",
         "order",
         "owner",
         "pfn",
@@ -49,6 +50,7 @@ class Folio:
         self.handle = handle
         self.pfn = pfn
         self.order = order
+        self.nr_pages = 1 << order
         self.kind = kind
         self.owner = owner
         # Virtual page number in the owner's address space (anon only; -1 when unmapped).
@@ -67,10 +69,6 @@ class Folio:
         # Multi-generational LRU: generation sequence number and access count.
         self.gen = 0
         self.refs = 0
-
-    @property
-    def nr_pages(self) -> int:
-        return 1 << self.order
 
     @property
     def size_bytes(self) -> int:

@@ -95,9 +95,19 @@ class RaState:
         mark = self.start + self.size - self.async_size
         return RaWindow(self.start, self.size, mark if self.async_size else None, self.order)
 
+    def reads_alone(self, index: int, req_count: int, cache: CacheView) -> bool:
+        """Whether a miss of req_count pages at index is read as is, leaving the state alone:
+        readahead is off, or this is a standalone small random read."""
+        if not self.ra_pages:
+            return True
+        max_pages = max(self.ra_pages, req_count)
+        if not index or req_count > max_pages or 0 <= index - self.prev_index <= 1:
+            return False
+        return index - cache.prev_miss(index - 1, max_pages) - 1 <= req_count
+
     def sync(self, index: int, req_count: int, cache: CacheView, max_order: int) -> RaWindow:
         """A read of req_count pages at index missed the cache (page_cache_sync_ra)."""
-        if not self.ra_pages:
+        if self.reads_alone(index, req_count, cache):
             return RaWindow(index, req_count, None, 0)
         # ractl_max_pages, as if the device's io_pages allowed any oversized request.
         max_pages = max(self.ra_pages, req_count)
@@ -109,9 +119,6 @@ class RaState:
             return self.__window(max_order)
         miss = cache.prev_miss(index - 1, max_pages)
         contig_count = index - miss - 1
-        if contig_count <= req_count:
-            # A standalone small random read: read it as is, leave the state alone.
-            return RaWindow(index, req_count, None, 0)
         if miss == NO_MISS_BEFORE_START:
             contig_count *= 2
         self.start = index

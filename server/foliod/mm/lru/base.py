@@ -8,7 +8,7 @@ here writeback ends within the call), evicts, and counts pgscan/pgsteal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar, Protocol
 
 from foliod.mm.mm_types import Folio
@@ -39,6 +39,12 @@ class ReclaimPolicy:
         self.nr_pages = 0
         # Evictions and activations so far: what shadow entries are stamped with.
         self.nonresident_age = 0
+        # A later access to a resident folio: mark_accessed(folio), or a cheaper callable with
+        # the same effect.
+        self.touch: Callable[[Folio], None] = self.mark_accessed
+        # remove(folio), add(folio) and mark_accessed(folio, True) in one cheaper step, where a
+        # policy has one (only policies whose refault() just counts, as the order differs).
+        self.requeue: Callable[[Folio], None] | None = None
 
     # -- what each policy provides ---------------------------------------------------------
 
@@ -50,12 +56,13 @@ class ReclaimPolicy:
         """The folio leaves (eviction, truncation, deletion)."""
         raise NotImplementedError
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         """A read or write touched the folio; fresh when this very call brought it in."""
         raise NotImplementedError
 
     def victim(self) -> Folio | None:
-        """The next folio to evict, after any aging or rotation the policy does; None if empty."""
+        """The next folio to evict, after any aging or rotation the policy does; None if empty.
+        The folio stays first: asked again at once, victim() returns it and changes nothing."""
         raise NotImplementedError
 
     def pass_over(self, folio: Folio) -> None:

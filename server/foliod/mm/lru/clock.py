@@ -31,7 +31,7 @@ class Clock(ReclaimPolicy):
         del self.face[folio]
         self.nr_pages -= folio.nr_pages
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         if not fresh:
             folio.referenced = True
 

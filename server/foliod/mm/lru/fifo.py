@@ -18,6 +18,7 @@ class Fifo(ReclaimPolicy):
         super().__init__(events)
         # Oldest first.
         self.queue: OrderedDict[Folio, None] = OrderedDict()
+        self.requeue = self.queue.move_to_end
 
     def add(self, folio: Folio) -> None:
         self.queue[folio] = None
@@ -27,7 +28,7 @@ class Fifo(ReclaimPolicy):
         del self.queue[folio]
         self.nr_pages -= folio.nr_pages
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         pass
 
     def victim(self) -> Folio | None:

@@ -18,6 +18,7 @@ class Lru(ReclaimPolicy):
         super().__init__(events)
         # Least recent first.
         self.order: OrderedDict[Folio, None] = OrderedDict()
+        self.touch = self.requeue = self.order.move_to_end
 
     def add(self, folio: Folio) -> None:
         self.order[folio] = None
@@ -27,7 +28,7 @@ class Lru(ReclaimPolicy):
         del self.order[folio]
         self.nr_pages -= folio.nr_pages
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         self.order.move_to_end(folio)
 
     def victim(self) -> Folio | None:

@@ -54,7 +54,7 @@ class Mglru(ReclaimPolicy):
         self.__take(folio)
         self.nr_pages -= folio.nr_pages
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         folio.refs = min(folio.refs + 1, MAX_TIER)
 
     @property

@@ -51,7 +51,7 @@ class TwoList(ReclaimPolicy):
             del self.inactive[folio]
         self.nr_pages -= folio.nr_pages
 
-    def mark_accessed(self, folio: Folio, fresh: bool) -> None:
+    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         if not folio.referenced:
             folio.referenced = True
         elif not folio.active:
