@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import filecmp
 import os
 import subprocess
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import foliod.mm
 import foliodclient
+from foliod.mm.filemap import IoStats
+from foliod.rpc.servicer import _io_stats
+from foliod.v1 import foliod_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "server" / "foliod" / "mm"
@@ -109,3 +113,11 @@ def test_every_core_module_states_its_scope() -> None:
     for path in CORE.glob("*.py"):
         docstring = ast.get_docstring(ast.parse(path.read_text()))
         assert docstring, path.name
+
+
+def test_every_io_stats_field_reaches_the_wire() -> None:
+    """The servicer copies IoStats field by field: a new field must be added there too."""
+    names = [f.name for f in dataclasses.fields(IoStats)]
+    assert names == [f.name for f in pb.IoStats.DESCRIPTOR.fields]
+    stats = IoStats(1, 2, 3, 0.5)
+    assert [getattr(_io_stats(stats), n) for n in names] == [getattr(stats, n) for n in names]

@@ -719,8 +719,14 @@ class PageCache:
     def __read_bytes(self, inode: Inode, offset: int, length: int) -> bytes:
         """The file's bytes: the backing file overlaid with pages not yet written back."""
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
-        data = bytearray(self.store.read_pages(inode.name, first, last - first + 1))
-        for index, page in self.__memory_pages(inode, first, last):
+        nr_pages = last - first + 1
+        in_memory = list(self.__memory_pages(inode, first, last))
+        data = (
+            bytearray(nr_pages * PAGE_SIZE)  # every page is in memory: no device read
+            if len(in_memory) == nr_pages
+            else bytearray(self.store.read_pages(inode.name, first, nr_pages))
+        )
+        for index, page in in_memory:
             start = (index - first) * PAGE_SIZE
             data[start : start + PAGE_SIZE] = page
         skip = offset - first * PAGE_SIZE

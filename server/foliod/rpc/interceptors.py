@@ -8,8 +8,8 @@ request id, status code, duration, messages) to observers such as the access log
 from __future__ import annotations
 
 import contextvars
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
@@ -182,7 +182,7 @@ class ObservingInterceptor(_CachingInterceptor):
             for key, value in context.invocation_metadata():
                 if key == REQUEST_ID_KEY and isinstance(value, str):
                     request_id = value[:_MAX_REQUEST_ID]
-            call = CallInfo(service, method, grpc_type, request_id or uuid.uuid4().hex)
+            call = CallInfo(service, method, grpc_type, request_id or os.urandom(16).hex())
             call.peer = context.peer()
             REQUEST_ID.set(call.request_id)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))

@@ -397,7 +397,12 @@ def _file_stat(stat: FileStat) -> pb.FileStat:
 
 
 def _io_stats(stats: IoStats) -> pb.IoStats:
-    return pb.IoStats(**asdict(stats))
+    return pb.IoStats(
+        pages_hit=stats.pages_hit,
+        pages_missed=stats.pages_missed,
+        pages_readahead=stats.pages_readahead,
+        device_seconds=stats.device_seconds,
+    )
 
 
 def _thp_policy(m: Machine) -> pb.ThpPolicy:
