@@ -10,6 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+import foliodclient
 from foliod.mm import (
     FolioAlreadyFreed,
     InvalidArgument,
@@ -264,7 +265,8 @@ def test_client_maps_every_code_back_to_the_core_tree(stub: Stub) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         stub.Allocate(_alloc(order=12, kind=pb.FOLIO_KIND_FILE))
     mapped = error_from_rpc(raised.value)
-    assert type(mapped) is InvalidArgument
+    assert isinstance(mapped, foliodclient.InvalidArgument)
+    assert isinstance(mapped, InvalidArgument)  # the client's class subclasses the core's
     assert mapped.field == "order"
     assert mapped.metadata["grpc_code"] == "INVALID_ARGUMENT"
     assert "order 12" in mapped.message

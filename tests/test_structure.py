@@ -105,7 +105,11 @@ def test_public_api_is_pinned() -> None:
         "UnknownOwner", "VmEvent", "VmStat", "Watermarks", "WritebackFailed", "check_machine",
     }  # fmt: skip
     assert all(hasattr(foliod.mm, name) for name in foliod.mm.__all__)
-    assert foliodclient.__all__ == ["RemoteError", "error_from_rpc"]
+    assert foliodclient.__all__ == sorted(foliodclient.__all__)
+    assert {"FoliodClient", "AsyncFoliodClient", "RemoteError", "error_from_rpc"} <= set(
+        foliodclient.__all__
+    )
+    assert all(hasattr(foliodclient, name) for name in foliodclient.__all__)
 
 
 def test_every_core_module_states_its_scope() -> None:

@@ -1,9 +1,110 @@
-"""foliod's Python client (first slice): error mapping from gRPC statuses back to the core's tree.
+"""foliod's Python client: typed synchronous and asyncio clients, and the error tree they raise.
 
-The full typed client, CLI and load driver are tracked separately; this package already gives
-callers the same exceptions the server raised, with status code and google.rpc details.
+    with FoliodClient("127.0.0.1:50051") as client:
+        client.allocate("cache", "file", order=0, size_bytes=1 << 30)
+        print(client.get_memmap().models[0].total_bytes)
+
+`foliodctl` (foliodclient.cli) is the command line built on it.
 """
 
-from foliodclient.errors import RemoteError, error_from_rpc
+from foliod.mm import FolioKind, MemmapModel, ThpSetting
+from foliodclient._client import AsyncFoliodClient, FoliodClient, RetryPolicy
+from foliodclient._types import (
+    Allocation,
+    BuddyInfo,
+    DescriptorBytes,
+    FaultRule,
+    Faults,
+    FileRead,
+    FileStat,
+    FileWrite,
+    FolioCount,
+    FolioInfo,
+    FreeResult,
+    IoStats,
+    KindBytes,
+    MachineInfo,
+    Meminfo,
+    MemmapReport,
+    ModelReport,
+    MthpSize,
+    ReleaseResult,
+    ThpPolicy,
+    Watermarks,
+)
+from foliodclient.errors import (
+    AddressSpaceExhausted,
+    AlreadyExists,
+    CallError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FileHandleClosed,
+    FolioAlreadyFreed,
+    InvalidArgument,
+    NotFound,
+    OutOfMemory,
+    OutOfRange,
+    PermissionDenied,
+    RemoteError,
+    Unauthenticated,
+    Unavailable,
+    UnknownFile,
+    UnknownFileHandle,
+    UnknownFolio,
+    UnknownMachine,
+    UnknownOwner,
+    WritebackFailed,
+    error_from_rpc,
+)
 
-__all__ = ["RemoteError", "error_from_rpc"]
+__all__ = [
+    "AddressSpaceExhausted",
+    "Allocation",
+    "AlreadyExists",
+    "AsyncFoliodClient",
+    "BuddyInfo",
+    "CallError",
+    "DeadlineExceeded",
+    "DescriptorBytes",
+    "FailedPrecondition",
+    "FaultRule",
+    "Faults",
+    "FileHandleClosed",
+    "FileRead",
+    "FileStat",
+    "FileWrite",
+    "FolioAlreadyFreed",
+    "FolioCount",
+    "FolioInfo",
+    "FolioKind",
+    "FoliodClient",
+    "FreeResult",
+    "InvalidArgument",
+    "IoStats",
+    "KindBytes",
+    "MachineInfo",
+    "Meminfo",
+    "MemmapModel",
+    "MemmapReport",
+    "ModelReport",
+    "MthpSize",
+    "NotFound",
+    "OutOfMemory",
+    "OutOfRange",
+    "PermissionDenied",
+    "ReleaseResult",
+    "RemoteError",
+    "RetryPolicy",
+    "ThpPolicy",
+    "ThpSetting",
+    "Unauthenticated",
+    "Unavailable",
+    "UnknownFile",
+    "UnknownFileHandle",
+    "UnknownFolio",
+    "UnknownMachine",
+    "UnknownOwner",
+    "Watermarks",
+    "WritebackFailed",
+    "error_from_rpc",
+]

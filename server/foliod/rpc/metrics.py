@@ -2,7 +2,8 @@
 
 Machine metrics come from counters the core maintains (never from walking frames), so a scrape
 costs the same on a 4 GiB machine and a 1 TiB one. gRPC metrics use the names of the Go
-ecosystem's grpc-prometheus, which existing Grafana dashboards expect.
+ecosystem's grpc-prometheus, which existing Grafana dashboards expect. docs/metrics.md documents
+every metric (a test holds it to a live scrape); deploy/ has the rules and dashboard using them.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def _collect_machine(
         background, limit = machine.page_cache.dirty_thresholds()
         families["throttled"].add_metric([name], machine.page_cache.nr_throttled)
         for level, pages in (("background", background), ("limit", limit)):
-            families["dirty_threshold"].add_metric([machine.name, level], pages * PAGE_SIZE)
+            families["dirty_threshold"].add_metric([name, level], pages * PAGE_SIZE)
     for event, value in machine.events.items():
         families["events"].add_metric([name, str(event)], value)
     for order, stats in machine.thp.stats.items():

@@ -1,0 +1,316 @@
+"""Every RPC the client makes: one table of methods, and one request builder per RPC.
+
+A builder takes plain Python arguments and returns a Call (request, how to read the reply, and
+the per-call options); the synchronous and the asyncio client both turn each builder into a
+method, so arguments, requests and results are written once for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
+
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+
+from foliod.mm import FolioKind, ThpSetting
+from foliod.v1 import foliod_pb2 as pb
+from foliodclient._convert import enum_to_pb, into, to_fields
+from foliodclient._types import (
+    Allocation,
+    BuddyInfo,
+    FaultRule,
+    Faults,
+    FileRead,
+    FileStat,
+    FileWrite,
+    FolioInfo,
+    FreeResult,
+    MachineInfo,
+    Meminfo,
+    MemmapReport,
+    ReleaseResult,
+    ThpPolicy,
+)
+
+T = TypeVar("T")
+
+FOLIOD = "foliod.v1.Foliod"
+HEALTH = "grpc.health.v1.Health"
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc(Generic[T]):
+    """One method of a service, whether a retry is safe, and how to read its reply."""
+
+    method: str
+    idempotent: bool
+    result: Callable[[Any], T]
+    service: str = FOLIOD
+
+
+def _vmstat(reply: pb.Vmstat) -> dict[str, int]:
+    return {entry.name: entry.value for entry in reply.entries}
+
+
+def _serving(reply: health_pb2.HealthCheckResponse) -> str:
+    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return name
+
+
+def _nothing(reply: Message) -> None:
+    return None
+
+
+# Idempotent calls change nothing the caller asked for (reads, including ReadFile, whose only
+# effect is on the cache); only they are retried on UNAVAILABLE. A mutation may have been applied
+# before the connection broke, so it is never sent twice.
+# fmt: off
+ALLOCATE       = Rpc("Allocate",     False, into(Allocation))
+FREE           = Rpc("Free",         False, into(FreeResult))
+RELEASE_OWNER  = Rpc("ReleaseOwner", False, into(ReleaseResult))
+GET_FOLIO      = Rpc("GetFolio",     True,  into(FolioInfo))
+WRITE_FOLIO    = Rpc("WriteFolio",   False, lambda r: int(r.written_bytes))
+READ_FOLIO     = Rpc("ReadFolio",    True,  lambda r: bytes(r.data))
+GET_MACHINE    = Rpc("GetMachine",   True,  into(MachineInfo))
+GET_BUDDY_INFO = Rpc("GetBuddyInfo", True,  into(BuddyInfo))
+GET_MEMINFO    = Rpc("GetMeminfo",   True,  into(Meminfo))
+GET_MEMMAP     = Rpc("GetMemmap",    True,  into(MemmapReport))
+GET_VMSTAT     = Rpc("GetVmstat",    True,  _vmstat)
+GET_THP_POLICY = Rpc("GetThpPolicy", True,  into(ThpPolicy))
+SET_THP_POLICY = Rpc("SetThpPolicy", False, into(ThpPolicy))
+CREATE_FILE    = Rpc("CreateFile",   False, into(FileStat))
+OPEN_FILE      = Rpc("OpenFile",     False, lambda r: int(r.handle))
+CLOSE_FILE     = Rpc("CloseFile",    False, _nothing)
+STAT_FILE      = Rpc("StatFile",     True,  into(FileStat))
+LIST_FILES     = Rpc("ListFiles",    True,  lambda r: tuple(map(into(FileStat), r.files)))
+READ_FILE      = Rpc("ReadFile",     True,  into(FileRead))
+WRITE_FILE     = Rpc("WriteFile",    False, into(FileWrite))
+TRUNCATE_FILE  = Rpc("TruncateFile", False, into(FileStat))
+DELETE_FILE    = Rpc("DeleteFile",   False, _nothing)
+WRITEBACK      = Rpc("Writeback",    False, lambda r: int(r.nr_pages))
+FSYNC          = Rpc("Fsync",        False, lambda r: int(r.nr_pages))
+RECLAIM        = Rpc("Reclaim",      False, lambda r: int(r.reclaimed_bytes))
+DROP_CACHES    = Rpc("DropCaches",   False, lambda r: int(r.dropped_bytes))
+SET_FAULTS     = Rpc("SetFaults",    False, into(Faults))
+GET_FAULTS     = Rpc("GetFaults",    True,  into(Faults))
+CHECK_HEALTH   = Rpc("Check",        True,  _serving, HEALTH)
+# fmt: on
+
+
+class CallOptions(TypedDict, total=False):
+    """Options every call takes: the machine (default: the client's) and a deadline in seconds
+    (default: the client's; it bounds all attempts of a retried call together)."""
+
+    machine: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One call, ready to send: a client fills in the machine and runs it."""
+
+    rpc: Rpc[T]
+    request: Message
+    machine: str | None = None
+    timeout: float | None = None
+
+
+# Builders, in the order of the service definition. Their docstrings become the methods'.
+
+
+def allocate(
+    owner: str,
+    kind: FolioKind | str,
+    *,
+    order: int | None = None,
+    count: int = 0,
+    size_bytes: int = 0,
+    madvise_hugepage: bool = False,
+    **options: Unpack[CallOptions],
+) -> Call[Allocation]:
+    """Allocates `count` folios, or `size_bytes` of memory, of a kind for an owner."""
+    request = pb.AllocateRequest(
+        owner=owner,
+        kind=enum_to_pb(FolioKind(kind)),
+        order=order,
+        count=count,
+        bytes=size_bytes,
+        madvise_hugepage=madvise_hugepage,
+    )
+    return Call(ALLOCATE, request, **options)
+
+
+def free(handles: Iterable[int], **options: Unpack[CallOptions]) -> Call[FreeResult]:
+    """Frees folios by handle, all or nothing."""
+    return Call(FREE, pb.FreeRequest(handles=handles), **options)
+
+
+def release_owner(owner: str, **options: Unpack[CallOptions]) -> Call[ReleaseResult]:
+    """Frees everything an owner holds, page tables included, and forgets the owner."""
+    return Call(RELEASE_OWNER, pb.ReleaseOwnerRequest(owner=owner), **options)
+
+
+def get_folio(handle: int, **options: Unpack[CallOptions]) -> Call[FolioInfo]:
+    """Describes one allocated folio."""
+    return Call(GET_FOLIO, pb.GetFolioRequest(handle=handle), **options)
+
+
+def write_folio(
+    handle: int, data: bytes, offset: int = 0, **options: Unpack[CallOptions]
+) -> Call[int]:
+    """Writes bytes into a folio at a byte offset; returns the bytes written."""
+    request = pb.WriteFolioRequest(handle=handle, offset=offset, data=data)
+    return Call(WRITE_FOLIO, request, **options)
+
+
+def read_folio(
+    handle: int, length: int, offset: int = 0, **options: Unpack[CallOptions]
+) -> Call[bytes]:
+    """Reads `length` bytes of a folio from a byte offset; never written bytes read as zero."""
+    request = pb.ReadFolioRequest(handle=handle, offset=offset, length=length)
+    return Call(READ_FOLIO, request, **options)
+
+
+def get_machine(**options: Unpack[CallOptions]) -> Call[MachineInfo]:
+    """RAM, watermarks and free memory of the machine."""
+    return Call(GET_MACHINE, pb.GetMachineRequest(), **options)
+
+
+def get_buddy_info(**options: Unpack[CallOptions]) -> Call[BuddyInfo]:
+    """Free blocks per order, as /proc/buddyinfo."""
+    return Call(GET_BUDDY_INFO, pb.GetBuddyInfoRequest(), **options)
+
+
+def get_meminfo(**options: Unpack[CallOptions]) -> Call[Meminfo]:
+    """A /proc/meminfo-style summary, in bytes."""
+    return Call(GET_MEMINFO, pb.GetMeminfoRequest(), **options)
+
+
+def get_memmap(**options: Unpack[CallOptions]) -> Call[MemmapReport]:
+    """The memory map under the three models, with breakdown and folio histogram."""
+    return Call(GET_MEMMAP, pb.GetMemmapRequest(), **options)
+
+
+def get_vmstat(**options: Unpack[CallOptions]) -> Call[dict[str, int]]:
+    """Every vmstat counter by its kernel name, in the kernel's order."""
+    return Call(GET_VMSTAT, pb.GetVmstatRequest(), **options)
+
+
+def get_thp_policy(**options: Unpack[CallOptions]) -> Call[ThpPolicy]:
+    """The mTHP knobs and per-size counters."""
+    return Call(GET_THP_POLICY, pb.GetThpPolicyRequest(), **options)
+
+
+def set_thp_policy(
+    enabled: ThpSetting | str | None = None,
+    sizes: Mapping[int, ThpSetting | str] | None = None,
+    **options: Unpack[CallOptions],
+) -> Call[ThpPolicy]:
+    """Sets the top-level knob (None keeps it) and per-size knobs by size in kB."""
+    request = pb.SetThpPolicyRequest(
+        enabled=pb.THP_SETTING_UNSPECIFIED if enabled is None else enum_to_pb(ThpSetting(enabled)),
+        sizes={kb: enum_to_pb(ThpSetting(s)) for kb, s in (sizes or {}).items()},
+    )
+    return Call(SET_THP_POLICY, request, **options)
+
+
+def create_file(
+    name: str,
+    *,
+    max_order: int | None = None,
+    ra_pages: int | None = None,
+    **options: Unpack[CallOptions],
+) -> Call[FileStat]:
+    """Creates an empty file (AlreadyExists if it exists)."""
+    request = pb.CreateFileRequest(name=name, max_order=max_order, ra_pages=ra_pages)
+    return Call(CREATE_FILE, request, **options)
+
+
+def open_file(name: str, **options: Unpack[CallOptions]) -> Call[int]:
+    """Opens a file; the handle samples the file's writeback errors for fsync."""
+    return Call(OPEN_FILE, pb.OpenFileRequest(name=name), **options)
+
+
+def close_file(handle: int, **options: Unpack[CallOptions]) -> Call[None]:
+    """Closes a file handle."""
+    return Call(CLOSE_FILE, pb.CloseFileRequest(handle=handle), **options)
+
+
+def stat_file(name: str, **options: Unpack[CallOptions]) -> Call[FileStat]:
+    """Size, cached and dirty pages, and folio orders of a file."""
+    return Call(STAT_FILE, pb.StatFileRequest(name=name), **options)
+
+
+def list_files(**options: Unpack[CallOptions]) -> Call[tuple[FileStat, ...]]:
+    """Every file of the machine, sorted by name."""
+    return Call(LIST_FILES, pb.ListFilesRequest(), **options)
+
+
+def read_file(
+    name: str, length: int, offset: int = 0, **options: Unpack[CallOptions]
+) -> Call[FileRead]:
+    """Reads through the page cache; holes read as zeros, EOF shortens the data."""
+    request = pb.ReadFileRequest(name=name, offset=offset, length=length)
+    return Call(READ_FILE, request, **options)
+
+
+def write_file(
+    name: str, data: bytes, offset: int = 0, **options: Unpack[CallOptions]
+) -> Call[FileWrite]:
+    """Writes into the page cache at a byte offset; the file grows as written."""
+    request = pb.WriteFileRequest(name=name, offset=offset, data=data)
+    return Call(WRITE_FILE, request, **options)
+
+
+def truncate_file(name: str, size_bytes: int, **options: Unpack[CallOptions]) -> Call[FileStat]:
+    """Sets a file's size, splitting a large folio that straddles a smaller new end."""
+    request = pb.TruncateFileRequest(name=name, size_bytes=size_bytes)
+    return Call(TRUNCATE_FILE, request, **options)
+
+
+def delete_file(name: str, **options: Unpack[CallOptions]) -> Call[None]:
+    """Deletes a file and drops its page cache."""
+    return Call(DELETE_FILE, pb.DeleteFileRequest(name=name), **options)
+
+
+def writeback(
+    name: str = "", *, offset: int = 0, length: int = 0, **options: Unpack[CallOptions]
+) -> Call[int]:
+    """Writes dirty pages back (a byte range, a file, or every file); returns the pages."""
+    request = pb.WritebackRequest(name=name, offset=offset, length=length)
+    return Call(WRITEBACK, request, **options)
+
+
+def fsync(handle: int, **options: Unpack[CallOptions]) -> Call[int]:
+    """Makes a handle's file durable; WritebackFailed reports a writeback error once."""
+    return Call(FSYNC, pb.FsyncRequest(handle=handle), **options)
+
+
+def reclaim(size_bytes: int, **options: Unpack[CallOptions]) -> Call[int]:
+    """Reclaims page cache like memory.reclaim; returns the bytes reclaimed."""
+    return Call(RECLAIM, pb.ReclaimRequest(bytes=size_bytes), **options)
+
+
+def drop_caches(**options: Unpack[CallOptions]) -> Call[int]:
+    """Frees clean page cache like drop_caches; returns the bytes dropped."""
+    return Call(DROP_CACHES, pb.DropCachesRequest(), **options)
+
+
+def set_faults(
+    rules: Iterable[FaultRule], *, seed: int = 0, **options: Unpack[CallOptions]
+) -> Call[Faults]:
+    """Replaces the backing store's fault rules (none: clears them)."""
+    request = pb.SetFaultsRequest(rules=[pb.FaultRule(**to_fields(r)) for r in rules], seed=seed)
+    return Call(SET_FAULTS, request, **options)
+
+
+def get_faults(**options: Unpack[CallOptions]) -> Call[Faults]:
+    """The backing store's fault rules and how often each has fired."""
+    return Call(GET_FAULTS, pb.GetFaultsRequest(), **options)
+
+
+def check_health(service: str = "", **options: Unpack[CallOptions]) -> Call[str]:
+    """grpc.health.v1 status of a service ("" for the server): "SERVING", "NOT_SERVING", ..."""
+    return Call(CHECK_HEALTH, health_pb2.HealthCheckRequest(service=service), **options)

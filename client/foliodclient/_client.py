@@ -1,0 +1,318 @@
+"""The synchronous and the asyncio client: channels, deadlines, retries and error mapping.
+
+Both run the same Calls (_calls) through the same _Attempts bookkeeping; only the waiting
+differs (time.sleep and a blocking stub, or asyncio.sleep and an aio stub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2_grpc
+
+from foliod import __version__
+from foliod.v1 import foliod_pb2_grpc
+from foliodclient import _calls
+from foliodclient._calls import FOLIOD, HEALTH, Call
+from foliodclient.errors import error_from_rpc
+
+P = ParamSpec("P")
+T = TypeVar("T")
+C = TypeVar("C", grpc.Channel, aio.Channel)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: before retry n (from 0) sleep a uniform draw from
+    [0, min(max_backoff_seconds, initial_backoff_seconds * multiplier**n)].
+
+    Only UNAVAILABLE is retried, only for idempotent calls, and never past the call's deadline.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.initial_backoff_seconds < 0 or self.multiplier < 1:
+            raise ValueError(f"invalid retry policy: {self}")
+
+    def backoff_seconds(self, retry: int, rng: random.Random) -> float:
+        ceiling = self.initial_backoff_seconds * self.multiplier**retry
+        return rng.uniform(0.0, min(self.max_backoff_seconds, ceiling))
+
+
+class _Attempts:
+    """The deadline and retry state of one call; raises the mapped error when it gives up."""
+
+    __slots__ = ("_attempt", "_deadline", "_policy", "_retryable", "_rng")
+
+    def __init__(
+        self, timeout: float | None, retryable: bool, policy: RetryPolicy, rng: random.Random
+    ) -> None:
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._retryable = retryable
+        self._policy = policy
+        self._rng = rng
+        self._attempt = 0
+
+    def timeout(self) -> float | None:
+        """What is left of the deadline for the next attempt."""
+        if self._deadline is None:
+            return None
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def retry_after(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before trying again; raises the mapped error instead when done."""
+        self._attempt += 1
+        if (
+            self._retryable
+            and exc.code() == grpc.StatusCode.UNAVAILABLE
+            and self._attempt < self._policy.max_attempts
+        ):
+            delay = self._policy.backoff_seconds(self._attempt - 1, self._rng)
+            left = self.timeout()
+            if left is None or delay < left:
+                return delay
+        raise error_from_rpc(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    """Everything both clients need to open a channel and send calls on it."""
+
+    target: str
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+    options: tuple[tuple[str, Any], ...]
+
+
+def _connection(
+    target: str,
+    tls: bool,
+    tls_ca: str | os.PathLike[str] | bytes | None,
+    token: str | None,
+    options: tuple[tuple[str, Any], ...],
+) -> _Connection:
+    credentials = None
+    if tls or tls_ca is not None:
+        root = tls_ca if tls_ca is None or isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+        credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    user_agent = ("grpc.primary_user_agent", f"foliodclient/{__version__}")
+    return _Connection(target, credentials, metadata, (user_agent, *options))
+
+
+class _ClientBase(Generic[C]):
+    """Connection settings, stubs and per-call bookkeeping shared by both clients."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        machine: str = "",
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        channel_options: tuple[tuple[str, Any], ...] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        """Connects to `target` ("host:port"). `timeout` is the default deadline of every call in
+        seconds (None: no deadline); `machine` the default machine ("" is the host). TLS is used
+        when `tls` is set or `tls_ca` (a PEM file or its bytes) is given; `token` is sent as
+        ``authorization: Bearer <token>``. `retry` defaults to RetryPolicy()."""
+        self.target = target
+        self.timeout = timeout
+        self.machine = machine
+        self.retry = retry or RetryPolicy()
+        self._connection = _connection(target, tls, tls_ca, token, channel_options)
+        self._rng = rng or random.Random()
+        self._channel: C = self._open_channel(self._connection)
+        self._stubs: dict[str, Any] = {
+            FOLIOD: foliod_pb2_grpc.FoliodStub(self._channel),
+            HEALTH: health_pb2_grpc.HealthStub(self._channel),
+        }
+
+    def _open_channel(self, conn: _Connection) -> C:
+        raise NotImplementedError
+
+    def _start(self, call: Call[Any]) -> tuple[Any, _Attempts]:
+        """The call's request with its machine filled in, and its attempts."""
+        request = call.request
+        if "machine" in request.DESCRIPTOR.fields_by_name:
+            request.machine = self.machine if call.machine is None else call.machine  # type: ignore[attr-defined]
+        timeout = self.timeout if call.timeout is None else call.timeout
+        attempts = _Attempts(timeout, call.rpc.idempotent, self.retry, self._rng)
+        return request, attempts
+
+
+def _sync(build: Callable[P, Call[T]]) -> Callable[Concatenate[FoliodClient, P], T]:
+    def method(self: FoliodClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(build(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = build.__name__
+    method.__doc__ = build.__doc__
+    return method
+
+
+def _async(
+    build: Callable[P, Call[T]],
+) -> Callable[Concatenate[AsyncFoliodClient, P], Coroutine[Any, Any, T]]:
+    async def method(self: AsyncFoliodClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(build(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = build.__name__
+    method.__doc__ = build.__doc__
+    return method
+
+
+class FoliodClient(_ClientBase[grpc.Channel]):
+    """A blocking client of foliod: one method per RPC, typed results, errors from
+    foliodclient.errors. Use as a context manager, or call close()."""
+
+    def _open_channel(self, conn: _Connection) -> grpc.Channel:
+        if conn.credentials is None:
+            return grpc.insecure_channel(conn.target, options=conn.options)
+        return grpc.secure_channel(conn.target, conn.credentials, options=conn.options)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _run(self, call: Call[T]) -> T:
+        """Sends a call (retrying it if it is idempotent) and converts the reply."""
+        request, attempts = self._start(call)
+        method = getattr(self._stubs[call.rpc.service], call.rpc.method)
+        while True:
+            try:
+                reply = method(
+                    request, timeout=attempts.timeout(), metadata=self._connection.metadata
+                )
+            except grpc.RpcError as exc:
+                time.sleep(attempts.retry_after(exc))
+            else:
+                return call.rpc.result(reply)
+
+    allocate = _sync(_calls.allocate)
+    free = _sync(_calls.free)
+    release_owner = _sync(_calls.release_owner)
+    get_folio = _sync(_calls.get_folio)
+    write_folio = _sync(_calls.write_folio)
+    read_folio = _sync(_calls.read_folio)
+    get_machine = _sync(_calls.get_machine)
+    get_buddy_info = _sync(_calls.get_buddy_info)
+    get_meminfo = _sync(_calls.get_meminfo)
+    get_memmap = _sync(_calls.get_memmap)
+    get_vmstat = _sync(_calls.get_vmstat)
+    get_thp_policy = _sync(_calls.get_thp_policy)
+    set_thp_policy = _sync(_calls.set_thp_policy)
+    create_file = _sync(_calls.create_file)
+    open_file = _sync(_calls.open_file)
+    close_file = _sync(_calls.close_file)
+    stat_file = _sync(_calls.stat_file)
+    list_files = _sync(_calls.list_files)
+    read_file = _sync(_calls.read_file)
+    write_file = _sync(_calls.write_file)
+    truncate_file = _sync(_calls.truncate_file)
+    delete_file = _sync(_calls.delete_file)
+    writeback = _sync(_calls.writeback)
+    fsync = _sync(_calls.fsync)
+    reclaim = _sync(_calls.reclaim)
+    drop_caches = _sync(_calls.drop_caches)
+    set_faults = _sync(_calls.set_faults)
+    get_faults = _sync(_calls.get_faults)
+    check_health = _sync(_calls.check_health)
+
+
+class AsyncFoliodClient(_ClientBase[aio.Channel]):
+    """The asyncio client (grpc.aio): the same methods as FoliodClient, as coroutines. Use as an
+    async context manager, or await close(); create it inside the event loop it runs on."""
+
+    def _open_channel(self, conn: _Connection) -> aio.Channel:
+        if conn.credentials is None:
+            return aio.insecure_channel(conn.target, options=conn.options)
+        return aio.secure_channel(conn.target, conn.credentials, options=conn.options)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _run(self, call: Call[T]) -> T:
+        """Sends a call (retrying it if it is idempotent) and converts the reply."""
+        request, attempts = self._start(call)
+        method = getattr(self._stubs[call.rpc.service], call.rpc.method)
+        while True:
+            try:
+                reply = await method(
+                    request, timeout=attempts.timeout(), metadata=self._connection.metadata
+                )
+            except grpc.RpcError as exc:
+                await asyncio.sleep(attempts.retry_after(exc))
+            else:
+                return call.rpc.result(reply)
+
+    allocate = _async(_calls.allocate)
+    free = _async(_calls.free)
+    release_owner = _async(_calls.release_owner)
+    get_folio = _async(_calls.get_folio)
+    write_folio = _async(_calls.write_folio)
+    read_folio = _async(_calls.read_folio)
+    get_machine = _async(_calls.get_machine)
+    get_buddy_info = _async(_calls.get_buddy_info)
+    get_meminfo = _async(_calls.get_meminfo)
+    get_memmap = _async(_calls.get_memmap)
+    get_vmstat = _async(_calls.get_vmstat)
+    get_thp_policy = _async(_calls.get_thp_policy)
+    set_thp_policy = _async(_calls.set_thp_policy)
+    create_file = _async(_calls.create_file)
+    open_file = _async(_calls.open_file)
+    close_file = _async(_calls.close_file)
+    stat_file = _async(_calls.stat_file)
+    list_files = _async(_calls.list_files)
+    read_file = _async(_calls.read_file)
+    write_file = _async(_calls.write_file)
+    truncate_file = _async(_calls.truncate_file)
+    delete_file = _async(_calls.delete_file)
+    writeback = _async(_calls.writeback)
+    fsync = _async(_calls.fsync)
+    reclaim = _async(_calls.reclaim)
+    drop_caches = _async(_calls.drop_caches)
+    set_faults = _async(_calls.set_faults)
+    get_faults = _async(_calls.get_faults)
+    check_health = _async(_calls.check_health)

@@ -1,0 +1,220 @@
+"""What the client's calls return: frozen dataclasses named and shaped like the API's messages.
+
+A field has the name of the message field it comes from, so _convert reads every message by the
+type hints here alone. Sizes are ``*_bytes`` or ``nr_*`` (4 KiB pages), as in the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from foliod.mm import FolioKind, MemmapModel, ThpSetting
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """Folios of one Allocate call: handles first_handle .. first_handle + count - 1."""
+
+    first_handle: int
+    count: int
+    nr_pages: int
+    folios_by_order: Mapping[int, int]
+    nr_pagetable_pages: int
+
+    @property
+    def handles(self) -> range:
+        return range(self.first_handle, self.first_handle + self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class FreeResult:
+    """Pages a Free returned to the buddy allocator, page tables included."""
+
+    nr_pages: int
+    nr_pagetable_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    """Folios and pages a ReleaseOwner freed."""
+
+    folios: int
+    nr_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class FolioInfo:
+    handle: int
+    pfn: int
+    order: int
+    kind: FolioKind
+    owner: str
+    size_bytes: int
+    virtual_address: int
+    pmd_mapped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    nr_min: int
+    nr_low: int
+    nr_high: int
+    min_free_kbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    name: str
+    ram_bytes: int
+    nr_pages: int
+    nr_free_pages: int
+    page_size_bytes: int
+    max_order: int
+    watermarks: Watermarks
+    below_low_watermark: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BuddyInfo:
+    """Free blocks per order (index = order), as /proc/buddyinfo."""
+
+    zone: str
+    free_blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Meminfo:
+    """Selected /proc/meminfo fields, in bytes."""
+
+    mem_total_bytes: int
+    mem_free_bytes: int
+    anon_pages_bytes: int
+    anon_huge_pages_bytes: int
+    file_pages_bytes: int
+    slab_bytes: int
+    page_tables_bytes: int
+    hugetlb_bytes: int
+    memmap_bytes: int
+    cached_bytes: int
+    dirty_bytes: int
+    active_file_bytes: int
+    inactive_file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorBytes:
+    descriptor: str
+    size_bytes: int
+    count: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class KindBytes:
+    kind: FolioKind
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    model: MemmapModel
+    total_bytes: int
+    fraction_of_ram: float
+    breakdown: tuple[DescriptorBytes, ...]
+    by_kind: tuple[KindBytes, ...]
+    free_memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FolioCount:
+    kind: FolioKind
+    order: int
+    folios: int
+    nr_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemmapReport:
+    """The memory map under the three models (struct_page, interim, memdesc) and the folios."""
+
+    machine: str
+    ram_bytes: int
+    models: tuple[ModelReport, ...]
+    folios: tuple[FolioCount, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MthpSize:
+    size_kb: int
+    order: int
+    enabled: ThpSetting
+    anon_fault_alloc: int
+    anon_fault_fallback: int
+    split: int
+    split_failed: int
+    nr_anon: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThpPolicy:
+    enabled: ThpSetting
+    sizes: tuple[MthpSize, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    name: str
+    size_bytes: int
+    nr_cached: int
+    nr_dirty: int
+    folios_by_order: Mapping[int, int]
+    max_order: int
+    ra_pages: int
+    open_handles: int
+
+
+@dataclass(frozen=True, slots=True)
+class IoStats:
+    """What one read or write did in the page cache, and the simulated device time it cost."""
+
+    pages_hit: int
+    pages_missed: int
+    pages_readahead: int
+    device_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    data: bytes
+    stats: IoStats
+
+
+@dataclass(frozen=True, slots=True)
+class FileWrite:
+    written_bytes: int
+    stats: IoStats
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRule:
+    """A backing-store fault: writes to `name` overlapping [offset, offset + length) fail or stall.
+
+    `errno` is "EIO", "ENOSPC", or "" for a rule that only delays; `count` and `probability`
+    left None mean every matching write; `injected` is output only.
+    """
+
+    errno: str = ""
+    name: str = ""
+    offset: int = 0
+    length: int = 0
+    count: int | None = None
+    probability: float | None = None
+    delay_ms: int = 0
+    injected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    rules: tuple[FaultRule, ...]
+    seed: int

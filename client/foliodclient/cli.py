@@ -1,0 +1,568 @@
+"""foliodctl: foliod from the command line, in the kernel's own formats where it has one.
+
+meminfo, vmstat and buddyinfo print like their /proc files; everything else prints tables with
+IEC sizes; ``--json`` prints the client's results as JSON for scripts. The exit code says what
+failed (EXIT_CODES; the README carries the same table):
+
+    0   success
+    1   any other failure (INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED; a local file unreadable)
+    2   usage: the command line is wrong
+    3   invalid argument: INVALID_ARGUMENT, OUT_OF_RANGE
+    4   not found: NOT_FOUND
+    5   state conflict: ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED
+    6   out of memory: RESOURCE_EXHAUSTED
+    7   data loss: DATA_LOSS (fsync found a writeback error)
+    8   server unavailable or not serving: UNAVAILABLE, health not SERVING
+    9   timed out: DEADLINE_EXCEEDED
+    10  not allowed: UNAUTHENTICATED, PERMISSION_DENIED
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import grpc
+
+from foliod import __version__
+from foliod.config import parse_size
+from foliod.mm import MAX_IO_BYTES, PAGE_SIZE, FolioKind
+from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, FoliodClient
+from foliodclient._types import FileStat, IoStats, MemmapReport
+from foliodclient.errors import AlreadyExists, CallError, RemoteError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 8
+
+_S = grpc.StatusCode
+EXIT_CODES: dict[grpc.StatusCode, int] = {
+    _S.INVALID_ARGUMENT: 3,
+    _S.OUT_OF_RANGE: 3,
+    _S.NOT_FOUND: 4,
+    _S.ALREADY_EXISTS: 5,
+    _S.FAILED_PRECONDITION: 5,
+    _S.ABORTED: 5,
+    _S.RESOURCE_EXHAUSTED: 6,
+    _S.DATA_LOSS: 7,
+    _S.UNAVAILABLE: EXIT_UNAVAILABLE,
+    _S.DEADLINE_EXCEEDED: 9,
+    _S.UNAUTHENTICATED: 10,
+    _S.PERMISSION_DENIED: 10,
+}
+
+# /proc/meminfo lines foliod has, in the kernel's order; foliod's own two come last.
+MEMINFO_LINES = (
+    ("MemTotal", "mem_total_bytes"),
+    ("MemFree", "mem_free_bytes"),
+    ("Cached", "cached_bytes"),
+    ("Active(file)", "active_file_bytes"),
+    ("Inactive(file)", "inactive_file_bytes"),
+    ("Dirty", "dirty_bytes"),
+    ("AnonPages", "anon_pages_bytes"),
+    ("Slab", "slab_bytes"),
+    ("PageTables", "page_tables_bytes"),
+    ("AnonHugePages", "anon_huge_pages_bytes"),
+    ("Hugetlb", "hugetlb_bytes"),
+    ("FileFolios", "file_pages_bytes"),
+    ("Memmap", "memmap_bytes"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What a command produced: data for --json, and the text (or raw bytes) for people."""
+
+    data: Any
+    text: str | bytes = ""
+    exit_code: int = 0
+
+
+Command = Callable[[FoliodClient, argparse.Namespace], Output]
+
+
+# Formatting.
+
+
+def iec(nr_bytes: int) -> str:
+    """A size in IEC units: 512 B, 4 KiB, 1.53 MiB."""
+    value = float(nr_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Columns right-aligned except the first, two spaces apart."""
+    cells = [list(header), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def jsonable(data: Any) -> Any:
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return dataclasses.asdict(data)
+    if isinstance(data, tuple | list):
+        return [jsonable(item) for item in data]
+    return data
+
+
+def _orders(folios_by_order: Mapping[int, int]) -> str:
+    return " ".join(f"{order}:{n}" for order, n in sorted(folios_by_order.items())) or "-"
+
+
+def _io(stats: IoStats) -> str:
+    return (
+        f"{stats.pages_hit} pages hit, {stats.pages_missed} missed, "
+        f"{stats.pages_readahead} read ahead, device {stats.device_seconds * 1e3:.3f} ms"
+    )
+
+
+def _total_io(stats: Sequence[IoStats]) -> IoStats:
+    return IoStats(
+        pages_hit=sum(s.pages_hit for s in stats),
+        pages_missed=sum(s.pages_missed for s in stats),
+        pages_readahead=sum(s.pages_readahead for s in stats),
+        device_seconds=sum(s.device_seconds for s in stats),
+    )
+
+
+# Argument types.
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def count_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return int(text)
+
+
+def handles_arg(text: str) -> list[int]:
+    """Handles as "7", "1-256" or "1,5,9-12"."""
+    handles: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a handle or range: {part!r}")
+        handles.extend(range(int(first), int(last or first) + 1))
+    return handles
+
+
+# Commands.
+
+
+def cmd_meminfo(client: FoliodClient, args: argparse.Namespace) -> Output:
+    info = client.get_meminfo()
+    lines = [
+        f"{label + ':':<16}{getattr(info, field) >> 10:>8} kB\n" for label, field in MEMINFO_LINES
+    ]
+    return Output(info, "".join(lines))
+
+
+def cmd_vmstat(client: FoliodClient, args: argparse.Namespace) -> Output:
+    counters = client.get_vmstat()
+    return Output(counters, "".join(f"{name} {value}\n" for name, value in counters.items()))
+
+
+def cmd_buddyinfo(client: FoliodClient, args: argparse.Namespace) -> Output:
+    info = client.get_buddy_info()
+    blocks = "".join(f"{n:6d} " for n in info.free_blocks)
+    return Output(info, f"Node 0, zone {info.zone:>8} {blocks}\n")
+
+
+def cmd_memmap(client: FoliodClient, args: argparse.Namespace) -> Output:
+    report = client.get_memmap()
+    return Output(report, render_memmap(report))
+
+
+def render_memmap(report: MemmapReport) -> str:
+    """The three models side by side: totals, percent of RAM, breakdown and cost per kind."""
+    models = report.models
+    header = ["", *(str(m.model) for m in models)]
+    rows: list[list[object]] = [
+        ["total", *(iec(m.total_bytes) for m in models)],
+        ["percent of RAM", *(f"{m.fraction_of_ram * 100:.4f} %" for m in models)],
+        ["descriptors"],
+    ]
+    # Per-frame entries (page, memdesc) first: each model lists its own first.
+    place: dict[str, int] = {}
+    for m in models:
+        for index, d in enumerate(m.breakdown):
+            place[d.descriptor] = min(index, place.get(d.descriptor, index))
+    names = sorted(place, key=place.__getitem__)
+    for name in names:
+        cells = []
+        for m in models:
+            found = [d for d in m.breakdown if d.descriptor == name]
+            cells.append(iec(found[0].total_bytes) if found else "-")
+        rows.append([f"  {name}", *cells])
+    rows.append(["by kind"])
+    for kind in FolioKind:
+        cells = [iec(sum(k.total_bytes for k in m.by_kind if k.kind == kind)) for m in models]
+        rows.append([f"  {kind}", *cells])
+    rows.append(["  free memory", *(iec(m.free_memory_bytes) for m in models)])
+    pages = report.ram_bytes // PAGE_SIZE
+    title = f"memory map of {report.machine}: {iec(report.ram_bytes)} of RAM, {pages} frames\n\n"
+    return title + table(header, [row + [""] * (len(header) - len(row)) for row in rows])
+
+
+def cmd_folios(client: FoliodClient, args: argparse.Namespace) -> Output:
+    report = client.get_memmap()
+    kinds = list(FolioKind)
+    counts = {(c.kind, c.order): c for c in report.folios}
+    orders = sorted({c.order for c in report.folios})
+    rows: list[list[object]] = []
+    for order in orders:
+        row = [counts[k, order].folios if (k, order) in counts else 0 for k in kinds]
+        rows.append([order, iec(PAGE_SIZE << order), *row, sum(row)])
+    totals = [sum(c.folios for c in report.folios if c.kind == k) for k in kinds]
+    rows.append(["total", "", *totals, sum(totals)])
+    memory = [sum(c.nr_pages for c in report.folios if c.kind == k) * PAGE_SIZE for k in kinds]
+    rows.append(["memory", "", *map(iec, memory), iec(sum(memory))])
+    header = ["order", "size", *(str(k) for k in kinds), "total"]
+    return Output(report.folios, table(header, rows))
+
+
+def cmd_files_ls(client: FoliodClient, args: argparse.Namespace) -> Output:
+    files = client.list_files()
+    header = ["name", "size", "cached", "dirty", "order:folios", "open"]
+    rows = [
+        [
+            f.name,
+            iec(f.size_bytes),
+            iec(f.nr_cached * PAGE_SIZE),
+            iec(f.nr_dirty * PAGE_SIZE),
+            _orders(f.folios_by_order),
+            f.open_handles,
+        ]
+        for f in files
+    ]
+    return Output(files, table(header, rows))
+
+
+def render_stat(stat: FileStat) -> str:
+    lines = [
+        ("name", stat.name),
+        ("size", f"{stat.size_bytes} bytes ({iec(stat.size_bytes)})"),
+        ("cached", f"{stat.nr_cached} pages ({iec(stat.nr_cached * PAGE_SIZE)})"),
+        ("dirty", f"{stat.nr_dirty} pages ({iec(stat.nr_dirty * PAGE_SIZE)})"),
+        ("folios", _orders(stat.folios_by_order) + " (order:folios)"),
+        ("max order", stat.max_order),
+        ("readahead", f"{stat.ra_pages} pages"),
+        ("open handles", stat.open_handles),
+    ]
+    return "".join(f"{label + ':':<14}{value}\n" for label, value in lines)
+
+
+def cmd_files_stat(client: FoliodClient, args: argparse.Namespace) -> Output:
+    stat = client.stat_file(args.name)
+    return Output(stat, render_stat(stat))
+
+
+def cmd_files_cat(client: FoliodClient, args: argparse.Namespace) -> Output:
+    end = args.offset + args.length if args.length is not None else None
+    if end is None:
+        end = client.stat_file(args.name).size_bytes
+    chunks: list[bytes] = []
+    stats: list[IoStats] = []
+    offset = args.offset
+    while offset < end:
+        read = client.read_file(args.name, min(MAX_IO_BYTES, end - offset), offset)
+        chunks.append(read.data)
+        stats.append(read.stats)
+        if not read.data:
+            break
+        offset += len(read.data)
+    data = b"".join(chunks)
+    summary = {
+        "name": args.name,
+        "offset": args.offset,
+        "length": len(data),
+        "data_base64": base64.b64encode(data).decode(),
+        "stats": dataclasses.asdict(_total_io(stats)),
+    }
+    return Output(summary, data)
+
+
+def _read_source(source: str) -> bytes:
+    stream: BinaryIO
+    if source == "-":
+        return sys.stdin.buffer.read()
+    with open(source, "rb") as stream:
+        return stream.read()
+
+
+def cmd_files_write(client: FoliodClient, args: argparse.Namespace) -> Output:
+    data = _read_source(args.source)
+    with contextlib.suppress(AlreadyExists):
+        client.create_file(args.name)
+    stats: list[IoStats] = []
+    for start in range(0, len(data), MAX_IO_BYTES):
+        chunk = data[start : start + MAX_IO_BYTES]
+        stats.append(client.write_file(args.name, chunk, args.offset + start).stats)
+    total = _total_io(stats)
+    summary = {
+        "name": args.name,
+        "offset": args.offset,
+        "written_bytes": len(data),
+        "stats": dataclasses.asdict(total),
+    }
+    text = f"wrote {len(data)} bytes to {args.name} at offset {args.offset}: {_io(total)}\n"
+    return Output(summary, text)
+
+
+def cmd_files_truncate(client: FoliodClient, args: argparse.Namespace) -> Output:
+    stat = client.truncate_file(args.name, args.size)
+    return Output(stat, render_stat(stat))
+
+
+def cmd_files_rm(client: FoliodClient, args: argparse.Namespace) -> Output:
+    for name in args.names:
+        client.delete_file(name)
+    return Output({"deleted": args.names})
+
+
+def cmd_files_fsync(client: FoliodClient, args: argparse.Namespace) -> Output:
+    handle = client.open_file(args.name)
+    try:
+        nr_pages = client.fsync(handle)
+    finally:
+        client.close_file(handle)
+    text = f"{args.name}: {nr_pages} pages ({iec(nr_pages * PAGE_SIZE)}) written back, synced\n"
+    return Output({"name": args.name, "nr_pages": nr_pages}, text)
+
+
+def cmd_alloc(client: FoliodClient, args: argparse.Namespace) -> Output:
+    result = client.allocate(
+        args.owner,
+        args.kind,
+        order=args.order,
+        count=args.count or 0,
+        size_bytes=args.size or 0,
+        madvise_hugepage=args.madvise,
+    )
+    last = result.first_handle + result.count - 1
+    text = (
+        f"allocated {result.count} folios, handles {result.first_handle}-{last}: "
+        f"{result.nr_pages} pages ({iec(result.nr_pages * PAGE_SIZE)}), "
+        f"order:folios {_orders(result.folios_by_order)}, "
+        f"{result.nr_pagetable_pages} page-table pages\n"
+    )
+    return Output(result, text)
+
+
+def cmd_free(client: FoliodClient, args: argparse.Namespace) -> Output:
+    handles = [h for group in args.handles for h in group]
+    result = client.free(handles)
+    text = (
+        f"freed {len(handles)} folios: {result.nr_pages} pages "
+        f"({iec(result.nr_pages * PAGE_SIZE)}), {result.nr_pagetable_pages} of them page tables\n"
+    )
+    return Output(result, text)
+
+
+def cmd_release(client: FoliodClient, args: argparse.Namespace) -> Output:
+    result = client.release_owner(args.owner)
+    text = (
+        f"released {args.owner}: {result.folios} folios, "
+        f"{result.nr_pages} pages ({iec(result.nr_pages * PAGE_SIZE)})\n"
+    )
+    return Output(result, text)
+
+
+def cmd_reclaim(client: FoliodClient, args: argparse.Namespace) -> Output:
+    reclaimed = client.reclaim(args.size)
+    text = f"reclaimed {iec(reclaimed)} of {iec(args.size)} asked\n"
+    return Output({"asked_bytes": args.size, "reclaimed_bytes": reclaimed}, text)
+
+
+def cmd_drop_caches(client: FoliodClient, args: argparse.Namespace) -> Output:
+    dropped = client.drop_caches()
+    return Output({"dropped_bytes": dropped}, f"dropped {iec(dropped)} of clean page cache\n")
+
+
+def cmd_health(client: FoliodClient, args: argparse.Namespace) -> Output:
+    status = client.check_health(args.service)
+    code = EXIT_OK if status == "SERVING" else EXIT_UNAVAILABLE
+    return Output({"service": args.service, "status": status}, status + "\n", code)
+
+
+# The command line.
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Options every subcommand shares; given before or after the subcommand."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    env = os.environ
+    parser.add_argument(
+        "--server",
+        default=default(env.get("FOLIODCTL_SERVER", DEFAULT_TARGET)),
+        help=f"host:port of foliod (env FOLIODCTL_SERVER; default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_SECONDS),
+        help=f"deadline of each call in seconds, 0 for none (default {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+    parser.add_argument("--tls", action="store_true", default=default(False), help="use TLS")
+    parser.add_argument(
+        "--tls-ca", default=default(None), metavar="PEM", help="root certificate (implies --tls)"
+    )
+    parser.add_argument(
+        "--token",
+        default=default(env.get("FOLIODCTL_TOKEN")),
+        help="auth token, sent as 'authorization: Bearer' (env FOLIODCTL_TOKEN)",
+    )
+    parser.add_argument(
+        "--machine", default=default(""), help="machine to address (default: the host)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON for scripts"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foliodctl",
+        description="foliod from the command line.",
+        epilog="Exit codes: 0 ok, 1 other failure, 2 usage, 3 invalid argument, 4 not found, "
+        "5 state conflict, 6 out of memory, 7 data loss, 8 unavailable, 9 timed out, "
+        "10 not allowed.",
+    )
+    parser.add_argument("--version", action="version", version=f"foliodctl {__version__}")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(group: Any, name: str, run: Command, help: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help, parents=[common])
+        sub.set_defaults(run=run)
+        return sub
+
+    add(commands, "meminfo", cmd_meminfo, "memory summary, like /proc/meminfo")
+    add(commands, "vmstat", cmd_vmstat, "event and state counters, like /proc/vmstat")
+    add(commands, "buddyinfo", cmd_buddyinfo, "free blocks per order, like /proc/buddyinfo")
+    add(commands, "memmap", cmd_memmap, "the memory map under the three models")
+    add(commands, "folios", cmd_folios, "allocated folios by order and kind")
+
+    files = commands.add_parser("files", help="files and the page cache").add_subparsers(
+        dest="files_command", required=True, metavar="COMMAND"
+    )
+    add(files, "ls", cmd_files_ls, "list files")
+    add(files, "stat", cmd_files_stat, "size, cache and folios of a file").add_argument("name")
+    cat = add(files, "cat", cmd_files_cat, "print a file's bytes (read through the cache)")
+    cat.add_argument("name")
+    cat.add_argument("--offset", type=size_arg, default=0, help="first byte (default 0)")
+    cat.add_argument("--length", type=size_arg, default=None, help="bytes (default: to EOF)")
+    write = add(files, "write", cmd_files_write, "write stdin or a file into a file (creates)")
+    write.add_argument("name")
+    write.add_argument("source", nargs="?", default="-", help="local file (default: stdin)")
+    write.add_argument("--offset", type=size_arg, default=0, help="first byte (default 0)")
+    truncate = add(files, "truncate", cmd_files_truncate, "set a file's size")
+    truncate.add_argument("name")
+    truncate.add_argument("size", type=size_arg, help="new size, e.g. 4096 or 1MiB")
+    add(files, "rm", cmd_files_rm, "delete files").add_argument("names", nargs="+")
+    add(files, "fsync", cmd_files_fsync, "write a file back and make it durable").add_argument(
+        "name"
+    )
+
+    alloc = add(commands, "alloc", cmd_alloc, "allocate folios for an owner")
+    alloc.add_argument("owner")
+    alloc.add_argument("kind", choices=[str(k) for k in FolioKind])
+    alloc.add_argument("--order", type=count_arg, default=None, help="folio order (default 0)")
+    amount = alloc.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--count", type=count_arg, help="number of folios")
+    amount.add_argument("--size", type=size_arg, help="total size, e.g. 64MiB")
+    alloc.add_argument("--madvise", action="store_true", help="anon: MADV_HUGEPAGE mapping")
+    free = add(commands, "free", cmd_free, "free folios by handle")
+    free.add_argument("handles", nargs="+", type=handles_arg, help="7, 1-256 or 1,5,9-12")
+    add(commands, "release", cmd_release, "free everything an owner holds").add_argument("owner")
+    reclaim = add(commands, "reclaim", cmd_reclaim, "reclaim page cache, like memory.reclaim")
+    reclaim.add_argument("size", type=size_arg, help="how much, e.g. 64MiB")
+    add(commands, "drop-caches", cmd_drop_caches, "free clean page cache")
+    health = add(commands, "health", cmd_health, "grpc.health.v1 status (exit 8 unless SERVING)")
+    health.add_argument("--service", default="", help='service name (default "": the server)')
+    return parser
+
+
+def _report_error(exc: CallError, as_json: bool) -> None:
+    if as_json:
+        error = {
+            "code": exc.code.name,
+            "reason": exc.reason,
+            "message": exc.message,
+            "field": exc.field,
+            "metadata": exc.metadata,
+        }
+        print(json.dumps({"error": error}), file=sys.stderr)
+        return
+    reason = f" ({exc.reason})" if exc.reason not in (exc.code.name, RemoteError.reason) else ""
+    field = f" [field {exc.field}]" if exc.field else ""
+    print(f"foliodctl: {exc.code.name}{reason}: {exc.message}{field}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one foliodctl command; returns the exit code (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        with FoliodClient(
+            args.server,
+            timeout=args.timeout if args.timeout > 0 else None,
+            machine=args.machine,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            token=args.token,
+        ) as client:
+            run: Command = args.run
+            output = run(client, args)
+    except CallError as exc:
+        _report_error(exc, args.json)
+        return EXIT_CODES.get(exc.code, EXIT_FAILURE)
+    except OSError as exc:
+        print(f"foliodctl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(jsonable(output.data), indent=2))
+    elif isinstance(output.text, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(output.text)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(output.text)
+    return output.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

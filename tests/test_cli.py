@@ -1,0 +1,318 @@
+"""foliodctl against a live server: each subcommand's output, --json, and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from foliod.server import FoliodServer
+from foliodclient import FaultRule, FoliodClient, cli
+from tests.test_client import fake_server
+
+MIB = 1 << 20
+
+
+class Ctl:
+    """Runs foliodctl in process against one server, capturing stdout and stderr."""
+
+    def __init__(self, server: FoliodServer, capsys: pytest.CaptureFixture[str]) -> None:
+        self.server = f"127.0.0.1:{server.grpc_port}"
+        self.capsys = capsys
+
+    def __call__(self, *argv: str, code: int = 0) -> str:
+        """stdout of a command that must exit with `code`."""
+        self.capsys.readouterr()
+        got = cli.main(["--server", self.server, *argv])
+        out, err = self.capsys.readouterr()
+        assert got == code, err
+        self.err = err
+        return out
+
+    def json(self, *argv: str) -> Any:
+        return json.loads(self(*argv, "--json"))
+
+
+@pytest.fixture
+def ctl(server: FoliodServer, capsys: pytest.CaptureFixture[str]) -> Ctl:
+    return Ctl(server, capsys)
+
+
+def test_meminfo_reads_like_proc_meminfo(ctl: Ctl) -> None:
+    """meminfo prints `Name:  <kB> kB` lines in /proc/meminfo's layout; --json gives bytes."""
+    ctl("alloc", "cache", "file", "--size", "8MiB")
+    lines = ctl("meminfo").splitlines()
+    assert all(re.fullmatch(r"[A-Za-z()]+: +\d+ kB", line) for line in lines)
+    assert lines[0] == "MemTotal:         262144 kB"
+    values = {line.split(":")[0]: int(line.split()[-2]) for line in lines}
+    assert values["FileFolios"] == 8192 and values["Memmap"] == 4096
+    assert values["MemFree"] == 262144 - 8192
+    data = ctl.json("meminfo")
+    assert data["mem_total_bytes"] == 256 * MIB and data["file_pages_bytes"] == 8 * MIB
+
+
+def test_vmstat_reads_like_proc_vmstat(ctl: Ctl) -> None:
+    """vmstat prints `name value` lines; --json gives the same counters as an object."""
+    ctl("alloc", "a", "slab", "--count", "3")
+    lines = ctl("vmstat").splitlines()
+    assert all(re.fullmatch(r"[a-z_0-9]+ \d+", line) for line in lines)
+    counters = dict((name, int(value)) for name, value in (line.split() for line in lines))
+    assert lines[0].startswith("nr_free_pages ") and counters["pgalloc"] >= 3
+    assert ctl.json("vmstat") == counters
+
+
+def test_buddyinfo_reads_like_proc_buddyinfo(ctl: Ctl) -> None:
+    """buddyinfo prints the kernel's one line per zone; free blocks add up to free memory."""
+    ctl("alloc", "a", "file", "--count", "1")
+    out = ctl("buddyinfo")
+    assert out.startswith("Node 0, zone   Normal ") and out.endswith(" \n")
+    blocks = [int(n) for n in out.split()[4:]]
+    assert blocks[:9] == [1, 1, 1, 1, 1, 1, 1, 1, 1] and len(blocks) == 11
+    assert sum(n << order for order, n in enumerate(blocks)) == 65535
+    assert ctl.json("buddyinfo") == {"zone": "Normal", "free_blocks": blocks}
+
+
+def test_memmap_shows_three_models_side_by_side(ctl: Ctl) -> None:
+    """memmap has a column per model, totals, percent of RAM, descriptors and cost per kind."""
+    ctl("alloc", "cache", "file", "--size", "16MiB")
+    out = ctl("memmap")
+    lines = out.splitlines()
+    assert lines[0] == "memory map of host: 256 MiB of RAM, 65536 frames"
+    assert lines[2].split() == ["struct_page", "interim", "memdesc"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"  +", ln.strip()) for ln in lines[3:])}
+    # 4096 order-0 file folios: interim 2 MiB + 4096 x 80 B, memdesc 512 KiB + 4096 x 80 B.
+    assert rows["total"] == ["4 MiB", "2.31 MiB", "832 KiB"]
+    assert rows["percent of RAM"] == ["1.5625 %", "0.9033 %", "0.3174 %"]
+    assert rows["page"] == ["4 MiB", "2 MiB", "-"]
+    assert rows["memdesc"] == ["-", "-", "512 KiB"]
+    assert rows["folio"] == ["-", "320 KiB", "320 KiB"]
+    assert rows["file"] == ["256 KiB", "448 KiB", "352 KiB"]
+    assert lines.index("descriptors") < lines.index("by kind")
+    data = ctl.json("memmap")
+    assert [m["model"] for m in data["models"]] == ["struct_page", "interim", "memdesc"]
+    assert data["models"][0]["total_bytes"] == 4 * MIB
+    assert data["folios"] == [{"kind": "file", "order": 0, "folios": 4096, "nr_pages": 4096}]
+
+
+def test_folios_is_a_histogram_by_order_and_kind(ctl: Ctl) -> None:
+    """folios has a row per order in use and a column per kind, with totals and memory."""
+    ctl("alloc", "cache", "file", "--count", "5")
+    ctl("alloc", "app", "anon", "--size", "4MiB", "--madvise")
+    lines = ctl("folios").splitlines()
+    assert lines[0].split() == [
+        "order", "size", "anon", "file", "slab", "pagetable", "hugetlb", "total",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["0"] == ["0", "4", "KiB", "0", "5", "0", "5", "0", "10"]  # PGD, PUD, PMD, 2 PTE
+    assert rows["9"] == ["9", "2", "MiB", "2", "0", "0", "0", "0", "2"]
+    assert rows["total"] == ["total", "2", "5", "0", "5", "0", "12"]
+    assert rows["memory"][1:3] == ["4", "MiB"]
+    data = ctl.json("folios")
+    assert {"kind": "anon", "order": 9, "folios": 2, "nr_pages": 1024} in data
+
+
+def test_files_subcommands(ctl: Ctl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """files write (stdin and a file), ls, stat, cat, truncate, fsync and rm."""
+    source = tmp_path / "blob"
+    source.write_bytes(bytes(range(256)) * 40)
+    out = ctl("files", "write", "data/blob", str(source))
+    assert out.startswith("wrote 10240 bytes to data/blob at offset 0: 0 pages hit, 3 missed")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    assert ctl.json("files", "write", "notes.txt")["written_bytes"] == 6
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"HE")))
+    ctl("files", "write", "notes.txt", "-", "--offset", "0")
+
+    lines = ctl("files", "ls").splitlines()
+    assert lines[0].split() == ["name", "size", "cached", "dirty", "order:folios", "open"]
+    assert lines[1].split() == [
+        "data/blob",
+        "10",
+        "KiB",
+        "12",
+        "KiB",
+        "12",
+        "KiB",
+        "0:1",
+        "1:1",
+        "0",
+    ]
+    assert lines[2].split() == ["notes.txt", "6", "B", "4", "KiB", "4", "KiB", "0:1", "0"]
+    listed = ctl.json("files", "ls")
+    assert [f["name"] for f in listed] == ["data/blob", "notes.txt"]
+    assert listed[0]["folios_by_order"] == {"0": 1, "1": 1}
+
+    stat = ctl("files", "stat", "data/blob")
+    assert "size:         10240 bytes (10 KiB)\n" in stat and "dirty:        3 pages" in stat
+    assert ctl("files", "cat", "notes.txt") == "HEllo\n"
+    assert ctl("files", "cat", "notes.txt", "--offset", "2", "--length", "2") == "ll"
+    cat = ctl.json("files", "cat", "notes.txt")
+    assert cat["length"] == 6 and cat["stats"]["pages_hit"] == 1
+
+    truncated = ctl.json("files", "truncate", "data/blob", "4KiB")
+    assert truncated["size_bytes"] == 4096 and truncated["nr_cached"] == 1
+    assert ctl("files", "fsync", "notes.txt") == (
+        "notes.txt: 1 pages (4 KiB) written back, synced\n"
+    )
+    assert ctl("files", "rm", "notes.txt", "data/blob") == ""
+    assert ctl.json("files", "ls") == []
+    ctl("files", "stat", "notes.txt", code=4)
+    assert ctl.err == "foliodctl: NOT_FOUND (UNKNOWN_FILE): no file 'notes.txt'\n"
+
+
+def test_files_cat_writes_raw_bytes(
+    server: FoliodServer, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """files cat copies the bytes unchanged, across several 2 MiB reads."""
+    data = bytes(range(256)) * (9 * 4096 + 3)  # a little over 9 MiB
+    source = tmp_path / "big"
+    source.write_bytes(data)
+    target = f"127.0.0.1:{server.grpc_port}"
+    assert cli.main(["--server", target, "files", "write", "big", str(source)]) == 0
+    capsysbinary.readouterr()
+    assert cli.main(["--server", target, "files", "cat", "big"]) == 0
+    assert capsysbinary.readouterr().out == data
+
+
+def test_alloc_free_release(ctl: Ctl) -> None:
+    """alloc prints the handles, free takes ranges, release frees an owner."""
+    out = ctl("alloc", "cache", "file", "--order", "2", "--count", "4")
+    assert out == (
+        "allocated 4 folios, handles 1-4: 16 pages (64 KiB), order:folios 2:4, 0 page-table pages\n"
+    )
+    data = ctl.json("alloc", "app", "anon", "--size", "2MiB")
+    assert data["first_handle"] == 5 and data["folios_by_order"] == {"9": 1}
+    assert ctl("free", "1-2,4") == "freed 3 folios: 12 pages (48 KiB), 0 of them page tables\n"
+    assert ctl.json("free", "3") == {"nr_pages": 4, "nr_pagetable_pages": 0}
+    out = ctl("release", "app")
+    assert out.startswith("released app: 5 folios, 516 pages (2.02 MiB)")
+
+
+def test_reclaim_drop_caches_and_health(ctl: Ctl, server: FoliodServer) -> None:
+    """reclaim and drop-caches report bytes; health exits 0 only when SERVING."""
+    ctl("files", "write", "f", "/dev/null")
+    assert ctl("reclaim", "1MiB") == "reclaimed 0 B of 1 MiB asked\n"
+    assert ctl.json("reclaim", "4096") == {"asked_bytes": 4096, "reclaimed_bytes": 0}
+    assert ctl("drop-caches") == "dropped 0 B of clean page cache\n"
+    assert ctl.json("drop-caches") == {"dropped_bytes": 0}
+    assert ctl("health") == "SERVING\n"
+    assert ctl.json("health", "--service", "foliod.v1.Foliod")["status"] == "SERVING"
+    server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert ctl("health", code=8) == "NOT_SERVING\n"
+    ctl("health", "--service", "nope", code=4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["alloc", "x", "file", "--order", "12", "--count", "1"], 3, "INVALID_ARGUMENT: order 12"),
+        (["files", "cat", "missing"], 4, "NOT_FOUND (UNKNOWN_FILE)"),
+        (["--machine", "guest0", "meminfo"], 4, "NOT_FOUND (UNKNOWN_MACHINE)"),
+        (["free", "99"], 4, "NOT_FOUND (UNKNOWN_FOLIO)"),
+        (["alloc", "big", "anon", "--order", "9", "--count", "127"], 6, "RESOURCE_EXHAUSTED"),
+        (["files", "write", "x", "/nonexistent/file"], 1, "No such file"),
+        (["--tls-ca", "/nonexistent.pem", "meminfo"], 1, "No such file"),
+    ],
+)
+def test_errors_exit_with_their_class(ctl: Ctl, argv: list[str], code: int, message: str) -> None:
+    """A failed call exits with the code of its status class and says why on stderr."""
+    assert ctl(*argv, code=code) == ""
+    assert ctl.err.startswith("foliodctl: ") and message in ctl.err
+
+
+def test_state_conflicts_exit_5(ctl: Ctl) -> None:
+    """A double free (FAILED_PRECONDITION) exits 5; --json puts the error on stderr as JSON."""
+    ctl("alloc", "a", "slab", "--count", "1")
+    ctl("free", "1")
+    ctl("free", "1", "--json", code=5)
+    error = json.loads(ctl.err)["error"]
+    assert error["code"] == "FAILED_PRECONDITION" and error["reason"] == "FOLIO_ALREADY_FREED"
+    assert error["metadata"]["grpc_code"] == "FAILED_PRECONDITION"
+
+
+def test_fsync_writeback_error_exits_7(ctl: Ctl, tmp_path: Path) -> None:
+    """files fsync of a file whose writeback fails (an injected EIO) exits 7, data loss."""
+    with FoliodClient(ctl.server) as client:
+        client.set_faults([FaultRule(errno="EIO", name="f")])
+    (tmp_path / "data").write_bytes(b"doomed")
+    ctl("files", "write", "f", str(tmp_path / "data"))
+    ctl("files", "fsync", "f", code=7)
+    assert ctl.err.startswith("foliodctl: DATA_LOSS (WRITEBACK_FAILED): ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["alloc", "x", "file"],
+        ["alloc", "x", "nope", "--count", "1"],
+        ["reclaim", "12XB"],
+        ["free", "1-x"],
+        ["files"],
+    ],
+)
+def test_usage_errors_exit_2(ctl: Ctl, argv: list[str]) -> None:
+    """A wrong command line exits 2 with argparse's message, before any call."""
+    ctl(*argv, code=2)
+    assert "usage: foliodctl" in ctl.err
+
+
+def test_unreachable_server_exits_8(capsys: pytest.CaptureFixture[str]) -> None:
+    """No server at the address: exit 8 (unavailable)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert cli.main(["--server", f"127.0.0.1:{port}", "--timeout", "2", "meminfo"]) == 8
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_deadline_exits_9_and_token_is_sent(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled server: exit 9 at --timeout; --token and FOLIODCTL_TOKEN reach the server."""
+    with fake_server() as (target, fake):
+        assert cli.main(["--server", target, "--timeout", "0.2", "folios"]) == 9
+        assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+        assert cli.main(["meminfo", "--server", target, "--token", "abc"]) == 0
+        monkeypatch.setenv("FOLIODCTL_TOKEN", "from-env")
+        monkeypatch.setenv("FOLIODCTL_SERVER", target)
+        assert cli.main(["meminfo"]) == 0
+    assert [m.get("authorization") for m in fake.metadata] == ["Bearer abc", "Bearer from-env"]
+    assert capsys.readouterr().out.startswith("MemTotal:          65536 kB\n")
+
+
+def test_global_options_work_after_the_subcommand(ctl: Ctl) -> None:
+    """--json and --machine are accepted before or after the subcommand."""
+    assert json.loads(ctl("meminfo", "--json"))["mem_total_bytes"] == 256 * MIB
+    ctl("meminfo", "--machine", "nope", code=4)
+
+
+def test_installed_entry_point(server: FoliodServer) -> None:
+    """The `foliodctl` console script runs and exits with the documented codes."""
+    exe = Path(sys.executable).parent / "foliodctl"
+    target = f"127.0.0.1:{server.grpc_port}"
+    done = subprocess.run(
+        [str(exe), "--server", target, "buddyinfo"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Node 0, zone   Normal ")
+    done = subprocess.run(
+        [str(exe), "--server", target, "files", "stat", "x"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4 and "UNKNOWN_FILE" in done.stderr
