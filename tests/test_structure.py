@@ -97,12 +97,13 @@ def test_public_api_is_pinned() -> None:
         "HOST", "MAX_FOLIOS_PER_CALL", "MAX_IO_BYTES", "MAX_PAGE_ORDER", "PAGE_SIZE",
         "AddressSpaceExhausted", "AlreadyExists", "Allocation", "Descriptor", "DescriptorCost",
         "DescriptorSizes", "FailedPrecondition", "FileHandleClosed", "Folio",
-        "FolioAlreadyFreed", "FolioKind", "FoliodError",
+        "FolioAlreadyFreed", "FolioKind", "FoliodError", "GuestNesting",
         "InconsistentState",
         "InvalidArgument", "Machine", "Machines", "Meminfo", "MemmapModel", "ModelCost",
         "MthpStat", "NotFound", "OutOfMemory", "OutOfRange", "Release", "ThpPolicy",
-        "ThpSetting", "UnknownFile", "UnknownFileHandle", "UnknownFolio", "UnknownMachine",
-        "UnknownOwner", "VmEvent", "VmStat", "Watermarks", "WritebackFailed", "check_machine",
+        "ThpSetting", "UnknownFile", "UnknownFileHandle", "UnknownFolio", "UnknownGuest",
+        "UnknownMachine", "UnknownOwner", "VmEvent", "VmStat", "Watermarks", "WritebackFailed",
+        "check_machine",
     }  # fmt: skip
     assert all(hasattr(foliod.mm, name) for name in foliod.mm.__all__)
     assert foliodclient.__all__ == sorted(foliodclient.__all__)

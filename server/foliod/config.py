@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from foliod import __version__
-from foliod.mm import DescriptorSizes, FoliodError, ThpSetting
+from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
 from foliod.mm.huge_memory import size_kb_to_order
@@ -130,6 +130,13 @@ def parse_order(text: str | int) -> int:
     value = int(text)
     if not 0 <= value <= MAX_PAGECACHE_ORDER:
         raise ValueError(f"must be 0..{MAX_PAGECACHE_ORDER}, not {value}")
+    return value
+
+
+def parse_reporting_order(text: str | int) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_PAGE_ORDER:
+        raise ValueError(f"must be 0..{MAX_PAGE_ORDER}, not {value}")
     return value
 
 
@@ -253,6 +260,14 @@ OPTIONS: tuple[Option, ...] = (
         "RULES",
     ),
     Option("fault_seed", int, "seed of the fault rules' probabilities", "N"),
+    Option(
+        "reporting_delay_seconds",
+        parse_seconds,
+        "guests report free memory to the host this long after freeing it",
+        "S",
+    ),
+    Option("reporting_order", parse_reporting_order, "smallest free block a guest reports", "N"),
+    Option("reporting_capacity", parse_positive_int, "free blocks per report batch", "N"),
     Option("struct_page_bytes", parse_positive_int, "struct page size today", "B"),
     Option("interim_page_bytes", parse_positive_int, "struct page size in the interim plan", "B"),
     Option("memdesc_bytes", parse_positive_int, "per-frame memdesc entry size", "B"),
@@ -294,6 +309,9 @@ class Config:
     cache_capacity: int = 0
     faults: tuple[FaultRule, ...] = ()
     fault_seed: int = 0
+    reporting_delay_seconds: float = 2.0
+    reporting_order: int = 9
+    reporting_capacity: int = 32
     struct_page_bytes: int = _SIZES.struct_page_bytes
     interim_page_bytes: int = _SIZES.interim_page_bytes
     memdesc_bytes: int = _SIZES.memdesc_bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from concurrent import futures
 from wsgiref.simple_server import WSGIServer
 
@@ -18,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from foliod.config import Config
 from foliod.mm import HOST, Machine, Machines, ThpPolicy
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
+from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.rpc.interceptors import AccessLog, CallObserver, ErrorMapper, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
@@ -27,12 +29,21 @@ from foliod.v1 import foliod_pb2, foliod_pb2_grpc
 SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 
+# How often the page reporting worker looks for guests whose reporting delay has passed.
+REPORTING_TICK_SECONDS = 0.25
+
+
 def build_host(config: Config) -> Machine:
-    store = BackingStore(config.state_dir / "files" / HOST, DEVICE_PROFILES[config.device])
+    return build_machine(config, HOST, config.ram)
+
+
+def build_machine(config: Config, name: str, ram_bytes: int) -> Machine:
+    """The host, or a guest: the same settings, its own store under state_dir/files/<name>."""
+    store = BackingStore(config.state_dir / "files" / name, DEVICE_PROFILES[config.device])
     store.faults.set([dataclasses.replace(rule) for rule in config.faults], config.fault_seed)
     return Machine(
-        HOST,
-        config.ram,
+        name,
+        ram_bytes,
         sizes=config.descriptor_sizes(),
         thp=ThpPolicy(
             config.thp_enabled, {size_kb_to_order(kb): s for kb, s in config.mthp.items()}
@@ -54,12 +65,20 @@ class FoliodServer:
         self.config = config
         self.log = structlog.get_logger("foliod")
         self.machines = Machines(build_host(config))
+        self.guests = Guests(
+            self.machines,
+            lambda name, ram_bytes: build_machine(config, name, ram_bytes),
+            ReportingConfig(
+                config.reporting_delay_seconds, config.reporting_order, config.reporting_capacity
+            ),
+            time.monotonic,
+        )
         # Counters' *_created series only double the scrape for no use in dashboards.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.registry.register(MachineCollector(self.machines))
+        self.registry.register(MachineCollector(self.machines, self.guests))
         observers: list[CallObserver] = [AccessLog(), GrpcServerMetrics(self.registry)]
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -71,7 +90,7 @@ class FoliodServer:
             interceptors=[ObservingInterceptor(observers), ErrorMapper()],
             options=options,
         )
-        self.servicer = FoliodServicer(self.machines, debug_checks=config.debug_checks)
+        self.servicer = FoliodServicer(self.machines, self.guests, debug_checks=config.debug_checks)
         foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -84,6 +103,9 @@ class FoliodServer:
         self._stopped = threading.Event()
         self._stop_flusher = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+        self._reporter = threading.Thread(
+            target=self._reporting_loop, name="page_reporting", daemon=True
+        )
 
     def _flush_loop(self) -> None:
         """The flusher threads (wb_workfn): every dirty_writeback interval, each machine's
@@ -93,6 +115,18 @@ class FoliodServer:
                 with machine.lock:
                     if machine.page_cache is not None:
                         machine.page_cache.flush()
+
+    def _reporting_loop(self) -> None:
+        """The page reporting worker: runs each guest's free page reporting once its delay
+        after the guest freed memory has passed."""
+        while not self._stop_flusher.wait(REPORTING_TICK_SECONDS):
+            for guest, run in self.guests.tick():
+                self.log.debug(
+                    "free pages reported",
+                    guest=guest.name,
+                    batches=run.nr_batches,
+                    host_freed_bytes=run.nr_host_pages_freed * 4096,
+                )
 
     def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +138,7 @@ class FoliodServer:
         self.grpc.start()
         if self.config.dirty_writeback_seconds:
             self._flusher.start()
+        self._reporter.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.log.info(
@@ -122,8 +157,9 @@ class FoliodServer:
         self.log.info("stopping", grace_seconds=grace)
         self.grpc.stop(grace).wait()
         self._stop_flusher.set()
-        if self._flusher.is_alive():
-            self._flusher.join()
+        for thread in (self._flusher, self._reporter):
+            if thread.is_alive():
+                thread.join()
         written = 0
         for machine in self.machines:
             with machine.lock:

@@ -54,6 +54,17 @@ def check_machine(machine: Machine) -> None:
             _check_page_tables(owner.mm, list(owner.folios.values()))
     if machine.page_cache is not None:
         folios.extend(_check_page_cache(machine))
+    folios.extend(machine.balloon)
+    _require(all(f.kind is FolioKind.BALLOON for f in machine.balloon), "balloon holds non-balloon")
+    hvo: dict[int, int] = {}
+    for folio in folios:
+        if folio.hvo:
+            _require(folio.kind is FolioKind.HUGETLB, f"HVO on a {folio.kind} folio")
+            hvo[folio.order] = hvo.get(folio.order, 0) + 1
+    _require(
+        hvo == {o: n for o, n in machine.nr_hvo.items() if n},
+        f"HVO counts {machine.nr_hvo} != actual {hvo}",
+    )
     owned = sum(len(o.folios) for o in machine.owners.values())
     _require(owned == len(machine.folios), f"{len(machine.folios)} folios, {owned} owned")
 

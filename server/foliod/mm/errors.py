@@ -7,11 +7,13 @@
     │   ├── UnknownOwner
     │   ├── UnknownFolio
     │   ├── UnknownFile
-    │   └── UnknownFileHandle
+    │   ├── UnknownFileHandle
+    │   └── UnknownGuest
     ├── AlreadyExists              the object to create exists already
     ├── FailedPrecondition         the request is well formed but the state forbids it
     │   ├── FolioAlreadyFreed
-    │   └── FileHandleClosed
+    │   ├── FileHandleClosed
+    │   └── GuestNesting       guests nest one level: a guest cannot host one
     ├── OutOfRange                 an offset or length passes the end of an object
     ├── WritebackFailed            fsync found a writeback error since the handle's last look
     └── OutOfMemory                the allocator cannot serve the request
@@ -102,6 +104,18 @@ class UnknownFile(NotFound):
     """No file has the requested name on the machine."""
 
     reason = "UNKNOWN_FILE"
+
+
+class UnknownGuest(NotFound):
+    """No guest has the requested name."""
+
+    reason = "UNKNOWN_GUEST"
+
+
+class GuestNesting(FailedPrecondition):
+    """A guest was asked to host a guest; foliod nests one level only."""
+
+    reason = "GUEST_NESTING"
 
 
 class UnknownFileHandle(NotFound):

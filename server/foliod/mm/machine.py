@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from foliod.mm.backing_dev import BackingStore
 from foliod.mm.errors import (
@@ -51,6 +52,15 @@ VALID_ORDERS: Mapping[FolioKind, tuple[int, ...]] = {
 }
 
 _PGALLOC, _PGFREE, _PGFAULT = VmEvent.PGALLOC, VmEvent.PGFREE, VmEvent.PGFAULT
+
+
+class FrameBacking(Protocol):
+    """What backs a guest machine's frames: the host, which faults them in on first touch."""
+
+    def touch(self, pfn: int, nr_pages: int) -> None:
+        """Frames [pfn, pfn + nr_pages) are about to be used; raises OutOfMemory when the
+        host cannot back them."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +151,12 @@ class Machine:
         self.next_handle = 1
         # Allocated folios per (kind, order), page tables and page cache included.
         self.nr_folios: dict[tuple[FolioKind, int], int] = {}
+        # HugeTLB folios with an optimized vmemmap, by order.
+        self.nr_hvo: dict[int, int] = {}
+        # A guest's frames are backed by its host (None: real RAM, always there).
+        self.backing: FrameBacking | None = None
+        # Pages the balloon driver holds (a guest's, handed back to its host), oldest first.
+        self.balloon: list[Folio] = []
         self.clock = clock
         policy = POLICIES.get(reclaim_policy)
         if policy is None:
@@ -187,7 +203,20 @@ class Machine:
         zone = self.zone
         if not zone.watermark_ok(order):
             return None
-        return zone.rmqueue(order) if order <= MAX_PAGE_ORDER else zone.alloc_contig(order)
+        pfn = zone.rmqueue(order) if order <= MAX_PAGE_ORDER else zone.alloc_contig(order)
+        if pfn is not None and self.backing is not None:
+            try:
+                self.backing.touch(pfn, 1 << order)
+            except OutOfMemory:
+                self.__free_block(pfn, order)
+                raise
+        return pfn
+
+    def __free_block(self, pfn: int, order: int) -> None:
+        if order <= MAX_PAGE_ORDER:
+            self.zone.free_one_page(pfn, order)
+        else:
+            self.zone.free_contig(pfn, order)
 
     def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
         """Takes a 2^order block above the min watermark, reclaiming page cache directly when
@@ -253,10 +282,10 @@ class Machine:
         return self.lru.nr_pages
 
     def __free_folio(self, folio: Folio) -> None:
-        if folio.order <= MAX_PAGE_ORDER:
-            self.zone.free_one_page(folio.pfn, folio.order)
-        else:
-            self.zone.free_contig(folio.pfn, folio.order)
+        self.__free_block(folio.pfn, folio.order)
+        if folio.hvo:
+            self.nr_hvo[folio.order] -= 1
+            folio.hvo = False
         self.__account(folio.kind, folio.order, -1)
         self.events[_PGFREE] += folio.nr_pages
         folio.contents = None
@@ -321,7 +350,7 @@ class Machine:
     ) -> tuple[int | None, int]:
         """Checks an allocate request; returns (order or None for mTHP choice, pages)."""
         check_owner_name(owner)
-        if not isinstance(kind, FolioKind):
+        if not isinstance(kind, FolioKind) or kind not in VALID_ORDERS:
             raise InvalidArgument(
                 "kind must be anon, file, slab, pagetable or hugetlb", field="kind"
             )
@@ -363,17 +392,21 @@ class Machine:
         count: int = 0,
         nr_bytes: int = 0,
         madvise_hugepage: bool = False,
+        hvo: bool = False,
     ) -> Allocation:
         """Allocates count folios of one order, or nr_bytes of memory, for an owner.
 
         Anon memory is one new mapping in the owner's address space, faulted in from its start;
-        its folio orders follow the mTHP knobs unless an order is given. All or nothing.
+        its folio orders follow the mTHP knobs unless an order is given. HugeTLB folios may have
+        their vmemmap optimized (hvo). All or nothing.
         """
         order, nr_pages = self.__validate_allocate(owner, kind, order, count, nr_bytes)
         if madvise_hugepage and kind is not FolioKind.ANON:
             raise InvalidArgument(
                 "madvise_hugepage applies to anon mappings only", field="madvise_hugepage"
             )
+        if hvo and kind is not FolioKind.HUGETLB:
+            raise InvalidArgument("hvo applies to hugetlb folios only", field="hvo")
         if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
             raise self.__out_of_memory(order or 0)
         holder = self.owners.get(owner) or Owner(owner)
@@ -393,11 +426,18 @@ class Machine:
             raise
         except OutOfMemory as exc:
             self.__unwind(holder, made, mm_before, next_vpage_before)
+            if "host" in exc.metadata:  # the host could not back a guest's frames
+                raise
             # Describe the machine as the caller finds it: after the rollback.
             raise self.__out_of_memory(int(exc.metadata["order"])) from None
         self.owners[owner] = holder
         first = self.next_handle
         by_order: dict[int, int] = {}
+        if hvo:
+            assert order is not None
+            for folio in made:
+                folio.hvo = True
+            self.nr_hvo[order] = self.nr_hvo.get(order, 0) + len(made)
         for handle, folio in enumerate(made, first):
             folio.handle = handle
             self.folios[handle] = folio
@@ -549,8 +589,50 @@ class Machine:
 
     def memmap(self) -> tuple[ModelCost, ...]:
         return memmap_report(
-            self.nr_pages, self.zone.nr_free, self.nr_folios, self.sizes, PAGE_SIZE
+            self.nr_pages,
+            self.zone.nr_free,
+            self.nr_folios,
+            self.sizes,
+            PAGE_SIZE,
+            hvo_folios=self.nr_hvo,
         )
+
+    # -- balloon (the guest side of virtio_balloon) -----------------------------------------
+
+    def balloon_inflate(self, nr_pages: int) -> list[Folio]:
+        """Takes nr_pages base pages for the balloon (balloon_page_alloc); all or nothing.
+        Returns them, for the host to drop their backing."""
+        taken: list[Folio] = []
+        # The driver never writes its pages: taking them does not make the host back them.
+        backing, self.backing = self.backing, None
+        try:
+            for _ in range(nr_pages):
+                taken.append(self.__alloc_folio(0, FolioKind.BALLOON, ""))
+        except OutOfMemory:
+            for folio in taken:
+                self.__free_folio(folio)
+            raise self.__out_of_memory(0) from None
+        finally:
+            self.backing = backing
+        self.balloon.extend(taken)
+        self.events[VmEvent.BALLOON_INFLATE] += nr_pages
+        return taken
+
+    def balloon_deflate(self, nr_pages: int) -> list[int]:
+        """Gives the nr_pages most recently ballooned pages back to the buddy allocator;
+        returns their frames."""
+        if not 0 <= nr_pages <= len(self.balloon):
+            raise InvalidArgument(
+                f"the balloon holds {len(self.balloon)} pages, cannot deflate {nr_pages}",
+                field="size_bytes",
+            )
+        pfns: list[int] = []
+        for _ in range(nr_pages):
+            folio = self.balloon.pop()
+            pfns.append(folio.pfn)
+            self.__free_folio(folio)
+        self.events[VmEvent.BALLOON_DEFLATE] += nr_pages
+        return pfns
 
     def meminfo(self) -> Meminfo:
         pmd_anon = self.nr_folios.get((FolioKind.ANON, HPAGE_PMD_ORDER), 0) << HPAGE_PMD_ORDER

@@ -106,14 +106,23 @@ class ModelCost:
     by_kind: dict[FolioKind, int] = field(default_factory=dict)
     # Per-frame entries of free frames.
     free_memory_bytes: int = 0
+    # Memmap pages HugeTLB vmemmap optimization gave back (included in the breakdown's pages).
+    hvo_freed_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return sum(cost.total_bytes for cost in self.breakdown)
+        return sum(cost.total_bytes for cost in self.breakdown) - self.hvo_freed_bytes
 
     @property
     def fraction_of_ram(self) -> float:
         return self.total_bytes / self.ram_bytes if self.ram_bytes else 0.0
+
+
+def hvo_freed_bytes(frame_bytes: int, order: int, page_size_bytes: int) -> int:
+    """Memmap bytes HVO frees for one HugeTLB folio of order: the per-frame entries of its
+    pages fill whole pages, of which one is kept (Documentation/mm/vmemmap_dedup.rst)."""
+    memmap_pages = (frame_bytes << order) // page_size_bytes
+    return max(0, memmap_pages - 1) * page_size_bytes
 
 
 def memmap_report(
@@ -122,8 +131,11 @@ def memmap_report(
     folio_counts: Mapping[tuple[FolioKind, int], int],
     sizes: DescriptorSizes,
     page_size_bytes: int,
+    *,
+    hvo_folios: Mapping[int, int] | None = None,
 ) -> tuple[ModelCost, ...]:
-    """Costs of the current state under every model, in MemmapModel order."""
+    """Costs of the current state under every model, in MemmapModel order; hvo_folios counts
+    HugeTLB folios with an optimized vmemmap, by order."""
     pages_by_kind = dict.fromkeys(FolioKind, 0)
     for (kind, order), folios in folio_counts.items():
         pages_by_kind[kind] += folios << order
@@ -141,6 +153,11 @@ def memmap_report(
                 descriptor, size = sizes.descriptor_for(kind, order)
                 counts[descriptor] = (size, counts[descriptor][1] + folios)
                 by_kind[kind] += size * folios
+        hvo_freed = sum(
+            count * hvo_freed_bytes(frame_bytes, order, page_size_bytes)
+            for order, count in (hvo_folios or {}).items()
+        )
+        by_kind[FolioKind.HUGETLB] -= hvo_freed
         breakdown = tuple(
             DescriptorCost(descriptor, size, count)
             for descriptor in Descriptor
@@ -154,6 +171,7 @@ def memmap_report(
                 breakdown=breakdown,
                 by_kind=by_kind,
                 free_memory_bytes=nr_free_pages * frame_bytes,
+                hvo_freed_bytes=hvo_freed,
             )
         )
     return tuple(reports)

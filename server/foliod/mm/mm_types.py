@@ -16,6 +16,8 @@ class FolioKind(enum.StrEnum):
     SLAB = "slab"
     PAGETABLE = "pagetable"
     HUGETLB = "hugetlb"
+    # Pages a guest's balloon driver took to hand back to its host (virtio_balloon).
+    BALLOON = "balloon"
 
 
 class Folio:
@@ -32,6 +34,7 @@ class Folio:
         "dirty",
         "gen",
         "handle",
+        "hvo",
         "index",
         "kind",
         "mapping",
@@ -56,6 +59,8 @@ class Folio:
         # Virtual page number in the owner's address space (anon only; -1 when unmapped).
         self.vaddr = -1
         self.pmd_mapped = False
+        # A HugeTLB folio whose vmemmap is optimized (HVO): one memmap page kept, not all.
+        self.hvo = False
         self.contents: dict[int, bytearray] | None = None
         # Page cache folios: the file (an Inode) and the page index of the head page.
         self.mapping: object = None

@@ -34,6 +34,8 @@ class VmEvent(enum.StrEnum):
     THP_FAULT_ALLOC = "thp_fault_alloc"
     THP_FAULT_FALLBACK = "thp_fault_fallback"
     THP_SPLIT_PAGE = "thp_split_page"
+    BALLOON_INFLATE = "balloon_inflate"
+    BALLOON_DEFLATE = "balloon_deflate"
 
 
 class VmStat(enum.StrEnum):

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
+from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
 from foliod.rpc.interceptors import CallInfo
@@ -97,8 +98,9 @@ class GrpcServerMetrics:
 class MachineCollector(Collector):
     """Reads every machine's state at scrape time."""
 
-    def __init__(self, machines: Machines) -> None:
+    def __init__(self, machines: Machines, guests: Guests | None = None) -> None:
         self._machines = machines
+        self._guests = guests
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
@@ -108,6 +110,9 @@ class MachineCollector(Collector):
         for machine in self._machines:
             with machine.lock:
                 _collect_machine(machine, families)
+        for guest in self._guests or ():
+            with guest.machine.lock, guest.host.lock:
+                _collect_guest(guest, families)
         yield from families.values()
         yield InfoMetricFamily(
             "foliod_build",
@@ -181,7 +186,68 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             "Anonymous mTHP per-size counters (hugepages-<size>/stats).",
             labels=["machine", "size", "event"],
         ),
+        "hvo": gauge(
+            "foliod_memmap_hvo_freed_bytes",
+            "Memory map pages HugeTLB vmemmap optimization freed (taken off foliod_memmap_bytes).",
+            labels=["machine", "model"],
+        ),
+        "guest_ram": gauge("foliod_guest_ram_bytes", "A guest's RAM.", labels=["guest"]),
+        "guest_backed": gauge(
+            "foliod_guest_backed_bytes",
+            "Guest RAM the host backs now (lazily faulted in; ballooning and free page reporting "
+            "give it back).",
+            labels=["guest"],
+        ),
+        "guest_duplicate": gauge(
+            "foliod_guest_memmap_duplicate_bytes",
+            "The memory map paid twice for a guest's RAM: the guest's own plus the host's over "
+            "the same memory, per model.",
+            labels=["guest", "model"],
+        ),
+        "guest_memmap": gauge(
+            "foliod_guest_memmap_side_bytes",
+            "The two halves of foliod_guest_memmap_duplicate_bytes: side=guest (the guest's "
+            "memmap) and side=host (the host's over the guest's RAM).",
+            labels=["guest", "model", "side"],
+        ),
+        "guest_balloon": gauge(
+            "foliod_guest_balloon_bytes", "Pages in the guest's balloon.", labels=["guest"]
+        ),
+        "guest_returned": counter(
+            "foliod_guest_returned_bytes",
+            "Host memory a guest gave back, by how (balloon, reporting).",
+            labels=["guest", "via"],
+        ),
+        "guest_batches": counter(
+            "foliod_guest_reporting_batches",
+            "Free page reporting batches (of up to reporting_capacity blocks).",
+            labels=["guest"],
+        ),
+        "guest_blocks": counter(
+            "foliod_guest_reported_blocks", "Free blocks reported to the host.", labels=["guest"]
+        ),
     }
+
+
+def _collect_guest(
+    guest: Guest, families: dict[str, GaugeMetricFamily | CounterMetricFamily]
+) -> None:
+    name = guest.name
+    families["guest_ram"].add_metric([name], guest.ram_bytes)
+    families["guest_backed"].add_metric([name], guest.backing.nr_backed_pages * PAGE_SIZE)
+    families["guest_balloon"].add_metric([name], len(guest.machine.balloon) * PAGE_SIZE)
+    for dup in guest.duplication():
+        model = str(dup.model)
+        families["guest_duplicate"].add_metric([name, model], dup.total_bytes)
+        families["guest_memmap"].add_metric([name, model, "guest"], dup.guest_memmap_bytes)
+        families["guest_memmap"].add_metric([name, model, "host"], dup.host_memmap_bytes)
+    for via, pages in (
+        ("balloon", guest.nr_ballooned_host_pages),
+        ("reporting", guest.nr_reported_pages),
+    ):
+        families["guest_returned"].add_metric([name, via], pages * PAGE_SIZE)
+    families["guest_batches"].add_metric([name], guest.nr_reporting_batches)
+    families["guest_blocks"].add_metric([name], guest.nr_reported_blocks)
 
 
 def _collect_machine(
@@ -201,8 +267,9 @@ def _collect_machine(
         for kind, nr_bytes in report.by_kind.items():
             families["kind"].add_metric([name, model, str(kind)], nr_bytes)
         families["kind"].add_metric([name, model, "free"], report.free_memory_bytes)
+        families["hvo"].add_metric([name, model], report.hvo_freed_bytes)
     for kind in FolioKind:
-        for order in VALID_ORDERS[kind]:
+        for order in VALID_ORDERS.get(kind, (0,)):
             count = machine.nr_folios.get((kind, order), 0)
             families["folios"].add_metric([name, str(kind), str(order)], count)
     for order, blocks in enumerate(machine.zone.buddyinfo()[: MAX_PAGE_ORDER + 1]):

@@ -21,6 +21,7 @@ from foliod.mm import (
 )
 from foliod.mm.backing_dev import FaultInjector, FaultRule
 from foliod.mm.filemap import FileStat, IoStats
+from foliod.mm.guest import Backing, Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.v1 import foliod_pb2 as pb
@@ -39,6 +40,10 @@ _THP_FROM_PB: dict[pb.ThpSetting.ValueType, ThpSetting] = {
 }
 _THP_TO_PB = {s: v for v, s in _THP_FROM_PB.items()}
 _MODEL_TO_PB = {m: pb.MemmapModel.Value(f"MEMMAP_MODEL_{m.name}") for m in MemmapModel}
+_BACKING_FROM_PB: dict[pb.GuestBacking.ValueType, Backing] = {
+    pb.GuestBacking.Value(f"GUEST_BACKING_{b.name}"): b for b in Backing
+}
+_BACKING_TO_PB = {b: v for v, b in _BACKING_FROM_PB.items()}
 
 
 def _kind(value: pb.FolioKind.ValueType) -> FolioKind:
@@ -58,8 +63,9 @@ def _thp_setting(value: pb.ThpSetting.ValueType, field: str) -> ThpSetting:
 class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     """Serves foliod.v1.Foliod over a set of machines."""
 
-    def __init__(self, machines: Machines, *, debug_checks: bool = False) -> None:
+    def __init__(self, machines: Machines, guests: Guests, *, debug_checks: bool = False) -> None:
         self.machines = machines
+        self.guests = guests
         self.debug_checks = debug_checks
 
     def _change(self, name: str, operation: Callable[[Machine], T]) -> T:
@@ -208,6 +214,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                         for kind, nr_bytes in r.by_kind.items()
                     ],
                     free_memory_bytes=r.free_memory_bytes,
+                    hvo_freed_bytes=r.hvo_freed_bytes,
                 )
                 for r in reports
             ],
@@ -362,6 +369,134 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
 
     def GetFaults(self, request: pb.GetFaultsRequest, context: grpc.ServicerContext) -> pb.Faults:
         return _faults(self._read(request.machine, lambda m: m.files.store.faults))
+
+    # -- guests ----------------------------------------------------------------------------
+
+    def _guest(self, guest: Guest) -> pb.Guest:
+        """The guest's state, read under its machine's and its host's locks."""
+        with guest.machine.lock, guest.host.lock:
+            if self.debug_checks:
+                check_machine(guest.machine)
+                check_machine(guest.host)
+            return _guest_pb(guest)
+
+    def CreateGuest(
+        self, request: pb.CreateGuestRequest, context: grpc.ServicerContext
+    ) -> pb.Guest:
+        backing = _BACKING_FROM_PB.get(request.backing)
+        if backing is None:
+            raise InvalidArgument(
+                f"backing {request.backing} is not one of {', '.join(Backing)}", field="backing"
+            )
+        guest = self.guests.create(
+            request.name,
+            request.ram_bytes,
+            backing,
+            mthp_size_kb=request.mthp_size_kb,
+            hvo=request.hvo,
+            on=request.machine,
+            free_page_reporting=(
+                request.free_page_reporting if request.HasField("free_page_reporting") else True
+            ),
+        )
+        return self._guest(guest)
+
+    def DestroyGuest(
+        self, request: pb.DestroyGuestRequest, context: grpc.ServicerContext
+    ) -> pb.DestroyGuestResponse:
+        freed = self.guests.destroy(request.name, delete_files=request.delete_files)
+        if self.debug_checks:
+            with self.machines.host.lock:
+                check_machine(self.machines.host)
+        return pb.DestroyGuestResponse(freed_bytes=freed)
+
+    def GetGuest(self, request: pb.GetGuestRequest, context: grpc.ServicerContext) -> pb.Guest:
+        return self._guest(self.guests.get(request.name))
+
+    def ListGuests(
+        self, request: pb.ListGuestsRequest, context: grpc.ServicerContext
+    ) -> pb.ListGuestsResponse:
+        guests = [self._guest(g) for g in sorted(self.guests, key=lambda g: g.name)]
+        totals: dict[pb.MemmapModel.ValueType, list[int]] = {}
+        ram = sum(g.ram_bytes for g in guests)
+        for g in guests:
+            for d in g.duplication:
+                entry = totals.setdefault(d.model, [0, 0])
+                entry[0] += d.guest_memmap_bytes
+                entry[1] += d.host_memmap_bytes
+        return pb.ListGuestsResponse(
+            guests=guests,
+            totals=[
+                _duplication_pb(model, ram, guest_bytes, host_bytes)
+                for model, (guest_bytes, host_bytes) in totals.items()
+            ],
+        )
+
+    def SetBalloon(
+        self, request: pb.SetBalloonRequest, context: grpc.ServicerContext
+    ) -> pb.SetBalloonResponse:
+        guest = self.guests.get(request.name)
+        change = self._change(request.name, lambda m: guest.set_balloon(request.size_bytes))
+        return pb.SetBalloonResponse(
+            inflated_bytes=change.nr_inflated * PAGE_SIZE,
+            deflated_bytes=change.nr_deflated * PAGE_SIZE,
+            balloon_bytes=change.nr_balloon_pages * PAGE_SIZE,
+            host_freed_bytes=change.nr_host_pages_freed * PAGE_SIZE,
+            guest=self._guest(guest),
+        )
+
+    def ReportFreePages(
+        self, request: pb.ReportFreePagesRequest, context: grpc.ServicerContext
+    ) -> pb.ReportFreePagesResponse:
+        guest = self.guests.get(request.name)
+        run = self._change(request.name, lambda m: guest.report_free_pages())
+        return pb.ReportFreePagesResponse(
+            batches=run.nr_batches,
+            blocks=run.nr_blocks,
+            host_freed_bytes=run.nr_host_pages_freed * PAGE_SIZE,
+            guest=self._guest(guest),
+        )
+
+
+def _duplication_pb(
+    model: pb.MemmapModel.ValueType, ram_bytes: int, guest_bytes: int, host_bytes: int
+) -> pb.Duplication:
+    total = guest_bytes + host_bytes
+    return pb.Duplication(
+        model=model,
+        guest_memmap_bytes=guest_bytes,
+        host_memmap_bytes=host_bytes,
+        total_bytes=total,
+        fraction_of_guest_ram=total / ram_bytes if ram_bytes else 0.0,
+    )
+
+
+def _guest_pb(guest: Guest) -> pb.Guest:
+    spec, backing = guest.spec, guest.backing
+    return pb.Guest(
+        name=guest.name,
+        host=guest.host.name,
+        ram_bytes=guest.ram_bytes,
+        backing=_BACKING_TO_PB[spec.backing],
+        mthp_size_kb=spec.mthp_size_kb,
+        hvo=spec.hvo,
+        lazy=spec.lazy,
+        backed_bytes=backing.nr_backed_pages * PAGE_SIZE,
+        host_folios=len(backing.backed),
+        host_folio_order=spec.order,
+        balloon_bytes=len(guest.machine.balloon) * PAGE_SIZE,
+        balloon_returned_bytes=guest.nr_ballooned_host_pages * PAGE_SIZE,
+        reported_bytes=guest.nr_reported_pages * PAGE_SIZE,
+        reporting_batches=guest.nr_reporting_batches,
+        reported_blocks=guest.nr_reported_blocks,
+        free_page_reporting=guest.reporting is not None,
+        duplication=[
+            _duplication_pb(
+                _MODEL_TO_PB[d.model], d.ram_bytes, d.guest_memmap_bytes, d.host_memmap_bytes
+            )
+            for d in guest.duplication()
+        ],
+    )
 
 
 def _faults(faults: FaultInjector) -> pb.Faults:

@@ -47,6 +47,8 @@ class _FolioKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FolioKind.V
     """Page-table pages: described by a ptdesc under memdesc."""
     FOLIO_KIND_HUGETLB: _FolioKind.ValueType  # 5
     """HugeTLB pages: order 9 (2 MiB) or 18 (1 GiB, a contiguous range, not a buddy block)."""
+    FOLIO_KIND_BALLOON: _FolioKind.ValueType  # 6
+    """Pages a guest's balloon driver holds for its host (SetBalloon); never allocated directly."""
 
 class FolioKind(_FolioKind, metaclass=_FolioKindEnumTypeWrapper):
     """What an allocation is used for. Mirrors the memdesc types of the memdesc plan."""
@@ -64,6 +66,8 @@ FOLIO_KIND_PAGETABLE: FolioKind.ValueType  # 4
 """Page-table pages: described by a ptdesc under memdesc."""
 FOLIO_KIND_HUGETLB: FolioKind.ValueType  # 5
 """HugeTLB pages: order 9 (2 MiB) or 18 (1 GiB, a contiguous range, not a buddy block)."""
+FOLIO_KIND_BALLOON: FolioKind.ValueType  # 6
+"""Pages a guest's balloon driver holds for its host (SetBalloon); never allocated directly."""
 Global___FolioKind: _TypeAlias = FolioKind  # noqa: Y015
 
 class _MemmapModel:
@@ -125,6 +129,40 @@ THP_SETTING_MADVISE: ThpSetting.ValueType  # 3
 """Only in regions the allocation asked for with madvise(MADV_HUGEPAGE)."""
 THP_SETTING_NEVER: ThpSetting.ValueType  # 4
 Global___ThpSetting: _TypeAlias = ThpSetting  # noqa: Y015
+
+class _GuestBacking:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GuestBackingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GuestBacking.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GUEST_BACKING_UNSPECIFIED: _GuestBacking.ValueType  # 0
+    GUEST_BACKING_BASE: _GuestBacking.ValueType  # 1
+    """4 KiB anonymous pages of the VMM, faulted in when the guest first uses a frame."""
+    GUEST_BACKING_MTHP: _GuestBacking.ValueType  # 2
+    """Anonymous large folios of one mTHP size (mthp_size_kb), faulted in on first use."""
+    GUEST_BACKING_THP: _GuestBacking.ValueType  # 3
+    """2 MiB transparent huge pages, faulted in on first use."""
+    GUEST_BACKING_HUGETLB_2M: _GuestBacking.ValueType  # 4
+    """2 MiB HugeTLB pages, reserved up front."""
+    GUEST_BACKING_HUGETLB_1G: _GuestBacking.ValueType  # 5
+    """1 GiB HugeTLB pages, reserved up front."""
+
+class GuestBacking(_GuestBacking, metaclass=_GuestBackingEnumTypeWrapper):
+    """What host memory a guest's RAM is made of."""
+
+GUEST_BACKING_UNSPECIFIED: GuestBacking.ValueType  # 0
+GUEST_BACKING_BASE: GuestBacking.ValueType  # 1
+"""4 KiB anonymous pages of the VMM, faulted in when the guest first uses a frame."""
+GUEST_BACKING_MTHP: GuestBacking.ValueType  # 2
+"""Anonymous large folios of one mTHP size (mthp_size_kb), faulted in on first use."""
+GUEST_BACKING_THP: GuestBacking.ValueType  # 3
+"""2 MiB transparent huge pages, faulted in on first use."""
+GUEST_BACKING_HUGETLB_2M: GuestBacking.ValueType  # 4
+"""2 MiB HugeTLB pages, reserved up front."""
+GUEST_BACKING_HUGETLB_1G: GuestBacking.ValueType  # 5
+"""1 GiB HugeTLB pages, reserved up front."""
+Global___GuestBacking: _TypeAlias = GuestBacking  # noqa: Y015
 
 @_typing.final
 class AllocateRequest(_message.Message):
@@ -814,6 +852,7 @@ class ModelReport(_message.Message):
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     BY_KIND_FIELD_NUMBER: _builtins.int
     FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    HVO_FREED_BYTES_FIELD_NUMBER: _builtins.int
     model: Global___MemmapModel.ValueType
     total_bytes: _builtins.int
     """Sum of the breakdown."""
@@ -821,6 +860,8 @@ class ModelReport(_message.Message):
     """total_bytes / RAM."""
     free_memory_bytes: _builtins.int
     """Per-frame entries of free frames."""
+    hvo_freed_bytes: _builtins.int
+    """Memmap pages HugeTLB vmemmap optimization freed (already taken off total_bytes)."""
     @_builtins.property
     def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___DescriptorBytes]: ...
     @_builtins.property
@@ -836,10 +877,11 @@ class ModelReport(_message.Message):
         breakdown: _abc.Iterable[Global___DescriptorBytes] | None = ...,
         by_kind: _abc.Iterable[Global___KindBytes] | None = ...,
         free_memory_bytes: _builtins.int = ...,
+        hvo_freed_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "by_kind", b"by_kind", "fraction_of_ram", b"fraction_of_ram", "free_memory_bytes", b"free_memory_bytes", "model", b"model", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "by_kind", b"by_kind", "fraction_of_ram", b"fraction_of_ram", "free_memory_bytes", b"free_memory_bytes", "hvo_freed_bytes", b"hvo_freed_bytes", "model", b"model", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1848,3 +1890,368 @@ class Faults(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Faults: _TypeAlias = Faults  # noqa: Y015
+
+@_typing.final
+class CreateGuestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    RAM_BYTES_FIELD_NUMBER: _builtins.int
+    BACKING_FIELD_NUMBER: _builtins.int
+    MTHP_SIZE_KB_FIELD_NUMBER: _builtins.int
+    HVO_FIELD_NUMBER: _builtins.int
+    FREE_PAGE_REPORTING_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """The machine to host the guest: empty or "host". Naming a guest is FAILED_PRECONDITION."""
+    name: _builtins.str
+    """1-58 of A-Z a-z 0-9 . _ -, starting with a letter or digit; unique among machines."""
+    ram_bytes: _builtins.int
+    """A multiple of the backing's page size (4 KiB, the mTHP size, 2 MiB or 1 GiB)."""
+    backing: Global___GuestBacking.ValueType
+    mthp_size_kb: _builtins.int
+    """The folio size of the mthp backing: 16, 32, 64, 128, 256, 512 or 1024."""
+    hvo: _builtins.bool
+    """HugeTLB vmemmap optimization: the host keeps one memmap page per huge page."""
+    free_page_reporting: _builtins.bool
+    """Free page reporting (default on): free guest blocks of order >= 9 go back to the host."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        ram_bytes: _builtins.int = ...,
+        backing: Global___GuestBacking.ValueType = ...,
+        mthp_size_kb: _builtins.int = ...,
+        hvo: _builtins.bool = ...,
+        free_page_reporting: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_free_page_reporting", b"_free_page_reporting", "free_page_reporting", b"free_page_reporting"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_free_page_reporting", b"_free_page_reporting", "backing", b"backing", "free_page_reporting", b"free_page_reporting", "hvo", b"hvo", "machine", b"machine", "mthp_size_kb", b"mthp_size_kb", "name", b"name", "ram_bytes", b"ram_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__free_page_reporting: _TypeAlias = _typing.Literal["free_page_reporting"]  # noqa: Y015
+    _WhichOneofArgType__free_page_reporting: _TypeAlias = _typing.Literal["_free_page_reporting", b"_free_page_reporting"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__free_page_reporting) -> _WhichOneofReturnType__free_page_reporting | None: ...
+
+Global___CreateGuestRequest: _TypeAlias = CreateGuestRequest  # noqa: Y015
+
+@_typing.final
+class Duplication(_message.Message):
+    """One memmap model's cost of describing a guest's RAM in the guest and in the host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    GUEST_MEMMAP_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_MEMMAP_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    FRACTION_OF_GUEST_RAM_FIELD_NUMBER: _builtins.int
+    model: Global___MemmapModel.ValueType
+    guest_memmap_bytes: _builtins.int
+    """The guest's whole memory map under the model."""
+    host_memmap_bytes: _builtins.int
+    """The host's memmap over the guest's RAM: per-frame entries (less what HVO freed) plus the
+    descriptors of the host folios backing it.
+    """
+    total_bytes: _builtins.int
+    fraction_of_guest_ram: _builtins.float
+    """total_bytes / guest RAM."""
+    def __init__(
+        self,
+        *,
+        model: Global___MemmapModel.ValueType = ...,
+        guest_memmap_bytes: _builtins.int = ...,
+        host_memmap_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        fraction_of_guest_ram: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction_of_guest_ram", b"fraction_of_guest_ram", "guest_memmap_bytes", b"guest_memmap_bytes", "host_memmap_bytes", b"host_memmap_bytes", "model", b"model", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Duplication: _TypeAlias = Duplication  # noqa: Y015
+
+@_typing.final
+class Guest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    RAM_BYTES_FIELD_NUMBER: _builtins.int
+    BACKING_FIELD_NUMBER: _builtins.int
+    MTHP_SIZE_KB_FIELD_NUMBER: _builtins.int
+    HVO_FIELD_NUMBER: _builtins.int
+    LAZY_FIELD_NUMBER: _builtins.int
+    BACKED_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_FOLIOS_FIELD_NUMBER: _builtins.int
+    HOST_FOLIO_ORDER_FIELD_NUMBER: _builtins.int
+    BALLOON_BYTES_FIELD_NUMBER: _builtins.int
+    BALLOON_RETURNED_BYTES_FIELD_NUMBER: _builtins.int
+    REPORTED_BYTES_FIELD_NUMBER: _builtins.int
+    REPORTING_BATCHES_FIELD_NUMBER: _builtins.int
+    REPORTED_BLOCKS_FIELD_NUMBER: _builtins.int
+    FREE_PAGE_REPORTING_FIELD_NUMBER: _builtins.int
+    DUPLICATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    host: _builtins.str
+    """The machine hosting it."""
+    ram_bytes: _builtins.int
+    backing: Global___GuestBacking.ValueType
+    mthp_size_kb: _builtins.int
+    hvo: _builtins.bool
+    lazy: _builtins.bool
+    """Backed on first use (base, mthp, thp) rather than reserved up front (hugetlb)."""
+    backed_bytes: _builtins.int
+    """Guest RAM the host currently backs."""
+    host_folios: _builtins.int
+    """Host folios backing the guest, and their order."""
+    host_folio_order: _builtins.int
+    balloon_bytes: _builtins.int
+    balloon_returned_bytes: _builtins.int
+    """Host memory returned by the balloon and by free page reporting, since creation."""
+    reported_bytes: _builtins.int
+    reporting_batches: _builtins.int
+    reported_blocks: _builtins.int
+    free_page_reporting: _builtins.bool
+    @_builtins.property
+    def duplication(self) -> _containers.RepeatedCompositeFieldContainer[Global___Duplication]:
+        """One entry per model, in the order struct_page, interim, memdesc."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        host: _builtins.str = ...,
+        ram_bytes: _builtins.int = ...,
+        backing: Global___GuestBacking.ValueType = ...,
+        mthp_size_kb: _builtins.int = ...,
+        hvo: _builtins.bool = ...,
+        lazy: _builtins.bool = ...,
+        backed_bytes: _builtins.int = ...,
+        host_folios: _builtins.int = ...,
+        host_folio_order: _builtins.int = ...,
+        balloon_bytes: _builtins.int = ...,
+        balloon_returned_bytes: _builtins.int = ...,
+        reported_bytes: _builtins.int = ...,
+        reporting_batches: _builtins.int = ...,
+        reported_blocks: _builtins.int = ...,
+        free_page_reporting: _builtins.bool = ...,
+        duplication: _abc.Iterable[Global___Duplication] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backed_bytes", b"backed_bytes", "backing", b"backing", "balloon_bytes", b"balloon_bytes", "balloon_returned_bytes", b"balloon_returned_bytes", "duplication", b"duplication", "free_page_reporting", b"free_page_reporting", "host", b"host", "host_folio_order", b"host_folio_order", "host_folios", b"host_folios", "hvo", b"hvo", "lazy", b"lazy", "mthp_size_kb", b"mthp_size_kb", "name", b"name", "ram_bytes", b"ram_bytes", "reported_blocks", b"reported_blocks", "reported_bytes", b"reported_bytes", "reporting_batches", b"reporting_batches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Guest: _TypeAlias = Guest  # noqa: Y015
+
+@_typing.final
+class DestroyGuestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DELETE_FILES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    delete_files: _builtins.bool
+    """Also delete the guest's files from the backing store (default: they stay on disk)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        delete_files: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_files", b"delete_files", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestroyGuestRequest: _TypeAlias = DestroyGuestRequest  # noqa: Y015
+
+@_typing.final
+class DestroyGuestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    freed_bytes: _builtins.int
+    """Host memory freed."""
+    def __init__(
+        self,
+        *,
+        freed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed_bytes", b"freed_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestroyGuestResponse: _TypeAlias = DestroyGuestResponse  # noqa: Y015
+
+@_typing.final
+class GetGuestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGuestRequest: _TypeAlias = GetGuestRequest  # noqa: Y015
+
+@_typing.final
+class ListGuestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGuestsRequest: _TypeAlias = ListGuestsRequest  # noqa: Y015
+
+@_typing.final
+class ListGuestsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GUESTS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def guests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Guest]: ...
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Duplication]:
+        """Per model, summed over the guests."""
+
+    def __init__(
+        self,
+        *,
+        guests: _abc.Iterable[Global___Guest] | None = ...,
+        totals: _abc.Iterable[Global___Duplication] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guests", b"guests", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGuestsResponse: _TypeAlias = ListGuestsResponse  # noqa: Y015
+
+@_typing.final
+class SetBalloonRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    """The balloon's target size: a multiple of 4096 up to the guest's RAM."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBalloonRequest: _TypeAlias = SetBalloonRequest  # noqa: Y015
+
+@_typing.final
+class SetBalloonResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFLATED_BYTES_FIELD_NUMBER: _builtins.int
+    DEFLATED_BYTES_FIELD_NUMBER: _builtins.int
+    BALLOON_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_FREED_BYTES_FIELD_NUMBER: _builtins.int
+    GUEST_FIELD_NUMBER: _builtins.int
+    inflated_bytes: _builtins.int
+    deflated_bytes: _builtins.int
+    balloon_bytes: _builtins.int
+    host_freed_bytes: _builtins.int
+    """Host memory freed by this change (granules wholly ballooned)."""
+    @_builtins.property
+    def guest(self) -> Global___Guest: ...
+    def __init__(
+        self,
+        *,
+        inflated_bytes: _builtins.int = ...,
+        deflated_bytes: _builtins.int = ...,
+        balloon_bytes: _builtins.int = ...,
+        host_freed_bytes: _builtins.int = ...,
+        guest: Global___Guest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_bytes", b"balloon_bytes", "deflated_bytes", b"deflated_bytes", "guest", b"guest", "host_freed_bytes", b"host_freed_bytes", "inflated_bytes", b"inflated_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBalloonResponse: _TypeAlias = SetBalloonResponse  # noqa: Y015
+
+@_typing.final
+class ReportFreePagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportFreePagesRequest: _TypeAlias = ReportFreePagesRequest  # noqa: Y015
+
+@_typing.final
+class ReportFreePagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    HOST_FREED_BYTES_FIELD_NUMBER: _builtins.int
+    GUEST_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    blocks: _builtins.int
+    host_freed_bytes: _builtins.int
+    @_builtins.property
+    def guest(self) -> Global___Guest: ...
+    def __init__(
+        self,
+        *,
+        batches: _builtins.int = ...,
+        blocks: _builtins.int = ...,
+        host_freed_bytes: _builtins.int = ...,
+        guest: Global___Guest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "blocks", b"blocks", "guest", b"guest", "host_freed_bytes", b"host_freed_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportFreePagesResponse: _TypeAlias = ReportFreePagesResponse  # noqa: Y015

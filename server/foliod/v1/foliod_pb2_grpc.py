@@ -174,6 +174,36 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
                 _registered_method=True)
+        self.CreateGuest = channel.unary_unary(
+                '/foliod.v1.Foliod/CreateGuest',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.CreateGuestRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
+                _registered_method=True)
+        self.DestroyGuest = channel.unary_unary(
+                '/foliod.v1.Foliod/DestroyGuest',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.DestroyGuestRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.DestroyGuestResponse.FromString,
+                _registered_method=True)
+        self.GetGuest = channel.unary_unary(
+                '/foliod.v1.Foliod/GetGuest',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.GetGuestRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
+                _registered_method=True)
+        self.ListGuests = channel.unary_unary(
+                '/foliod.v1.Foliod/ListGuests',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ListGuestsRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ListGuestsResponse.FromString,
+                _registered_method=True)
+        self.SetBalloon = channel.unary_unary(
+                '/foliod.v1.Foliod/SetBalloon',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.SetBalloonRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.SetBalloonResponse.FromString,
+                _registered_method=True)
+        self.ReportFreePages = channel.unary_unary(
+                '/foliod.v1.Foliod/ReportFreePages',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
+                _registered_method=True)
 
 
 class FoliodServicer:
@@ -374,6 +404,49 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGuest(self, request, context):
+        """Virtualized guests: machines whose RAM is host memory. Every other RPC addresses a guest
+        through its machine field. Guests nest one level.
+        Creates a guest; RESOURCE_EXHAUSTED (and nothing changes) when the host cannot back it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyGuest(self, request, context):
+        """Writes the guest's dirty page cache back, returns all its host memory and forgets it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGuest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGuests(self, request, context):
+        """Every guest, and the duplication totals over all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBalloon(self, request, context):
+        """Inflates or deflates a guest's balloon to a target size (virtio-balloon).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportFreePages(self, request, context):
+        """Runs a guest's free page reporting now, without waiting for its delay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FoliodServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -516,6 +589,36 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.GetFaults,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.Faults.SerializeToString,
+            ),
+            'CreateGuest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGuest,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.CreateGuestRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.Guest.SerializeToString,
+            ),
+            'DestroyGuest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyGuest,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.DestroyGuestRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.DestroyGuestResponse.SerializeToString,
+            ),
+            'GetGuest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGuest,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.GetGuestRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.Guest.SerializeToString,
+            ),
+            'ListGuests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGuests,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ListGuestsRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ListGuestsResponse.SerializeToString,
+            ),
+            'SetBalloon': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBalloon,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.SetBalloonRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.SetBalloonResponse.SerializeToString,
+            ),
+            'ReportFreePages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFreePages,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1274,6 +1377,168 @@ class Foliod:
             '/foliod.v1.Foliod/GetFaults',
             foliod_dot_v1_dot_foliod__pb2.GetFaultsRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.Faults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGuest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/CreateGuest',
+            foliod_dot_v1_dot_foliod__pb2.CreateGuestRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyGuest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/DestroyGuest',
+            foliod_dot_v1_dot_foliod__pb2.DestroyGuestRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.DestroyGuestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGuest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/GetGuest',
+            foliod_dot_v1_dot_foliod__pb2.GetGuestRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGuests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/ListGuests',
+            foliod_dot_v1_dot_foliod__pb2.ListGuestsRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ListGuestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBalloon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/SetBalloon',
+            foliod_dot_v1_dot_foliod__pb2.SetBalloonRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.SetBalloonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFreePages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/ReportFreePages',
+            foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

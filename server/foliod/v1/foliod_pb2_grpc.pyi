@@ -97,6 +97,20 @@ class FoliodStub:
     SetFaults: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.SetFaultsRequest, _foliod_pb2.Faults]
     """Admin: replaces the backing store's fault injection rules (an empty list clears them)."""
     GetFaults: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.GetFaultsRequest, _foliod_pb2.Faults]
+    CreateGuest: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.CreateGuestRequest, _foliod_pb2.Guest]
+    """Virtualized guests: machines whose RAM is host memory. Every other RPC addresses a guest
+    through its machine field. Guests nest one level.
+    Creates a guest; RESOURCE_EXHAUSTED (and nothing changes) when the host cannot back it.
+    """
+    DestroyGuest: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DestroyGuestRequest, _foliod_pb2.DestroyGuestResponse]
+    """Writes the guest's dirty page cache back, returns all its host memory and forgets it."""
+    GetGuest: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.GetGuestRequest, _foliod_pb2.Guest]
+    ListGuests: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ListGuestsRequest, _foliod_pb2.ListGuestsResponse]
+    """Every guest, and the duplication totals over all of them."""
+    SetBalloon: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.SetBalloonRequest, _foliod_pb2.SetBalloonResponse]
+    """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
+    ReportFreePages: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]
+    """Runs a guest's free page reporting now, without waiting for its delay."""
 
 @_typing.type_check_only
 class FoliodAsyncStub(FoliodStub):
@@ -158,6 +172,20 @@ class FoliodAsyncStub(FoliodStub):
     SetFaults: _aio.UnaryUnaryMultiCallable[_foliod_pb2.SetFaultsRequest, _foliod_pb2.Faults]  # type: ignore[assignment]
     """Admin: replaces the backing store's fault injection rules (an empty list clears them)."""
     GetFaults: _aio.UnaryUnaryMultiCallable[_foliod_pb2.GetFaultsRequest, _foliod_pb2.Faults]  # type: ignore[assignment]
+    CreateGuest: _aio.UnaryUnaryMultiCallable[_foliod_pb2.CreateGuestRequest, _foliod_pb2.Guest]  # type: ignore[assignment]
+    """Virtualized guests: machines whose RAM is host memory. Every other RPC addresses a guest
+    through its machine field. Guests nest one level.
+    Creates a guest; RESOURCE_EXHAUSTED (and nothing changes) when the host cannot back it.
+    """
+    DestroyGuest: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DestroyGuestRequest, _foliod_pb2.DestroyGuestResponse]  # type: ignore[assignment]
+    """Writes the guest's dirty page cache back, returns all its host memory and forgets it."""
+    GetGuest: _aio.UnaryUnaryMultiCallable[_foliod_pb2.GetGuestRequest, _foliod_pb2.Guest]  # type: ignore[assignment]
+    ListGuests: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ListGuestsRequest, _foliod_pb2.ListGuestsResponse]  # type: ignore[assignment]
+    """Every guest, and the duplication totals over all of them."""
+    SetBalloon: _aio.UnaryUnaryMultiCallable[_foliod_pb2.SetBalloonRequest, _foliod_pb2.SetBalloonResponse]  # type: ignore[assignment]
+    """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
+    ReportFreePages: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]  # type: ignore[assignment]
+    """Runs a guest's free page reporting now, without waiting for its delay."""
 
 class FoliodServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -384,5 +412,55 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         request: _foliod_pb2.GetFaultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.Faults, _abc.Awaitable[_foliod_pb2.Faults]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateGuest(
+        self,
+        request: _foliod_pb2.CreateGuestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.Guest, _abc.Awaitable[_foliod_pb2.Guest]]:
+        """Virtualized guests: machines whose RAM is host memory. Every other RPC addresses a guest
+        through its machine field. Guests nest one level.
+        Creates a guest; RESOURCE_EXHAUSTED (and nothing changes) when the host cannot back it.
+        """
+
+    @_abc_1.abstractmethod
+    def DestroyGuest(
+        self,
+        request: _foliod_pb2.DestroyGuestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.DestroyGuestResponse, _abc.Awaitable[_foliod_pb2.DestroyGuestResponse]]:
+        """Writes the guest's dirty page cache back, returns all its host memory and forgets it."""
+
+    @_abc_1.abstractmethod
+    def GetGuest(
+        self,
+        request: _foliod_pb2.GetGuestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.Guest, _abc.Awaitable[_foliod_pb2.Guest]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGuests(
+        self,
+        request: _foliod_pb2.ListGuestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ListGuestsResponse, _abc.Awaitable[_foliod_pb2.ListGuestsResponse]]:
+        """Every guest, and the duplication totals over all of them."""
+
+    @_abc_1.abstractmethod
+    def SetBalloon(
+        self,
+        request: _foliod_pb2.SetBalloonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.SetBalloonResponse, _abc.Awaitable[_foliod_pb2.SetBalloonResponse]]:
+        """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
+
+    @_abc_1.abstractmethod
+    def ReportFreePages(
+        self,
+        request: _foliod_pb2.ReportFreePagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ReportFreePagesResponse, _abc.Awaitable[_foliod_pb2.ReportFreePagesResponse]]:
+        """Runs a guest's free page reporting now, without waiting for its delay."""
 
 def add_FoliodServicer_to_server(servicer: FoliodServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
