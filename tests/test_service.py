@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -14,10 +15,12 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from foliod.logs import configure_logging, log_access
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -239,3 +242,32 @@ def test_one_tib_host_idles_under_100_mb(spawn: Callable[..., ServerProcess]) ->
         assert memdesc.total_bytes == 2 << 30  # 8 B for each of 256 Mi frames
     rss = _value(_scrape(server.metrics_port), "process_resident_memory_bytes")
     assert rss < 100e6
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_access_lines_render_as_structlog_renders_the_same_event(fmt: str) -> None:
+    """The access log's own JSON rendering matches structlog's, escapes included."""
+    fields: dict[str, Any] = {
+        "grpc_type": "unary",
+        "peer": 'ipv4:"odd"\\peer',
+        "code": "OK",
+        "duration_ms": 0.125,
+        "request_id": 'id"with\nquotes',
+    }
+    buffer = io.StringIO()
+    try:
+        configure_logging("info", fmt, stream=buffer)
+        log_access("/foliod.v1.Foliod/ReadFile", **fields)
+        structlog.get_logger("t").info("rpc", method="/foliod.v1.Foliod/ReadFile", **fields)
+        configure_logging("warning", fmt, stream=buffer)
+        log_access("/foliod.v1.Foliod/ReadFile", **fields)  # below the level: dropped
+    finally:
+        configure_logging("warning", "json")
+    lines = buffer.getvalue().splitlines()
+    if fmt == "console":
+        assert len(lines) == 2
+        assert all("rpc" in line and "ReadFile" in line for line in lines)
+        return
+    ours, theirs = (json.loads(line) for line in lines)
+    assert ours.pop("timestamp")[:19] == theirs.pop("timestamp")[:19]
+    assert ours == theirs

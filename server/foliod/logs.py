@@ -1,9 +1,18 @@
-"""structlog set-up: JSON lines (or console) on stderr, one event per line."""
+"""structlog set-up: JSON lines (or console) on stderr, one event per line.
+
+Access lines (one per RPC) are the hottest log call by far: in JSON format they are rendered
+here directly, in the same shape structlog's JSONRenderer gives every other event (at 8 RPCs
+in flight structlog's processor chain was an eighth of the server's CPU time).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
+import time
+from typing import TextIO
 
 import structlog
 
@@ -11,12 +20,46 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}  # fmt: skip
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+class _Output:
+    """Where and how events are written, as configure_logging last set it."""
+
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.json = True
+        self.stream: TextIO = sys.stderr
+        self.lock = threading.Lock()
+        # The timestamp's whole seconds, formatted once per second.
+        self.second = -1
+        self.second_text = ""
+
+
+_output = _Output()
+
+
+class _LineLogger:
+    """structlog's logger: each rendered event is one write of one line under the output's
+    lock, so events from many threads (access lines included) never interleave."""
+
+    def msg(self, message: str) -> None:
+        out = _output
+        with out.lock:
+            out.stream.write(message + "\n")
+            out.stream.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+def _line_logger(*args: object) -> _LineLogger:
+    return _LineLogger()
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    target = stream if stream is not None else sys.stderr
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -26,6 +69,46 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_line_logger,
         cache_logger_on_first_use=True,
     )
+    _output.level = _LEVELS[level]
+    _output.json = fmt == "json"
+    _output.stream = target
+
+
+_access_log = structlog.get_logger("foliod.access")
+
+
+def log_access(
+    method: str, *, grpc_type: str, peer: str, code: str, duration_ms: float, request_id: str
+) -> None:
+    """One access line at info level: an "rpc" event with the call's fields."""
+    out = _output
+    if out.level > logging.INFO:
+        return
+    if not out.json:
+        _access_log.info(
+            "rpc",
+            method=method,
+            grpc_type=grpc_type,
+            peer=peer,
+            code=code,
+            duration_ms=duration_ms,
+            request_id=request_id,
+        )
+        return
+    now = time.time()
+    second = int(now)
+    if second != out.second:
+        out.second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        out.second = second
+    line = (
+        f'{{"method": {json.dumps(method)}, "grpc_type": "{grpc_type}", '
+        f'"peer": {json.dumps(peer)}, "code": "{code}", "duration_ms": {duration_ms}, '
+        f'"request_id": {json.dumps(request_id)}, "event": "rpc", "level": "info", '
+        f'"timestamp": "{out.second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
+    )
+    with out.lock:
+        out.stream.write(line)
+        out.stream.flush()

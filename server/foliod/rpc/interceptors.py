@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import grpc
 import structlog
 
+from foliod.logs import log_access
 from foliod.mm import FoliodError
 from foliod.rpc.status import internal_status, to_status
 
@@ -249,18 +250,14 @@ class ObservingInterceptor(_CachingInterceptor):
 
 
 class AccessLog:
-    """One structlog line per call: method, peer, code, duration, request id; never payloads."""
-
-    def __init__(self) -> None:
-        self._log = structlog.get_logger("foliod.access")
+    """One access line per call: method, peer, code, duration, request id; never payloads."""
 
     def started(self, call: CallInfo) -> None:
         pass
 
     def finished(self, call: CallInfo, seconds: float) -> None:
-        self._log.info(
-            "rpc",
-            method=f"/{call.service}/{call.method}",
+        log_access(
+            f"/{call.service}/{call.method}",
             grpc_type=call.grpc_type,
             peer=call.peer,
             code=call.code.name,

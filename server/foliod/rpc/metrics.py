@@ -211,7 +211,7 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             labels=["guest", "model", "side"],
         ),
         "guest_balloon": gauge(
-            "foliod_guest_balloon_bytes", "Pages in the guest's balloon.", labels=["guest"]
+            "foliod_guest_balloon_bytes", "Memory in the guest's balloon.", labels=["guest"]
         ),
         "guest_returned": counter(
             "foliod_guest_returned_bytes",
