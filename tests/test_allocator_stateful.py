@@ -404,7 +404,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def allocate_invalid(self, data: st.DataObject, fault: str) -> None:
         """Rejects malformed allocate requests with InvalidArgument and changes nothing."""
         m = self.m
-        kind = data.draw(st.sampled_from(list(FolioKind)), label="kind")
+        kind = data.draw(st.sampled_from(list(VALID_ORDERS)), label="kind")
         valid = VALID_ORDERS[kind]
         order: int | None = data.draw(st.sampled_from(valid), label="order")
         owner = "a"

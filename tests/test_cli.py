@@ -16,9 +16,11 @@ from grpc_health.v1 import health_pb2
 
 from foliod.server import FoliodServer
 from foliodclient import FaultRule, FoliodClient, cli
+from tests.conftest import ServerFactory
 from tests.test_client import fake_server
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 
 class Ctl:
@@ -96,6 +98,7 @@ def test_memmap_shows_three_models_side_by_side(ctl: Ctl) -> None:
     assert rows["folio"] == ["-", "320 KiB", "320 KiB"]
     assert rows["file"] == ["256 KiB", "448 KiB", "352 KiB"]
     assert lines.index("descriptors") < lines.index("by kind")
+    assert "hvo freed" not in out  # shown only when HVO freed memmap pages
     data = ctl.json("memmap")
     assert [m["model"] for m in data["models"]] == ["struct_page", "interim", "memdesc"]
     assert data["models"][0]["total_bytes"] == 4 * MIB
@@ -108,12 +111,23 @@ def test_folios_is_a_histogram_by_order_and_kind(ctl: Ctl) -> None:
     ctl("alloc", "app", "anon", "--size", "4MiB", "--madvise")
     lines = ctl("folios").splitlines()
     assert lines[0].split() == [
-        "order", "size", "anon", "file", "slab", "pagetable", "hugetlb", "total",
+        "order", "size", "anon", "file", "slab", "pagetable", "hugetlb", "balloon", "total",
     ]  # fmt: skip
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert rows["0"] == ["0", "4", "KiB", "0", "5", "0", "5", "0", "10"]  # PGD, PUD, PMD, 2 PTE
-    assert rows["9"] == ["9", "2", "MiB", "2", "0", "0", "0", "0", "2"]
-    assert rows["total"] == ["total", "2", "5", "0", "5", "0", "12"]
+    assert rows["0"] == [
+        "0",
+        "4",
+        "KiB",
+        "0",
+        "5",
+        "0",
+        "5",
+        "0",
+        "0",
+        "10",
+    ]  # PGD, PUD, PMD, 2 PTE
+    assert rows["9"] == ["9", "2", "MiB", "2", "0", "0", "0", "0", "0", "2"]
+    assert rows["total"] == ["total", "2", "5", "0", "5", "0", "0", "12"]
     assert rows["memory"][1:3] == ["4", "MiB"]
     data = ctl.json("folios")
     assert {"kind": "anon", "order": 9, "folios": 2, "nr_pages": 1024} in data
@@ -179,6 +193,158 @@ def test_files_cat_writes_raw_bytes(
     capsysbinary.readouterr()
     assert cli.main(["--server", target, "files", "cat", "big"]) == 0
     assert capsysbinary.readouterr().out == data
+
+
+@pytest.fixture
+def guest_ctl(make_server: ServerFactory, capsys: pytest.CaptureFixture[str]) -> Ctl:
+    """foliodctl against an 8 GiB host whose free page reporting runs only when asked."""
+    return Ctl(make_server(ram=8 * GIB, reporting_delay_seconds=3600), capsys)
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells: columns are two or more spaces apart."""
+    return re.split(r"  +", line.strip())
+
+
+def test_guests_create_show_and_ls(guest_ctl: Ctl) -> None:
+    """guests create and show print a guest's settings and its memmap duplication per model;
+    ls lists every guest with a total row; --json gives the client's dataclasses."""
+    ctl = guest_ctl
+    out = ctl("guests", "create", "vm0", "1GiB")
+    lines = out.splitlines()
+    assert lines[:7] == [
+        "name:      vm0",
+        "host:      host",
+        "RAM:       1073741824 bytes (1 GiB)",
+        "backing:   base, faulted in on first use",
+        "backed:    0 B in 0 host folios of 4 KiB",
+        "balloon:   0 B, 0 B returned to the host",
+        "reporting: on, 0 B returned in 0 batches of 0 blocks",
+    ]
+    assert lines[8] == "memory map, described twice:"
+    assert _cells(lines[9]) == ["model", "guest", "host", "total", "percent of guest RAM"]
+    rows = {cells[0]: cells[1:] for cells in map(_cells, lines[10:])}
+    assert rows == {
+        "struct_page": ["16 MiB", "16 MiB", "32 MiB", "3.1250 %"],
+        "interim": ["8 MiB", "8 MiB", "16 MiB", "1.5625 %"],
+        "memdesc": ["2 MiB", "2 MiB", "4 MiB", "0.3906 %"],
+    }
+    huge = ctl.json(
+        "guests", "create", "vm1", "1GiB", "--backing", "hugetlb_2m", "--hvo",
+        "--no-free-page-reporting",
+    )  # fmt: skip
+    assert (huge["backing"], huge["hvo"], huge["free_page_reporting"]) == (
+        "hugetlb_2m",
+        True,
+        False,
+    )
+    assert (huge["backed_bytes"], huge["host_folios"], huge["host_folio_order"]) == (GIB, 512, 9)
+    assert huge["duplication"][0] == {
+        "model": "struct_page",
+        "guest_memmap_bytes": 16 * MIB,
+        "host_memmap_bytes": 2 * MIB,
+        "total_bytes": 18 * MIB,
+        "fraction_of_guest_ram": 18 / 1024,
+    }
+    ctl("guests", "create", "vm2", "64MiB", "--backing", "mthp", "--mthp-size-kb", "64")
+
+    show = ctl("guests", "show", "vm1").splitlines()
+    assert show[3] == "backing:   hugetlb_2m hvo, reserved up front"
+    assert show[4] == "backed:    1 GiB in 512 host folios of 2 MiB"
+    assert show[6] == "reporting: off"
+    assert _cells(show[10]) == ["struct_page", "16 MiB", "2 MiB", "18 MiB", "1.7578 %"]
+    assert ctl.json("guests", "show", "vm1") == huge
+
+    lines = ctl("guests", "ls").splitlines()
+    assert lines[0].split() == [
+        "name", "RAM", "backing", "backed", "balloon", "struct_page", "interim", "memdesc",
+    ]  # fmt: skip
+    rows = {cells[0]: cells[1:] for cells in map(_cells, lines[1:])}
+    assert rows["vm0"] == ["1 GiB", "base", "0 B", "0 B", "3.1250 %", "1.5625 %", "0.3906 %"]
+    assert rows["vm1"][:4] == ["1 GiB", "hugetlb_2m hvo", "1 GiB", "0 B"]
+    assert rows["vm2"][:2] == ["64 MiB", "mthp 64 KiB"]
+    assert rows["total"][:3] == ["2.06 GiB", "1 GiB", "0 B"]
+    assert list(rows) == ["vm0", "vm1", "vm2", "total"]
+    listing = ctl.json("guests", "ls")
+    assert [g["name"] for g in listing["guests"]] == ["vm0", "vm1", "vm2"]
+    assert [t["model"] for t in listing["totals"]] == ["struct_page", "interim", "memdesc"]
+
+    # The host's memmap shows what HVO freed: 7 of 8 memmap pages per 2 MiB page (struct_page),
+    # 3 of 4 (interim), none under memdesc (one page of 8-byte entries).
+    memmap = ctl("memmap").splitlines()
+    hvo = next(_cells(line) for line in memmap if line.strip().startswith("hvo freed"))
+    assert hvo == ["hvo freed", "-14 MiB", "-6 MiB", "0 B"]
+    assert [m["hvo_freed_bytes"] for m in ctl.json("memmap")["models"]] == [14 * MIB, 6 * MIB, 0]
+
+
+def test_guests_balloon_report_and_destroy(guest_ctl: Ctl) -> None:
+    """guests balloon and report say what moved; balloon pages show as a folio kind in the
+    guest; destroy says what the host got back."""
+    ctl = guest_ctl
+    ctl("guests", "create", "vm0", "1GiB")
+    ctl("--machine", "vm0", "alloc", "app", "anon", "--size", "64MiB")
+    assert ctl("guests", "balloon", "vm0", "32MiB") == (
+        "balloon of vm0: 32 MiB (inflated 32 MiB, deflated 0 B), host freed 0 B\n"
+    )
+    lines = ctl("folios", "--machine", "vm0").splitlines()
+    assert lines[0].split()[-2:] == ["balloon", "total"]
+    order0 = lines[1].split()
+    assert order0[:3] == ["0", "4", "KiB"] and order0[-2] == "8192"
+    assert ctl.json("guests", "show", "vm0")["balloon_bytes"] == 32 * MIB
+    deflated = ctl.json("guests", "balloon", "vm0", "0")
+    assert (deflated["deflated_bytes"], deflated["balloon_bytes"]) == (32 * MIB, 0)
+    assert deflated["guest"]["balloon_bytes"] == 0
+
+    ctl("release", "app", "--machine", "vm0")
+    out = ctl("guests", "report", "vm0")
+    assert re.fullmatch(
+        r"reported \d+ free blocks of vm0 in 1 batches, host freed 64\.\d+ MiB\n", out
+    )
+    again = ctl.json("guests", "report", "vm0")
+    assert (again["batches"], again["blocks"], again["host_freed_bytes"]) == (0, 0, 0)
+    assert again["guest"]["reported_bytes"] >= 64 * MIB
+
+    ctl("guests", "create", "vm1", "2MiB", "--backing", "hugetlb_2m")
+    assert ctl("guests", "destroy", "vm1") == (
+        "destroyed vm1: 2 MiB of host memory freed, files kept\n"
+    )
+    destroyed = ctl.json("guests", "destroy", "vm0", "--delete-files")
+    assert (destroyed["name"], destroyed["files_deleted"]) == ("vm0", True)
+    assert destroyed["freed_bytes"] < MIB  # all its RAM went back through reporting
+    assert ctl("guests", "ls").splitlines() == [
+        "name  RAM  backing  backed  balloon  struct_page  interim  memdesc"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["guests", "show", "nope"], 4, "NOT_FOUND (UNKNOWN_GUEST): no guest named 'nope'"),
+        (["guests", "destroy", "nope"], 4, "NOT_FOUND (UNKNOWN_GUEST)"),
+        (["guests", "balloon", "nope", "4KiB"], 4, "NOT_FOUND (UNKNOWN_GUEST)"),
+        (["guests", "report", "nope"], 4, "NOT_FOUND (UNKNOWN_GUEST)"),
+        (["guests", "create", "inner", "1MiB", "--machine", "vm0"], 5, "(GUEST_NESTING)"),
+        (["guests", "create", "vm0", "1MiB"], 5, "ALREADY_EXISTS"),
+        (["guests", "create", "x", "1MiB", "--hvo"], 3, "[field hvo]"),
+        (["guests", "create", "x", "1MiB", "--backing", "mthp"], 3, "[field mthp_size_kb]"),
+        (["guests", "balloon", "vm0", "2MiB"], 3, "[field size_bytes]"),
+        (["guests", "create", "x", "16GiB"], 6, "RESOURCE_EXHAUSTED (OUT_OF_MEMORY)"),
+    ],
+)
+def test_guest_errors_exit_with_their_class(
+    guest_ctl: Ctl, argv: list[str], code: int, message: str
+) -> None:
+    """A failed guest command exits with its status class's code and says why on stderr."""
+    guest_ctl("guests", "create", "vm0", "1MiB")
+    assert guest_ctl(*argv, code=code) == ""
+    assert guest_ctl.err.startswith("foliodctl: ") and message in guest_ctl.err
+
+
+def test_guest_error_as_json(guest_ctl: Ctl) -> None:
+    """With --json an unknown guest is a JSON error on stderr with its reason."""
+    guest_ctl("guests", "show", "nope", "--json", code=4)
+    error = json.loads(guest_ctl.err)["error"]
+    assert (error["code"], error["reason"]) == ("NOT_FOUND", "UNKNOWN_GUEST")
 
 
 def test_alloc_free_release(ctl: Ctl) -> None:
@@ -257,6 +423,10 @@ def test_fsync_writeback_error_exits_7(ctl: Ctl, tmp_path: Path) -> None:
         ["reclaim", "12XB"],
         ["free", "1-x"],
         ["files"],
+        ["guests"],
+        ["guests", "create", "x"],
+        ["guests", "create", "x", "1GiB", "--backing", "bogus"],
+        ["guests", "balloon", "x", "lots"],
     ],
 )
 def test_usage_errors_exit_2(ctl: Ctl, argv: list[str]) -> None:

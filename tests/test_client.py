@@ -26,6 +26,7 @@ from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliodclient import (
     AsyncFoliodClient,
+    Backing,
     FaultRule,
     FoliodClient,
     FolioKind,
@@ -37,6 +38,7 @@ from foliodclient import (
 from tests.conftest import ServerFactory
 
 MIB = 1 << 20
+GIB = 1 << 30
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_seconds=0.01, max_backoff_seconds=0.05)
 
 
@@ -160,6 +162,7 @@ def test_only_reads_are_marked_idempotent() -> None:
     assert {rpc.method for rpc in rpcs if rpc.idempotent} == {
         "GetFolio", "ReadFolio", "GetMachine", "GetBuddyInfo", "GetMeminfo", "GetMemmap",
         "GetVmstat", "GetThpPolicy", "StatFile", "ListFiles", "ReadFile", "GetFaults", "Check",
+        "GetGuest", "ListGuests",
     }  # fmt: skip
 
 
@@ -338,6 +341,167 @@ def test_errors_carry_code_message_and_details(client: FoliodClient) -> None:
         client.create_file("twice")
 
 
+@pytest.fixture
+def guest_host(make_server: ServerFactory) -> Iterator[FoliodClient]:
+    """A client of an 8 GiB host whose free page reporting runs only when asked."""
+    server = make_server(ram=8 * GIB, reporting_delay_seconds=3600)
+    with FoliodClient(_target(server), timeout=30) as c:
+        yield c
+
+
+def test_create_guest_sends_the_backing_by_name_or_member() -> None:
+    """create_guest takes a Backing member or its value and sends the API's enum value; an
+    unknown name fails before any call."""
+
+    def request(call: _calls.Call[foliodclient.Guest]) -> pb.CreateGuestRequest:
+        assert isinstance(call.request, pb.CreateGuestRequest)
+        return call.request
+
+    assert request(_calls.create_guest("a", GIB)).backing == pb.GUEST_BACKING_BASE
+    huge = request(_calls.create_guest("a", GIB, Backing.HUGETLB_1G, hvo=True))
+    assert huge.backing == pb.GUEST_BACKING_HUGETLB_1G and huge.hvo
+    assert not huge.HasField("free_page_reporting")
+    mthp = request(
+        _calls.create_guest("a", GIB, "mthp", mthp_size_kb=64, free_page_reporting=False)
+    )
+    assert mthp.backing == pb.GUEST_BACKING_MTHP and mthp.mthp_size_kb == 64
+    assert mthp.HasField("free_page_reporting") and not mthp.free_page_reporting
+    with pytest.raises(ValueError, match="bogus"):
+        _calls.create_guest("a", GIB, "bogus")
+
+
+def test_guest_calls_return_typed_results(guest_host: FoliodClient) -> None:
+    """CreateGuest, GetGuest, ListGuests and DestroyGuest give Guest and GuestList dataclasses
+    with the memmap duplication per model, and the host's memmap counts HVO."""
+    client = guest_host
+    base = client.create_guest("vm0", GIB)
+    assert isinstance(base, foliodclient.Guest)
+    assert (base.name, base.host, base.ram_bytes, base.backing) == ("vm0", "host", GIB, "base")
+    assert base.backing is Backing.BASE and base.lazy and base.free_page_reporting
+    assert (base.backed_bytes, base.host_folios, base.host_folio_order) == (0, 0, 0)
+    assert [d.model for d in base.duplication] == list(MemmapModel)
+    struct_page = base.duplication[0]
+    assert isinstance(struct_page, foliodclient.Duplication)
+    assert struct_page == foliodclient.Duplication(
+        MemmapModel.STRUCT_PAGE, 16 * MIB, 16 * MIB, 32 * MIB, 1 / 32
+    )
+    huge = client.create_guest("vm1", GIB, Backing.HUGETLB_2M, hvo=True, free_page_reporting=False)
+    assert huge.backing is Backing.HUGETLB_2M and huge.hvo and not huge.lazy
+    assert not huge.free_page_reporting
+    assert (huge.backed_bytes, huge.host_folios, huge.host_folio_order) == (GIB, 512, 9)
+    # HVO keeps one of the eight memmap pages of each 2 MiB page.
+    assert huge.duplication[0].host_memmap_bytes == 2 * MIB
+    assert huge.duplication[0].fraction_of_guest_ram == 18 / 1024
+    mthp = client.create_guest("vm2", 64 * MIB, "mthp", mthp_size_kb=64)
+    assert (mthp.backing, mthp.mthp_size_kb, mthp.host_folio_order) == (Backing.MTHP, 64, 4)
+
+    assert client.get_guest("vm0") == base
+    listing = client.list_guests()
+    assert isinstance(listing, foliodclient.GuestList)
+    assert listing.guests == (base, huge, mthp)
+    assert [t.model for t in listing.totals] == list(MemmapModel)
+    for model, total in enumerate(listing.totals):
+        parts = [g.duplication[model] for g in listing.guests]
+        assert total.guest_memmap_bytes == sum(d.guest_memmap_bytes for d in parts)
+        assert total.host_memmap_bytes == sum(d.host_memmap_bytes for d in parts)
+        assert total.fraction_of_guest_ram == total.total_bytes / (GIB + GIB + 64 * MIB)
+
+    host = client.get_memmap()
+    assert [m.hvo_freed_bytes for m in host.models] == [14 * MIB, 6 * MIB, 0]
+    assert host.models[0].total_bytes == sum(d.total_bytes for d in host.models[0].breakdown) - (
+        14 * MIB
+    )
+    assert client.get_memmap(machine="vm0").models[0].hvo_freed_bytes == 0
+    assert client.destroy_guest("vm1") == GIB
+    assert client.destroy_guest("vm2", delete_files=True) == 0
+    assert [g.name for g in client.list_guests().guests] == ["vm0"]
+
+
+def test_balloon_and_free_page_reporting(guest_host: FoliodClient) -> None:
+    """SetBalloon and ReportFreePages report what moved and the guest after it; the balloon's
+    pages are balloon folios of the guest."""
+    client = guest_host
+    client.create_guest("vm0", GIB)
+    client.allocate("app", "anon", size_bytes=64 * MIB, machine="vm0")
+    backed = client.get_guest("vm0").backed_bytes
+    assert backed >= 64 * MIB
+    inflated = client.set_balloon("vm0", 32 * MIB)
+    assert isinstance(inflated, foliodclient.BalloonResult)
+    assert (inflated.inflated_bytes, inflated.deflated_bytes, inflated.balloon_bytes) == (
+        32 * MIB,
+        0,
+        32 * MIB,
+    )
+    assert inflated.guest.balloon_bytes == 32 * MIB
+    folios = client.get_memmap(machine="vm0").folios
+    assert foliodclient.FolioCount(FolioKind.BALLOON, 0, 8192, 8192) in folios
+    deflated = client.set_balloon("vm0", 0)
+    assert (deflated.deflated_bytes, deflated.balloon_bytes, deflated.host_freed_bytes) == (
+        32 * MIB,
+        0,
+        0,
+    )
+
+    client.release_owner("app", machine="vm0")
+    report = client.report_free_pages("vm0")
+    assert isinstance(report, foliodclient.ReportResult)
+    # 64 MiB freed merges into 4 MiB blocks (order 10) and smaller.
+    assert report.batches >= 1 and report.blocks >= 16 and report.host_freed_bytes >= 64 * MIB
+    guest = report.guest
+    assert guest.reported_bytes == report.host_freed_bytes
+    assert (guest.reporting_batches, guest.reported_blocks) == (report.batches, report.blocks)
+    # Nothing is left in use in the guest: every backed granule goes back, with the host page
+    # tables that mapped them.
+    assert guest.backed_bytes == 0 and report.host_freed_bytes >= backed
+    assert client.report_free_pages("vm0").host_freed_bytes == 0
+    # The host also frees the page tables mapping the guest's RAM into its VMM owner.
+    host_tables = client.get_meminfo().page_tables_bytes
+    assert client.destroy_guest("vm0") == guest.backed_bytes + host_tables
+    assert client.get_meminfo().page_tables_bytes == 0
+
+
+def test_guest_errors_map_to_the_tree(guest_host: FoliodClient) -> None:
+    """An unknown guest is UnknownGuest, a nested one GuestNesting; bad settings, duplicates and
+    guests too big for the host map to their classes."""
+    client = guest_host
+    with pytest.raises(foliodclient.UnknownGuest) as unknown:
+        client.get_guest("nope")
+    err = unknown.value
+    assert isinstance(err, core.UnknownGuest) and isinstance(err, foliodclient.NotFound)
+    assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_GUEST")
+    assert "'nope'" in err.message
+    for call in (
+        lambda: client.destroy_guest("nope"),
+        lambda: client.set_balloon("nope", 0),
+        lambda: client.report_free_pages("nope"),
+    ):
+        with pytest.raises(foliodclient.UnknownGuest):
+            call()
+
+    client.create_guest("vm0", 64 * MIB)
+    with pytest.raises(foliodclient.GuestNesting) as nested:
+        client.create_guest("inner", 64 * MIB, machine="vm0")
+    nesting = nested.value
+    assert isinstance(nesting, core.GuestNesting)
+    assert isinstance(nesting, foliodclient.FailedPrecondition)
+    assert (nesting.code, nesting.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "GUEST_NESTING")
+    with pytest.raises(foliodclient.AlreadyExists):
+        client.create_guest("vm0", 64 * MIB)
+    with pytest.raises(foliodclient.InvalidArgument) as bad:
+        client.create_guest("vm1", 64 * MIB, "base", hvo=True)
+    assert bad.value.field == "hvo"
+    with pytest.raises(foliodclient.InvalidArgument) as bad:
+        client.create_guest("vm1", 3 * MIB, "hugetlb_2m")
+    assert bad.value.field == "ram_bytes"
+    with pytest.raises(foliodclient.InvalidArgument) as bad:
+        client.set_balloon("vm0", 128 * MIB)
+    assert bad.value.field == "size_bytes"
+    with pytest.raises(foliodclient.OutOfMemory) as oom:
+        client.create_guest("huge", 16 * GIB)
+    assert oom.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert [g.name for g in client.list_guests().guests] == ["vm0"]
+
+
 def test_transport_errors_are_remote_errors(client: FoliodClient) -> None:
     """A status without foliod details (message too large) is a RemoteError with its code."""
     with pytest.raises(foliodclient.RemoteError) as raised:
@@ -484,6 +648,29 @@ def test_async_client_against_a_live_server(make_server: ServerFactory) -> None:
             assert raised.value.code == grpc.StatusCode.NOT_FOUND
             assert isinstance(raised.value.details[0], error_details_pb2.ErrorInfo)
             assert isinstance(raised.value.__cause__, grpc.aio.AioRpcError)
+
+    asyncio.run(scenario())
+
+
+def test_async_client_guest_calls(make_server: ServerFactory) -> None:
+    """The asyncio client's guest calls give the same dataclasses and errors."""
+    server = make_server(ram=8 * GIB, reporting_delay_seconds=3600)
+
+    async def scenario() -> None:
+        async with AsyncFoliodClient(_target(server), timeout=30) as c:
+            created = await c.create_guest("vm0", 128 * MIB, "thp")
+            assert created.backing is Backing.THP and created.host_folio_order == 9
+            assert await c.get_guest("vm0") == created
+            assert (await c.list_guests()).guests == (created,)
+            await c.allocate("app", "anon", size_bytes=4 * MIB, machine="vm0")
+            ballooned = await c.set_balloon("vm0", 8 * MIB)
+            assert ballooned.guest.balloon_bytes == 8 * MIB
+            report = await c.report_free_pages("vm0")
+            assert report.guest.reported_bytes == report.host_freed_bytes
+            host_tables = (await c.get_meminfo()).page_tables_bytes
+            assert await c.destroy_guest("vm0") == report.guest.backed_bytes + host_tables
+            with pytest.raises(foliodclient.UnknownGuest):
+                await c.get_guest("vm0")
 
     asyncio.run(scenario())
 

@@ -3,16 +3,21 @@
     with FoliodClient("127.0.0.1:50051") as client:
         client.allocate("cache", "file", order=0, size_bytes=1 << 30)
         print(client.get_memmap().models[0].total_bytes)
+        guest = client.create_guest("vm0", 1 << 30, "hugetlb_2m", hvo=True)
+        print(guest.duplication[0].fraction_of_guest_ram)
 
 `foliodctl` (foliodclient.cli) is the command line built on it.
 """
 
 from foliod.mm import FolioKind, MemmapModel, ThpSetting
+from foliod.mm.guest import Backing
 from foliodclient._client import AsyncFoliodClient, FoliodClient, RetryPolicy
 from foliodclient._types import (
     Allocation,
+    BalloonResult,
     BuddyInfo,
     DescriptorBytes,
+    Duplication,
     FaultRule,
     Faults,
     FileRead,
@@ -21,6 +26,8 @@ from foliodclient._types import (
     FolioCount,
     FolioInfo,
     FreeResult,
+    Guest,
+    GuestList,
     IoStats,
     KindBytes,
     MachineInfo,
@@ -29,6 +36,7 @@ from foliodclient._types import (
     ModelReport,
     MthpSize,
     ReleaseResult,
+    ReportResult,
     ThpPolicy,
     Watermarks,
 )
@@ -40,6 +48,7 @@ from foliodclient.errors import (
     FailedPrecondition,
     FileHandleClosed,
     FolioAlreadyFreed,
+    GuestNesting,
     InvalidArgument,
     NotFound,
     OutOfMemory,
@@ -51,6 +60,7 @@ from foliodclient.errors import (
     UnknownFile,
     UnknownFileHandle,
     UnknownFolio,
+    UnknownGuest,
     UnknownMachine,
     UnknownOwner,
     WritebackFailed,
@@ -62,10 +72,13 @@ __all__ = [
     "Allocation",
     "AlreadyExists",
     "AsyncFoliodClient",
+    "Backing",
+    "BalloonResult",
     "BuddyInfo",
     "CallError",
     "DeadlineExceeded",
     "DescriptorBytes",
+    "Duplication",
     "FailedPrecondition",
     "FaultRule",
     "Faults",
@@ -79,6 +92,9 @@ __all__ = [
     "FolioKind",
     "FoliodClient",
     "FreeResult",
+    "Guest",
+    "GuestList",
+    "GuestNesting",
     "InvalidArgument",
     "IoStats",
     "KindBytes",
@@ -94,6 +110,7 @@ __all__ = [
     "PermissionDenied",
     "ReleaseResult",
     "RemoteError",
+    "ReportResult",
     "RetryPolicy",
     "ThpPolicy",
     "ThpSetting",
@@ -102,6 +119,7 @@ __all__ = [
     "UnknownFile",
     "UnknownFileHandle",
     "UnknownFolio",
+    "UnknownGuest",
     "UnknownMachine",
     "UnknownOwner",
     "Watermarks",

@@ -15,10 +15,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from foliod.mm import FolioKind, ThpSetting
+from foliod.mm.guest import Backing
 from foliod.v1 import foliod_pb2 as pb
 from foliodclient._convert import enum_to_pb, into, to_fields
 from foliodclient._types import (
     Allocation,
+    BalloonResult,
     BuddyInfo,
     FaultRule,
     Faults,
@@ -27,10 +29,13 @@ from foliodclient._types import (
     FileWrite,
     FolioInfo,
     FreeResult,
+    Guest,
+    GuestList,
     MachineInfo,
     Meminfo,
     MemmapReport,
     ReleaseResult,
+    ReportResult,
     ThpPolicy,
 )
 
@@ -67,35 +72,41 @@ def _nothing(reply: Message) -> None:
 # effect is on the cache); only they are retried on UNAVAILABLE. A mutation may have been applied
 # before the connection broke, so it is never sent twice.
 # fmt: off
-ALLOCATE       = Rpc("Allocate",     False, into(Allocation))
-FREE           = Rpc("Free",         False, into(FreeResult))
-RELEASE_OWNER  = Rpc("ReleaseOwner", False, into(ReleaseResult))
-GET_FOLIO      = Rpc("GetFolio",     True,  into(FolioInfo))
-WRITE_FOLIO    = Rpc("WriteFolio",   False, lambda r: int(r.written_bytes))
-READ_FOLIO     = Rpc("ReadFolio",    True,  lambda r: bytes(r.data))
-GET_MACHINE    = Rpc("GetMachine",   True,  into(MachineInfo))
-GET_BUDDY_INFO = Rpc("GetBuddyInfo", True,  into(BuddyInfo))
-GET_MEMINFO    = Rpc("GetMeminfo",   True,  into(Meminfo))
-GET_MEMMAP     = Rpc("GetMemmap",    True,  into(MemmapReport))
-GET_VMSTAT     = Rpc("GetVmstat",    True,  _vmstat)
-GET_THP_POLICY = Rpc("GetThpPolicy", True,  into(ThpPolicy))
-SET_THP_POLICY = Rpc("SetThpPolicy", False, into(ThpPolicy))
-CREATE_FILE    = Rpc("CreateFile",   False, into(FileStat))
-OPEN_FILE      = Rpc("OpenFile",     False, lambda r: int(r.handle))
-CLOSE_FILE     = Rpc("CloseFile",    False, _nothing)
-STAT_FILE      = Rpc("StatFile",     True,  into(FileStat))
-LIST_FILES     = Rpc("ListFiles",    True,  lambda r: tuple(map(into(FileStat), r.files)))
-READ_FILE      = Rpc("ReadFile",     True,  into(FileRead))
-WRITE_FILE     = Rpc("WriteFile",    False, into(FileWrite))
-TRUNCATE_FILE  = Rpc("TruncateFile", False, into(FileStat))
-DELETE_FILE    = Rpc("DeleteFile",   False, _nothing)
-WRITEBACK      = Rpc("Writeback",    False, lambda r: int(r.nr_pages))
-FSYNC          = Rpc("Fsync",        False, lambda r: int(r.nr_pages))
-RECLAIM        = Rpc("Reclaim",      False, lambda r: int(r.reclaimed_bytes))
-DROP_CACHES    = Rpc("DropCaches",   False, lambda r: int(r.dropped_bytes))
-SET_FAULTS     = Rpc("SetFaults",    False, into(Faults))
-GET_FAULTS     = Rpc("GetFaults",    True,  into(Faults))
-CHECK_HEALTH   = Rpc("Check",        True,  _serving, HEALTH)
+ALLOCATE          = Rpc("Allocate",        False, into(Allocation))
+FREE              = Rpc("Free",            False, into(FreeResult))
+RELEASE_OWNER     = Rpc("ReleaseOwner",    False, into(ReleaseResult))
+GET_FOLIO         = Rpc("GetFolio",        True,  into(FolioInfo))
+WRITE_FOLIO       = Rpc("WriteFolio",      False, lambda r: int(r.written_bytes))
+READ_FOLIO        = Rpc("ReadFolio",       True,  lambda r: bytes(r.data))
+GET_MACHINE       = Rpc("GetMachine",      True,  into(MachineInfo))
+GET_BUDDY_INFO    = Rpc("GetBuddyInfo",    True,  into(BuddyInfo))
+GET_MEMINFO       = Rpc("GetMeminfo",      True,  into(Meminfo))
+GET_MEMMAP        = Rpc("GetMemmap",       True,  into(MemmapReport))
+GET_VMSTAT        = Rpc("GetVmstat",       True,  _vmstat)
+GET_THP_POLICY    = Rpc("GetThpPolicy",    True,  into(ThpPolicy))
+SET_THP_POLICY    = Rpc("SetThpPolicy",    False, into(ThpPolicy))
+CREATE_FILE       = Rpc("CreateFile",      False, into(FileStat))
+OPEN_FILE         = Rpc("OpenFile",        False, lambda r: int(r.handle))
+CLOSE_FILE        = Rpc("CloseFile",       False, _nothing)
+STAT_FILE         = Rpc("StatFile",        True,  into(FileStat))
+LIST_FILES        = Rpc("ListFiles",       True,  lambda r: tuple(map(into(FileStat), r.files)))
+READ_FILE         = Rpc("ReadFile",        True,  into(FileRead))
+WRITE_FILE        = Rpc("WriteFile",       False, into(FileWrite))
+TRUNCATE_FILE     = Rpc("TruncateFile",    False, into(FileStat))
+DELETE_FILE       = Rpc("DeleteFile",      False, _nothing)
+WRITEBACK         = Rpc("Writeback",       False, lambda r: int(r.nr_pages))
+FSYNC             = Rpc("Fsync",           False, lambda r: int(r.nr_pages))
+RECLAIM           = Rpc("Reclaim",         False, lambda r: int(r.reclaimed_bytes))
+DROP_CACHES       = Rpc("DropCaches",      False, lambda r: int(r.dropped_bytes))
+SET_FAULTS        = Rpc("SetFaults",       False, into(Faults))
+GET_FAULTS        = Rpc("GetFaults",       True,  into(Faults))
+CREATE_GUEST      = Rpc("CreateGuest",     False, into(Guest))
+DESTROY_GUEST     = Rpc("DestroyGuest",    False, lambda r: int(r.freed_bytes))
+GET_GUEST         = Rpc("GetGuest",        True,  into(Guest))
+LIST_GUESTS       = Rpc("ListGuests",      True,  into(GuestList))
+SET_BALLOON       = Rpc("SetBalloon",      False, into(BalloonResult))
+REPORT_FREE_PAGES = Rpc("ReportFreePages", False, into(ReportResult))
+CHECK_HEALTH      = Rpc("Check",           True,  _serving, HEALTH)
 # fmt: on
 
 
@@ -309,6 +320,61 @@ def set_faults(
 def get_faults(**options: Unpack[CallOptions]) -> Call[Faults]:
     """The backing store's fault rules and how often each has fired."""
     return Call(GET_FAULTS, pb.GetFaultsRequest(), **options)
+
+
+def create_guest(
+    name: str,
+    ram_bytes: int,
+    backing: Backing | str = Backing.BASE,
+    *,
+    mthp_size_kb: int = 0,
+    hvo: bool = False,
+    free_page_reporting: bool | None = None,
+    **options: Unpack[CallOptions],
+) -> Call[Guest]:
+    """Creates a guest of `ram_bytes` backed by host memory of a backing ("base", "mthp" with
+    `mthp_size_kb`, "thp", "hugetlb_2m", "hugetlb_1g"); `hvo` needs hugetlb; free page
+    reporting is on unless False. OutOfMemory, and nothing changes, when the host cannot back
+    it; `machine` names the host (a guest there is GuestNesting)."""
+    request = pb.CreateGuestRequest(
+        name=name,
+        ram_bytes=ram_bytes,
+        backing=enum_to_pb(Backing(backing)),
+        mthp_size_kb=mthp_size_kb,
+        hvo=hvo,
+        free_page_reporting=free_page_reporting,
+    )
+    return Call(CREATE_GUEST, request, **options)
+
+
+def destroy_guest(
+    name: str, *, delete_files: bool = False, **options: Unpack[CallOptions]
+) -> Call[int]:
+    """Writes a guest's dirty page cache back and forgets the guest (its files stay on disk
+    unless `delete_files`); returns the host memory freed in bytes."""
+    request = pb.DestroyGuestRequest(name=name, delete_files=delete_files)
+    return Call(DESTROY_GUEST, request, **options)
+
+
+def get_guest(name: str, **options: Unpack[CallOptions]) -> Call[Guest]:
+    """A guest's backing, balloon, reporting and memmap duplication per model."""
+    return Call(GET_GUEST, pb.GetGuestRequest(name=name), **options)
+
+
+def list_guests(**options: Unpack[CallOptions]) -> Call[GuestList]:
+    """Every guest, sorted by name, and the duplication per model summed over them."""
+    return Call(LIST_GUESTS, pb.ListGuestsRequest(), **options)
+
+
+def set_balloon(name: str, size_bytes: int, **options: Unpack[CallOptions]) -> Call[BalloonResult]:
+    """Inflates or deflates a guest's balloon to `size_bytes` (virtio-balloon's target)."""
+    request = pb.SetBalloonRequest(name=name, size_bytes=size_bytes)
+    return Call(SET_BALLOON, request, **options)
+
+
+def report_free_pages(name: str, **options: Unpack[CallOptions]) -> Call[ReportResult]:
+    """Runs a guest's free page reporting now, without waiting for its delay."""
+    return Call(REPORT_FREE_PAGES, pb.ReportFreePagesRequest(name=name), **options)
 
 
 def check_health(service: str = "", **options: Unpack[CallOptions]) -> Call[str]:

@@ -247,6 +247,12 @@ class FoliodClient(_ClientBase[grpc.Channel]):
     drop_caches = _sync(_calls.drop_caches)
     set_faults = _sync(_calls.set_faults)
     get_faults = _sync(_calls.get_faults)
+    create_guest = _sync(_calls.create_guest)
+    destroy_guest = _sync(_calls.destroy_guest)
+    get_guest = _sync(_calls.get_guest)
+    list_guests = _sync(_calls.list_guests)
+    set_balloon = _sync(_calls.set_balloon)
+    report_free_pages = _sync(_calls.report_free_pages)
     check_health = _sync(_calls.check_health)
 
 
@@ -315,4 +321,10 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
     drop_caches = _async(_calls.drop_caches)
     set_faults = _async(_calls.set_faults)
     get_faults = _async(_calls.get_faults)
+    create_guest = _async(_calls.create_guest)
+    destroy_guest = _async(_calls.destroy_guest)
+    get_guest = _async(_calls.get_guest)
+    list_guests = _async(_calls.list_guests)
+    set_balloon = _async(_calls.set_balloon)
+    report_free_pages = _async(_calls.report_free_pages)
     check_health = _async(_calls.check_health)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from foliod.mm import FolioKind, MemmapModel, ThpSetting
+from foliod.mm.guest import Backing
 from foliod.v1 import foliod_pb2 as pb
 
 D = TypeVar("D")
@@ -26,8 +27,9 @@ E = TypeVar("E", bound=enum.Enum)
 
 FieldReader = Callable[[Message, str], Any]
 
-# The API's enums and the core's, which share member names after the proto's prefix.
+# The core's enums and the API's, which share member names after the proto enum's prefix.
 _PB_ENUMS: dict[type[enum.Enum], Any] = {
+    Backing: pb.GuestBacking,
     FolioKind: pb.FolioKind,
     MemmapModel: pb.MemmapModel,
     ThpSetting: pb.ThpSetting,
@@ -35,8 +37,10 @@ _PB_ENUMS: dict[type[enum.Enum], Any] = {
 
 
 def _enum_prefix(cls: type[enum.Enum]) -> str:
-    """FolioKind -> "FOLIO_KIND_", as protobuf's style guide prefixes enum values."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper() + "_"
+    """Backing -> "GUEST_BACKING_": the proto enum's name, as protobuf's style guide prefixes
+    enum values."""
+    name: str = _PB_ENUMS[cls].DESCRIPTOR.name
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper() + "_"
 
 
 def enum_from_pb(cls: type[E], value: int) -> E:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from foliod.mm import FolioKind, MemmapModel, ThpSetting
+from foliod.mm.guest import Backing
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class ModelReport:
     breakdown: tuple[DescriptorBytes, ...]
     by_kind: tuple[KindBytes, ...]
     free_memory_bytes: int
+    hvo_freed_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +220,68 @@ class FaultRule:
 class Faults:
     rules: tuple[FaultRule, ...]
     seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Duplication:
+    """One model's cost of describing a guest's RAM twice: in the guest's memmap and in the
+    host's (per-frame entries less what HVO freed, plus the backing folios' descriptors)."""
+
+    model: MemmapModel
+    guest_memmap_bytes: int
+    host_memmap_bytes: int
+    total_bytes: int
+    fraction_of_guest_ram: float
+
+
+@dataclass(frozen=True, slots=True)
+class Guest:
+    """A guest machine: its RAM, the host memory backing it, balloon, free page reporting, and
+    the memmap duplication per model (struct_page, interim, memdesc)."""
+
+    name: str
+    host: str
+    ram_bytes: int
+    backing: Backing
+    mthp_size_kb: int
+    hvo: bool
+    lazy: bool
+    backed_bytes: int
+    host_folios: int
+    host_folio_order: int
+    balloon_bytes: int
+    balloon_returned_bytes: int
+    reported_bytes: int
+    reporting_batches: int
+    reported_blocks: int
+    free_page_reporting: bool
+    duplication: tuple[Duplication, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestList:
+    """Every guest, sorted by name, and the duplication per model summed over them."""
+
+    guests: tuple[Guest, ...]
+    totals: tuple[Duplication, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonResult:
+    """What one SetBalloon did, and the guest after it."""
+
+    inflated_bytes: int
+    deflated_bytes: int
+    balloon_bytes: int
+    host_freed_bytes: int
+    guest: Guest
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """What one free page reporting pass did, and the guest after it."""
+
+    batches: int
+    blocks: int
+    host_freed_bytes: int
+    guest: Guest

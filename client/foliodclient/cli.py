@@ -34,9 +34,10 @@ import grpc
 
 from foliod import __version__
 from foliod.config import parse_size
-from foliod.mm import MAX_IO_BYTES, PAGE_SIZE, FolioKind
+from foliod.mm import MAX_IO_BYTES, PAGE_SIZE, FolioKind, MemmapModel
+from foliod.mm.guest import Backing
 from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, FoliodClient
-from foliodclient._types import FileStat, IoStats, MemmapReport
+from foliodclient._types import Duplication, FileStat, Guest, IoStats, MemmapReport
 from foliodclient.errors import AlreadyExists, CallError, RemoteError
 
 EXIT_OK = 0
@@ -125,6 +126,10 @@ def jsonable(data: Any) -> Any:
     return data
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.4f} %"
+
+
 def _orders(folios_by_order: Mapping[int, int]) -> str:
     return " ".join(f"{order}:{n}" for order, n in sorted(folios_by_order.items())) or "-"
 
@@ -205,7 +210,7 @@ def render_memmap(report: MemmapReport) -> str:
     header = ["", *(str(m.model) for m in models)]
     rows: list[list[object]] = [
         ["total", *(iec(m.total_bytes) for m in models)],
-        ["percent of RAM", *(f"{m.fraction_of_ram * 100:.4f} %" for m in models)],
+        ["percent of RAM", *(_percent(m.fraction_of_ram) for m in models)],
         ["descriptors"],
     ]
     # Per-frame entries (page, memdesc) first: each model lists its own first.
@@ -220,6 +225,10 @@ def render_memmap(report: MemmapReport) -> str:
             found = [d for d in m.breakdown if d.descriptor == name]
             cells.append(iec(found[0].total_bytes) if found else "-")
         rows.append([f"  {name}", *cells])
+    if any(m.hvo_freed_bytes for m in models):
+        # HVO's freed memmap pages come off the per-frame entries above.
+        hvo = [f"-{iec(m.hvo_freed_bytes)}" if m.hvo_freed_bytes else "0 B" for m in models]
+        rows.append(["  hvo freed", *hvo])
     rows.append(["by kind"])
     for kind in FolioKind:
         cells = [iec(sum(k.total_bytes for k in m.by_kind if k.kind == kind)) for m in models]
@@ -405,6 +414,134 @@ def cmd_drop_caches(client: FoliodClient, args: argparse.Namespace) -> Output:
     return Output({"dropped_bytes": dropped}, f"dropped {iec(dropped)} of clean page cache\n")
 
 
+def _backing(guest: Guest) -> str:
+    """The backing with its size and HVO: "base", "mthp 64 KiB", "hugetlb_2m hvo"."""
+    name = str(guest.backing)
+    if guest.backing is Backing.MTHP:
+        name += f" {iec(guest.mthp_size_kb << 10)}"
+    return name + " hvo" if guest.hvo else name
+
+
+def _fractions(duplication: Sequence[Duplication]) -> list[str]:
+    """Duplication in percent of guest RAM, one cell per model in MemmapModel order."""
+    by_model = {d.model: d for d in duplication}
+    return [
+        _percent(by_model[m].fraction_of_guest_ram) if m in by_model else "-" for m in MemmapModel
+    ]
+
+
+def render_guest(guest: Guest) -> str:
+    """A guest's settings and host memory, then its memmap duplication per model."""
+    how = "faulted in on first use" if guest.lazy else "reserved up front"
+    reporting = "off"
+    if guest.free_page_reporting:
+        reporting = (
+            f"on, {iec(guest.reported_bytes)} returned in {guest.reporting_batches} batches "
+            f"of {guest.reported_blocks} blocks"
+        )
+    lines = [
+        ("name", guest.name),
+        ("host", guest.host),
+        ("RAM", f"{guest.ram_bytes} bytes ({iec(guest.ram_bytes)})"),
+        ("backing", f"{_backing(guest)}, {how}"),
+        (
+            "backed",
+            f"{iec(guest.backed_bytes)} in {guest.host_folios} host folios of "
+            f"{iec(PAGE_SIZE << guest.host_folio_order)}",
+        ),
+        (
+            "balloon",
+            f"{iec(guest.balloon_bytes)}, {iec(guest.balloon_returned_bytes)} returned to the host",
+        ),
+        ("reporting", reporting),
+    ]
+    header = ["model", "guest", "host", "total", "percent of guest RAM"]
+    rows = [
+        [
+            str(d.model),
+            iec(d.guest_memmap_bytes),
+            iec(d.host_memmap_bytes),
+            iec(d.total_bytes),
+            _percent(d.fraction_of_guest_ram),
+        ]
+        for d in guest.duplication
+    ]
+    details = "".join(f"{label + ':':<11}{value}\n" for label, value in lines)
+    return details + "\nmemory map, described twice:\n" + table(header, rows)
+
+
+def cmd_guests_create(client: FoliodClient, args: argparse.Namespace) -> Output:
+    guest = client.create_guest(
+        args.name,
+        args.size,
+        args.backing,
+        mthp_size_kb=args.mthp_size_kb,
+        hvo=args.hvo,
+        free_page_reporting=args.free_page_reporting,
+    )
+    return Output(guest, render_guest(guest))
+
+
+def cmd_guests_ls(client: FoliodClient, args: argparse.Namespace) -> Output:
+    listing = client.list_guests()
+    header = ["name", "RAM", "backing", "backed", "balloon", *(str(m) for m in MemmapModel)]
+    rows: list[list[object]] = [
+        [
+            g.name,
+            iec(g.ram_bytes),
+            _backing(g),
+            iec(g.backed_bytes),
+            iec(g.balloon_bytes),
+            *_fractions(g.duplication),
+        ]
+        for g in listing.guests
+    ]
+    if listing.guests:
+        rows.append(
+            [
+                "total",
+                iec(sum(g.ram_bytes for g in listing.guests)),
+                "",
+                iec(sum(g.backed_bytes for g in listing.guests)),
+                iec(sum(g.balloon_bytes for g in listing.guests)),
+                *_fractions(listing.totals),
+            ]
+        )
+    return Output(listing, table(header, rows))
+
+
+def cmd_guests_show(client: FoliodClient, args: argparse.Namespace) -> Output:
+    guest = client.get_guest(args.name)
+    return Output(guest, render_guest(guest))
+
+
+def cmd_guests_destroy(client: FoliodClient, args: argparse.Namespace) -> Output:
+    freed = client.destroy_guest(args.name, delete_files=args.delete_files)
+    files = "deleted" if args.delete_files else "kept"
+    text = f"destroyed {args.name}: {iec(freed)} of host memory freed, files {files}\n"
+    data = {"name": args.name, "freed_bytes": freed, "files_deleted": args.delete_files}
+    return Output(data, text)
+
+
+def cmd_guests_balloon(client: FoliodClient, args: argparse.Namespace) -> Output:
+    result = client.set_balloon(args.name, args.size)
+    text = (
+        f"balloon of {args.name}: {iec(result.balloon_bytes)} (inflated "
+        f"{iec(result.inflated_bytes)}, deflated {iec(result.deflated_bytes)}), "
+        f"host freed {iec(result.host_freed_bytes)}\n"
+    )
+    return Output(result, text)
+
+
+def cmd_guests_report(client: FoliodClient, args: argparse.Namespace) -> Output:
+    result = client.report_free_pages(args.name)
+    text = (
+        f"reported {result.blocks} free blocks of {args.name} in {result.batches} batches, "
+        f"host freed {iec(result.host_freed_bytes)}\n"
+    )
+    return Output(result, text)
+
+
 def cmd_health(client: FoliodClient, args: argparse.Namespace) -> Output:
     status = client.check_health(args.service)
     code = EXIT_OK if status == "SERVING" else EXIT_UNAVAILABLE
@@ -492,6 +629,40 @@ def build_parser() -> argparse.ArgumentParser:
     truncate.add_argument("size", type=size_arg, help="new size, e.g. 4096 or 1MiB")
     add(files, "rm", cmd_files_rm, "delete files").add_argument("names", nargs="+")
     add(files, "fsync", cmd_files_fsync, "write a file back and make it durable").add_argument(
+        "name"
+    )
+
+    guests = commands.add_parser("guests", help="guest machines backed by host memory")
+    guest_commands = guests.add_subparsers(dest="guests_command", required=True, metavar="COMMAND")
+    create = add(
+        guest_commands, "create", cmd_guests_create, "create a guest (--machine: its host)"
+    )
+    create.add_argument("name")
+    create.add_argument("size", type=size_arg, help="guest RAM, e.g. 1GiB")
+    create.add_argument(
+        "--backing", choices=[str(b) for b in Backing], default="base", help="default base"
+    )
+    create.add_argument(
+        "--mthp-size-kb", type=count_arg, default=0, help="mthp backing: folio size in kB"
+    )
+    create.add_argument("--hvo", action="store_true", help="hugetlb: vmemmap optimization")
+    create.add_argument(
+        "--no-free-page-reporting",
+        dest="free_page_reporting",
+        action="store_const",
+        const=False,
+        default=None,
+        help="keep free guest memory backed (reporting is on by default)",
+    )
+    add(guest_commands, "ls", cmd_guests_ls, "list guests and their memmap duplication")
+    add(guest_commands, "show", cmd_guests_show, "a guest's details").add_argument("name")
+    destroy = add(guest_commands, "destroy", cmd_guests_destroy, "destroy a guest")
+    destroy.add_argument("name")
+    destroy.add_argument("--delete-files", action="store_true", help="also delete its files")
+    balloon = add(guest_commands, "balloon", cmd_guests_balloon, "set a guest's balloon size")
+    balloon.add_argument("name")
+    balloon.add_argument("size", type=size_arg, help="target balloon size, e.g. 256MiB")
+    add(guest_commands, "report", cmd_guests_report, "run free page reporting now").add_argument(
         "name"
     )
 

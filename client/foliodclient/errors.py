@@ -11,11 +11,13 @@ Every class here is also the core class of the same name, so ``except foliod.mm.
         │   ├── UnknownOwner
         │   ├── UnknownFolio
         │   ├── UnknownFile
-        │   └── UnknownFileHandle
+        │   ├── UnknownFileHandle
+        │   └── UnknownGuest
         ├── AlreadyExists          ALREADY_EXISTS
         ├── FailedPrecondition     FAILED_PRECONDITION
         │   ├── FolioAlreadyFreed
-        │   └── FileHandleClosed
+        │   ├── FileHandleClosed
+        │   └── GuestNesting
         ├── OutOfRange             OUT_OF_RANGE
         ├── WritebackFailed        DATA_LOSS
         ├── OutOfMemory            RESOURCE_EXHAUSTED
@@ -82,7 +84,7 @@ class InvalidArgument(CallError, errors.InvalidArgument):
 
 
 class NotFound(CallError, errors.NotFound):
-    """A named object (machine, owner, folio, file, handle) does not exist."""
+    """A named object (machine, owner, folio, file, handle, guest) does not exist."""
 
 
 class UnknownMachine(NotFound, errors.UnknownMachine):
@@ -105,6 +107,10 @@ class UnknownFileHandle(NotFound, errors.UnknownFileHandle):
     """No file handle with that number was ever opened on the machine."""
 
 
+class UnknownGuest(NotFound, errors.UnknownGuest):
+    """No guest has the requested name."""
+
+
 class AlreadyExists(CallError, errors.AlreadyExists):
     """The object to create exists already."""
 
@@ -119,6 +125,10 @@ class FolioAlreadyFreed(FailedPrecondition, errors.FolioAlreadyFreed):
 
 class FileHandleClosed(FailedPrecondition, errors.FileHandleClosed):
     """The file handle was closed, or its file deleted."""
+
+
+class GuestNesting(FailedPrecondition, errors.GuestNesting):
+    """A guest was asked to host a guest; guests nest one level only."""
 
 
 class OutOfRange(CallError, errors.OutOfRange):

@@ -32,7 +32,13 @@ from foliod.mm.errors import (
     UnknownGuest,
 )
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, size_kb_to_order
-from foliod.mm.machine import MAX_FOLIOS_PER_CALL, Machine, Machines, validate_ram_bytes
+from foliod.mm.machine import (
+    GUEST_OWNER_PREFIX,
+    MAX_FOLIOS_PER_CALL,
+    Machine,
+    Machines,
+    validate_ram_bytes,
+)
 from foliod.mm.memmap import MemmapModel, hvo_freed_bytes
 from foliod.mm.mm_types import FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER
@@ -40,7 +46,6 @@ from foliod.mm.vmstat import VmEvent
 
 # A guest's name doubles as a directory name and, prefixed, as its host owner's name.
 _GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,57}")
-OWNER_PREFIX = "guest:"
 
 
 class Backing(enum.StrEnum):
@@ -214,7 +219,12 @@ class HostBacking:
                 for start in range(0, len(granules), MAX_FOLIOS_PER_CALL):
                     chunk = granules[start : start + MAX_FOLIOS_PER_CALL]
                     made = host.allocate(
-                        self.owner, spec.kind, order=spec.order, count=len(chunk), hvo=spec.hvo
+                        self.owner,
+                        spec.kind,
+                        order=spec.order,
+                        count=len(chunk),
+                        hvo=spec.hvo,
+                        guest_ram=True,
                     )
                     for i, granule in enumerate(chunk):
                         self.backed[granule] = made.first_handle + i
@@ -233,7 +243,7 @@ class HostBacking:
         if not handles:
             return 0
         with self.host.lock:
-            return self.host.free(handles).nr_pages
+            return self.host.free(handles, guest_ram=True).nr_pages
 
     def granules_within(self, pfn: int, nr_pages: int) -> Iterator[int]:
         """Backed granules lying wholly inside frames [pfn, pfn + nr_pages)."""
@@ -251,7 +261,7 @@ class HostBacking:
         with self.host.lock:
             if self.owner not in self.host.owners:
                 return 0
-            return self.host.release_owner(self.owner).nr_pages
+            return self.host.release_owner(self.owner, guest_ram=True).nr_pages
 
 
 class Guest:
@@ -260,17 +270,17 @@ class Guest:
     def __init__(
         self,
         machine: Machine,
-        host: Machine,
-        spec: BackingSpec,
+        backing: HostBacking,
         reporting: ReportingConfig | None,
         created_at: float,
     ) -> None:
+        host, spec = backing.host, backing.spec
         self.name = machine.name
         self.machine = machine
         self.host = host
         self.spec = spec
-        self.backing = HostBacking(host, OWNER_PREFIX + machine.name, spec, machine.nr_pages)
-        machine.backing = self.backing
+        self.backing = backing
+        machine.backing = backing
         self.reporting = reporting
         # Free page reporting: when the next pass is due, and the frees counted at the last look.
         self.report_due: float | None = None
@@ -438,21 +448,17 @@ class Guests:
             host = self.machines.host
             with host.lock:
                 self.__check_room(host, nr_pages)
-                machine = self.new_machine(name, ram_bytes)
+                ram = HostBacking(host, GUEST_OWNER_PREFIX + name, spec, nr_pages)
+                try:
+                    if not spec.lazy:
+                        ram.back(list(range(ram.nr_granules)))
+                    machine = self.new_machine(name, ram_bytes)
+                except Exception:
+                    ram.detach()  # nothing of the guest stays on the host
+                    raise
                 guest = Guest(
-                    machine,
-                    host,
-                    spec,
-                    self.reporting if free_page_reporting else None,
-                    self.clock(),
+                    machine, ram, self.reporting if free_page_reporting else None, self.clock()
                 )
-                if not spec.lazy:
-                    try:
-                        guest.backing.back(list(range(guest.backing.nr_granules)))
-                    except OutOfMemory:
-                        guest.backing.detach()
-                        self.__discard_store(machine, delete=True)
-                        raise
             self.machines.by_name[name] = machine
             self.by_name[name] = guest
             return guest

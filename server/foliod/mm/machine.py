@@ -42,6 +42,8 @@ MAX_FOLIOS_PER_CALL = 1 << 20
 # Pages reclaim tries to free per attempt (SWAP_CLUSTER_MAX).
 SWAP_CLUSTER_MAX = 32
 _OWNER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Owners named so hold guests' RAM on their host: only the guests' backing may change them.
+GUEST_OWNER_PREFIX = "guest:"
 
 VALID_ORDERS: Mapping[FolioKind, tuple[int, ...]] = {
     FolioKind.ANON: ANON_ORDERS,
@@ -393,6 +395,7 @@ class Machine:
         nr_bytes: int = 0,
         madvise_hugepage: bool = False,
         hvo: bool = False,
+        guest_ram: bool = False,
     ) -> Allocation:
         """Allocates count folios of one order, or nr_bytes of memory, for an owner.
 
@@ -401,6 +404,7 @@ class Machine:
         their vmemmap optimized (hvo). All or nothing.
         """
         order, nr_pages = self.__validate_allocate(owner, kind, order, count, nr_bytes)
+        self.__check_guest_ram(owner, guest_ram)
         if madvise_hugepage and kind is not FolioKind.ANON:
             raise InvalidArgument(
                 "madvise_hugepage applies to anon mappings only", field="madvise_hugepage"
@@ -501,7 +505,15 @@ class Machine:
             )
         raise UnknownFolio(f"no folio {handle} on machine {self.name!r}", field=field_name)
 
-    def free(self, handles: Sequence[int]) -> Release:
+    def __check_guest_ram(self, owner: str, guest_ram: bool) -> None:
+        if owner.startswith(GUEST_OWNER_PREFIX) and not guest_ram:
+            raise FailedPrecondition(
+                f"owner {owner!r} holds a guest's RAM: only the guest (its balloon, free page "
+                "reporting, DestroyGuest) can change it",
+                field="owner",
+            )
+
+    def free(self, handles: Sequence[int], *, guest_ram: bool = False) -> Release:
         """Frees folios by handle; one bad handle rejects the whole request."""
         if not handles:
             raise InvalidArgument("name at least one handle", field="handles")
@@ -513,6 +525,8 @@ class Machine:
         folios = [self.lookup(handle, "handles") for handle in handles]
         if len(set(handles)) != len(handles):
             raise InvalidArgument("a handle is named twice", field="handles")
+        for folio in folios:
+            self.__check_guest_ram(folio.owner, guest_ram)
         nr_pages = nr_tables = 0
         for folio in folios:
             holder = self.owners[folio.owner]
@@ -534,9 +548,10 @@ class Machine:
         self.__free_folio(folio)
         return nr_tables
 
-    def release_owner(self, owner: str) -> Release:
+    def release_owner(self, owner: str, *, guest_ram: bool = False) -> Release:
         """Frees everything an owner holds, its page tables included, and forgets it."""
         check_owner_name(owner)
+        self.__check_guest_ram(owner, guest_ram)
         holder = self.owners.get(owner)
         if holder is None:
             raise UnknownOwner(f"no owner {owner!r} on machine {self.name!r}", field="owner")
