@@ -493,6 +493,7 @@ class PageCache:
         lru, ra = self.lru, inode.ra
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
+        queue = lru.queue
         # A policy that only counts refaults has them counted here, in one go.
         count_refaults = type(lru).refault is ReclaimPolicy.refault
         capacity = self.capacity_pages if self.capacity_pages is not None else -1
@@ -522,58 +523,59 @@ class PageCache:
                         last = folio
                         prev = index
                         continue
-                else:
-                    ra.prev_index = prev
-                    if not ra_pages or ra.reads_alone(index, 1, inode):
-                        nr_pages = self.nr_pages
-                        victim = victim_of() if nr_pages == capacity else None
-                        if victim is not None and not victim.order and not victim.dirty:
-                            # Limit reclaim evicts the victim (a shadow entry stays) and its
-                            # frame is read in at index: the object is reused, reset as new.
-                            if requeue is None:
-                                lru.remove(victim)
-                            old = victim.mapping
-                            age = lru.nonresident_age = lru.nonresident_age + 1
-                            if old is inode:
-                                del folios[victim.index]
-                                shadows[victim.index] = age
+                elif not ra_pages or self.__reads_alone(ra, prev, index, inode):
+                    nr_pages = self.nr_pages
+                    if nr_pages == capacity:
+                        victim = next(iter(queue), None) if queue is not None else victim_of()
+                    else:
+                        victim = None
+                    if victim is not None and not victim.order and not victim.dirty:
+                        # Limit reclaim evicts the victim (a shadow entry stays) and its
+                        # frame is read in at index: the object is reused, reset as new.
+                        if requeue is None:
+                            lru.remove(victim)
+                        old = victim.mapping
+                        age = lru.nonresident_age = lru.nonresident_age + 1
+                        if old is inode:
+                            del folios[victim.index]
+                            shadows[victim.index] = age
+                        else:
+                            self.__move_recycled(victim, inode, age)
+                        victim.index = index
+                        victim.contents = None
+                        victim.referenced = victim.active = victim.readahead = False
+                        victim.dirtied_at = 0.0
+                        victim.gen = victim.refs = 0
+                        folios[index] = victim
+                        if requeue is None:
+                            lru.add(victim)
+                        else:
+                            requeue(victim)
+                        shadow = shadows.pop(index, None)
+                        if shadow is not None:
+                            if count_refaults:
+                                refaults += 1
                             else:
-                                self.__move_recycled(victim, inode, age)
-                            victim.index = index
-                            victim.contents = None
-                            victim.referenced = victim.active = victim.readahead = False
-                            victim.dirtied_at = 0.0
-                            victim.gen = victim.refs = 0
-                            folios[index] = victim
-                            if requeue is None:
-                                lru.add(victim)
-                            else:
-                                requeue(victim)
-                            shadow = shadows.pop(index, None)
-                            if shadow is not None:
-                                if count_refaults:
-                                    refaults += 1
-                                else:
-                                    refault(victim, lru.nonresident_age - shadow)
-                            if requeue is None:
-                                lru.mark_accessed(victim, True)
-                            recycled += 1
-                            device_seconds += read_seconds
-                            prev = index
-                            continue
-                        if nr_pages < capacity or capacity < 0:
-                            # Room for a new folio: allocated and read in alone.
-                            try:
-                                folio = self.allocator.alloc_cache_folio(0)
-                            except OutOfMemory:  # read()'s readahead tries the page twice
-                                folio = self.allocator.alloc_cache_folio(0)
-                            self.__insert(inode, folio, index)
-                            self.busy.clear()
-                            lru.mark_accessed(folio, True)
-                            allocated += 1
-                            device_seconds += read_seconds
-                            prev = index
-                            continue
+                                refault(victim, lru.nonresident_age - shadow)
+                        if requeue is None:
+                            lru.mark_accessed(victim, True)
+                        recycled += 1
+                        device_seconds += read_seconds
+                        prev = index
+                        continue
+                    if nr_pages < capacity or capacity < 0:
+                        # Room for a new folio: allocated and read in alone.
+                        try:
+                            folio = self.allocator.alloc_cache_folio(0)
+                        except OutOfMemory:  # read()'s readahead tries the page twice
+                            folio = self.allocator.alloc_cache_folio(0)
+                        self.__insert(inode, folio, index)
+                        self.busy.clear()
+                        lru.mark_accessed(folio, True)
+                        allocated += 1
+                        device_seconds += read_seconds
+                        prev = index
+                        continue
                 # Anything else takes read()'s path.
                 ra.prev_index = prev
                 self.__count_replayed(
@@ -600,6 +602,12 @@ class PageCache:
                 refaults=refaults,
                 device_seconds=device_seconds,
             )
+
+    @staticmethod
+    def __reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:
+        """A one-page miss at index is read alone (readahead brings nothing around it)."""
+        ra.prev_index = prev
+        return ra.reads_alone(index, 1, inode)
 
     @staticmethod
     def __move_recycled(folio: Folio, inode: Inode, age: int) -> None:

@@ -8,6 +8,7 @@ here writeback ends within the call), evicts, and counts pgscan/pgsteal.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import ClassVar, Protocol
 
@@ -45,6 +46,8 @@ class ReclaimPolicy:
         # remove(folio), add(folio) and mark_accessed(folio, True) in one cheaper step, where a
         # policy has one (only policies whose refault() just counts, as the order differs).
         self.requeue: Callable[[Folio], None] | None = None
+        # The list whose first folio victim() returns, doing nothing else, where there is one.
+        self.queue: OrderedDict[Folio, None] | None = None
 
     # -- what each policy provides ---------------------------------------------------------
 

@@ -17,28 +17,29 @@ class Fifo(ReclaimPolicy):
     def __init__(self, events: dict[VmEvent, int]) -> None:
         super().__init__(events)
         # Oldest first.
-        self.queue: OrderedDict[Folio, None] = OrderedDict()
-        self.requeue = self.queue.move_to_end
+        self.fifo: OrderedDict[Folio, None] = OrderedDict()
+        self.requeue = self.fifo.move_to_end
+        self.queue = self.fifo
 
     def add(self, folio: Folio) -> None:
-        self.queue[folio] = None
+        self.fifo[folio] = None
         self.nr_pages += folio.nr_pages
 
     def remove(self, folio: Folio) -> None:
-        del self.queue[folio]
+        del self.fifo[folio]
         self.nr_pages -= folio.nr_pages
 
     def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
         pass
 
     def victim(self) -> Folio | None:
-        return next(iter(self.queue), None)
+        return next(iter(self.fifo), None)
 
     def pass_over(self, folio: Folio) -> None:
-        self.queue.move_to_end(folio)
+        self.fifo.move_to_end(folio)
 
     def folios(self) -> Iterator[Folio]:
-        return iter(self.queue)
+        return iter(self.fifo)
 
     def lists(self) -> dict[str, int]:
-        return {"fifo": len(self.queue)}
+        return {"fifo": len(self.fifo)}

@@ -19,6 +19,7 @@ class Lru(ReclaimPolicy):
         # Least recent first.
         self.order: OrderedDict[Folio, None] = OrderedDict()
         self.touch = self.requeue = self.order.move_to_end
+        self.queue = self.order
 
     def add(self, folio: Folio) -> None:
         self.order[folio] = None
