@@ -679,6 +679,7 @@ class Machine:
             VmStat.NR_ACTIVE_FILE: self.lru.nr_active,
             VmStat.NR_FILE_PAGES: self.nr_pages_of(FolioKind.FILE),
             VmStat.NR_DIRTY: self.page_cache.nr_dirty if self.page_cache else 0,
+            VmStat.NR_WRITEBACK: 0,
             VmStat.NR_SLAB_UNRECLAIMABLE: self.nr_pages_of(FolioKind.SLAB),
             VmStat.NR_PAGE_TABLE_PAGES: self.nr_pages_of(FolioKind.PAGETABLE),
         }

@@ -48,6 +48,9 @@ class VmStat(enum.StrEnum):
     NR_ACTIVE_FILE = "nr_active_file"
     NR_FILE_PAGES = "nr_file_pages"
     NR_DIRTY = "nr_dirty"
+    # Pages under writeback. Writeback completes within the call that starts it (its device
+    # time is charged to that call), so between calls this is always 0.
+    NR_WRITEBACK = "nr_writeback"
     NR_SLAB_UNRECLAIMABLE = "nr_slab_unreclaimable"
     NR_PAGE_TABLE_PAGES = "nr_page_table_pages"
 
