@@ -46,6 +46,13 @@ What is measured:
    of one Prometheus scrape of a 1 TiB host with a page cache of a million folios and ten
    16 GiB guests.
 
+8. Batched submission (``--only batch``): 4 KiB cache-hit reads of the 1 MiB hot file of 5.
+   against one foliod server process (1 GiB): unary ReadFile RPCs (1 in flight) and page reads
+   through Submit in batches of 256, sent with foliodclient's Submission (so the client's
+   encoding and decoding of every batch is counted): one batch in flight on one stream, and
+   pipelined (4 in flight on one stream). The repetitions of the three interleave, on the same
+   server; reported as page reads per second and as ratios batched / unary.
+
 Every measurement is repeated 3 times (7. repeats 30 times in its process); the best (highest
 rate, lowest time) and the median are reported. The figures are throughputs and ratios that
 depend on the machine and its load: they are for comparing changes on one machine and are never
@@ -91,6 +98,7 @@ from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.machine import Machines
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
+from foliodclient import Batch, BatchResult, FoliodClient
 
 REPEATS = 3
 QUICK_DIVISOR = 5
@@ -116,6 +124,10 @@ TARGET_REPLAY_TWO_LIST = 1 / 10
 HOT_FILE = "hot"
 HOT_FILE_BYTES = 1 << 20
 TARGET_READ_RPC = 0.8
+# Section 8, batched submission.
+BATCH_READS = 256
+BATCH_WINDOW = 4
+TARGET_BATCH = 10.0
 
 T = TypeVar("T")
 
@@ -135,6 +147,7 @@ class Counts:
     memmap_calls: int = 20_000
     replay_zipf: int = 1_000_000
     replay_loop: int = 10 * REPLAY_LOOP_PAGES
+    batch_reads: int = 200 * BATCH_READS
 
     def scaled(self, divisor: int) -> Counts:
         return Counts(
@@ -1070,6 +1083,128 @@ def bench_scrape(report: Report, counts: Counts) -> None:
     )
 
 
+# -- 8. batched submission ----------------------------------------------------------------------
+
+
+def read_batches(n: int) -> list[Batch]:
+    """n 4 KiB reads of the hot file (as read_requests), BATCH_READS to a batch."""
+    batches = []
+    requests = read_requests(n)
+    for first in range(0, n, BATCH_READS):
+        batch = Batch()
+        for request in requests[first : first + BATCH_READS]:
+            batch.read(request.name, request.offset, request.length)
+        batches.append(batch)
+    return batches
+
+
+def measure_batch(
+    target: str, stub: foliod_pb2_grpc.FoliodStub, counts: Counts, notes: list[str]
+) -> tuple[list[float], list[float], list[float]]:
+    """(unary ReadFile rates, batched page reads/s with 1 batch in flight, pipelined)."""
+    data = random.Random(SEED).randbytes(HOT_FILE_BYTES)
+    stub.CreateFile(pb.CreateFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
+    stub.WriteFile(pb.WriteFileRequest(name=HOT_FILE, offset=0, data=data), timeout=RPC_TIMEOUT_S)
+    stub.ReadFile(
+        pb.ReadFileRequest(name=HOT_FILE, offset=0, length=HOT_FILE_BYTES), timeout=RPC_TIMEOUT_S
+    )
+    requests = read_requests(counts.rpc_calls)
+    batches = read_batches(counts.batch_reads)
+    nr_reads = sum(len(batch) for batch in batches)
+
+    def call(i: int) -> object:
+        return stub.ReadFile(requests[i % len(requests)], timeout=RPC_TIMEOUT_S)
+
+    def check(results: list[BatchResult]) -> None:
+        for result in results:
+            for op in result:
+                if not op.ok or len(op.data) != PAGE_SIZE or op.stats is None:
+                    raise RuntimeError(f"unexpected batched read: {op}")
+                if op.stats.pages_missed:
+                    raise RuntimeError(f"a batched read missed the cache: {op}")
+
+    unary: list[float] = []
+    one: list[float] = []
+    pipelined: list[float] = []
+    with (
+        FoliodClient(target, timeout=RPC_TIMEOUT_S) as client,
+        client.open_submission() as submission,
+    ):
+        sequential_calls(call, 0, counts.rpc_warmup)
+        check([submission.submit(batch) for batch in batches[:4]])
+        faults = pgmajfault(stub)
+        for _ in range(REPEATS):
+            gc.collect()
+            calls, seconds = rpc_rate_sequential(call, counts.rpc_calls)
+            unary.append(calls / seconds)
+            gc.collect()
+            start = time.perf_counter()
+            results = [submission.submit(batch) for batch in batches]
+            one.append(nr_reads / (time.perf_counter() - start))
+            check(results)
+            gc.collect()
+            start = time.perf_counter()
+            results = list(submission.submit_many(batches, window=BATCH_WINDOW))
+            pipelined.append(nr_reads / (time.perf_counter() - start))
+            check(results)
+        faults = pgmajfault(stub) - faults
+    notes.append(
+        f"batch: {len(batches)} batches of {BATCH_READS} reads per run; foliod's pgmajfault grew "
+        f"by {faults} during the timed reads (0: all hits)"
+    )
+    if faults:
+        raise RuntimeError(f"the batch measurement was not all cache hits: {faults} misses")
+    return unary, one, pipelined
+
+
+def bench_batch(report: Report, counts: Counts) -> None:
+    section = (
+        f"8. batched submission: 4 KiB cache-hit reads, unary ReadFile vs Submit "
+        f"({BATCH_READS} reads a batch; one server process)"
+    )
+    with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
+        tmp_path = Path(tmp)
+        port = free_port()
+        server = ServerProcess(
+            "foliod", foliod_argv(port, "1GiB", tmp_path / "state"), port, tmp_path / "foliod.log"
+        )
+        try:
+            with grpc.insecure_channel(server.target) as channel:
+                server.wait_ready(channel)
+                stub = foliod_pb2_grpc.FoliodStub(channel)
+                unary, one, pipelined = measure_batch(server.target, stub, counts, report.notes)
+        finally:
+            server.stop()
+    unary_result = report.add(
+        summarize(
+            section, f"unary ReadFile, 1 in flight ({counts.rpc_calls:,} calls)", "RPC/s", unary
+        )
+    )
+    one_result = report.add(
+        summarize(
+            section,
+            f"Submit, 1 batch in flight ({counts.batch_reads:,} reads)",
+            "reads/s",
+            one,
+        )
+    )
+    pipelined_result = report.add(
+        summarize(section, f"Submit, {BATCH_WINDOW} batches in flight", "reads/s", pipelined)
+    )
+    report.add(
+        ratio(section, "ratio Submit 1 in flight / unary", one_result, unary_result, TARGET_BATCH)
+    )
+    report.add(
+        ratio(
+            section,
+            f"ratio Submit {BATCH_WINDOW} in flight / unary",
+            pipelined_result,
+            unary_result,
+            TARGET_BATCH,
+        )
+    )
+
+
 SECTIONS = (
     ("allocator", bench_allocator),
     ("grpc", bench_grpc),
@@ -1078,6 +1213,7 @@ SECTIONS = (
     ("read_rpc", bench_read_rpc),
     ("guests", bench_guests),
     ("scrape", bench_scrape),
+    ("batch", bench_batch),
 )
 
 

@@ -6,11 +6,25 @@
         guest = client.create_guest("vm0", 1 << 30, "hugetlb_2m", hvo=True)
         print(guest.duplication[0].fraction_of_guest_ram)
 
+Batches of reads, writes, fsyncs, allocations and frees go over one stream:
+
+    with client.open_submission() as s:
+        batch = Batch()
+        batch.write("log", 0, b"hello")
+        print(s.submit(batch).ok)
+
 `foliodctl` (foliodclient.cli) is the command line built on it.
 """
 
 from foliod.mm import FolioKind, MemmapModel, ThpSetting
 from foliod.mm.guest import Backing
+from foliodclient._batch import (
+    AsyncSubmission,
+    Batch,
+    BatchResult,
+    OpResult,
+    Submission,
+)
 from foliodclient._client import AsyncFoliodClient, FoliodClient, RetryPolicy
 from foliodclient._types import (
     Allocation,
@@ -72,8 +86,11 @@ __all__ = [
     "Allocation",
     "AlreadyExists",
     "AsyncFoliodClient",
+    "AsyncSubmission",
     "Backing",
     "BalloonResult",
+    "Batch",
+    "BatchResult",
     "BuddyInfo",
     "CallError",
     "DeadlineExceeded",
@@ -105,6 +122,7 @@ __all__ = [
     "ModelReport",
     "MthpSize",
     "NotFound",
+    "OpResult",
     "OutOfMemory",
     "OutOfRange",
     "PermissionDenied",
@@ -112,6 +130,7 @@ __all__ = [
     "RemoteError",
     "ReportResult",
     "RetryPolicy",
+    "Submission",
     "ThpPolicy",
     "ThpSetting",
     "Unauthenticated",

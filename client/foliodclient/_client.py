@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2_grpc
 from foliod import __version__
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
+from foliodclient._batch import AsyncSubmission, Submission
 from foliodclient._calls import FOLIOD, HEALTH, Call
 from foliodclient.errors import error_from_rpc
 
@@ -219,6 +220,12 @@ class FoliodClient(_ClientBase[grpc.Channel]):
             else:
                 return call.rpc.result(reply)
 
+    def open_submission(self, machine: str = "", *, timeout: float | None = None) -> Submission:
+        """Opens a Submit stream for batches on `machine` ("": the client's machine); use it as
+        a context manager. `timeout` bounds the whole stream (None: no deadline)."""
+        stub = self._stubs[FOLIOD]
+        return Submission(stub, machine or self.machine, self._connection.metadata, timeout)
+
     allocate = _sync(_calls.allocate)
     free = _sync(_calls.free)
     release_owner = _sync(_calls.release_owner)
@@ -292,6 +299,14 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
                 await asyncio.sleep(attempts.retry_after(exc))
             else:
                 return call.rpc.result(reply)
+
+    def open_submission(
+        self, machine: str = "", *, timeout: float | None = None
+    ) -> AsyncSubmission:
+        """Opens a Submit stream for batches on `machine` ("": the client's machine); use it as
+        an async context manager. `timeout` bounds the whole stream (None: no deadline)."""
+        stub = self._stubs[FOLIOD]
+        return AsyncSubmission(stub, machine or self.machine, self._connection.metadata, timeout)
 
     allocate = _async(_calls.allocate)
     free = _async(_calls.free)

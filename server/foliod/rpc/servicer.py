@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from foliod.mm.filemap import FileStat, IoStats
 from foliod.mm.guest import Backing, Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
+from foliod.rpc.batch import submit_batch
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 
@@ -456,6 +457,14 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             host_freed_bytes=run.nr_host_pages_freed * PAGE_SIZE,
             guest=self._guest(guest),
         )
+
+    # -- batched submission ----------------------------------------------------------------
+
+    def Submit(
+        self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SubmitResponse]:
+        for request in request_iterator:
+            yield submit_batch(self.machines, request, debug_checks=self.debug_checks)
 
 
 def _duplication_pb(

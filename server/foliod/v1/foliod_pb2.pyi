@@ -164,6 +164,42 @@ GUEST_BACKING_HUGETLB_1G: GuestBacking.ValueType  # 5
 """1 GiB HugeTLB pages, reserved up front."""
 Global___GuestBacking: _TypeAlias = GuestBacking  # noqa: Y015
 
+class _OpCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OpCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OpCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OP_CODE_UNSPECIFIED: _OpCode.ValueType  # 0
+    OP_CODE_READ: _OpCode.ValueType  # 1
+    """ReadFile: name_indexes (file), offsets, lengths (bytes to read, 1 byte to 2 MiB)."""
+    OP_CODE_WRITE: _OpCode.ValueType  # 2
+    """WriteFile: name_indexes (file), offsets, lengths (bytes of `data` it takes, 1 to 2 MiB)."""
+    OP_CODE_FSYNC: _OpCode.ValueType  # 3
+    """Fsync: handles (a file handle from OpenFile)."""
+    OP_CODE_ALLOCATE: _OpCode.ValueType  # 4
+    """Allocate `count` folios of one kind and order: name_indexes (owner), kinds, orders, counts."""
+    OP_CODE_FREE: _OpCode.ValueType  # 5
+    """Free one folio: handles (a folio handle from Allocate)."""
+
+class OpCode(_OpCode, metaclass=_OpCodeEnumTypeWrapper):
+    """One operation of a Submit batch; each takes its arguments from the SubmitRequest columns named
+    here, one entry per operation, in operation order.
+    """
+
+OP_CODE_UNSPECIFIED: OpCode.ValueType  # 0
+OP_CODE_READ: OpCode.ValueType  # 1
+"""ReadFile: name_indexes (file), offsets, lengths (bytes to read, 1 byte to 2 MiB)."""
+OP_CODE_WRITE: OpCode.ValueType  # 2
+"""WriteFile: name_indexes (file), offsets, lengths (bytes of `data` it takes, 1 to 2 MiB)."""
+OP_CODE_FSYNC: OpCode.ValueType  # 3
+"""Fsync: handles (a file handle from OpenFile)."""
+OP_CODE_ALLOCATE: OpCode.ValueType  # 4
+"""Allocate `count` folios of one kind and order: name_indexes (owner), kinds, orders, counts."""
+OP_CODE_FREE: OpCode.ValueType  # 5
+"""Free one folio: handles (a folio handle from Allocate)."""
+Global___OpCode: _TypeAlias = OpCode  # noqa: Y015
+
 @_typing.final
 class AllocateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -2255,3 +2291,248 @@ class ReportFreePagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportFreePagesResponse: _TypeAlias = ReportFreePagesResponse  # noqa: Y015
+
+@_typing.final
+class SubmitRequest(_message.Message):
+    """One batch of operations, encoded by columns: `ops` lists the operations and every other
+    column holds the arguments of the operations that use it, one entry each, in operation order
+    (see OpCode). A column whose length is not exactly the number of operations that use it, an
+    unknown op code, a name index outside `names` or `data` of another length than the WRITE
+    lengths add up to make the batch malformed: it is rejected whole with INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    NAME_INDEXES_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    LENGTHS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the client and echoed in the batch's SubmitResponse."""
+    machine: _builtins.str
+    """Machine the whole batch addresses; empty for the host."""
+    data: _builtins.bytes
+    """The WRITE payloads, concatenated in operation order. With the READ lengths, at most 2 MiB."""
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedScalarFieldContainer[Global___OpCode.ValueType]:
+        """The operations, applied in this order. At most 4096."""
+
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Name table: file names (READ, WRITE) and owners (ALLOCATE), each listed once."""
+
+    @_builtins.property
+    def name_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Index into `names`, one per READ, WRITE and ALLOCATE."""
+
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Byte offset in the file, one per READ and WRITE."""
+
+    @_builtins.property
+    def lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One per READ (bytes to read) and WRITE (bytes of `data` it writes)."""
+
+    @_builtins.property
+    def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One per FSYNC (file handle) and FREE (folio handle)."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___FolioKind.ValueType]:
+        """Folio kind, one per ALLOCATE."""
+
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Folio order, one per ALLOCATE."""
+
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Number of folios (1..1048576), one per ALLOCATE."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        machine: _builtins.str = ...,
+        ops: _abc.Iterable[Global___OpCode.ValueType] | None = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        name_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
+        lengths: _abc.Iterable[_builtins.int] | None = ...,
+        data: _builtins.bytes = ...,
+        handles: _abc.Iterable[_builtins.int] | None = ...,
+        kinds: _abc.Iterable[Global___FolioKind.ValueType] | None = ...,
+        orders: _abc.Iterable[_builtins.int] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "data", b"data", "handles", b"handles", "id", b"id", "kinds", b"kinds", "lengths", b"lengths", "machine", b"machine", "name_indexes", b"name_indexes", "names", b"names", "offsets", b"offsets", "ops", b"ops", "orders", b"orders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRequest: _TypeAlias = SubmitRequest  # noqa: Y015
+
+@_typing.final
+class SubmitError(_message.Message):
+    """Why a batch or one of its operations failed: what a unary call's status would carry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Index of the failed operation in its batch (0 for a batch-level error)."""
+    code: _builtins.int
+    """A google.rpc.Code value."""
+    message: _builtins.str
+    reason: _builtins.str
+    """google.rpc.ErrorInfo reason (domain "foliod"), e.g. "UNKNOWN_FILE"."""
+    field: _builtins.str
+    """google.rpc.BadRequest field at fault, for INVALID_ARGUMENT and OUT_OF_RANGE; else empty."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """google.rpc.ErrorInfo metadata, e.g. the errno of a failed writeback."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        field: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "index", b"index", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitError: _TypeAlias = SubmitError  # noqa: Y015
+
+@_typing.final
+class SubmitResponse(_message.Message):
+    """The completions of one batch, encoded by columns like its request: every operation of a kind
+    has one entry in each column listed for its kind, whether it succeeded or not (zeros and no
+    bytes when it failed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    OP_ERRORS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    DATA_LENGTHS_FIELD_NUMBER: _builtins.int
+    PAGES_HIT_FIELD_NUMBER: _builtins.int
+    PAGES_MISSED_FIELD_NUMBER: _builtins.int
+    PAGES_READAHEAD_FIELD_NUMBER: _builtins.int
+    DEVICE_SECONDS_FIELD_NUMBER: _builtins.int
+    FIRST_HANDLES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    NR_PAGES_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The request's id."""
+    data: _builtins.bytes
+    """The bytes each READ returned, concatenated in operation order."""
+    @_builtins.property
+    def error(self) -> Global___SubmitError:
+        """Set when the batch was rejected whole (malformed, over a limit, unknown machine): nothing
+        ran and every other field is empty.
+        """
+
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Status of each operation, a google.rpc.Code value (0 is OK), one per operation."""
+
+    @_builtins.property
+    def op_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitError]:
+        """One per failed operation, in operation order."""
+
+    @_builtins.property
+    def data_lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Bytes of `data` each READ returned (short at EOF), one per READ."""
+
+    @_builtins.property
+    def pages_hit(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """What each READ and WRITE did in the page cache (as IoStats), one per READ and WRITE."""
+
+    @_builtins.property
+    def pages_missed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def pages_readahead(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def device_seconds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def first_handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Handle of the first folio allocated, one per ALLOCATE; handles run to first + count - 1."""
+
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Folios allocated, one per ALLOCATE."""
+
+    @_builtins.property
+    def nr_pages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Pages: allocated (ALLOCATE), freed with page tables (FREE) or written back (FSYNC); one
+        per ALLOCATE, FREE and FSYNC.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        error: Global___SubmitError | None = ...,
+        codes: _abc.Iterable[_builtins.int] | None = ...,
+        op_errors: _abc.Iterable[Global___SubmitError] | None = ...,
+        data: _builtins.bytes = ...,
+        data_lengths: _abc.Iterable[_builtins.int] | None = ...,
+        pages_hit: _abc.Iterable[_builtins.int] | None = ...,
+        pages_missed: _abc.Iterable[_builtins.int] | None = ...,
+        pages_readahead: _abc.Iterable[_builtins.int] | None = ...,
+        device_seconds: _abc.Iterable[_builtins.float] | None = ...,
+        first_handles: _abc.Iterable[_builtins.int] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+        nr_pages: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "counts", b"counts", "data", b"data", "data_lengths", b"data_lengths", "device_seconds", b"device_seconds", "error", b"error", "first_handles", b"first_handles", "id", b"id", "nr_pages", b"nr_pages", "op_errors", b"op_errors", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015

@@ -204,6 +204,11 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
                 _registered_method=True)
+        self.Submit = channel.stream_stream(
+                '/foliod.v1.Foliod/Submit',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.SubmitResponse.FromString,
+                _registered_method=True)
 
 
 class FoliodServicer:
@@ -447,6 +452,20 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request_iterator, context):
+        """Batched submission, in the spirit of io_uring: the client sends batches of operations on
+        one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
+        atomically with respect to other calls (one hold of its machine's lock) and its operations
+        apply in order; a failed operation fails alone, with its own status, and later ones still
+        run. A malformed batch (see SubmitRequest) or one over the limits is rejected whole in its
+        SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
+        OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
+        plus requested read lengths) per batch. An open stream holds one server worker thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FoliodServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -619,6 +638,11 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.ReportFreePages,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.SerializeToString,
+            ),
+            'Submit': grpc.stream_stream_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.SubmitRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.SubmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1539,6 +1563,33 @@ class Foliod:
             '/foliod.v1.Foliod/ReportFreePages',
             foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/foliod.v1.Foliod/Submit',
+            foliod_dot_v1_dot_foliod__pb2.SubmitRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,6 +111,16 @@ class FoliodStub:
     """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
     ReportFreePages: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]
     """Runs a guest's free page reporting now, without waiting for its delay."""
+    Submit: _grpc.StreamStreamMultiCallable[_foliod_pb2.SubmitRequest, _foliod_pb2.SubmitResponse]
+    """Batched submission, in the spirit of io_uring: the client sends batches of operations on
+    one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
+    atomically with respect to other calls (one hold of its machine's lock) and its operations
+    apply in order; a failed operation fails alone, with its own status, and later ones still
+    run. A malformed batch (see SubmitRequest) or one over the limits is rejected whole in its
+    SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
+    OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
+    plus requested read lengths) per batch. An open stream holds one server worker thread.
+    """
 
 @_typing.type_check_only
 class FoliodAsyncStub(FoliodStub):
@@ -186,6 +196,16 @@ class FoliodAsyncStub(FoliodStub):
     """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
     ReportFreePages: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]  # type: ignore[assignment]
     """Runs a guest's free page reporting now, without waiting for its delay."""
+    Submit: _aio.StreamStreamMultiCallable[_foliod_pb2.SubmitRequest, _foliod_pb2.SubmitResponse]  # type: ignore[assignment]
+    """Batched submission, in the spirit of io_uring: the client sends batches of operations on
+    one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
+    atomically with respect to other calls (one hold of its machine's lock) and its operations
+    apply in order; a failed operation fails alone, with its own status, and later ones still
+    run. A malformed batch (see SubmitRequest) or one over the limits is rejected whole in its
+    SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
+    OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
+    plus requested read lengths) per batch. An open stream holds one server worker thread.
+    """
 
 class FoliodServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -462,5 +482,21 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.ReportFreePagesResponse, _abc.Awaitable[_foliod_pb2.ReportFreePagesResponse]]:
         """Runs a guest's free page reporting now, without waiting for its delay."""
+
+    @_abc_1.abstractmethod
+    def Submit(
+        self,
+        request_iterator: _MaybeAsyncIterator[_foliod_pb2.SubmitRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_foliod_pb2.SubmitResponse], _abc.AsyncIterator[_foliod_pb2.SubmitResponse]]:
+        """Batched submission, in the spirit of io_uring: the client sends batches of operations on
+        one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
+        atomically with respect to other calls (one hold of its machine's lock) and its operations
+        apply in order; a failed operation fails alone, with its own status, and later ones still
+        run. A malformed batch (see SubmitRequest) or one over the limits is rejected whole in its
+        SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
+        OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
+        plus requested read lengths) per batch. An open stream holds one server worker thread.
+        """
 
 def add_FoliodServicer_to_server(servicer: FoliodServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
