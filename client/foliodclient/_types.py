@@ -101,6 +101,7 @@ class Meminfo:
     dirty_bytes: int
     active_file_bytes: int
     inactive_file_bytes: int
+    writeback_bytes: int
 
 
 @dataclass(frozen=True, slots=True)

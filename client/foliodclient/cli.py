@@ -69,6 +69,7 @@ MEMINFO_LINES = (
     ("Active(file)", "active_file_bytes"),
     ("Inactive(file)", "inactive_file_bytes"),
     ("Dirty", "dirty_bytes"),
+    ("Writeback", "writeback_bytes"),
     ("AnonPages", "anon_pages_bytes"),
     ("Slab", "slab_bytes"),
     ("PageTables", "page_tables_bytes"),

@@ -100,6 +100,8 @@ class Meminfo:
     dirty_bytes: int
     active_file_bytes: int
     inactive_file_bytes: int
+    # Writeback completes within the call that starts it: 0 between calls.
+    writeback_bytes: int = 0
 
 
 @dataclass

@@ -750,6 +750,7 @@ class Meminfo(_message.Message):
     DIRTY_BYTES_FIELD_NUMBER: _builtins.int
     ACTIVE_FILE_BYTES_FIELD_NUMBER: _builtins.int
     INACTIVE_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    WRITEBACK_BYTES_FIELD_NUMBER: _builtins.int
     mem_total_bytes: _builtins.int
     mem_free_bytes: _builtins.int
     anon_pages_bytes: _builtins.int
@@ -771,6 +772,10 @@ class Meminfo(_message.Message):
     active_file_bytes: _builtins.int
     """Active(file) and Inactive(file): the file LRU lists."""
     inactive_file_bytes: _builtins.int
+    writeback_bytes: _builtins.int
+    """Writeback: page cache being written back. Writeback completes within the call that starts
+    it (its device time is charged to that call), so between calls this is 0.
+    """
     def __init__(
         self,
         *,
@@ -787,10 +792,11 @@ class Meminfo(_message.Message):
         dirty_bytes: _builtins.int = ...,
         active_file_bytes: _builtins.int = ...,
         inactive_file_bytes: _builtins.int = ...,
+        writeback_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_file_bytes", b"active_file_bytes", "anon_huge_pages_bytes", b"anon_huge_pages_bytes", "anon_pages_bytes", b"anon_pages_bytes", "cached_bytes", b"cached_bytes", "dirty_bytes", b"dirty_bytes", "file_pages_bytes", b"file_pages_bytes", "hugetlb_bytes", b"hugetlb_bytes", "inactive_file_bytes", b"inactive_file_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "memmap_bytes", b"memmap_bytes", "page_tables_bytes", b"page_tables_bytes", "slab_bytes", b"slab_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_file_bytes", b"active_file_bytes", "anon_huge_pages_bytes", b"anon_huge_pages_bytes", "anon_pages_bytes", b"anon_pages_bytes", "cached_bytes", b"cached_bytes", "dirty_bytes", b"dirty_bytes", "file_pages_bytes", b"file_pages_bytes", "hugetlb_bytes", b"hugetlb_bytes", "inactive_file_bytes", b"inactive_file_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "memmap_bytes", b"memmap_bytes", "page_tables_bytes", b"page_tables_bytes", "slab_bytes", b"slab_bytes", "writeback_bytes", b"writeback_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
