@@ -1,0 +1,215 @@
+"""foliod-load: drives a foliod server with a workload or a trace and reports what it saw.
+
+Exit codes (the README carries the same table):
+
+    0   the run completed and every operation succeeded
+    1   the run completed but some operations failed (the report counts them by status code),
+        or it could not run (no matplotlib for --report)
+    2   usage: the command line is wrong (unknown workload, bad value)
+    3   the trace file is malformed or unreadable
+    4.. setup or teardown failed on the server: foliodctl's codes (8 unavailable, 6 out of
+        memory, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from foliod.config import parse_size
+from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS
+from foliodclient.cli import EXIT_CODES, EXIT_FAILURE, EXIT_OK
+from foliodclient.errors import CallError
+from foliodclient.load import report
+from foliodclient.load.progress import Progress
+from foliodclient.load.runner import RunConfig, run
+from foliodclient.load.traces import FORMATS, TraceError, load_trace
+from foliodclient.load.workloads import WORKLOADS, Params
+
+EXIT_OPS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_TRACE = 3
+DEFAULT_DURATION_SECONDS = 10.0
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1: {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    workloads = "\n".join(f"  {name:12} {cls.description}" for name, cls in WORKLOADS.items())
+    p = argparse.ArgumentParser(
+        prog="foliod-load",
+        description="Drives a foliod server with a workload or a trace and reports throughput, "
+        "latency percentiles, hit ratio, device time and the memory map before and after.",
+        epilog=f"workloads:\n{workloads}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("workload", choices=sorted(WORKLOADS), metavar="WORKLOAD", help="see below")
+    conn = p.add_argument_group("server")
+    conn.add_argument("--server", default=os.environ.get("FOLIODCTL_SERVER", DEFAULT_TARGET))
+    conn.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds")
+    conn.add_argument("--machine", default="", help="machine to load (default: the host)")
+    drive = p.add_argument_group("driving")
+    drive.add_argument("--concurrency", "-c", type=_positive(int), default=4)
+    drive.add_argument("--engine", choices=("threads", "asyncio"), default="threads")
+    drive.add_argument("--mode", choices=("unary", "batched"), default="unary")
+    drive.add_argument("--batch-size", type=_positive(int), default=32, help="ops a batch")
+    drive.add_argument("--duration", type=_positive(float), help="seconds (default 10)")
+    drive.add_argument("--ops", type=_positive(int), help="operations to measure")
+    drive.add_argument("--rate", type=_positive(float), help="open-loop target, ops/s")
+    drive.add_argument("--warmup", type=float, default=0.0, help="seconds not measured")
+    drive.add_argument("--seed", type=int, default=0)
+    shape = p.add_argument_group("workload shape")
+    shape.add_argument("--file-size", type=_size, default=16 << 20)
+    shape.add_argument("--io-size", type=_size, default=4096)
+    shape.add_argument("--files", type=_positive(int), default=4)
+    shape.add_argument("--distribution", choices=("uniform", "zipf"), default="uniform")
+    shape.add_argument("--zipf-alpha", type=_positive(float), help="implies zipf (default 1.0)")
+    shape.add_argument("--read-ratio", type=_ratio, default=0.7)
+    shape.add_argument("--fsync-every", type=int, default=0, help="writes between fsyncs")
+    shape.add_argument("--small-file-size", type=_size, default=16 << 10)
+    shape.add_argument("--alloc-kind", default="slab", help="folio kind for alloc-churn")
+    shape.add_argument("--churn-size", type=_size, default=16 << 20, help="live bytes cap")
+    shape.add_argument("--guests", type=_positive(int), default=2)
+    shape.add_argument("--guest-ram", type=_size, default=64 << 20)
+    shape.add_argument("--guest-backing", default="base")
+    shape.add_argument("--prefix", default="load", help="names of files, owners and guests")
+    trace = p.add_argument_group("trace replay (workload replay)")
+    trace.add_argument("--trace", type=Path, help="trace file")
+    trace.add_argument("--trace-format", choices=FORMATS, help="default: from the suffix")
+    trace.add_argument("--trace-limit", type=_positive(int), help="requests to read at most")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    out.add_argument("--report", type=Path, metavar="DIR", help="write DIR/index.html and JSON")
+    out.add_argument("--interval", type=_positive(float), default=1.0, help="sample seconds")
+    out.add_argument(
+        "--device",
+        choices=sorted(DEVICE_PROFILES),
+        default="nvme",
+        help="the server's --device, to price all-miss reads",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress line on a TTY")
+    return p
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"foliod-load: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.engine == "asyncio" and args.mode == "batched":
+        p.error("--mode batched runs on threads, not --engine asyncio")
+    if (args.workload == "replay") != (args.trace is not None):
+        p.error("--trace FILE goes with the replay workload, and only with it")
+    if args.report is not None and importlib.util.find_spec("matplotlib") is None:
+        return _fail("--report needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
+    loaded = None
+    if args.trace is not None:
+        try:
+            loaded = load_trace(args.trace, args.trace_format, limit=args.trace_limit)
+        except TraceError as exc:
+            return _fail(str(exc), EXIT_BAD_TRACE)
+    duration = args.duration
+    if duration is None and args.ops is None and loaded is None:
+        duration = DEFAULT_DURATION_SECONDS
+    params = Params(
+        file_size_bytes=args.file_size,
+        io_size_bytes=args.io_size,
+        files=args.files,
+        distribution="zipf" if args.zipf_alpha is not None else args.distribution,
+        zipf_alpha=args.zipf_alpha or 1.0,
+        read_ratio=args.read_ratio,
+        fsync_every=max(args.fsync_every, 0),
+        small_file_bytes=args.small_file_size,
+        alloc_kind=args.alloc_kind,
+        churn_bytes=args.churn_size,
+        guests=args.guests,
+        guest_ram_bytes=args.guest_ram,
+        guest_backing=args.guest_backing,
+        prefix=args.prefix,
+        seed=args.seed,
+        workers=args.concurrency,
+        trace=loaded,
+    )
+    config = RunConfig(
+        target=args.server,
+        timeout_seconds=args.timeout or None,
+        machine=args.machine,
+        concurrency=args.concurrency,
+        engine=args.engine,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        rate=args.rate,
+        ops=args.ops,
+        duration_seconds=duration,
+        warmup_seconds=max(args.warmup, 0.0),
+        interval_seconds=args.interval,
+        device=args.device,
+    )
+    workload = WORKLOADS[args.workload](params)
+    progress = Progress(enabled=False if args.no_progress else None)
+    try:
+        result = run(config, workload, progress)
+    except CallError as exc:
+        return _fail(f"setup or teardown failed: {exc}", EXIT_CODES.get(exc.code, EXIT_FAILURE))
+    extra: dict[str, Any] = {
+        "seed": args.seed,
+        "file_size_bytes": args.file_size,
+        "io_size_bytes": args.io_size,
+        "files": args.files,
+        "distribution": params.distribution,
+    }
+    if params.distribution == "zipf":
+        extra["zipf_alpha"] = params.zipf_alpha
+    if loaded is not None:
+        extra.update(trace=loaded.path, trace_format=loaded.format, trace_requests=len(loaded))
+    data = report.build(result, extra)
+    if args.report is not None:
+        page = report.write_report(data, args.report)
+        print(f"foliod-load: report written to {page}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        sys.stdout.write(report.text(data))
+    return EXIT_OPS_FAILED if data["errors"] else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
