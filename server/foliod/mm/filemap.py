@@ -15,6 +15,7 @@ folio (reads still see it) until the folio is evicted, when it is lost, as in Li
 from __future__ import annotations
 
 import errno
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -48,6 +49,8 @@ MAX_FILE_BYTES = 1 << 44  # 16 TiB
 # Largest read or write of one call.
 MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
+# Runs an iterator to its end in C (itertools' consume recipe).
+_consume: Callable[[Iterable[object]], None] = deque(maxlen=0).extend
 
 
 class CacheAllocator(Protocol):
@@ -317,8 +320,7 @@ class PageCache:
             # Shadow ages are never 0: nonresident_age grows before it stamps one.
             shadow = next(filter(None, map(shadows.pop, pages, repeat(None))), None)
             if shadow is not None:
-                for i in pages:
-                    shadows.pop(i, None)
+                _consume(map(shadows.pop, pages, repeat(None)))
         else:
             shadow = shadows.pop(index, None)
         if shadow is not None:
