@@ -50,7 +50,7 @@ MAX_FILE_BYTES = 1 << 44  # 16 TiB
 MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
 # Runs an iterator to its end in C (itertools' consume recipe).
-_consume: Callable[[Iterable[object]], None] = deque(maxlen=0).extend
+_consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 class CacheAllocator(Protocol):
