@@ -37,7 +37,9 @@ What is measured:
 5. gRPC ReadFile (``--only read_rpc``): 4 KiB reads at random page-aligned offsets of a 1 MiB
    file that is fully in the page cache, 1 and 8 in flight, against a real foliod server (1 GiB
    of RAM, default info logging, to a file) and against an empty handler that returns 4 KiB of
-   zeros, both in separate processes and driven by the same client code.
+   zeros, both in separate processes and driven by the same client code. In 2. and 5. both
+   servers run side by side and are measured turn about, repetition by repetition, so each
+   pair of runs sees the same machine.
 
 6. Guests (``--only guests``): creating and destroying a 64 GiB guest on a 256 GiB host, per
    backing (lazily backed ones allocate nothing up front; HugeTLB ones reserve every page).
@@ -464,42 +466,73 @@ def rpc_rate_concurrent(
     return n, time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class Subject:
+    """One server's side of an RPC measurement: the timed call, and what runs untimed between
+    repetitions."""
+
+    call: RpcCall
+    reset: Callable[[], None] = lambda: None
+
+
 def measure_rpc(
-    call: RpcCall, counts: Counts, reset: Callable[[], None]
-) -> tuple[list[float], list[float]]:
-    """Returns (sequential rates, concurrent rates); reset() runs untimed between repetitions."""
-    sequential_calls(call, 0, counts.rpc_warmup)
-    reset()
+    real: Subject, empty: Subject, counts: Counts
+) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
+    """(sequential rates, concurrent rates) of foliod and of the empty handler, measured turn
+    about, repetition by repetition, so that each pair of runs sees the same machine (this
+    shared VM's speed drifts by 2x within minutes)."""
+    rates: dict[int, tuple[list[float], list[float]]] = {id(real): ([], []), id(empty): ([], [])}
     with futures.ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
-        rpc_rate_concurrent(call, pool, counts.rpc_warmup)
-        reset()
-        one: list[float] = []
-        many: list[float] = []
+        for subject in (real, empty):
+            sequential_calls(subject.call, 0, counts.rpc_warmup)
+            rpc_rate_concurrent(subject.call, pool, counts.rpc_warmup)
+            subject.reset()
         for _ in range(REPEATS):
-            calls, seconds = rpc_rate_sequential(call, counts.rpc_calls)
-            one.append(calls / seconds)
-            reset()
-            calls, seconds = rpc_rate_concurrent(call, pool, counts.rpc_calls)
-            many.append(calls / seconds)
-            reset()
-    return one, many
+            for subject in (real, empty):
+                calls, seconds = rpc_rate_sequential(subject.call, counts.rpc_calls)
+                rates[id(subject)][0].append(calls / seconds)
+                subject.reset()
+            for subject in (real, empty):
+                calls, seconds = rpc_rate_concurrent(subject.call, pool, counts.rpc_calls)
+                rates[id(subject)][1].append(calls / seconds)
+                subject.reset()
+    return rates[id(real)], rates[id(empty)]
 
 
-def run_against(
-    name: str,
-    argv: list[str],
-    port: int,
-    log_path: Path,
-    body: Callable[[foliod_pb2_grpc.FoliodStub], T],
+def run_both(
+    tmp_path: Path,
+    ram: str,
+    body: Callable[[foliod_pb2_grpc.FoliodStub, foliod_pb2_grpc.FoliodStub], T],
 ) -> T:
-    """Starts a server process, runs body with a stub connected to it, and stops the server."""
-    server = ServerProcess(name, argv, port, log_path)
+    """Starts foliod and the empty handler, each in its own process, runs body with a stub
+    connected to each, and stops both."""
+    real_port = free_port()
+    real = ServerProcess(
+        "foliod",
+        foliod_argv(real_port, ram, tmp_path / "state"),
+        real_port,
+        tmp_path / "foliod.log",
+    )
     try:
-        with grpc.insecure_channel(server.target) as channel:
-            server.wait_ready(channel)
-            return body(foliod_pb2_grpc.FoliodStub(channel))
+        empty_port = free_port()
+        empty = ServerProcess(
+            "baseline", baseline_argv(empty_port), empty_port, tmp_path / "baseline.log"
+        )
+        try:
+            with (
+                grpc.insecure_channel(real.target) as real_channel,
+                grpc.insecure_channel(empty.target) as empty_channel,
+            ):
+                real.wait_ready(real_channel)
+                empty.wait_ready(empty_channel)
+                return body(
+                    foliod_pb2_grpc.FoliodStub(real_channel),
+                    foliod_pb2_grpc.FoliodStub(empty_channel),
+                )
+        finally:
+            empty.stop()
     finally:
-        server.stop()
+        real.stop()
 
 
 def foliod_argv(port: int, ram: str, state_dir: Path) -> list[str]:
@@ -524,23 +557,30 @@ def baseline_argv(port: int) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--serve-baseline", str(port)]
 
 
-def measure_allocate(
-    stub: foliod_pb2_grpc.FoliodStub, counts: Counts, *, foliod: bool
-) -> tuple[list[float], list[float]]:
+def allocate_subject(stub: foliod_pb2_grpc.FoliodStub, *, foliod: bool) -> Subject:
     request = allocate_request()
 
     def call(i: int) -> object:
         return stub.Allocate(request, timeout=RPC_TIMEOUT_S)
 
-    def reset() -> None:
-        if foliod:
-            stub.ReleaseOwner(pb.ReleaseOwnerRequest(owner="bench"), timeout=RPC_TIMEOUT_S)
+    if not foliod:
+        return Subject(call)
 
-    if foliod:
-        # The real server must also free by handle: check Free works on what we made.
-        handle = stub.Allocate(allocate_request(), timeout=RPC_TIMEOUT_S).first_handle
-        stub.Free(pb.FreeRequest(handles=[handle]), timeout=RPC_TIMEOUT_S)
-    return measure_rpc(call, counts, reset)
+    def reset() -> None:
+        stub.ReleaseOwner(pb.ReleaseOwnerRequest(owner="bench"), timeout=RPC_TIMEOUT_S)
+
+    # The real server must also free by handle: check Free works on what we made.
+    handle = stub.Allocate(allocate_request(), timeout=RPC_TIMEOUT_S).first_handle
+    stub.Free(pb.FreeRequest(handles=[handle]), timeout=RPC_TIMEOUT_S)
+    return Subject(call, reset)
+
+
+def measure_allocate(
+    real: foliod_pb2_grpc.FoliodStub, empty: foliod_pb2_grpc.FoliodStub, counts: Counts
+) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
+    return measure_rpc(
+        allocate_subject(real, foliod=True), allocate_subject(empty, foliod=False), counts
+    )
 
 
 def add_rpc_results(
@@ -571,22 +611,8 @@ def add_rpc_results(
 def bench_grpc(report: Report, counts: Counts) -> None:
     section = "2. gRPC Allocate (client and server in separate processes)"
     with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
-        tmp_path = Path(tmp)
-        port = free_port()
-        real = run_against(
-            "foliod",
-            foliod_argv(port, "4GiB", tmp_path / "state"),
-            port,
-            tmp_path / "foliod.log",
-            lambda stub: measure_allocate(stub, counts, foliod=True),
-        )
-        port = free_port()
-        empty = run_against(
-            "baseline",
-            baseline_argv(port),
-            port,
-            tmp_path / "baseline.log",
-            lambda stub: measure_allocate(stub, counts, foliod=False),
+        real, empty = run_both(
+            Path(tmp), "4GiB", lambda real, empty: measure_allocate(real, empty, counts)
         )
     add_rpc_results(report, section, "Allocate", counts.rpc_calls, real=real, empty=empty)
 
@@ -890,14 +916,10 @@ def pgmajfault(stub: foliod_pb2_grpc.FoliodStub) -> int:
     return next(entry.value for entry in vmstat.entries if entry.name == "pgmajfault")
 
 
-def measure_read(
-    stub: foliod_pb2_grpc.FoliodStub,
-    requests: list[pb.ReadFileRequest],
-    counts: Counts,
-    notes: list[str] | None,
-) -> tuple[list[float], list[float]]:
-    """ReadFile rates; notes is None for the baseline, else foliod's state is checked and noted."""
-    if notes is not None:
+def read_subject(
+    stub: foliod_pb2_grpc.FoliodStub, requests: list[pb.ReadFileRequest], *, foliod: bool
+) -> Subject:
+    if foliod:
         # The hot file: written, then read once whole, so every page is in the cache.
         data = random.Random(SEED).randbytes(HOT_FILE_BYTES)
         stub.CreateFile(pb.CreateFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
@@ -912,16 +934,30 @@ def measure_read(
             raise RuntimeError("foliod read back other bytes than were written to the hot file")
     for request in requests[:8]:
         reply = stub.ReadFile(request, timeout=RPC_TIMEOUT_S)
-        if len(reply.data) != PAGE_SIZE or (notes is not None and reply.stats.pages_missed):
+        if len(reply.data) != PAGE_SIZE or (foliod and reply.stats.pages_missed):
             raise RuntimeError(f"unexpected ReadFile reply: {len(reply.data)} bytes, {reply.stats}")
 
     def call(i: int) -> object:
         return stub.ReadFile(requests[i % len(requests)], timeout=RPC_TIMEOUT_S)
 
-    if notes is None:
-        return measure_rpc(call, counts, lambda: None)
+    return Subject(call)
+
+
+def measure_read(
+    real: foliod_pb2_grpc.FoliodStub,
+    empty: foliod_pb2_grpc.FoliodStub,
+    requests: list[pb.ReadFileRequest],
+    counts: Counts,
+    notes: list[str],
+) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
+    """ReadFile rates of both servers; foliod's state is checked and noted."""
+    subjects = (
+        read_subject(real, requests, foliod=True),
+        read_subject(empty, requests, foliod=False),
+    )
+    stub = real
     faults = pgmajfault(stub)
-    rates = measure_rpc(call, counts, lambda: None)
+    rates = measure_rpc(*subjects, counts)
     faults = pgmajfault(stub) - faults
     stat = stub.StatFile(pb.StatFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
     notes.append(
@@ -937,22 +973,10 @@ def bench_read_rpc(report: Report, counts: Counts) -> None:
     section = "5. gRPC ReadFile 4 KiB, cache hits (client and server in separate processes)"
     requests = read_requests(counts.rpc_calls)
     with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
-        tmp_path = Path(tmp)
-        port = free_port()
-        real = run_against(
-            "foliod",
-            foliod_argv(port, "1GiB", tmp_path / "state"),
-            port,
-            tmp_path / "foliod.log",
-            lambda stub: measure_read(stub, requests, counts, report.notes),
-        )
-        port = free_port()
-        empty = run_against(
-            "baseline",
-            baseline_argv(port),
-            port,
-            tmp_path / "baseline.log",
-            lambda stub: measure_read(stub, requests, counts, None),
+        real, empty = run_both(
+            Path(tmp),
+            "1GiB",
+            lambda real, empty: measure_read(real, empty, requests, counts, report.notes),
         )
     add_rpc_results(
         report,
