@@ -103,3 +103,39 @@ def test_large_folio_allocation_does_not_empty_the_cache(tmp_path: Path) -> None
     fs.write("b", 0, b"b" * (2 << 20))
     assert fs.stat("a").nr_cached > cached_before // 2
     check_machine(m)
+
+
+def test_per_file_settings_survive_a_restart(tmp_path: Path) -> None:
+    """max_order and ra_pages given at create come back after a restart; deleting forgets them."""
+
+    def boot() -> Machine:
+        return Machine("m", 64 << 20, store=BackingStore(tmp_path, DEVICE_PROFILES["nvme"]))
+
+    first = boot().files
+    first.create("small", max_order=0, ra_pages=0)
+    first.create("wide", ra_pages=64)
+    first.create("plain")
+    first.create("gone", max_order=2)
+    first.delete("gone")
+    files = boot().files
+    assert (files.files["small"].max_order, files.files["small"].ra.ra_pages) == (0, 0)
+    assert (files.files["wide"].max_order, files.files["wide"].ra.ra_pages) == (9, 64)
+    assert (files.files["plain"].max_order, files.files["plain"].ra.ra_pages) == (9, 32)
+    assert sorted(files.files) == ["plain", "small", "wide"]
+    again = files.create("gone")
+    assert again.max_order == 9
+
+
+def test_the_settings_directory_is_not_a_file_name(tmp_path: Path) -> None:
+    """Names under .foliod are refused, and a damaged settings record falls back to defaults."""
+    files = Machine("m", 64 << 20, store=BackingStore(tmp_path, DEVICE_PROFILES["nvme"])).files
+    for name in (".foliod", ".foliod/files.json", ".foliod/x/y"):
+        with pytest.raises(InvalidArgument) as caught:
+            files.create(name)
+        assert caught.value.field == "name"
+    files.create("a", max_order=1)
+    files.create("dir/.foliod")  # only the top-level name is reserved
+    (tmp_path / ".foliod" / "files.json").write_text("{not json", encoding="utf-8")
+    reborn = Machine("m", 64 << 20, store=BackingStore(tmp_path, DEVICE_PROFILES["nvme"])).files
+    assert sorted(reborn.files) == ["a", "dir/.foliod"]
+    assert reborn.files["a"].max_order == 9

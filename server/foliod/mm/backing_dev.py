@@ -9,6 +9,7 @@ nothing outside it can be touched (symbolic links included).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import time
@@ -21,6 +22,9 @@ from foliod.mm.page_alloc import PAGE_SIZE
 MAX_NAME_BYTES = 1024
 # Bounds on what the store keeps open or remembered between calls.
 _MAX_OPEN_FILES = 256
+# The store's own directory: per-file settings (max_order, ra_pages) that outlive a restart.
+META_DIR = ".foliod"
+_SETTINGS_FILE = "files.json"
 _MAX_CACHED = 65_536
 MAX_COMPONENT_BYTES = 255
 
@@ -139,6 +143,8 @@ def check_file_name(name: str) -> str:
         problem = "contains NUL"
     elif name.startswith("/"):
         problem = "is absolute"
+    elif name.split("/", 1)[0] == META_DIR:
+        problem = f"starts with {META_DIR!r}, which foliod keeps for itself"
     else:
         for part in name.split("/"):
             if part in ("", ".", ".."):
@@ -163,6 +169,7 @@ class BackingStore:
         # Names already proven to lie inside the store, and read descriptors kept open.
         self._paths: dict[str, Path] = {}
         self._read_fds: dict[str, int] = {}
+        self._settings: dict[str, dict[str, int]] | None = None
 
     def path(self, name: str) -> Path:
         """The path of a valid name, proven to lie inside the store."""
@@ -204,7 +211,9 @@ class BackingStore:
     def names(self) -> dict[str, int]:
         """Every file in the store with its size in bytes."""
         found = {}
-        for dirpath, _, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == str(self.root) and META_DIR in dirnames:
+                dirnames.remove(META_DIR)
             for filename in filenames:
                 full = Path(dirpath) / filename
                 if full.is_symlink():
@@ -216,6 +225,40 @@ class BackingStore:
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
+
+    def settings(self) -> dict[str, dict[str, int]]:
+        """Per-file settings saved by set_settings; an unreadable record counts as none."""
+        if self._settings is None:
+            self._settings = self.__load_settings()
+        return self._settings
+
+    def __load_settings(self) -> dict[str, dict[str, int]]:
+        try:
+            with open(self.root / META_DIR / _SETTINGS_FILE, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        return {
+            name: {k: v for k, v in values.items() if isinstance(v, int)}
+            for name, values in record.items()
+            if isinstance(name, str) and isinstance(values, dict)
+        }
+
+    def set_settings(self, name: str, values: dict[str, int] | None) -> None:
+        """Saves (or with None forgets) a file's settings; the record is replaced atomically."""
+        record = dict(self.settings())
+        if values:
+            record[name] = values
+        elif record.pop(name, None) is None:
+            return
+        meta = self.root / META_DIR
+        meta.mkdir(exist_ok=True)
+        staged = meta / (_SETTINGS_FILE + ".new")
+        staged.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
+        os.replace(staged, meta / _SETTINGS_FILE)
+        self._settings = record
 
     def read_pages(self, name: str, index: int, nr_pages: int) -> bytes:
         """nr_pages pages from page index; bytes past the end of the file read as zeros."""

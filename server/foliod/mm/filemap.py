@@ -45,6 +45,7 @@ from foliod.mm.readahead import (
 from foliod.mm.vmstat import VmEvent
 
 MAX_PAGECACHE_ORDER = 9
+MAX_RA_PAGES = 1 << 16
 MAX_FILE_BYTES = 1 << 44  # 16 TiB
 # Largest read or write of one call.
 MAX_IO_BYTES = 2 << 20
@@ -212,8 +213,16 @@ class PageCache:
         # Limit reclaim making room for one base page keeps the first base-page frame it frees.
         self.__recycling = False
         self.__recycled: Folio | None = None
+        settings = self.store.settings()
         for name, size in self.store.names().items():
-            self.files[name] = Inode(name, size, self.default_max_order, self.default_ra_pages)
+            saved = settings.get(name, {})
+            max_order = saved.get("max_order", self.default_max_order)
+            ra_pages = saved.get("ra_pages", self.default_ra_pages)
+            if not 0 <= max_order <= MAX_PAGECACHE_ORDER:
+                max_order = self.default_max_order
+            if not 0 <= ra_pages <= MAX_RA_PAGES:
+                ra_pages = self.default_ra_pages
+            self.files[name] = Inode(name, size, max_order, ra_pages)
 
     # -- namespace -------------------------------------------------------------------------
 
@@ -242,9 +251,13 @@ class PageCache:
             raise InvalidArgument(
                 f"max_order must be 0..{MAX_PAGECACHE_ORDER}, not {max_order}", field="max_order"
             )
-        if ra_pages is not None and not 0 <= ra_pages <= 1 << 16:
-            raise InvalidArgument(f"ra_pages must be 0..65536, not {ra_pages}", field="ra_pages")
+        if ra_pages is not None and not 0 <= ra_pages <= MAX_RA_PAGES:
+            raise InvalidArgument(
+                f"ra_pages must be 0..{MAX_RA_PAGES}, not {ra_pages}", field="ra_pages"
+            )
         self.store.create(name)
+        chosen = {"max_order": max_order, "ra_pages": ra_pages}
+        self.store.set_settings(name, {k: v for k, v in chosen.items() if v is not None})
         inode = Inode(
             name,
             0,
@@ -298,6 +311,7 @@ class PageCache:
         for number in list(inode.handles):
             del self.handles[number]
         self.store.delete(name)
+        self.store.set_settings(name, None)
         del self.files[name]
 
     # -- folios in the mapping -------------------------------------------------------------
