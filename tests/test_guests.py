@@ -575,8 +575,8 @@ def test_hugetlb_guests_report_two_seconds_after_creation(tmp_path: Path) -> Non
     """A HugeTLB guest's untouched RAM is free from the start: reported once the delay passed."""
     clock = _Clock()
     guests = _core_guests(tmp_path, clock)
-    guest = guests.create("vm", 256 * MIB, "hugetlb_2m")
-    off = guests.create("off", 128 * MIB, "hugetlb_2m", free_page_reporting=False)
+    guest = guests.create("vm", 256 * MIB, "hugetlb_2m", free_page_reporting=True)
+    off = guests.create("off", 128 * MIB, "hugetlb_2m")  # HugeTLB: off unless asked for
     clock.now += 1.5
     assert guests.tick() == []
     clock.now += 0.5

@@ -648,12 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--hvo", action="store_true", help="hugetlb: vmemmap optimization")
     create.add_argument(
-        "--no-free-page-reporting",
-        dest="free_page_reporting",
-        action="store_const",
-        const=False,
+        "--free-page-reporting",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep free guest memory backed (reporting is on by default)",
+        help="return free guest memory to the host (default: on for base, mthp and thp "
+        "guests, off for hugetlb ones)",
     )
     add(guest_commands, "ls", cmd_guests_ls, "list guests and their memmap duplication")
     add(guest_commands, "show", cmd_guests_show, "a guest's details").add_argument("name")

@@ -423,10 +423,12 @@ class Guests:
         mthp_size_kb: int = 0,
         hvo: bool = False,
         on: str = "",
-        free_page_reporting: bool = True,
+        free_page_reporting: bool | None = None,
     ) -> Guest:
         """Creates a guest on the host (``on``: the machine to host it, empty for the host).
-        Too big for what the host can back: OutOfMemory, and nothing changes."""
+        Free page reporting is on by default for lazily backed guests and off for HugeTLB ones
+        (their pages are reserved for the guest). Too big for what the host can back:
+        OutOfMemory, and nothing changes."""
         with self.lock:
             parent = self.machines.get(on)
             if parent is not self.machines.host:
@@ -456,9 +458,8 @@ class Guests:
                 except Exception:
                     ram.detach()  # nothing of the guest stays on the host
                     raise
-                guest = Guest(
-                    machine, ram, self.reporting if free_page_reporting else None, self.clock()
-                )
+                reporting = spec.lazy if free_page_reporting is None else free_page_reporting
+                guest = Guest(machine, ram, self.reporting if reporting else None, self.clock())
             self.machines.by_name[name] = machine
             self.by_name[name] = guest
             return guest

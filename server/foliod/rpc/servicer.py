@@ -397,7 +397,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             hvo=request.hvo,
             on=request.machine,
             free_page_reporting=(
-                request.free_page_reporting if request.HasField("free_page_reporting") else True
+                request.free_page_reporting if request.HasField("free_page_reporting") else None
             ),
         )
         return self._guest(guest)

@@ -1956,7 +1956,9 @@ class CreateGuestRequest(_message.Message):
     hvo: _builtins.bool
     """HugeTLB vmemmap optimization: the host keeps one memmap page per huge page."""
     free_page_reporting: _builtins.bool
-    """Free page reporting (default on): free guest blocks of order >= 9 go back to the host."""
+    """Free page reporting: free guest blocks of order >= 9 go back to the host. Unset: on for
+    lazily backed guests (base, mthp, thp), off for HugeTLB ones, whose pages are reserved.
+    """
     def __init__(
         self,
         *,
