@@ -281,6 +281,10 @@ def test_page_cache_metrics_follow_the_api(make_server: ServerFactory) -> None:
     assert gauge("foliod_meminfo_bytes", field="cached") == meminfo.cached_bytes == 256 * 1024
     assert gauge("foliod_meminfo_bytes", field="dirty") == meminfo.dirty_bytes
     assert gauge("foliod_lru_folios", lru="inactive_file") == 1  # one order-6 folio
+    assert (
+        gauge("foliod_lru_pages", lru="inactive_file") == 64 == meminfo.inactive_file_bytes / 4096
+    )
+    assert gauge("foliod_lru_pages", lru="active_file") == 0
     background = gauge("foliod_dirty_threshold_bytes", level="background")
     limit = gauge("foliod_dirty_threshold_bytes", level="limit")
     assert 0 < background < limit < 64 * MIB

@@ -167,6 +167,11 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "lru": gauge(
             "foliod_lru_folios", "Folios on each file LRU list.", labels=["machine", "lru"]
         ),
+        "lru_pages": gauge(
+            "foliod_lru_pages",
+            "Pages on each file LRU list (a large folio counts all its pages).",
+            labels=["machine", "lru"],
+        ),
         "dirty_threshold": gauge(
             "foliod_dirty_threshold_bytes",
             "Dirty page cache thresholds: background (flusher starts), limit (writers throttle).",
@@ -280,6 +285,8 @@ def _collect_machine(
             families["meminfo"].add_metric([name, label], value)
     for lru_name, count in machine.lru.lists().items():
         families["lru"].add_metric([name, lru_name], count)
+    for lru_name, pages in machine.lru.list_pages().items():
+        families["lru_pages"].add_metric([name, lru_name], pages)
     if machine.page_cache is not None:
         background, limit = machine.page_cache.dirty_thresholds()
         families["throttled"].add_metric([name], machine.page_cache.nr_throttled)

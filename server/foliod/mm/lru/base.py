@@ -79,6 +79,10 @@ class ReclaimPolicy:
         """Folios per list, by the list's name (for metrics)."""
         raise NotImplementedError
 
+    def list_pages(self) -> dict[str, int]:
+        """Pages per list, by the same names, from maintained counts (for metrics)."""
+        raise NotImplementedError
+
     @property
     def nr_active(self) -> int:
         """Pages /proc/meminfo reports as Active(file)."""
@@ -96,6 +100,9 @@ class ReclaimPolicy:
         """Raises AssertionError if the policy's own bookkeeping is off (for the checker)."""
         total = sum(f.nr_pages for f in self.folios())
         assert total == self.nr_pages, f"{self.name}: {self.nr_pages} pages counted, {total} held"
+        pages = self.list_pages()
+        assert pages.keys() == self.lists().keys(), f"{self.name}: list names disagree"
+        assert sum(pages.values()) == self.nr_pages, f"{self.name}: list pages {pages} off"
 
     # -- the shared loop -------------------------------------------------------------------
 

@@ -53,3 +53,6 @@ class Clock(ReclaimPolicy):
 
     def lists(self) -> dict[str, int]:
         return {"clock": len(self.face)}
+
+    def list_pages(self) -> dict[str, int]:
+        return {"clock": self.nr_pages}

@@ -43,3 +43,6 @@ class Fifo(ReclaimPolicy):
 
     def lists(self) -> dict[str, int]:
         return {"fifo": len(self.fifo)}
+
+    def list_pages(self) -> dict[str, int]:
+        return {"fifo": self.nr_pages}

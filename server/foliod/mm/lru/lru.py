@@ -43,3 +43,6 @@ class Lru(ReclaimPolicy):
 
     def lists(self) -> dict[str, int]:
         return {"lru": len(self.order)}
+
+    def list_pages(self) -> dict[str, int]:
+        return {"lru": self.nr_pages}

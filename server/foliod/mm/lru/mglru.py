@@ -103,6 +103,9 @@ class Mglru(ReclaimPolicy):
     def lists(self) -> dict[str, int]:
         return {f"gen{seq - self.min_seq}": len(gen) for seq, gen in self.gens.items()}
 
+    def list_pages(self) -> dict[str, int]:
+        return {f"gen{seq - self.min_seq}": self.gen_pages[seq] for seq in self.gens}
+
     def check(self) -> None:
         super().check()
         assert MIN_NR_GENS <= len(self.gens) <= MAX_NR_GENS + 1, f"{len(self.gens)} generations"

@@ -111,6 +111,9 @@ class TwoList(ReclaimPolicy):
     def lists(self) -> dict[str, int]:
         return {"inactive_file": len(self.inactive), "active_file": len(self.active)}
 
+    def list_pages(self) -> dict[str, int]:
+        return {"inactive_file": self.nr_pages - self.__nr_active, "active_file": self.__nr_active}
+
     def check(self) -> None:
         super().check()
         assert all(f.active for f in self.active), "an active-list folio is not PG_active"
