@@ -289,3 +289,31 @@ def test_page_cache_metrics_follow_the_api(make_server: ServerFactory) -> None:
     limit = gauge("foliod_dirty_threshold_bytes", level="limit")
     assert 0 < background < limit < 64 * MIB
     assert gauge("foliod_vmstat_events_total", event="nr_dirtied") == 64
+
+
+def test_read_page_counters_add_up_what_the_replies_said(make_server: ServerFactory) -> None:
+    """foliod_pagecache_read_pages_total counts the hits, misses and readahead the replies carry."""
+    server = make_server(ram=64 * MIB)
+    _, stub = connect(server)
+    stub.CreateFile(pb.CreateFileRequest(name="r"))
+    _write(stub, "r", 0, b"x" * (64 * 1024))
+    stub.Writeback(pb.WritebackRequest(name="r"))
+    stub.DropCaches(pb.DropCachesRequest())
+    replies = [
+        stub.ReadFile(pb.ReadFileRequest(name="r", offset=offset, length=8192))
+        for offset in (0, 0, 40960, 8192)
+    ]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    counted = {
+        s.labels["result"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "foliod_pagecache_read_pages_total" and s.labels["machine"] == "host"
+    }
+    assert counted == {
+        "hit": sum(r.stats.pages_hit for r in replies),
+        "miss": sum(r.stats.pages_missed for r in replies),
+        "readahead": sum(r.stats.pages_readahead for r in replies),
+    }
+    assert counted["miss"] > 0 and counted["hit"] > 0 and counted["readahead"] > 0

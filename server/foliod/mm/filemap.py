@@ -208,6 +208,10 @@ class PageCache:
     dirtyable: Callable[[], int] = lambda: 0
     # Writes that had to write back first because dirty memory was over the limit.
     nr_throttled: int = 0
+    # Pages reads (read() and replay()) found cached, read in, and read ahead: since boot.
+    nr_read_hits: int = 0
+    nr_read_misses: int = 0
+    nr_read_ahead: int = 0
 
     def __post_init__(self) -> None:
         # Limit reclaim making room for one base page keeps the first base-page frame it frees.
@@ -468,6 +472,12 @@ class PageCache:
             return self.__read_bytes(inode, offset, end - offset), stats
         finally:
             self.busy.clear()
+            self.__count_reads(stats)
+
+    def __count_reads(self, stats: IoStats) -> None:
+        self.nr_read_hits += stats.pages_hit
+        self.nr_read_misses += stats.pages_missed
+        self.nr_read_ahead += stats.pages_readahead
 
     def replay(self, name: str, indices: Iterable[int], *, short_path: bool = True) -> IoStats:
         """Reads one page at each index in turn, as read() would (readahead, reclaim, LRU),
@@ -501,6 +511,7 @@ class PageCache:
                     self.busy.clear()
         finally:
             self.busy.clear()
+            self.__count_reads(stats)
         return stats
 
     def __replay(self, inode: Inode, keys: list[int], stats: IoStats) -> None:

@@ -167,6 +167,12 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "lru": gauge(
             "foliod_lru_folios", "Folios on each file LRU list.", labels=["machine", "lru"]
         ),
+        "reads": counter(
+            "foliod_pagecache_read_pages",
+            "Pages reads asked for, by whether they were cached (hit) or read from the device "
+            "(miss), and pages read ahead beyond the request (readahead).",
+            labels=["machine", "result"],
+        ),
         "lru_pages": gauge(
             "foliod_lru_pages",
             "Pages on each file LRU list (a large folio counts all its pages).",
@@ -290,6 +296,13 @@ def _collect_machine(
     if machine.page_cache is not None:
         background, limit = machine.page_cache.dirty_thresholds()
         families["throttled"].add_metric([name], machine.page_cache.nr_throttled)
+        cache = machine.page_cache
+        for result, pages in (
+            ("hit", cache.nr_read_hits),
+            ("miss", cache.nr_read_misses),
+            ("readahead", cache.nr_read_ahead),
+        ):
+            families["reads"].add_metric([name, result], pages)
         for level, pages in (("background", background), ("limit", limit)):
             families["dirty_threshold"].add_metric([name, level], pages * PAGE_SIZE)
     for event, value in machine.events.items():
