@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from queue import Queue
 from typing import Any
 
 import grpc
@@ -472,3 +473,34 @@ def test_a_batch_does_what_the_same_unary_calls_do(make_server: ServerFactory) -
 def connect_stub(client: FoliodClient) -> foliod_pb2_grpc.FoliodStub:
     """A raw stub over the client's channel (for comparing raw messages)."""
     return foliod_pb2_grpc.FoliodStub(client._channel)
+
+
+def _requests(queue: Queue[pb.SubmitRequest | None]) -> Iterator[pb.SubmitRequest]:
+    """Batches from a queue until None: the stream stays open while the queue is empty."""
+    while (request := queue.get(timeout=20)) is not None:
+        yield request
+
+
+def test_open_streams_are_capped_below_the_worker_count(make_server: ServerFactory) -> None:
+    """With 3 workers, 2 Submit streams may be open; a third is RESOURCE_EXHAUSTED, unary calls
+    still run, and closing a stream lets a new one in."""
+    server = make_server(workers=3)
+    request = pb.SubmitRequest(id=1, ops=[pb.OP_CODE_FREE], handles=[5])
+    chan, stub = connect(server)
+    with chan:
+        held = []
+        for _ in range(2):
+            queue: Queue[pb.SubmitRequest | None] = Queue()
+            call = stub.Submit(_requests(queue), timeout=20)
+            queue.put(request)
+            assert next(call).id == 1  # open and served
+            held.append((queue, call))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Submit(iter([request]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 Submit streams" in (refused.value.details() or "")
+        assert stub.GetMachine(pb.GetMachineRequest(), timeout=10).ram_bytes > 0
+        for queue, call in held:
+            queue.put(None)  # the request iterator ends: the stream half-closes
+            assert list(call) == []
+        assert [r.id for r in stub.Submit(iter([request]), timeout=10)] == [1]

@@ -90,7 +90,12 @@ class FoliodServer:
             interceptors=[ObservingInterceptor(observers), ErrorMapper()],
             options=options,
         )
-        self.servicer = FoliodServicer(self.machines, self.guests, debug_checks=config.debug_checks)
+        self.servicer = FoliodServicer(
+            self.machines,
+            self.guests,
+            debug_checks=config.debug_checks,
+            max_streams=max(1, config.workers - 1),
+        )
         foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TypeVar
@@ -64,10 +65,20 @@ def _thp_setting(value: pb.ThpSetting.ValueType, field: str) -> ThpSetting:
 class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     """Serves foliod.v1.Foliod over a set of machines."""
 
-    def __init__(self, machines: Machines, guests: Guests, *, debug_checks: bool = False) -> None:
+    def __init__(
+        self,
+        machines: Machines,
+        guests: Guests,
+        *,
+        debug_checks: bool = False,
+        max_streams: int = 7,
+    ) -> None:
         self.machines = machines
         self.guests = guests
         self.debug_checks = debug_checks
+        # An open Submit stream holds a worker thread: leave some for unary calls.
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def _change(self, name: str, operation: Callable[[Machine], T]) -> T:
         """Runs a state-changing operation under the machine's lock (and the checker, in debug)."""
@@ -463,8 +474,17 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def Submit(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SubmitResponse]:
-        for request in request_iterator:
-            yield submit_batch(self.machines, request, debug_checks=self.debug_checks)
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} Submit streams are open, the most this server allows "
+                "(each holds a worker thread; see --workers)",
+            )
+        try:
+            for request in request_iterator:
+                yield submit_batch(self.machines, request, debug_checks=self.debug_checks)
+        finally:
+            self._streams.release()
 
 
 def _duplication_pb(
