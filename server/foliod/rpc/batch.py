@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 
 from foliod.mm import FoliodError, FolioKind, InvalidArgument, Machines, check_machine
 from foliod.mm.filemap import IoStats
-from foliod.rpc.status import _BAD_REQUEST_CODES, status_code_of
+from foliod.rpc.status import BAD_REQUEST_CODES, status_code_of
 from foliod.v1 import foliod_pb2 as pb
 
 MAX_BATCH_OPS = 4096
@@ -173,7 +173,7 @@ def _error(index: int, exc: FoliodError) -> pb.SubmitError:
         code=code.value[0],
         message=exc.message,
         reason=exc.reason,
-        field=exc.field if code in _BAD_REQUEST_CODES else "",
+        field=exc.field if code in BAD_REQUEST_CODES else "",
         metadata=exc.metadata,
     )
 

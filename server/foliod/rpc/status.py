@@ -27,7 +27,8 @@ STATUS_CODES: dict[type[errors.FoliodError], grpc.StatusCode] = {
     errors.FoliodError: grpc.StatusCode.INTERNAL,
 }
 
-_BAD_REQUEST_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
+# Codes whose errors name the request field at fault in a google.rpc.BadRequest.
+BAD_REQUEST_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
 
 def status_code_of(exc: errors.FoliodError) -> grpc.StatusCode:
@@ -46,7 +47,7 @@ def to_status(exc: errors.FoliodError) -> grpc.Status:
         reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
     )
     details.append(_pack(info))
-    if exc.field and code in _BAD_REQUEST_CODES:
+    if exc.field and code in BAD_REQUEST_CODES:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=exc.field, description=exc.message
         )
