@@ -149,6 +149,7 @@ class Counts:
     memmap_calls: int = 20_000
     replay_zipf: int = 1_000_000
     replay_loop: int = 10 * REPLAY_LOOP_PAGES
+    scrape_folios: int = 1_000_000
     batch_reads: int = 200 * BATCH_READS
 
     def scaled(self, divisor: int) -> Counts:
@@ -1085,9 +1086,12 @@ def bench_guests(report: Report, counts: Counts) -> None:
 def bench_scrape(report: Report, counts: Counts) -> None:
     """tests/bench_scrape.py in its own process (a 1 TiB host, ten guests)."""
     section = "7. one Prometheus scrape (server time), 1 TiB host, ten 16 GiB guests"
-    argv = [sys.executable, str(Path(__file__).with_name("bench_scrape.py")), "--json"]
-    if counts.replay_zipf < Counts().replay_zipf:
-        argv.append("--quick")
+    argv = [
+        sys.executable,
+        str(Path(__file__).with_name("bench_scrape.py")),
+        "--json",
+        f"--folios={counts.scrape_folios}",
+    ]
     done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=900)
     cost = json.loads(done.stdout)
     report.add(

@@ -205,10 +205,11 @@ def measure(page_cache_folios: int, repeats: int, state_dir: Path) -> ScrapeCost
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_FOLIOS:,} folios")
+    parser.add_argument("--folios", type=int, help="page cache folios to build (overrides)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
-    folios = QUICK_FOLIOS if args.quick else MIN_FOLIOS
+    folios = args.folios or (QUICK_FOLIOS if args.quick else MIN_FOLIOS)
     configure_logging("warning", "console")
     with tempfile.TemporaryDirectory(prefix="foliod-bench-scrape-") as tmp:
         cost = measure(folios, args.repeats, Path(tmp))

@@ -53,6 +53,10 @@ def test_sizes_parse_binary_and_decimal_units() -> None:
         (["--folio-bytes", "81"], {}, "folio_bytes"),
         (["--debug-checks", "maybe"], {}, "--debug-checks"),
         (["--metrics-listen", "9464"], {}, "metrics_listen"),
+        (["--max-file-order", "10"], {}, "--max-file-order"),
+        (["--reporting-order", "11"], {}, "--reporting-order"),
+        (["--reporting-capacity", "0"], {}, "--reporting-capacity"),
+        ([], {"FOLIOD_REPORTING_DELAY_SECONDS": "-1"}, "FOLIOD_REPORTING_DELAY_SECONDS"),
     ],
 )
 def test_bad_values_name_the_option(argv: list[str], env: dict[str, str], needle: str) -> None:

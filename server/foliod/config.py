@@ -126,18 +126,20 @@ def parse_device(text: str) -> str:
     return name
 
 
-def parse_order(text: str | int) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_PAGECACHE_ORDER:
-        raise ValueError(f"must be 0..{MAX_PAGECACHE_ORDER}, not {value}")
-    return value
+def int_from_to(low: int, high: int) -> Callable[[str | int], int]:
+    """A parser of integers from low to high."""
+
+    def parse(text: str | int) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be {low}..{high}, not {value}")
+        return value
+
+    return parse
 
 
-def parse_reporting_order(text: str | int) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_PAGE_ORDER:
-        raise ValueError(f"must be 0..{MAX_PAGE_ORDER}, not {value}")
-    return value
+parse_order = int_from_to(0, MAX_PAGECACHE_ORDER)
+parse_reporting_order = int_from_to(0, MAX_PAGE_ORDER)
 
 
 def parse_ra_kb(text: str | int) -> int:

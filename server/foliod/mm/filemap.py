@@ -515,8 +515,9 @@ class PageCache:
         return stats
 
     def __replay(self, inode: Inode, keys: list[int], stats: IoStats) -> None:
-        """replay()'s loop. Written for speed: the state it touches is held in locals, the
-        counts are added up at the end (or before read()'s path runs for one access)."""
+        """replay()'s loop. Written for speed: the state it touches is held in locals, and what
+        the short path counts is added up once at the end (counts only add up, so read()'s
+        path, taken for some accesses, may count its own in between)."""
         lru, ra = self.lru, inode.ra
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
@@ -605,16 +606,6 @@ class PageCache:
                         continue
                 # Anything else takes read()'s path.
                 ra.prev_index = prev
-                self.__count_replayed(
-                    stats,
-                    hits=hits,
-                    recycled=recycled,
-                    allocated=allocated,
-                    refaults=refaults,
-                    device_seconds=device_seconds,
-                )
-                hits = recycled = allocated = refaults = 0
-                device_seconds = 0.0
                 self.__read_folios(inode, index, index, fresh, stats, every_access=True)
                 fresh.clear()
                 self.busy.clear()
@@ -632,7 +623,8 @@ class PageCache:
 
     @staticmethod
     def __reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:
-        """A one-page miss at index is read alone (readahead brings nothing around it)."""
+        """A one-page miss at index is read alone (readahead brings nothing around it); first
+        brings ra.prev_index up to date, which the answer depends on."""
         ra.prev_index = prev
         return ra.reads_alone(index, 1, inode)
 
