@@ -28,9 +28,9 @@ class _Output:
         self.json = True
         self.stream: TextIO = sys.stderr
         self.lock = threading.Lock()
-        # The timestamp's whole seconds, formatted once per second.
-        self.second = -1
-        self.second_text = ""
+        # The timestamp's whole seconds, formatted once per second: (second, text), replaced
+        # as one object so threads never pair one second with another's text.
+        self.stamp = (-1, "")
 
 
 _output = _Output()
@@ -84,9 +84,34 @@ def log_access(
     method: str, *, grpc_type: str, peer: str, code: str, duration_ms: float, request_id: str
 ) -> None:
     """One access line at info level: an "rpc" event with the call's fields."""
+    write_lines(
+        render_access(
+            method,
+            grpc_type=grpc_type,
+            peer=peer,
+            code=code,
+            duration_ms=duration_ms,
+            request_id=request_id,
+        )
+    )
+
+
+def render_access(
+    method: str,
+    *,
+    grpc_type: str,
+    peer: str,
+    code: str,
+    duration_ms: float,
+    request_id: str,
+    at: float | None = None,
+) -> str:
+    """The access line for one call ended at time.time() `at` (default now), newline
+    included, for write_lines; "" when the level drops it. Console-format lines go through
+    structlog at once (stamped when written) and also return ""."""
     out = _output
     if out.level > logging.INFO:
-        return
+        return ""
     if not out.json:
         _access_log.info(
             "rpc",
@@ -97,18 +122,26 @@ def log_access(
             duration_ms=duration_ms,
             request_id=request_id,
         )
-        return
-    now = time.time()
+        return ""
+    now = time.time() if at is None else at
     second = int(now)
-    if second != out.second:
-        out.second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        out.second = second
-    line = (
+    cached, second_text = out.stamp
+    if second != cached:
+        second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        out.stamp = (second, second_text)
+    return (
         f'{{"method": {json.dumps(method)}, "grpc_type": "{grpc_type}", '
         f'"peer": {json.dumps(peer)}, "code": "{code}", "duration_ms": {duration_ms}, '
         f'"request_id": {json.dumps(request_id)}, "event": "rpc", "level": "info", '
-        f'"timestamp": "{out.second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
+        f'"timestamp": "{second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
     )
+
+
+def write_lines(text: str) -> None:
+    """Writes whole rendered lines in one write under the output's lock."""
+    if not text:
+        return
+    out = _output
     with out.lock:
-        out.stream.write(line)
+        out.stream.write(text)
         out.stream.flush()

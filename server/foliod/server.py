@@ -21,7 +21,7 @@ from foliod.mm import HOST, Machine, Machines, ThpPolicy
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
-from foliod.rpc.interceptors import AccessLog, CallObserver, ErrorMapper, ObservingInterceptor
+from foliod.rpc.interceptors import AccessLog, CallReporter, ErrorMapper, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
 from foliod.rpc.servicer import FoliodServicer
 from foliod.v1 import foliod_pb2, foliod_pb2_grpc
@@ -79,7 +79,8 @@ class FoliodServer:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.registry.register(MachineCollector(self.machines, self.guests))
-        observers: list[CallObserver] = [AccessLog(), GrpcServerMetrics(self.registry)]
+        self.calls = CallReporter()
+        self.calls.observers = (AccessLog(), GrpcServerMetrics(self.registry, self.calls))
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -87,7 +88,7 @@ class FoliodServer:
         ]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            interceptors=[ObservingInterceptor(observers), ErrorMapper()],
+            interceptors=[ObservingInterceptor(self.calls), ErrorMapper()],
             options=options,
         )
         self.servicer = FoliodServicer(
@@ -140,6 +141,7 @@ class FoliodServer:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_httpd, _ = start_http_server(int(port), host, registry=self.registry)
             self.metrics_port = self._metrics_httpd.server_port
+        self.calls.start()
         self.grpc.start()
         if self.config.dirty_writeback_seconds:
             self._flusher.start()
@@ -161,6 +163,7 @@ class FoliodServer:
         self.health.enter_graceful_shutdown()
         self.log.info("stopping", grace_seconds=grace)
         self.grpc.stop(grace).wait()
+        self.calls.close()
         self._stop_flusher.set()
         for thread in (self._flusher, self._reporter):
             if thread.is_alive():

@@ -8,7 +8,10 @@ request id, status code, duration, messages) to observers such as the access log
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import grpc
 import structlog
 
-from foliod.logs import log_access
+from foliod.logs import render_access, write_lines
 from foliod.mm import FoliodError
 from foliod.rpc.status import internal_status, to_status
 
@@ -25,6 +28,12 @@ REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
 # Unknown methods get no handler; bound the cache so probing random names cannot grow it.
 _MAX_CACHED_METHODS = 1024
+# Generated request ids: a random per-process prefix and a counter (unique, and no syscall).
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_numbers = itertools.count()
+# How often the reporter thread reports queued calls, and most events it reports at once.
+REPORT_INTERVAL_SECONDS = 0.05
+_MAX_BATCH = 4096
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
@@ -51,15 +60,22 @@ class CallInfo:
     request_id: str
     peer: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
+    # time.time() at the end of the handler, for the access line's timestamp.
+    ended_at: float = 0.0
     messages_received: int = 0
     messages_sent: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class CallObserver(Protocol):
+    """Hears of calls from a CallReporter, on one thread at a time."""
+
     def started(self, call: CallInfo) -> None: ...
 
     def finished(self, call: CallInfo, seconds: float) -> None: ...
+
+    def flush(self) -> None:
+        """The end of a batch of events."""
 
 
 def _grpc_type(handler: Handler) -> str:
@@ -158,91 +174,165 @@ def _with_request_id(status: grpc.Status) -> grpc.Status:
     return _Status(status.code, status.details, metadata)
 
 
-class ObservingInterceptor(_CachingInterceptor):
-    """Reports every call to observers, with the status code it ended with.
+class CallReporter:
+    """Hands observed calls to the observers, in batches, on a thread of its own.
 
-    The call's request id (from x-request-id metadata, or generated) is set in REQUEST_ID for
-    the duration of the call and returned to the client in the trailing metadata. Observers
-    hear of the end from a call-completion callback, once the status has been sent, so logging
-    and metrics stay off the path of the response (the duration is the handler's).
+    Handlers only queue each call's start and end (a C-level put), so access lines and metrics
+    cost neither the response path nor grpc's poller thread, and the reporter thread wakes
+    every REPORT_INTERVAL_SECONDS rather than once per call. A batch is taken and reported under
+    `lock`: observers see its events in order, then flush() once (one write for all its access
+    lines). flush() here reports what is queued at once, on the caller's thread: a scrape calls
+    it first, so metrics count every call answered before the scrape.
     """
 
-    def __init__(self, observers: Sequence[CallObserver]) -> None:
+    def __init__(self, observers: Sequence[CallObserver] = ()) -> None:
+        self.observers = tuple(observers)
+        # Held while a batch is taken and reported; readers of an observer's state take it too.
+        self.lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[CallInfo, float]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="call_reporter", daemon=True)
+        self._log = structlog.get_logger("foliod.rpc")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops the thread and reports everything still queued."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.flush()
+
+    def started(self, call: CallInfo) -> None:
+        self._queue.put((call, -1.0))
+
+    def finished(self, call: CallInfo, seconds: float) -> None:
+        self._queue.put((call, seconds))
+
+    def flush(self) -> None:
+        """Reports every event queued so far."""
+        get = self._queue.get_nowait
+        with self.lock:
+            while True:
+                batch: list[tuple[CallInfo, float]] = []
+                try:
+                    while len(batch) < _MAX_BATCH:
+                        batch.append(get())
+                except queue.Empty:
+                    self._report(batch)
+                    return
+                self._report(batch)
+
+    def _run(self) -> None:
+        while not self._stop.wait(REPORT_INTERVAL_SECONDS):
+            self.flush()
+
+    def _report(self, calls: list[tuple[CallInfo, float]]) -> None:
+        if not calls:
+            return
+        for observer in self.observers:
+            try:
+                started, finished = observer.started, observer.finished
+                for call, seconds in calls:
+                    if seconds < 0:
+                        started(call)
+                    else:
+                        finished(call, seconds)
+                observer.flush()
+            except Exception:
+                self._log.exception("call observer failed", calls=len(calls))
+
+
+class ObservingInterceptor(_CachingInterceptor):
+    """Reports every call's start and end to a CallReporter, with the status code it ended with.
+
+    The call's request id (from x-request-id metadata, or generated: unique per process) is set
+    in REQUEST_ID for the duration of the call and returned to the client in the trailing
+    metadata. A unary call is reported when its handler returns (the code is known by then:
+    ErrorMapper's abort sets it); a streaming call once it is over, from grpc's completion
+    callback, so a cancelled stream is reported as CANCELLED. The duration is the handler's.
+    """
+
+    def __init__(self, reporter: CallReporter) -> None:
         super().__init__()
-        self._observers = tuple(observers)
+        self._reporter = reporter
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
         _, _, rest = full_method.partition("/")
         service, _, method = rest.partition("/")
         grpc_type = _grpc_type(handler)
         inner = _behavior(handler)
-        observers = self._observers
+        started, finished = self._reporter.started, self._reporter.finished
 
         def begin(context: grpc.ServicerContext) -> CallInfo:
             request_id = ""
             for key, value in context.invocation_metadata():
                 if key == REQUEST_ID_KEY and isinstance(value, str):
                     request_id = value[:_MAX_REQUEST_ID]
-            call = CallInfo(service, method, grpc_type, request_id or os.urandom(16).hex())
-            call.peer = context.peer()
-            REQUEST_ID.set(call.request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-            for observer in observers:
-                observer.started(call)
+            if not request_id:
+                request_id = f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+            call = CallInfo(service, method, grpc_type, request_id, context.peer())
+            REQUEST_ID.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            started(call)
             return call
 
-        def end(call: CallInfo, context: grpc.ServicerContext, start: float, failed: bool) -> None:
-            seconds = time.perf_counter() - start
-
-            def report() -> None:
-                code = context_code(context)
-                if code is not None:
-                    call.code = code
-                elif failed:
-                    call.code = grpc.StatusCode.UNKNOWN
-                for observer in observers:
-                    observer.finished(call, seconds)
-
-            # Report once the call is over, off the path of its response.
-            if not context.add_callback(report):
-                report()
+        def end(
+            call: CallInfo, context: grpc.ServicerContext, seconds: float, failed: bool
+        ) -> None:
+            call.ended_at = time.time()
+            code = context_code(context)
+            if code is not None:
+                call.code = code
+            elif failed:
+                call.code = grpc.StatusCode.UNKNOWN
+            finished(call, seconds)
 
         def count_requests(call: CallInfo, requests: Iterator[Any]) -> Iterator[Any]:
             for request in requests:
                 call.messages_received += 1
                 yield request
 
-        def counted(call: CallInfo, request: Any) -> Any:
-            """The request, or the request stream counted as the handler consumes it."""
-            if handler.request_streaming:
-                return count_requests(call, request)
-            call.messages_received = 1
-            return request
-
         def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
             call = begin(context)
+            if handler.request_streaming:
+                request = count_requests(call, request)
+            else:
+                call.messages_received = 1
             start = time.perf_counter()
             failed = True
             try:
-                response = inner(counted(call, request), context)
+                response = inner(request, context)
                 failed = False
                 if context_code(context) in (None, grpc.StatusCode.OK):
                     call.messages_sent = 1
                 return response
             finally:
-                end(call, context, start, failed)
+                end(call, context, time.perf_counter() - start, failed)
 
         def streaming_response(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = begin(context)
+            if handler.request_streaming:
+                request = count_requests(call, request)
+            else:
+                call.messages_received = 1
             start = time.perf_counter()
             failed = True
             try:
-                for response in inner(counted(call, request), context):
+                for response in inner(request, context):
                     call.messages_sent += 1
                     yield response
                 failed = False
             finally:
-                end(call, context, start, failed)
+                seconds = time.perf_counter() - start
+
+                def report() -> None:
+                    end(call, context, seconds, failed)
+
+                # Once the stream is over: a cancelled one has its code only then.
+                if not context.add_callback(report):
+                    report()
 
         return _rebuild(
             handler, streaming_response if handler.response_streaming else unary_response
@@ -250,17 +340,29 @@ class ObservingInterceptor(_CachingInterceptor):
 
 
 class AccessLog:
-    """One access line per call: method, peer, code, duration, request id; never payloads."""
+    """One access line per call: method, peer, code, duration, request id; never payloads.
+    A batch's lines go out in one write."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
 
     def started(self, call: CallInfo) -> None:
         pass
 
     def finished(self, call: CallInfo, seconds: float) -> None:
-        log_access(
+        line = render_access(
             f"/{call.service}/{call.method}",
             grpc_type=call.grpc_type,
             peer=call.peer,
             code=call.code.name,
             duration_ms=round(seconds * 1000, 3),
             request_id=call.request_id,
+            at=call.ended_at,
         )
+        if line:
+            self._lines.append(line)
+
+    def flush(self) -> None:
+        if self._lines:
+            write_lines("".join(self._lines))
+            self._lines.clear()

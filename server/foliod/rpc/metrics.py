@@ -9,20 +9,27 @@ every metric (a test holds it to a live scrape); deploy/ has the rules and dashb
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
-from foliod.rpc.interceptors import CallInfo
+from foliod.rpc.interceptors import CallInfo, CallReporter
 
 # Latency buckets from 100 us to 10 s: unary calls here take 0.2-5 ms, big allocations seconds.
 _LATENCY_BUCKETS = (
@@ -31,68 +38,96 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-_Children = tuple[Counter, dict[grpc.StatusCode, Counter], Histogram, Counter, Counter]
+_LABELS = ("grpc_service", "grpc_method", "grpc_type")
 
 
-class GrpcServerMetrics:
-    """CallObserver that maintains grpc-prometheus's grpc_server_* metrics."""
+@dataclass(slots=True)
+class _MethodCalls:
+    """What one method's calls added up to since start."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ("grpc_service", "grpc_method", "grpc_type")
-        self.started_total = Counter(
-            "grpc_server_started", "RPCs started on the server.", labels, registry=registry
-        )
-        self.handled_total = Counter(
-            "grpc_server_handled",
-            "RPCs completed on the server, regardless of success or failure.",
-            (*labels, "grpc_code"),
-            registry=registry,
-        )
-        self.handling_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Response latency of RPCs handled by the server.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.msg_received_total = Counter(
-            "grpc_server_msg_received", "Messages received by the server.", labels,
-            registry=registry,
-        )  # fmt: skip
-        self.msg_sent_total = Counter(
-            "grpc_server_msg_sent", "Messages sent by the server.", labels, registry=registry
-        )
-        self._bound: dict[tuple[str, str, str], _Children] = {}
+    started: int = 0
+    handled: dict[str, int] = field(default_factory=dict)
+    # Calls per latency bucket (the last is +Inf), not yet cumulative.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS) + 1))
+    seconds: float = 0.0
+    received: int = 0
+    sent: int = 0
+
+
+class GrpcServerMetrics(Collector):
+    """CallObserver keeping grpc-prometheus's grpc_server_* metrics, and their collector.
+
+    Calls are counted in plain integers: the CallReporter calls observers on one thread at a
+    time under its lock, which collect() takes too, after flushing the reporter so that every
+    call answered before the scrape is in it.
+    """
+
+    def __init__(self, registry: CollectorRegistry, reporter: CallReporter) -> None:
+        self._reporter = reporter
+        self._methods: dict[tuple[str, str, str], _MethodCalls] = {}
+        registry.register(self)
 
     def started(self, call: CallInfo) -> None:
-        self._children(call)[0].inc()
+        self._calls(call).started += 1
 
     def finished(self, call: CallInfo, seconds: float) -> None:
-        _, handled, handling, received, sent = self._children(call)
-        counter = handled.get(call.code)
-        if counter is None:
-            labels = (call.service, call.method, call.grpc_type, call.code.name)
-            counter = handled[call.code] = self.handled_total.labels(*labels)
-        counter.inc()
-        handling.observe(seconds)
-        if call.messages_received:
-            received.inc(call.messages_received)
-        if call.messages_sent:
-            sent.inc(call.messages_sent)
+        calls = self._calls(call)
+        code = call.code.name
+        calls.handled[code] = calls.handled.get(code, 0) + 1
+        calls.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        calls.seconds += seconds
+        calls.received += call.messages_received
+        calls.sent += call.messages_sent
 
-    def _children(self, call: CallInfo) -> _Children:
-        """The labelled children of one method, bound once: labels() costs a lock and a lookup."""
+    def flush(self) -> None:
+        pass
+
+    def _calls(self, call: CallInfo) -> _MethodCalls:
         key = (call.service, call.method, call.grpc_type)
-        children = self._bound.get(key)
-        if children is None:
-            children = self._bound[key] = (
-                self.started_total.labels(*key),
-                {},
-                self.handling_seconds.labels(*key),
-                self.msg_received_total.labels(*key),
-                self.msg_sent_total.labels(*key),
-            )
-        return children
+        calls = self._methods.get(key)
+        if calls is None:
+            calls = self._methods[key] = _MethodCalls()
+        return calls
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        self._reporter.flush()
+        started = CounterMetricFamily(
+            "grpc_server_started", "RPCs started on the server.", labels=_LABELS
+        )
+        handled = CounterMetricFamily(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            labels=(*_LABELS, "grpc_code"),
+        )
+        handling = HistogramMetricFamily(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server.",
+            labels=_LABELS,
+        )
+        received = CounterMetricFamily(
+            "grpc_server_msg_received", "Messages received by the server.", labels=_LABELS
+        )
+        sent = CounterMetricFamily(
+            "grpc_server_msg_sent", "Messages sent by the server.", labels=_LABELS
+        )
+        bounds = [*(floatToGoString(b) for b in _LATENCY_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+        with self._reporter.lock:
+            for key, calls in sorted(self._methods.items()):
+                labels = list(key)
+                started.add_metric(labels, calls.started)
+                for code, count in sorted(calls.handled.items()):
+                    handled.add_metric([*labels, code], count)
+                handling.add_metric(
+                    labels,
+                    list(zip(bounds, accumulate(calls.buckets), strict=True)),
+                    calls.seconds,
+                )
+                received.add_metric(labels, calls.received)
+                sent.add_metric(labels, calls.sent)
+        yield from (started, handled, handling, received, sent)
 
 
 class MachineCollector(Collector):
