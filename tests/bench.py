@@ -103,6 +103,9 @@ from foliod.v1 import foliod_pb2_grpc
 from foliodclient import Batch, BatchResult, FoliodClient
 
 REPEATS = 3
+# RPC rates pair foliod's runs with the empty handler's: more pairs, as RPC rates are noisier.
+RPC_REPEATS = 6
+REPLAY_REPEATS = 5
 QUICK_DIVISOR = 5
 SERVER_READY_TIMEOUT_S = 10.0
 SERVER_STOP_TIMEOUT_S = 10.0
@@ -212,8 +215,10 @@ def summarize(
 def ratio(
     section: str, name: str, real: Result, base: Result, target: float | None = None
 ) -> Result:
-    """real / base for two rate results: best / best, median / median; the samples pair up
-    run by run when both have as many runs, else every real run with every base run."""
+    """real / base for two rate results: best / best, and the median of the run-by-run ratios
+    (the runs pair up when both have as many, measured turn about; else every real run with
+    every base run). Pairing cancels most of this shared VM's drift, which a median / median
+    ratio of separately drifting runs does not."""
     if len(real.samples) == len(base.samples):
         samples = [r / b for r, b in zip(real.samples, base.samples, strict=True)]
     else:
@@ -223,7 +228,7 @@ def ratio(
         name,
         "x",
         real.best / base.best,
-        real.median / base.median,
+        statistics.median(samples),
         samples,
         target=target,
     )
@@ -481,19 +486,20 @@ def measure_rpc(
 ) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
     """(sequential rates, concurrent rates) of foliod and of the empty handler, measured turn
     about, repetition by repetition, so that each pair of runs sees the same machine (this
-    shared VM's speed drifts by 2x within minutes)."""
+    shared VM's speed drifts by 2x within minutes); which goes first alternates."""
     rates: dict[int, tuple[list[float], list[float]]] = {id(real): ([], []), id(empty): ([], [])}
     with futures.ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
         for subject in (real, empty):
             sequential_calls(subject.call, 0, counts.rpc_warmup)
             rpc_rate_concurrent(subject.call, pool, counts.rpc_warmup)
             subject.reset()
-        for _ in range(REPEATS):
-            for subject in (real, empty):
+        for repeat in range(RPC_REPEATS):
+            pair = (real, empty) if repeat % 2 == 0 else (empty, real)
+            for subject in pair:
                 calls, seconds = rpc_rate_sequential(subject.call, counts.rpc_calls)
                 rates[id(subject)][0].append(calls / seconds)
                 subject.reset()
-            for subject in (real, empty):
+            for subject in pair:
                 calls, seconds = rpc_rate_concurrent(subject.call, pool, counts.rpc_calls)
                 rates[id(subject)][1].append(calls / seconds)
                 subject.reset()
@@ -816,31 +822,36 @@ def replay_foliod(
     return stats.pages_hit, seconds
 
 
-def replay_runs(run: Callable[[], tuple[int, float]], runs: int, n: int) -> tuple[list[float], int]:
-    """Returns (accesses/s of each run, hits); every run of a trace must hit as often."""
-    rates: list[float] = []
-    hits: set[int] = set()
-    for _ in range(runs):
-        run_hits, seconds = run()
-        hits.add(run_hits)
-        rates.append(n / seconds if seconds > 0 else float("inf"))
-    if len(hits) != 1:
-        raise RuntimeError(f"runs of one trace hit different numbers of times: {sorted(hits)}")
-    return rates, hits.pop()
+def replay_runs(
+    runs: Sequence[Callable[[], tuple[int, float]]], repeats: int, n: int
+) -> list[tuple[list[float], int]]:
+    """Runs each of runs repeats times, turn about (run 0, 1, 2, then again), so that each
+    repetition's runs see the same machine. Returns (accesses/s of each repetition, hits) per
+    run; every repetition of a run must hit as often."""
+    rates: list[list[float]] = [[] for _ in runs]
+    hits: list[set[int]] = [set() for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            run_hits, seconds = run()
+            hits[i].add(run_hits)
+            rates[i].append(n / seconds if seconds > 0 else float("inf"))
+    if any(len(h) != 1 for h in hits):
+        raise RuntimeError(f"repetitions of one run hit different numbers of times: {hits}")
+    return [(r, h.pop()) for r, h in zip(rates, hits, strict=True)]
 
 
 def replay_trace(report: Report, section: str, tag: str, keys: list[int], store: Path) -> None:
-    """One trace: the OrderedDict LRU, then foliod in lru and in two_list mode."""
+    """One trace: the OrderedDict LRU, foliod in lru and in two_list mode, turn about."""
     n = len(keys)
-    od_rates, od_hits = replay_runs(lambda: replay_ordered_dict(keys, REPLAY_CAPACITY), REPEATS, n)
-    lru_rates, lru_hits = replay_runs(
-        lambda: replay_foliod(keys, store / "lru", "lru", ra_pages=0, max_file_order=0),
-        REPEATS,
-        n,
-    )
-    two_rates, two_hits = replay_runs(
-        lambda: replay_foliod(keys, store / "two_list", "two_list", ra_pages=32, max_file_order=9),
-        REPEATS,
+    (od_rates, od_hits), (lru_rates, lru_hits), (two_rates, two_hits) = replay_runs(
+        [
+            lambda: replay_ordered_dict(keys, REPLAY_CAPACITY),
+            lambda: replay_foliod(keys, store / "lru", "lru", ra_pages=0, max_file_order=0),
+            lambda: replay_foliod(
+                keys, store / "two_list", "two_list", ra_pages=32, max_file_order=9
+            ),
+        ],
+        REPLAY_REPEATS,
         n,
     )
     od = report.add(
@@ -878,7 +889,7 @@ def replay_trace(report: Report, section: str, tag: str, keys: list[int], store:
 def bench_replay(report: Report, counts: Counts) -> None:
     section = (
         f"4. page cache replay (in process), capacity {REPLAY_CAPACITY:,} pages, "
-        f"each run {REPEATS} times"
+        f"each run {REPLAY_REPEATS} times, turn about"
     )
     traces: list[tuple[str, str, Callable[[], list[int]]]] = [
         (
