@@ -825,6 +825,106 @@ def test_writers_over_the_dirty_limit_are_throttled(tmp_path: Path) -> None:
     assert read_all(fs, "f") == b"".join(pattern(i, chunk) for i in range(64))
 
 
+# Dirtyable memory fixed at 1000 pages for the pause tests: background 100 pages, limit 200,
+# freerun ceiling (100 + 200) // 2 = 150, setpoint (150 + 200) / 2 = 175.
+PAUSE_DIRTYABLE = 1000
+# The nvme profile writes 2.0 GB/s: 2e9 / 4096 pages a second.
+NVME_WRITE_PAGES_PER_SECOND = 2.0e9 / 4096
+
+
+def expected_pause(dirty: int, nr_dirtied: int) -> float:
+    """balance_dirty_pages' pause worked out by hand for the thresholds above (dirty < 200)."""
+    x = (175 - dirty) / (200 - 175 + 1)
+    pos_ratio = min(max(1 + x**3, 0.0), 2.0)
+    return min(nr_dirtied / (NVME_WRITE_PAGES_PER_SECOND * pos_ratio), 0.2)
+
+
+def pause_machine(tmp_path: Path) -> PageCache:
+    """An 8 MiB machine's page cache with dirtyable memory pinned and base-page folios, so that
+    each page written dirties one page."""
+    fs = new_machine(tmp_path, Clock(), 8 * MIB).files
+    fs.dirtyable = lambda: PAUSE_DIRTYABLE
+    assert fs.dirty_thresholds() == (100, 200)
+    fs.create("f", max_order=0)
+    return fs
+
+
+def test_writers_at_or_below_the_freerun_ceiling_are_not_paused(tmp_path: Path) -> None:
+    """Dirty memory up to (background + limit) // 2 pauses no writer."""
+    fs = pause_machine(tmp_path)
+    for i in range(150):
+        stats = fs.write("f", i * PAGE_SIZE, pattern(i, PAGE_SIZE))
+        assert stats.throttle_seconds == 0.0
+    assert fs.nr_dirty == 150
+    assert (fs.nr_paused, fs.pause_seconds, fs.nr_throttled) == (0, 0.0, 0)
+
+
+def test_writers_between_freerun_and_the_limit_pause_more_as_dirty_memory_grows(
+    tmp_path: Path,
+) -> None:
+    """Above the freerun ceiling each write pauses for the pages it dirtied over the device's
+    bandwidth scaled by pos_ratio, longer the more memory is dirty, and nothing is written back."""
+    fs = pause_machine(tmp_path)
+    fs.write("f", 0, pattern(0, 150 * PAGE_SIZE))
+    # A worked case: 40 pages take dirty memory from 150 to 190, so x = (175 - 190) / 26 and
+    # pos_ratio = 1 - (15 / 26) ** 3 = 0.80798; 40 pages at 488281.25 * 0.80798 pages/s.
+    stats = fs.write("f", 150 * PAGE_SIZE, pattern(1, 40 * PAGE_SIZE))
+    assert fs.nr_dirty == 190
+    assert stats.throttle_seconds == pytest.approx(40 / (488281.25 * (1 - (15 / 26) ** 3)))
+    assert stats.throttle_seconds == pytest.approx(1.01389e-4, rel=1e-5)
+    assert stats.device_seconds == 0.0
+    pauses = [stats.throttle_seconds]
+    for i in range(190, 199):  # one page each: dirty 191 .. 199
+        stats = fs.write("f", i * PAGE_SIZE, pattern(i, PAGE_SIZE))
+        assert stats.throttle_seconds == pytest.approx(expected_pause(i + 1, 1))
+        assert stats.device_seconds == 0.0
+        pauses.append(stats.throttle_seconds)
+    per_page = [pauses[0] / 40, *pauses[1:]]
+    assert per_page == sorted(per_page) and len(set(per_page)) == len(per_page)
+    # Rewriting pages that are already dirty dirties nothing and is not paused.
+    assert fs.write("f", 0, pattern(2, PAGE_SIZE)).throttle_seconds == 0.0
+    assert (fs.nr_dirty, fs.nr_paused, fs.nr_throttled) == (199, 10, 0)
+    assert fs.pause_seconds == pytest.approx(sum(pauses))
+
+
+def test_writers_at_or_over_the_limit_pause_the_maximum_and_write_back_over_it(
+    tmp_path: Path,
+) -> None:
+    """Reaching the limit pauses a writer 200 ms; going over it pauses 200 ms and writes back
+    down to the background threshold as well."""
+    fs = pause_machine(tmp_path)
+    fs.write("f", 0, pattern(0, 150 * PAGE_SIZE))
+    stats = fs.write("f", 150 * PAGE_SIZE, pattern(1, 50 * PAGE_SIZE))
+    assert fs.nr_dirty == 200
+    assert stats.throttle_seconds == 0.2
+    assert stats.device_seconds == 0.0
+    assert fs.nr_throttled == 0
+    stats = fs.write("f", 200 * PAGE_SIZE, pattern(2, PAGE_SIZE))
+    assert stats.throttle_seconds == 0.2
+    assert stats.device_seconds > 0
+    assert fs.nr_throttled == 1
+    assert fs.nr_dirty == 100
+    assert fs.nr_paused == 2
+    assert fs.pause_seconds == pytest.approx(0.4)
+
+
+def test_pauses_are_counted_on_the_page_cache(tmp_path: Path) -> None:
+    """nr_paused and pause_seconds count the paused writes and add up their throttle_seconds."""
+    m = new_machine(tmp_path, Clock(), 8 * MIB)
+    fs = m.files
+    fs.create("f")
+    chunk = 64 * KIB
+    paused, total = 0, 0.0
+    for i in range(64):  # 4 MiB, twice the limit
+        stats = fs.write("f", i * chunk, pattern(i, chunk))
+        assert 0.0 <= stats.throttle_seconds <= 0.2
+        paused += stats.throttle_seconds > 0
+        total += stats.throttle_seconds
+    assert paused > 0 and fs.nr_throttled > 0
+    assert fs.nr_paused == paused
+    assert fs.pause_seconds == pytest.approx(total)
+
+
 def test_flusher_writes_expired_data_only_while_below_background(tmp_path: Path) -> None:
     """fs.flush() writes back what has been dirty for dirty_expire, and younger data only when
     dirty memory is over the background threshold."""

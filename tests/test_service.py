@@ -140,6 +140,31 @@ def test_metrics_match_the_api(make_server: Callable[..., FoliodServer]) -> None
     assert not any(name.endswith("_created") for name in samples)
 
 
+def test_dirty_pause_metrics_add_up_the_writes_throttle_seconds(
+    make_server: Callable[..., FoliodServer],
+) -> None:
+    """foliod_dirty_paused_total and foliod_dirty_pause_seconds_total count the writes
+    balance_dirty_pages paused and the throttle_seconds their replies carried."""
+    server = make_server(ram=16 << 20, dirty_writeback_seconds=0.0)
+    _, stub = connect(server)
+    stub.CreateFile(pb.CreateFileRequest(name="f"))
+    chunk = 256 << 10
+    pauses = [
+        stub.WriteFile(
+            pb.WriteFileRequest(name="f", offset=i * chunk, data=bytes([i]) * chunk)
+        ).stats.throttle_seconds
+        for i in range(32)  # 8 MiB: half of RAM, well over the dirty limit
+    ]
+    paused = [p for p in pauses if p > 0]
+    assert paused and all(p <= 0.2 for p in paused)
+    samples = _scrape(server.metrics_port)
+    assert _value(samples, "foliod_dirty_paused_total", machine="host") == len(paused)
+    assert _value(samples, "foliod_dirty_pause_seconds_total", machine="host") == pytest.approx(
+        sum(paused)
+    )
+    assert _value(samples, "foliod_dirty_throttled_total", machine="host") > 0
+
+
 def test_sigterm_drains_in_flight_calls_and_exits_zero(
     spawn: Callable[..., ServerProcess],
 ) -> None:

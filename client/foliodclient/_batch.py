@@ -250,6 +250,8 @@ def decode(ops: list[int], reply: pb.SubmitResponse) -> BatchResult:
     lengths, first_handles, counts = reply.data_lengths, reply.first_handles, reply.counts
     hit, missed, readahead = reply.pages_hit, reply.pages_missed, reply.pages_readahead
     seconds, nr_pages = reply.device_seconds, reply.nr_pages
+    # A server older than the throttle_seconds column sends none.
+    throttled = reply.throttle_seconds
     results: list[OpResult] = []
     append = results.append
     at_data = at_read = at_io = at_alloc = at_pages = 0
@@ -260,7 +262,13 @@ def decode(ops: list[int], reply: pb.SubmitResponse) -> BatchResult:
             append(OpResult(index, _OP_NAMES[op], code, message, reason, field_name, metadata))
         if op in (_READ, _WRITE):
             if failure is None:
-                stats = IoStats(hit[at_io], missed[at_io], readahead[at_io], seconds[at_io])
+                stats = IoStats(
+                    hit[at_io],
+                    missed[at_io],
+                    readahead[at_io],
+                    seconds[at_io],
+                    throttled[at_io] if at_io < len(throttled) else 0.0,
+                )
                 chunk = b""
                 if op == _READ:
                     end = at_data + lengths[at_read]

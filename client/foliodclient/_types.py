@@ -179,12 +179,14 @@ class FileStat:
 
 @dataclass(frozen=True, slots=True)
 class IoStats:
-    """What one read or write did in the page cache, and the simulated device time it cost."""
+    """What one read or write did in the page cache, the simulated device time it cost and the
+    simulated time balance_dirty_pages paused the writer for."""
 
     pages_hit: int
     pages_missed: int
     pages_readahead: int
     device_seconds: float
+    throttle_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,10 +136,13 @@ def _orders(folios_by_order: Mapping[int, int]) -> str:
 
 
 def _io(stats: IoStats) -> str:
-    return (
+    text = (
         f"{stats.pages_hit} pages hit, {stats.pages_missed} missed, "
         f"{stats.pages_readahead} read ahead, device {stats.device_seconds * 1e3:.3f} ms"
     )
+    if stats.throttle_seconds:
+        text += f", throttled {stats.throttle_seconds * 1e3:.3f} ms"
+    return text
 
 
 def _total_io(stats: Sequence[IoStats]) -> IoStats:
@@ -148,6 +151,7 @@ def _total_io(stats: Sequence[IoStats]) -> IoStats:
         pages_missed=sum(s.pages_missed for s in stats),
         pages_readahead=sum(s.pages_readahead for s in stats),
         device_seconds=sum(s.device_seconds for s in stats),
+        throttle_seconds=sum(s.throttle_seconds for s in stats),
     )
 
 

@@ -50,6 +50,8 @@ MAX_FILE_BYTES = 1 << 44  # 16 TiB
 # Largest read or write of one call.
 MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
+# The longest a writer is paused (MAX_PAUSE, HZ / 5).
+MAX_PAUSE_SECONDS = 0.2
 # Runs an iterator to its end in C (itertools' consume recipe).
 _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
@@ -89,12 +91,14 @@ class DirtyLimits:
 
 @dataclass(slots=True)
 class IoStats:
-    """What one read or write did: pages found, pages read in, device time it cost."""
+    """What one read or write did: pages found, pages read in, device time it cost, and how
+    long balance_dirty_pages paused the writer (simulated, like the device time)."""
 
     pages_hit: int = 0
     pages_missed: int = 0
     pages_readahead: int = 0
     device_seconds: float = 0.0
+    throttle_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,9 @@ class PageCache:
     dirtyable: Callable[[], int] = lambda: 0
     # Writes that had to write back first because dirty memory was over the limit.
     nr_throttled: int = 0
+    # Writes balance_dirty_pages paused, and the simulated time it paused them for.
+    nr_paused: int = 0
+    pause_seconds: float = 0.0
     # Pages reads (read() and replay()) found cached, read in, and read ahead: since boot.
     nr_read_hits: int = 0
     nr_read_misses: int = 0
@@ -809,11 +816,12 @@ class PageCache:
                 self.__remove(inode, folio, shadow=False)
             self.busy.clear()
             raise
+        dirty_before = self.nr_dirty
         try:
             stats = self.__write_folios(inode, offset, data, set(made))
         finally:
             self.busy.clear()
-        self.balance_dirty_pages(stats)
+        self.balance_dirty_pages(stats, self.nr_dirty - dirty_before)
         return stats
 
     def dirty_thresholds(self) -> tuple[int, int]:
@@ -822,15 +830,48 @@ class PageCache:
         limits = self.limits
         return dirtyable * limits.background_ratio // 100, dirtyable * limits.ratio // 100
 
-    def balance_dirty_pages(self, stats: IoStats) -> None:
-        """A writer that took dirty memory over the limit writes back, oldest first, until it
-        is under the background threshold; the device time is charged to its call."""
+    def balance_dirty_pages(self, stats: IoStats, nr_dirtied: int) -> None:
+        """Throttles a writer that just dirtied nr_dirtied pages.
+
+        Above the freerun ceiling, halfway between the background threshold and the limit, the
+        writer is paused for dirty_pause_seconds(); the pause is simulated, never slept: it is
+        charged to stats.throttle_seconds. A writer that took dirty memory over the limit also
+        writes back, oldest first, until it is under the background threshold; the device time
+        is charged to its call. The kernel checks only every `ratelimit` pages a task dirties
+        (balance_dirty_pages_ratelimited); here every write is checked.
+        """
         background, limit = self.dirty_thresholds()
+        pause = self.dirty_pause_seconds(nr_dirtied, background, limit)
+        if pause > 0:
+            self.nr_paused += 1
+            self.pause_seconds += pause
+            stats.throttle_seconds += pause
         if self.nr_dirty <= limit:
             return
         self.nr_throttled += 1
         written = self.__writeback_oldest(lambda folio: self.nr_dirty > background)
         stats.device_seconds += self.store.device.write_seconds(written * PAGE_SIZE)
+
+    def dirty_pause_seconds(self, nr_dirtied: int, background: int, limit: int) -> float:
+        """How long to pause a writer that dirtied nr_dirtied pages (balance_dirty_pages with
+        wb_position_ratio's pos_ratio_polynom): none at or below the freerun ceiling
+        (background + limit) // 2; above it, nr_dirtied pages at the device's write bandwidth
+        scaled by pos_ratio = 1 + x**3, x = (setpoint - dirty) / (limit - setpoint + 1),
+        setpoint = (freerun + limit) / 2, clamped to 0..2; at most MAX_PAUSE_SECONDS, which is
+        also the pause at or over the limit (a ratelimit of 0). A write that dirtied nothing
+        is not paused: the kernel balances only after pages are dirtied."""
+        dirty = self.nr_dirty
+        freerun = (background + limit) // 2
+        if nr_dirtied <= 0 or dirty <= freerun:
+            return 0.0
+        if dirty >= limit:
+            return MAX_PAUSE_SECONDS
+        setpoint = (freerun + limit) / 2
+        x = (setpoint - dirty) / (limit - setpoint + 1)
+        pos_ratio = min(max(1 + x**3, 0.0), 2.0)
+        # Positive: dirty < limit keeps x above -1.
+        task_ratelimit = self.store.device.write_bytes_per_s / PAGE_SIZE * pos_ratio
+        return min(nr_dirtied / task_ratelimit, MAX_PAUSE_SECONDS)
 
     def flush(self) -> int:
         """One pass of the flusher (wb_workfn): writes back folios dirty for longer than

@@ -193,6 +193,7 @@ class _Completions:
         "missed",
         "nr_pages",
         "readahead",
+        "throttle_seconds",
     )
 
     def __init__(self) -> None:
@@ -204,6 +205,7 @@ class _Completions:
         self.missed: list[int] = []
         self.readahead: list[int] = []
         self.device_seconds: list[float] = []
+        self.throttle_seconds: list[float] = []
         self.first_handles: list[int] = []
         self.counts: list[int] = []
         self.nr_pages: list[int] = []
@@ -219,6 +221,7 @@ class _Completions:
         self.missed.append(stats.pages_missed)
         self.readahead.append(stats.pages_readahead)
         self.device_seconds.append(stats.device_seconds)
+        self.throttle_seconds.append(stats.throttle_seconds)
 
     def allocated(self, first_handle: int, count: int, nr_pages: int) -> None:
         self.codes.append(0)
@@ -257,4 +260,5 @@ class _Completions:
             first_handles=self.first_handles,
             counts=self.counts,
             nr_pages=self.nr_pages,
+            throttle_seconds=self.throttle_seconds,
         )

@@ -227,6 +227,16 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
             "(balance_dirty_pages).",
             labels=["machine"],
         ),
+        "paused": counter(
+            "foliod_dirty_paused",
+            "Writes paused by balance_dirty_pages (dirty memory above the freerun ceiling).",
+            labels=["machine"],
+        ),
+        "pause_seconds": counter(
+            "foliod_dirty_pause_seconds",
+            "Simulated time balance_dirty_pages paused writers for (never slept).",
+            labels=["machine"],
+        ),
         "mthp": counter(
             "foliod_mthp_events",
             "Anonymous mTHP per-size counters (hugepages-<size>/stats).",
@@ -330,8 +340,10 @@ def _collect_machine(
         families["lru_pages"].add_metric([name, lru_name], pages)
     if machine.page_cache is not None:
         background, limit = machine.page_cache.dirty_thresholds()
-        families["throttled"].add_metric([name], machine.page_cache.nr_throttled)
         cache = machine.page_cache
+        families["throttled"].add_metric([name], cache.nr_throttled)
+        families["paused"].add_metric([name], cache.nr_paused)
+        families["pause_seconds"].add_metric([name], cache.pause_seconds)
         for result, pages in (
             ("hit", cache.nr_read_hits),
             ("miss", cache.nr_read_misses),

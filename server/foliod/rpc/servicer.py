@@ -566,6 +566,7 @@ def _io_stats(stats: IoStats) -> pb.IoStats:
         pages_missed=stats.pages_missed,
         pages_readahead=stats.pages_readahead,
         device_seconds=stats.device_seconds,
+        throttle_seconds=stats.throttle_seconds,
     )
 
 

@@ -1448,6 +1448,7 @@ class IoStats(_message.Message):
     PAGES_MISSED_FIELD_NUMBER: _builtins.int
     PAGES_READAHEAD_FIELD_NUMBER: _builtins.int
     DEVICE_SECONDS_FIELD_NUMBER: _builtins.int
+    THROTTLE_SECONDS_FIELD_NUMBER: _builtins.int
     pages_hit: _builtins.int
     """Pages of the request found in the cache."""
     pages_missed: _builtins.int
@@ -1456,6 +1457,11 @@ class IoStats(_message.Message):
     """Pages read in beyond the request by readahead."""
     device_seconds: _builtins.float
     """Simulated device time of the I/O this call issued."""
+    throttle_seconds: _builtins.float
+    """Simulated time balance_dirty_pages paused this write for (dirty memory above the midpoint
+    of the background threshold and the limit; at most 0.2 s); never slept, and not part of
+    device_seconds. Zero for reads.
+    """
     def __init__(
         self,
         *,
@@ -1463,10 +1469,11 @@ class IoStats(_message.Message):
         pages_missed: _builtins.int = ...,
         pages_readahead: _builtins.int = ...,
         device_seconds: _builtins.float = ...,
+        throttle_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_seconds", b"device_seconds", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_seconds", b"device_seconds", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead", "throttle_seconds", b"throttle_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2474,6 +2481,7 @@ class SubmitResponse(_message.Message):
     FIRST_HANDLES_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
     NR_PAGES_FIELD_NUMBER: _builtins.int
+    THROTTLE_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The request's id."""
     data: _builtins.bytes
@@ -2520,6 +2528,10 @@ class SubmitResponse(_message.Message):
         per ALLOCATE, FREE and FSYNC.
         """
 
+    @_builtins.property
+    def throttle_seconds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """IoStats.throttle_seconds of each READ and WRITE (zero for reads), one per READ and WRITE."""
+
     def __init__(
         self,
         *,
@@ -2536,10 +2548,11 @@ class SubmitResponse(_message.Message):
         first_handles: _abc.Iterable[_builtins.int] | None = ...,
         counts: _abc.Iterable[_builtins.int] | None = ...,
         nr_pages: _abc.Iterable[_builtins.int] | None = ...,
+        throttle_seconds: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "counts", b"counts", "data", b"data", "data_lengths", b"data_lengths", "device_seconds", b"device_seconds", "error", b"error", "first_handles", b"first_handles", "id", b"id", "nr_pages", b"nr_pages", "op_errors", b"op_errors", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "counts", b"counts", "data", b"data", "data_lengths", b"data_lengths", "device_seconds", b"device_seconds", "error", b"error", "first_handles", b"first_handles", "id", b"id", "nr_pages", b"nr_pages", "op_errors", b"op_errors", "pages_hit", b"pages_hit", "pages_missed", b"pages_missed", "pages_readahead", b"pages_readahead", "throttle_seconds", b"throttle_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
