@@ -240,7 +240,8 @@ def create_file(
 
 
 def open_file(name: str, **options: Unpack[CallOptions]) -> Call[int]:
-    """Opens a file; the handle samples the file's writeback errors for fsync."""
+    """Opens a file; the handle samples the file's writeback errors for fsync and keeps its own
+    readahead state for read_file."""
     return Call(OPEN_FILE, pb.OpenFileRequest(name=name), **options)
 
 
@@ -260,10 +261,17 @@ def list_files(**options: Unpack[CallOptions]) -> Call[tuple[FileStat, ...]]:
 
 
 def read_file(
-    name: str, length: int, offset: int = 0, **options: Unpack[CallOptions]
+    name: str,
+    length: int,
+    offset: int = 0,
+    *,
+    handle: int | None = None,
+    **options: Unpack[CallOptions],
 ) -> Call[FileRead]:
-    """Reads through the page cache; holes read as zeros, EOF shortens the data."""
-    request = pb.ReadFileRequest(name=name, offset=offset, length=length)
+    """Reads through the page cache; holes read as zeros, EOF shortens the data. With a handle
+    (from open_file) the read goes through it, with its own readahead state; name may then be
+    empty."""
+    request = pb.ReadFileRequest(name=name, offset=offset, length=length, handle=handle or 0)
     return Call(READ_FILE, request, **options)
 
 

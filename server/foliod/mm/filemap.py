@@ -134,6 +134,8 @@ class Inode:
         self.name = name
         self.size = size
         self.max_order = max_order
+        # The readahead state of reads by name, which share one open file description per file;
+        # its ra_pages is the file's, copied into each handle at open.
         self.ra = RaState(ra_pages)
         # Head index -> folio; index -> eviction age of a folio that left (shadow entry).
         self.folios: dict[int, Folio] = {}
@@ -178,11 +180,16 @@ class Inode:
 
 @dataclass(slots=True)
 class FileHandle:
-    """An open file description: its writeback-error sample."""
+    """An open file description (struct file): its writeback-error sample and its own
+    readahead state (f_ra), which reads through the handle use, so readers through separate
+    handles keep separate windows. The state starts from the file's ra_pages at open
+    (file_ra_state_init); a later change to the file's ra_pages leaves handles already open
+    with the value they started with, as in the kernel."""
 
     number: int
     inode: Inode
     wb_err_since: int
+    ra: RaState
     closed: bool = False
 
 
@@ -280,7 +287,9 @@ class PageCache:
 
     def open(self, name: str) -> FileHandle:
         inode = self.lookup(name)
-        handle = FileHandle(self.next_handle, inode, errseq_sample(inode.wb_err))
+        handle = FileHandle(
+            self.next_handle, inode, errseq_sample(inode.wb_err), RaState(inode.ra.ra_pages)
+        )
         self.handles[handle.number] = handle
         inode.handles.add(handle.number)
         self.next_handle += 1
@@ -460,13 +469,23 @@ class PageCache:
 
     # -- read ------------------------------------------------------------------------------
 
-    def read(self, name: str, offset: int, length: int) -> tuple[bytes, IoStats]:
+    def read(
+        self, name: str, offset: int, length: int, handle: int | None = None
+    ) -> tuple[bytes, IoStats]:
         """filemap_read: the bytes of [offset, offset + length) up to EOF, through the cache.
 
         Pages of the request that this call had to read in are misses, the others hits; pages
         read in beyond the request are read ahead. Each readahead window is one device read.
+
+        With a handle number the read goes through that open file and its readahead state;
+        name may be empty (the handle's file) or must name the handle's file. Without one, the
+        read uses the file's own state: reads by name share one open file description per file.
         """
-        inode = self.lookup(name)
+        if handle is None:
+            inode = self.lookup(name)
+            ra = inode.ra
+        else:
+            inode, ra = self.__through(name, handle)
         check_range(offset, length)
         stats = IoStats()
         end = min(offset + length, inode.size)
@@ -475,11 +494,23 @@ class PageCache:
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         fresh: set[Folio] = set()
         try:
-            self.__read_folios(inode, first, last, fresh, stats)
+            self.__read_folios(inode, first, last, fresh, stats, ra=ra)
             return self.__read_bytes(inode, offset, end - offset), stats
         finally:
             self.busy.clear()
             self.__count_reads(stats)
+
+    def __through(self, name: str, number: int) -> tuple[Inode, RaState]:
+        """The file and readahead state of a read through an open handle; the handle must be
+        open and name empty or naming its file."""
+        handle = self.handle(number)
+        inode = handle.inode
+        if name and self.lookup(name) is not inode:
+            raise InvalidArgument(
+                f"file handle {number} is open on {inode.name[:80]!r}, not {name[:80]!r}",
+                field="handle",
+            )
+        return inode, handle.ra
 
     def __count_reads(self, stats: IoStats) -> None:
         self.nr_read_hits += stats.pages_hit
@@ -513,7 +544,9 @@ class PageCache:
             else:
                 fresh: set[Folio] = set()
                 for index in keys:
-                    self.__read_folios(inode, index, index, fresh, stats, every_access=True)
+                    self.__read_folios(
+                        inode, index, index, fresh, stats, ra=inode.ra, every_access=True
+                    )
                     fresh.clear()
                     self.busy.clear()
         finally:
@@ -613,7 +646,7 @@ class PageCache:
                         continue
                 # Anything else takes read()'s path.
                 ra.prev_index = prev
-                self.__read_folios(inode, index, index, fresh, stats, every_access=True)
+                self.__read_folios(inode, index, index, fresh, stats, ra=ra, every_access=True)
                 fresh.clear()
                 self.busy.clear()
                 prev = ra.prev_index
@@ -679,21 +712,24 @@ class PageCache:
         fresh: set[Folio],
         stats: IoStats,
         *,
+        ra: RaState,
         every_access: bool = False,
     ) -> None:
+        """Reads pages [first, last] through the cache, taking readahead decisions with ra (the
+        state of the open file description read through)."""
         missed_before = stats.pages_missed
         index = first
         while index <= last:
             folio = inode.find(index)
             if folio is None:
-                window = inode.ra.sync(index, last - index + 1, inode, inode.max_order)
+                window = ra.sync(index, last - index + 1, inode, inode.max_order)
                 self.__readahead(inode, window, fresh, stats, required=True)
                 folio = inode.find(index)
                 assert folio is not None
             elif folio.readahead:
                 folio.readahead = False
                 self.busy.add(folio)  # held while the async window may reclaim
-                window_or_none = inode.ra.async_(
+                window_or_none = ra.async_(
                     index, last - index + 1, folio.order, inode, inode.max_order
                 )
                 if window_or_none is not None:
@@ -707,7 +743,7 @@ class PageCache:
                 stats.pages_hit += pages
             # A read that starts in the folio where the previous one ended does not count as
             # another access to it (filemap_read's pos_same_folio check).
-            if every_access or not (index == first and folio.index <= inode.ra.prev_index < end):
+            if every_access or not (index == first and folio.index <= ra.prev_index < end):
                 self.lru.mark_accessed(folio, is_fresh)
             # Counted: reclaim may take it now (its data is in the file or written there first).
             self.busy.discard(folio)
@@ -719,7 +755,7 @@ class PageCache:
             )
         self.events[VmEvent.PGFAULT] += last - first + 1
         self.events[VmEvent.PGMAJFAULT] += stats.pages_missed - missed_before
-        inode.ra.note_read(last)
+        ra.note_read(last)
 
     def __readahead(
         self,

@@ -1,6 +1,7 @@
 """On-demand readahead: the window algorithm and folio orders of mm/readahead.c.
 
-A file's RaState (struct file_ra_state) holds the current window: ``start``, ``size`` pages and
+An open file's RaState (struct file_ra_state, file->f_ra: one per open handle, and one per file
+shared by reads by name) holds the current window: ``start``, ``size`` pages and
 ``async_size``, the tail of the window whose first folio carries PG_readahead; reading that folio
 starts the next window asynchronously. The window grows 4x while small and 2x up to the maximum
 (``ra_pages``, 32 pages = 128 KiB by default). A sync miss starts a window sized from the request
@@ -73,7 +74,7 @@ class RaWindow:
 
 
 class RaState:
-    """Per-file readahead state (struct file_ra_state)."""
+    """The readahead state of one open file description (struct file_ra_state)."""
 
     __slots__ = ("async_size", "order", "prev_index", "ra_pages", "size", "start")
 

@@ -303,8 +303,10 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         self, request: pb.ReadFileRequest, context: grpc.ServicerContext
     ) -> pb.ReadFileResponse:
         # A read changes the cache (readahead, LRU), so it takes the machine like a write.
+        handle = request.handle or None
         data, stats = self._change(
-            request.machine, lambda m: m.files.read(request.name, request.offset, request.length)
+            request.machine,
+            lambda m: m.files.read(request.name, request.offset, request.length, handle),
         )
         return pb.ReadFileResponse(data=data, stats=_io_stats(stats))
 

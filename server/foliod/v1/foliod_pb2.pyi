@@ -1487,11 +1487,18 @@ class ReadFileRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
     machine: _builtins.str
     name: _builtins.str
+    """The file; may be empty when `handle` is set (the handle's file)."""
     offset: _builtins.int
     length: _builtins.int
     """1 byte to 2 MiB."""
+    handle: _builtins.int
+    """An open file handle (OpenFile) to read through, with its own readahead state; 0 for none
+    (the read uses the file's state, shared by every read by name). NOT_FOUND if unknown,
+    FAILED_PRECONDITION if closed, INVALID_ARGUMENT if `name` names another file.
+    """
     def __init__(
         self,
         *,
@@ -1499,10 +1506,11 @@ class ReadFileRequest(_message.Message):
         name: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        handle: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "length", b"length", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -315,7 +315,8 @@ class FoliodServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OpenFile(self, request, context):
-        """Opens a file: the handle carries its own writeback-error sample for Fsync.
+        """Opens a file: the handle carries its own writeback-error sample for Fsync and its own
+        readahead state for ReadFile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,7 +72,9 @@ class FoliodStub:
     Creates an empty file. ALREADY_EXISTS if it exists.
     """
     OpenFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.OpenFileRequest, _foliod_pb2.OpenFileResponse]
-    """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+    """Opens a file: the handle carries its own writeback-error sample for Fsync and its own
+    readahead state for ReadFile.
+    """
     CloseFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.CloseFileRequest, _foliod_pb2.CloseFileResponse]
     StatFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.StatFileRequest, _foliod_pb2.FileStat]
     """Size, cached and dirty pages, folio orders in use."""
@@ -157,7 +159,9 @@ class FoliodAsyncStub(FoliodStub):
     Creates an empty file. ALREADY_EXISTS if it exists.
     """
     OpenFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.OpenFileRequest, _foliod_pb2.OpenFileResponse]  # type: ignore[assignment]
-    """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+    """Opens a file: the handle carries its own writeback-error sample for Fsync and its own
+    readahead state for ReadFile.
+    """
     CloseFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.CloseFileRequest, _foliod_pb2.CloseFileResponse]  # type: ignore[assignment]
     StatFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.StatFileRequest, _foliod_pb2.FileStat]  # type: ignore[assignment]
     """Size, cached and dirty pages, folio orders in use."""
@@ -329,7 +333,9 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         request: _foliod_pb2.OpenFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.OpenFileResponse, _abc.Awaitable[_foliod_pb2.OpenFileResponse]]:
-        """Opens a file: the handle carries its own writeback-error sample for Fsync."""
+        """Opens a file: the handle carries its own writeback-error sample for Fsync and its own
+        readahead state for ReadFile.
+        """
 
     @_abc_1.abstractmethod
     def CloseFile(
