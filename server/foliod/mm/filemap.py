@@ -119,6 +119,7 @@ class Inode:
     __slots__ = (
         "folios",
         "handles",
+        "last_found",
         "max_order",
         "name",
         "nr_dirty",
@@ -144,6 +145,8 @@ class Inode:
         self.nr_dirty = 0
         # No folio in the mapping is of a higher order (a high-water mark that bounds find).
         self.top_order = 0
+        # The large folio find() found last (a hint, checked before use).
+        self.last_found: Folio | None = None
         self.wb_err = 0
         self.handles: set[int] = set()
 
@@ -153,9 +156,19 @@ class Inode:
         folio = folios.get(index)
         if folio is not None:
             return folio
+        # The large folio found last, if it is still in the mapping at its index and covers
+        # this one: reads tend to stay in one folio.
+        last = self.last_found
+        if (
+            last is not None
+            and last.index < index < last.index + last.nr_pages
+            and folios.get(last.index) is last
+        ):
+            return last
         for order in range(1, self.top_order + 1):
             folio = folios.get(index & ~((1 << order) - 1))
             if folio is not None and folio.order >= order:
+                self.last_found = folio
                 return folio
         return None
 
@@ -245,8 +258,10 @@ class PageCache:
     # -- namespace -------------------------------------------------------------------------
 
     def lookup(self, name: str) -> Inode:
-        inode = self.files.get(check_file_name(name))
+        inode = self.files.get(name)
         if inode is None:
+            # Names in files were checked when created: only a miss needs the check.
+            check_file_name(name)
             raise UnknownFile(f"no file {name[:80]!r}", field="name")
         return inode
 
