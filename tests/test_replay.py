@@ -1,4 +1,4 @@
-"""PageCache.replay's short path against read()'s path, state for state.
+"""PageCache.replay's and read()'s short paths against read()'s general path, state for state.
 
 replay() serves plain hits, and misses read alone into a full capacity-limited cache, without
 going through read()'s machinery; everything else goes down read()'s path. The two must leave
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from foliod.mm import PAGE_SIZE, InvalidArgument, Machine, check_machine
+from foliod.mm import PAGE_SIZE, FoliodError, InvalidArgument, Machine, check_machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.filemap import IoStats
 from foliod.mm.lru import POLICIES
@@ -157,6 +157,7 @@ steps = st.lists(
 def test_short_path_leaves_the_machine_read_would(
     policy: str, capacity: int, ra_pages: int, max_order: int, scenario: list[Step]
 ) -> None:
+    """Replay's short path leaves the same machine and stats as read()'s path."""
     with tempfile.TemporaryDirectory() as tmp:
         fast = new_machine(Path(tmp) / "fast", policy, capacity, ra_pages, max_order)
         slow = new_machine(Path(tmp) / "slow", policy, capacity, ra_pages, max_order)
@@ -202,3 +203,104 @@ def test_replay_counts_major_faults_once_per_miss(tmp_path: Path) -> None:
         events = {str(k): v for k, v in machine.events.items()}
         assert events["pgfault"] == 24
         assert events["pgmajfault"] == stats.pages_missed
+
+
+# One step of a read scenario: ("read", file, offset, length, through a handle) or
+# ("write", file, offset, length, False).
+ReadStep = tuple[str, str, int, int, bool]
+
+read_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["read", "read", "read", "write"]),
+        st.sampled_from(FILES),
+        st.one_of(
+            st.integers(0, FILE_PAGES * PAGE_SIZE - 1),
+            st.integers(0, FILE_PAGES - 1).map(lambda i: i * PAGE_SIZE),
+        ),
+        st.sampled_from([1, 100, PAGE_SIZE, PAGE_SIZE + 1, 3 * PAGE_SIZE, 20 * PAGE_SIZE]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=24,
+)
+
+
+def run_reads(
+    machine: Machine, steps: list[ReadStep], *, short_path: bool
+) -> list[tuple[bytes, IoStats] | str]:
+    """Each step's bytes and stats, or the name of the error it raised (a small capacity
+    refuses some writes)."""
+    handles = {name: machine.files.open(name).number for name in FILES}
+    out: list[tuple[bytes, IoStats] | str] = []
+    for kind, name, offset, length, through_handle in steps:
+        try:
+            if kind == "read":
+                handle = handles[name] if through_handle else None
+                out.append(machine.files.read(name, offset, length, handle, short_path=short_path))
+            else:
+                data = bytes([offset % 251]) * length
+                out.append((b"", machine.files.write(name, offset, data)))
+        except FoliodError as exc:
+            out.append(type(exc).__name__)
+        check_machine(machine)
+    return out
+
+
+def read_snapshot(machine: Machine) -> dict[str, Any]:
+    """snapshot() plus the open handles' readahead state and the cache's read counters."""
+    cache = machine.files
+    return {
+        **snapshot(machine),
+        "handles": {
+            n: (h.ra.start, h.ra.size, h.ra.async_size, h.ra.order, h.ra.prev_index)
+            for n, h in cache.handles.items()
+        },
+        "reads": (cache.nr_read_hits, cache.nr_read_misses, cache.nr_read_ahead),
+    }
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from(sorted(POLICIES)),
+    capacity=st.sampled_from([4, 16, 200]),
+    ra_pages=st.sampled_from([0, 4, 32]),
+    max_order=st.sampled_from([0, 2, 9]),
+    scenario=read_steps,
+)
+def test_read_short_path_leaves_the_machine_the_general_path_would(
+    policy: str, capacity: int, ra_pages: int, max_order: int, scenario: list[ReadStep]
+) -> None:
+    """read()'s short path (a hit inside one folio) returns the same bytes and stats, and
+    leaves the same machine, as its general path, by name and through handles."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fast = new_machine(Path(tmp) / "fast", policy, capacity, ra_pages, max_order)
+        slow = new_machine(Path(tmp) / "slow", policy, capacity, ra_pages, max_order)
+        fast_out = run_reads(fast, scenario, short_path=True)
+        slow_out = run_reads(slow, scenario, short_path=False)
+        assert [isinstance(o, str) and o for o in fast_out] == [
+            isinstance(o, str) and o for o in slow_out
+        ]
+        done = [
+            (a, b)
+            for a, b in zip(fast_out, slow_out, strict=True)
+            if not isinstance(a, str) and not isinstance(b, str)
+        ]
+        assert [a[0] for a, _ in done] == [b[0] for _, b in done]
+        assert_same_stats([a[1] for a, _ in done], [b[1] for _, b in done])
+        assert read_snapshot(fast) == read_snapshot(slow)
+
+
+def test_read_short_path_is_taken_for_hits_inside_a_folio(tmp_path: Path) -> None:
+    """Repeated small reads of a cached large folio go the short way and count as hits."""
+    machine = new_machine(tmp_path, "two_list", 200, 32, 9)
+    files = machine.files
+    files.write("a", 0, b"x" * (16 * PAGE_SIZE))
+    hits_before = files.nr_read_hits
+    faults_before = machine.events[VmEvent.PGFAULT]
+    for page in (3, 9, 3, 15):
+        data, stats = files.read("a", page * PAGE_SIZE + 10, 50)
+        assert data == b"x" * 50
+        assert (stats.pages_hit, stats.pages_missed, stats.pages_readahead) == (1, 0, 0)
+    assert files.nr_read_hits == hits_before + 4
+    assert machine.events[VmEvent.PGFAULT] == faults_before + 4
+    assert files.lookup("a").ra.prev_index == 15
