@@ -18,10 +18,13 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from foliod.logs import configure_logging, log_access
+from foliod.logs import configure_logging, log_access, render_access
 from foliod.rpc.interceptors import AccessLog, CallInfo, CallReporter
+from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -368,3 +371,49 @@ def test_access_lines_of_concurrent_calls_are_whole_and_timestamped_at_the_call(
     stamp = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(ended))
     assert all(line["timestamp"].startswith(stamp) for line in lines)
     assert all(line["duration_ms"] == 0.5 for line in lines)
+
+
+def test_an_unexpected_exception_becomes_internal_with_the_request_id(
+    make_server: Callable[..., FoliodServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a handler answers INTERNAL without its text, keeps the request id in the
+    trailers, is counted as INTERNAL, and the server goes on serving."""
+
+    def broken(self: FoliodServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(FoliodServicer, "GetMachine", broken)
+    server = make_server(ram=64 << 20)
+    _, stub = connect(server)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetMachine(pb.GetMachineRequest(), metadata=(("x-request-id", "bug-1"),))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (err.value.details() or "")
+    trailers: Any = err.value.trailing_metadata()
+    assert ("x-request-id", "bug-1") in list(trailers)
+    assert stub.GetMeminfo(pb.GetMeminfoRequest()).mem_total_bytes == 64 << 20
+    samples = _scrape(server.metrics_port)
+    labels = dict(grpc_service=SERVICE, grpc_method="GetMachine", grpc_type="unary")
+    assert _value(samples, "grpc_server_handled_total", grpc_code="INTERNAL", **labels) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_access_lines_are_json_whatever_the_peer_and_request_id(peer: str, request_id: str) -> None:
+    """Any peer or client-chosen request id renders to a line json.loads reads back exactly."""
+    buffer = io.StringIO()
+    try:
+        configure_logging("info", "json", stream=buffer)
+        line = render_access(
+            "/foliod.v1.Foliod/ReadFile",
+            grpc_type="unary",
+            peer=peer,
+            code="OK",
+            duration_ms=0.25,
+            request_id=request_id,
+        )
+    finally:
+        configure_logging("warning", "json")
+    event = json.loads(line)
+    assert (event["peer"], event["request_id"]) == (peer, request_id)
+    assert line == json.dumps(event) + "\n"

@@ -130,11 +130,19 @@ def render_access(
         second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         out.stamp = (second, second_text)
     return (
-        f'{{"method": {json.dumps(method)}, "grpc_type": "{grpc_type}", '
-        f'"peer": {json.dumps(peer)}, "code": "{code}", "duration_ms": {duration_ms}, '
-        f'"request_id": {json.dumps(request_id)}, "event": "rpc", "level": "info", '
+        f'{{"method": {_json_string(method)}, "grpc_type": "{grpc_type}", '
+        f'"peer": {_json_string(peer)}, "code": "{code}", "duration_ms": {duration_ms}, '
+        f'"request_id": {_json_string(request_id)}, "event": "rpc", "level": "info", '
         f'"timestamp": "{second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
     )
+
+
+def _json_string(text: str) -> str:
+    """text as a JSON string, as json.dumps writes it; plain printable ASCII without quotes
+    or backslashes (method names, peers, generated request ids) needs no escaping."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
 
 
 def write_lines(text: str) -> None:

@@ -21,7 +21,7 @@ from foliod.mm import HOST, Machine, Machines, ThpPolicy
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
-from foliod.rpc.interceptors import AccessLog, CallReporter, ErrorMapper, ObservingInterceptor
+from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
 from foliod.rpc.servicer import FoliodServicer
 from foliod.v1 import foliod_pb2, foliod_pb2_grpc
@@ -88,7 +88,7 @@ class FoliodServer:
         ]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            interceptors=[ObservingInterceptor(self.calls), ErrorMapper()],
+            interceptors=[ObservingInterceptor(self.calls)],
             options=options,
         )
         self.servicer = FoliodServicer(
