@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.logs import configure_logging, log_access, render_access
-from foliod.rpc.interceptors import AccessLog, CallInfo, CallReporter
+from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter
 from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
@@ -303,21 +303,17 @@ class _Recorder:
         self.batches = 0
         self.fail_on = fail_on
 
-    def started(self, call: CallInfo) -> None:
-        self.events.append(("started", call.request_id))
-
-    def finished(self, call: CallInfo, seconds: float) -> None:
-        if call.request_id == self.fail_on:
-            raise RuntimeError("observer bug")
-        self.events.append(("finished", call.request_id))
-
-    def flush(self) -> None:
+    def report(self, events: Sequence[CallEvent]) -> None:
+        for call, seconds in events:
+            if seconds >= 0 and call.request_id == self.fail_on:
+                raise RuntimeError("observer bug")
+            self.events.append(("started" if seconds < 0 else "finished", call.request_id))
         self.batches += 1
 
 
 def test_call_reporter_reports_in_order_in_batches_and_survives_a_failing_observer() -> None:
-    """Observers hear queued events in order, flush once per batch; one failing skips only
-    the rest of its own batch, and close() reports whatever is still queued."""
+    """Observers hear queued events in order, a batch at a time; one failing skips only the
+    rest of its own batch, and close() reports whatever is still queued."""
     good, bad = _Recorder(), _Recorder(fail_on="b")
     reporter = CallReporter((bad, good))
     calls = {rid: CallInfo("s", "m", "unary", rid) for rid in "abc"}

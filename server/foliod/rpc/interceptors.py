@@ -73,15 +73,15 @@ class CallInfo:
         return self.peer
 
 
+# A call's start, (call, -1.0), or its end after seconds, (call, seconds).
+CallEvent: TypeAlias = tuple[CallInfo, float]
+
+
 class CallObserver(Protocol):
-    """Hears of calls from a CallReporter, on one thread at a time."""
+    """Hears of calls from a CallReporter, one thread at a time."""
 
-    def started(self, call: CallInfo) -> None: ...
-
-    def finished(self, call: CallInfo, seconds: float) -> None: ...
-
-    def flush(self) -> None:
-        """The end of a batch of events."""
+    def report(self, events: Sequence[CallEvent]) -> None:
+        """A batch of call starts and ends, in the order they happened."""
 
 
 def _grpc_type(handler: Handler) -> str:
@@ -158,9 +158,9 @@ class CallReporter:
     Handlers only queue each call's start and end (a C-level put), so access lines and metrics
     cost neither the response path nor grpc's poller thread, and the reporter thread wakes
     every REPORT_INTERVAL_SECONDS rather than once per call. A batch is taken and reported under
-    `lock`: observers see its events in order, then flush() once (one write for all its access
-    lines). flush() here reports what is queued at once, on the caller's thread: a scrape calls
-    it first, so metrics count every call answered before the scrape.
+    `lock`: each observer gets its events, in order, in one report() call (the access log writes
+    all its lines at once). flush() reports what is queued at once, on the caller's thread: a
+    scrape calls it first, so metrics count every call answered before the scrape.
     """
 
     def __init__(self, observers: Sequence[CallObserver] = ()) -> None:
@@ -211,13 +211,7 @@ class CallReporter:
             return
         for observer in self.observers:
             try:
-                started, finished = observer.started, observer.finished
-                for call, seconds in calls:
-                    if seconds < 0:
-                        started(call)
-                    else:
-                        finished(call, seconds)
-                observer.flush()
+                observer.report(calls)
             except Exception:
                 self._log.exception("call observer failed", calls=len(calls))
 
@@ -340,26 +334,21 @@ class AccessLog:
     """One access line per call: method, peer, code, duration, request id; never payloads.
     A batch's lines go out in one write."""
 
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def started(self, call: CallInfo) -> None:
-        pass
-
-    def finished(self, call: CallInfo, seconds: float) -> None:
-        line = render_access(
-            f"/{call.service}/{call.method}",
-            grpc_type=call.grpc_type,
-            peer=call.peer_address(),
-            code=call.code.name,
-            duration_ms=round(seconds * 1000, 3),
-            request_id=call.request_id,
-            at=call.ended_at,
-        )
-        if line:
-            self._lines.append(line)
-
-    def flush(self) -> None:
-        if self._lines:
-            write_lines("".join(self._lines))
-            self._lines.clear()
+    def report(self, events: Sequence[CallEvent]) -> None:
+        lines = []
+        for call, seconds in events:
+            if seconds < 0:
+                continue
+            line = render_access(
+                f"/{call.service}/{call.method}",
+                grpc_type=call.grpc_type,
+                peer=call.peer_address(),
+                code=call.code.name,
+                duration_ms=round(seconds * 1000, 3),
+                request_id=call.request_id,
+                at=call.ended_at,
+            )
+            if line:
+                lines.append(line)
+        if lines:
+            write_lines("".join(lines))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate
 
@@ -29,7 +29,7 @@ from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
-from foliod.rpc.interceptors import CallInfo, CallReporter
+from foliod.rpc.interceptors import CallEvent, CallReporter
 
 # Latency buckets from 100 us to 10 s: unary calls here take 0.2-5 ms, big allocations seconds.
 _LATENCY_BUCKETS = (
@@ -67,27 +67,22 @@ class GrpcServerMetrics(Collector):
         self._methods: dict[tuple[str, str, str], _MethodCalls] = {}
         registry.register(self)
 
-    def started(self, call: CallInfo) -> None:
-        self._calls(call).started += 1
-
-    def finished(self, call: CallInfo, seconds: float) -> None:
-        calls = self._calls(call)
-        code = call.code.name
-        calls.handled[code] = calls.handled.get(code, 0) + 1
-        calls.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        calls.seconds += seconds
-        calls.received += call.messages_received
-        calls.sent += call.messages_sent
-
-    def flush(self) -> None:
-        pass
-
-    def _calls(self, call: CallInfo) -> _MethodCalls:
-        key = (call.service, call.method, call.grpc_type)
-        calls = self._methods.get(key)
-        if calls is None:
-            calls = self._methods[key] = _MethodCalls()
-        return calls
+    def report(self, events: Sequence[CallEvent]) -> None:
+        methods = self._methods
+        for call, seconds in events:
+            key = (call.service, call.method, call.grpc_type)
+            calls = methods.get(key)
+            if calls is None:
+                calls = methods[key] = _MethodCalls()
+            if seconds < 0:
+                calls.started += 1
+                continue
+            code = call.code.name
+            calls.handled[code] = calls.handled.get(code, 0) + 1
+            calls.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+            calls.seconds += seconds
+            calls.received += call.messages_received
+            calls.sent += call.messages_sent
 
     def describe(self) -> Iterable[CounterMetricFamily]:
         return []
