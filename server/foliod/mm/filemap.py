@@ -138,7 +138,8 @@ class Inode:
         # The readahead state of reads by name, which share one open file description per file;
         # its ra_pages is the file's, copied into each handle at open.
         self.ra = RaState(ra_pages)
-        # Head index -> folio; index -> eviction age of a folio that left (shadow entry).
+        # Head index -> folio; index -> the shadow token a folio that left was evicted with
+        # (the policy's: an eviction age, or mglru's generation and tier).
         self.folios: dict[int, Folio] = {}
         self.shadows: dict[int, int] = {}
         self.nr_pages = 0
@@ -366,15 +367,14 @@ class PageCache:
         if folio.order:
             # The first page's shadow entry that there is; all of them go.
             pages = range(index, index + folio.nr_pages)
-            # Shadow ages are never 0: nonresident_age grows before it stamps one.
+            # Shadow tokens are never 0 (ReclaimPolicy.shadow).
             shadow = next(filter(None, map(shadows.pop, pages, repeat(None))), None)
             if shadow is not None:
                 _consume(map(shadows.pop, pages, repeat(None)))
         else:
             shadow = shadows.pop(index, None)
         if shadow is not None:
-            # The refault distance: evictions and activations since this folio left.
-            self.lru.refault(folio, self.lru.nonresident_age - shadow)
+            self.lru.refault(folio, shadow)
 
     def __remove(self, inode: Inode, folio: Folio, *, shadow: bool, free: bool = True) -> None:
         """Takes a folio out of its mapping and the LRU and frees it (unless its frame is
@@ -388,12 +388,9 @@ class PageCache:
             self.nr_dirty -= folio.nr_pages
             folio.dirty = False
         if shadow:
-            self.lru.nonresident_age += folio.nr_pages
+            token = self.lru.shadow(folio)
             inode.shadows.update(
-                zip(
-                    range(folio.index, folio.index + folio.nr_pages),
-                    repeat(self.lru.nonresident_age),
-                )
+                zip(range(folio.index, folio.index + folio.nr_pages), repeat(token))
             )
         folio.mapping = None
         if free:
@@ -614,7 +611,7 @@ class PageCache:
         lru, ra = self.lru, inode.ra
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
-        queue = lru.queue
+        queue, stamp = lru.queue, lru.shadow
         # A policy that only counts refaults has them counted here, in one go.
         count_refaults = type(lru).refault is ReclaimPolicy.refault
         capacity = self.capacity_pages if self.capacity_pages is not None else -1
@@ -656,12 +653,12 @@ class PageCache:
                         if requeue is None:
                             lru.remove(victim)
                         old = victim.mapping
-                        age = lru.nonresident_age = lru.nonresident_age + 1
+                        token = stamp(victim)
                         if old is inode:
                             del folios[victim.index]
-                            shadows[victim.index] = age
+                            shadows[victim.index] = token
                         else:
-                            self.__move_recycled(victim, inode, age)
+                            self.__move_recycled(victim, inode, token)
                         victim.index = index
                         victim.contents = None
                         victim.referenced = victim.active = victim.readahead = False
@@ -677,7 +674,7 @@ class PageCache:
                             if count_refaults:
                                 refaults += 1
                             else:
-                                refault(victim, lru.nonresident_age - shadow)
+                                refault(victim, shadow)
                         if requeue is None:
                             lru.mark_accessed(victim, True)
                         recycled += 1
@@ -722,12 +719,12 @@ class PageCache:
         return ra.reads_alone(index, 1, inode)
 
     @staticmethod
-    def __move_recycled(folio: Folio, inode: Inode, age: int) -> None:
+    def __move_recycled(folio: Folio, inode: Inode, shadow: int) -> None:
         """A recycled frame leaves another file for inode: its shadow entry and counts."""
         old = folio.mapping
         assert isinstance(old, Inode)
         del old.folios[folio.index]
-        old.shadows[folio.index] = age
+        old.shadows[folio.index] = shadow
         old.nr_pages -= 1
         inode.nr_pages += 1
         folio.mapping = inode

@@ -38,7 +38,7 @@ class ReclaimPolicy:
     def __init__(self, events: dict[VmEvent, int]) -> None:
         self.events = events
         self.nr_pages = 0
-        # Evictions and activations so far: what shadow entries are stamped with.
+        # Evictions and activations so far: what the base shadow() stamps entries with.
         self.nonresident_age = 0
         # A later access to a resident folio: mark_accessed(folio), or a cheaper callable with
         # the same effect.
@@ -92,8 +92,15 @@ class ReclaimPolicy:
     def nr_inactive(self) -> int:
         return self.nr_pages - self.nr_active
 
-    def refault(self, folio: Folio, distance: int) -> None:
-        """A folio evicted distance ages ago is back (workingset_refault)."""
+    def shadow(self, folio: Folio) -> int:
+        """The token an evicted folio leaves in its shadow entries (workingset_eviction), never
+        0; called once per eviction (truncation leaves none). Here the nonresident age, grown
+        by the folio's pages first."""
+        self.nonresident_age += folio.nr_pages
+        return self.nonresident_age
+
+    def refault(self, folio: Folio, shadow: int) -> None:
+        """A folio that left the token shadow is back, just added (workingset_refault)."""
         self.events[VmEvent.WORKINGSET_REFAULT_FILE] += folio.nr_pages
 
     def check(self) -> None:

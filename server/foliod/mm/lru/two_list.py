@@ -66,10 +66,11 @@ class TwoList(ReclaimPolicy):
         self.nonresident_age += folio.nr_pages
         self.events[VmEvent.PGACTIVATE] += folio.nr_pages
 
-    def refault(self, folio: Folio, distance: int) -> None:
-        super().refault(folio, distance)
-        # workingset_test_recent for file folios without swap: the active file list's size.
-        if distance <= self.__nr_active:
+    def refault(self, folio: Folio, shadow: int) -> None:
+        super().refault(folio, shadow)
+        # The refault distance (evictions and activations since the folio left), against
+        # workingset_test_recent's bound for file folios without swap: the active list's size.
+        if self.nonresident_age - shadow <= self.__nr_active:
             self.activate(folio)
             self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += folio.nr_pages
 
