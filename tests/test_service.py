@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.logs import configure_logging, log_access, render_access
-from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter
+from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter, StartCounts
 from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
@@ -296,42 +296,86 @@ def test_access_lines_render_as_structlog_renders_the_same_event(fmt: str) -> No
 
 
 class _Recorder:
-    """A CallObserver that records what it hears, and can be told to fail."""
+    """A CallObserver that records the request ids it hears of, and can be told to fail."""
 
     def __init__(self, fail_on: str = "") -> None:
-        self.events: list[tuple[str, str]] = []
+        self.ended: list[str] = []
         self.batches = 0
         self.fail_on = fail_on
 
     def report(self, events: Sequence[CallEvent]) -> None:
-        for call, seconds in events:
-            if seconds >= 0 and call.request_id == self.fail_on:
+        for call, _ in events:
+            if call.request_id == self.fail_on:
                 raise RuntimeError("observer bug")
-            self.events.append(("started" if seconds < 0 else "finished", call.request_id))
+            self.ended.append(call.request_id)
         self.batches += 1
 
 
 def test_call_reporter_reports_in_order_in_batches_and_survives_a_failing_observer() -> None:
-    """Observers hear queued events in order, a batch at a time; one failing skips only the
+    """Observers hear ended calls in order, a batch at a time; one failing skips only the
     rest of its own batch, and close() reports whatever is still queued."""
     good, bad = _Recorder(), _Recorder(fail_on="b")
     reporter = CallReporter((bad, good))
-    calls = {rid: CallInfo("s", "m", "unary", rid) for rid in "abc"}
-    for rid in "ab":
-        reporter.started(calls[rid])
-        reporter.finished(calls[rid], 0.001)
+    for rid in "abc":
+        reporter.finished(CallInfo("s", "m", "unary", rid), 0.001)
     reporter.flush()
-    assert good.events == [("started", "a"), ("finished", "a"), ("started", "b"), ("finished", "b")]
+    assert good.ended == ["a", "b", "c"]
     assert good.batches == 1 and bad.batches == 0
-    assert bad.events == [("started", "a"), ("finished", "a"), ("started", "b")]
+    assert bad.ended == ["a"]
     reporter.start()
-    reporter.started(calls["c"])
-    reporter.finished(calls["c"], 0.001)
+    reporter.finished(CallInfo("s", "m", "unary", "d"), 0.001)
     reporter.close()
-    assert good.events[-2:] == [("started", "c"), ("finished", "c")]
-    assert bad.events[-2:] == [("started", "c"), ("finished", "c")]
+    assert good.ended[-1] == "d" and bad.ended[-1] == "d"
     reporter.close()  # twice is harmless
-    assert good.events.count(("finished", "c")) == 1
+    assert good.ended.count("d") == 1
+
+
+def test_start_counts_are_exact_across_threads() -> None:
+    """Starts counted from many threads at once, each on its own table, add up exactly."""
+    starts = StartCounts()
+    keys = [("s", "A", "unary"), ("s", "B", "unary")]
+
+    def work(thread: int) -> None:
+        for i in range(5000):
+            starts.add(keys[(thread + i) % 2])
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert starts.totals() == {keys[0]: 15000, keys[1]: 15000}
+
+
+def test_a_call_in_flight_counts_as_started_not_handled(
+    make_server: Callable[..., FoliodServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape during a call counts it in grpc_server_started_total, not yet as handled."""
+    entered, release = threading.Event(), threading.Event()
+    real = FoliodServicer.GetMachine
+
+    def slow(self: FoliodServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(self, request, context)
+
+    monkeypatch.setattr(FoliodServicer, "GetMachine", slow)
+    server = make_server(ram=64 << 20)
+    _, stub = connect(server)
+    caller = threading.Thread(target=lambda: stub.GetMachine(pb.GetMachineRequest(), timeout=20))
+    caller.start()
+    try:
+        assert entered.wait(10)
+        labels = dict(grpc_service=SERVICE, grpc_method="GetMachine", grpc_type="unary")
+        samples = _scrape(server.metrics_port)
+        assert _value(samples, "grpc_server_started_total", **labels) == 1
+        assert not [v for got, v in samples.get("grpc_server_handled_total", [])
+                    if got.get("grpc_method") == "GetMachine"]  # fmt: skip
+    finally:
+        release.set()
+        caller.join(20)
+    samples = _scrape(server.metrics_port)
+    assert _value(samples, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
 
 
 def test_access_lines_of_concurrent_calls_are_whole_and_timestamped_at_the_call() -> None:
@@ -348,7 +392,6 @@ def test_access_lines_of_concurrent_calls_are_whole_and_timestamped_at_the_call(
             for i in range(200):
                 call = CallInfo("s", "m", "unary", f"{thread}-{i}", "ipv4:127.0.0.1:1")
                 call.ended_at = ended
-                reporter.started(call)
                 reporter.finished(call, 0.0005)
 
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]

@@ -73,15 +73,46 @@ class CallInfo:
         return self.peer
 
 
-# A call's start, (call, -1.0), or its end after seconds, (call, seconds).
+# A call that ended after seconds.
 CallEvent: TypeAlias = tuple[CallInfo, float]
+# (service, method, grpc_type): what gRPC metrics are labelled with.
+MethodKey: TypeAlias = tuple[str, str, str]
 
 
 class CallObserver(Protocol):
-    """Hears of calls from a CallReporter, one thread at a time."""
+    """Hears of ended calls from a CallReporter, one thread at a time."""
 
     def report(self, events: Sequence[CallEvent]) -> None:
-        """A batch of call starts and ends, in the order they happened."""
+        """A batch of ended calls, in the order they ended."""
+
+
+class StartCounts:
+    """Calls started, per method, counted on the call's own thread without a lock: each thread
+    adds to a table of its own (as the kernel keeps per-CPU counters) and a reader sums them.
+    A start is counted the moment the call begins, so a scrape sees calls still in flight."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._tables: list[dict[MethodKey, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, key: MethodKey) -> None:
+        try:
+            table: dict[MethodKey, int] = self._local.table
+        except AttributeError:
+            table = self._local.table = {}
+            with self._lock:
+                self._tables.append(table)
+        table[key] = table.get(key, 0) + 1
+
+    def totals(self) -> dict[MethodKey, int]:
+        with self._lock:
+            tables = list(self._tables)
+        totals: dict[MethodKey, int] = {}
+        for table in tables:
+            for key, count in list(table.items()):
+                totals[key] = totals.get(key, 0) + count
+        return totals
 
 
 def _grpc_type(handler: Handler) -> str:
@@ -155,8 +186,8 @@ def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
 class CallReporter:
     """Hands observed calls to the observers, in batches, on a thread of its own.
 
-    Handlers only queue each call's start and end (a C-level put), so access lines and metrics
-    cost neither the response path nor grpc's poller thread, and the reporter thread wakes
+    Handlers count each call's start in `starts` and queue its end (a C-level put), so access
+    lines and metrics cost neither the response path nor grpc's poller thread; the thread wakes
     every REPORT_INTERVAL_SECONDS rather than once per call. A batch is taken and reported under
     `lock`: each observer gets its events, in order, in one report() call (the access log writes
     all its lines at once). flush() reports what is queued at once, on the caller's thread: a
@@ -167,7 +198,8 @@ class CallReporter:
         self.observers = tuple(observers)
         # Held while a batch is taken and reported; readers of an observer's state take it too.
         self.lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[CallInfo, float]] = queue.SimpleQueue()
+        self.starts = StartCounts()
+        self._queue: queue.SimpleQueue[CallEvent] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="call_reporter", daemon=True)
         self._log = structlog.get_logger("foliod.rpc")
@@ -182,8 +214,8 @@ class CallReporter:
             self._thread.join()
         self.flush()
 
-    def started(self, call: CallInfo) -> None:
-        self._queue.put((call, -1.0))
+    def started(self, key: MethodKey) -> None:
+        self.starts.add(key)
 
     def finished(self, call: CallInfo, seconds: float) -> None:
         self._queue.put((call, seconds))
@@ -239,6 +271,7 @@ class ObservingInterceptor(_CachingInterceptor):
         _, _, rest = full_method.partition("/")
         service, _, method = rest.partition("/")
         grpc_type = _grpc_type(handler)
+        method_key = (service, method, grpc_type)
         inner = _behavior(handler)
         started, finished = self._reporter.started, self._reporter.finished
         log = self._log
@@ -251,9 +284,9 @@ class ObservingInterceptor(_CachingInterceptor):
                     request_id = value[:_MAX_REQUEST_ID]
             if not request_id:
                 request_id = f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+            started(method_key)
             call = CallInfo(service, method, grpc_type, request_id, context=context)
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-            started(call)
             return call
 
         def end(
@@ -337,8 +370,6 @@ class AccessLog:
     def report(self, events: Sequence[CallEvent]) -> None:
         lines = []
         for call, seconds in events:
-            if seconds < 0:
-                continue
             line = render_access(
                 f"/{call.service}/{call.method}",
                 grpc_type=call.grpc_type,

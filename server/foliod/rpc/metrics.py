@@ -45,7 +45,6 @@ _LABELS = ("grpc_service", "grpc_method", "grpc_type")
 class _MethodCalls:
     """What one method's calls added up to since start."""
 
-    started: int = 0
     handled: dict[str, int] = field(default_factory=dict)
     # Calls per latency bucket (the last is +Inf), not yet cumulative.
     buckets: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS) + 1))
@@ -57,9 +56,10 @@ class _MethodCalls:
 class GrpcServerMetrics(Collector):
     """CallObserver keeping grpc-prometheus's grpc_server_* metrics, and their collector.
 
-    Calls are counted in plain integers: the CallReporter calls observers on one thread at a
-    time under its lock, which collect() takes too, after flushing the reporter so that every
-    call answered before the scrape is in it.
+    Ended calls are counted in plain integers: the CallReporter calls observers on one thread
+    at a time under its lock, which collect() takes too, after flushing the reporter so that
+    every call answered before the scrape is in it. Starts come from the reporter's per-thread
+    StartCounts, so calls still in flight count as started.
     """
 
     def __init__(self, registry: CollectorRegistry, reporter: CallReporter) -> None:
@@ -74,9 +74,6 @@ class GrpcServerMetrics(Collector):
             calls = methods.get(key)
             if calls is None:
                 calls = methods[key] = _MethodCalls()
-            if seconds < 0:
-                calls.started += 1
-                continue
             code = call.code.name
             calls.handled[code] = calls.handled.get(code, 0) + 1
             calls.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
@@ -109,10 +106,14 @@ class GrpcServerMetrics(Collector):
             "grpc_server_msg_sent", "Messages sent by the server.", labels=_LABELS
         )
         bounds = [*(floatToGoString(b) for b in _LATENCY_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+        starts = self._reporter.starts.totals()
         with self._reporter.lock:
-            for key, calls in sorted(self._methods.items()):
+            for key in sorted(starts.keys() | self._methods.keys()):
                 labels = list(key)
-                started.add_metric(labels, calls.started)
+                started.add_metric(labels, starts.get(key, 0))
+                calls = self._methods.get(key)
+                if calls is None:
+                    continue
                 for code, count in sorted(calls.handled.items()):
                     handled.add_metric([*labels, code], count)
                 handling.add_metric(
