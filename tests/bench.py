@@ -103,8 +103,10 @@ from foliod.v1 import foliod_pb2_grpc
 from foliodclient import Batch, BatchResult, FoliodClient
 
 REPEATS = 3
-# RPC rates pair foliod's runs with the empty handler's: more pairs, as RPC rates are noisier.
-RPC_REPEATS = 6
+# RPC rates pair foliod's runs with the empty handler's, in short blocks: RPC_ROUNDS rounds,
+# each of rpc_calls / RPC_BLOCKS calls per server and mode.
+RPC_ROUNDS = 24
+RPC_BLOCKS = 12
 REPLAY_REPEATS = 5
 QUICK_DIVISOR = 5
 SERVER_READY_TIMEOUT_S = 10.0
@@ -484,23 +486,26 @@ class Subject:
 def measure_rpc(
     real: Subject, empty: Subject, counts: Counts
 ) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
-    """(sequential rates, concurrent rates) of foliod and of the empty handler, measured turn
-    about, repetition by repetition, so that each pair of runs sees the same machine (this
-    shared VM's speed drifts by 2x within minutes); which goes first alternates."""
+    """(sequential rates, concurrent rates) of foliod and of the empty handler, one rate per
+    round. Each round times a block of rpc_calls / RPC_BLOCKS calls on each server, turn about
+    and in alternating order, sequential then concurrent: blocks a fraction of a second long
+    pair up runs that saw the same machine (this shared VM's speed drifts by 2x within
+    minutes, and a few seconds apart two runs no longer compare)."""
     rates: dict[int, tuple[list[float], list[float]]] = {id(real): ([], []), id(empty): ([], [])}
+    block = max(CLIENT_THREADS, counts.rpc_calls // RPC_BLOCKS)
     with futures.ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
         for subject in (real, empty):
             sequential_calls(subject.call, 0, counts.rpc_warmup)
             rpc_rate_concurrent(subject.call, pool, counts.rpc_warmup)
             subject.reset()
-        for repeat in range(RPC_REPEATS):
-            pair = (real, empty) if repeat % 2 == 0 else (empty, real)
+        for round_ in range(RPC_ROUNDS):
+            pair = (real, empty) if round_ % 2 == 0 else (empty, real)
             for subject in pair:
-                calls, seconds = rpc_rate_sequential(subject.call, counts.rpc_calls)
+                calls, seconds = rpc_rate_sequential(subject.call, block)
                 rates[id(subject)][0].append(calls / seconds)
                 subject.reset()
             for subject in pair:
-                calls, seconds = rpc_rate_concurrent(subject.call, pool, counts.rpc_calls)
+                calls, seconds = rpc_rate_concurrent(subject.call, pool, block)
                 rates[id(subject)][1].append(calls / seconds)
                 subject.reset()
     return rates[id(real)], rates[id(empty)]
@@ -604,8 +609,14 @@ def add_rpc_results(
         ("1 in flight", real[0], empty[0]),
         (f"{CLIENT_THREADS} in flight", real[1], empty[1]),
     ):
+        block = max(CLIENT_THREADS, n // RPC_BLOCKS)
         real_result = report.add(
-            summarize(section, f"foliod {what}, {label} ({n:,} calls)", "RPC/s", real_rates)
+            summarize(
+                section,
+                f"foliod {what}, {label} ({RPC_ROUNDS} x {block:,} calls)",
+                "RPC/s",
+                real_rates,
+            )
         )
         empty_result = report.add(
             summarize(section, f"empty grpcio handler, {label}", "RPC/s", empty_rates)

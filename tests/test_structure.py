@@ -13,7 +13,7 @@ from pathlib import Path
 import foliod.mm
 import foliodclient
 from foliod.mm.filemap import IoStats
-from foliod.rpc.servicer import _io_stats
+from foliod.rpc.servicer import _set_io_stats
 from foliod.v1 import foliod_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,5 +124,7 @@ def test_every_io_stats_field_reaches_the_wire() -> None:
     """The servicer copies IoStats field by field: a new field must be added there too."""
     names = [f.name for f in dataclasses.fields(IoStats)]
     assert names == [f.name for f in pb.IoStats.DESCRIPTOR.fields]
-    stats = IoStats(1, 2, 3, 0.5)
-    assert [getattr(_io_stats(stats), n) for n in names] == [getattr(stats, n) for n in names]
+    stats = IoStats(1, 2, 3, 0.5, 0.25)
+    wire = pb.IoStats()
+    _set_io_stats(wire, stats)
+    assert [getattr(wire, n) for n in names] == [getattr(stats, n) for n in names]
