@@ -456,12 +456,21 @@ class PageCache:
         """Allocates and inserts folios for (index, order) slots not cached yet; a slot that is
         partly cached becomes base pages. Appends the new folios to made as it goes (so a caller
         can undo them when an allocation fails) and returns it."""
+        if not layout:
+            return made
+        folios = inode.folios
+        # Nothing cached anywhere in the layout's span (the common case): no slot needs a look.
+        # Allocating only evicts, and the folios made here are not reclaimed (busy).
+        lo, (last, last_order) = layout[0][0], layout[-1]
+        span_empty = inode.find(lo) is None and folios.keys().isdisjoint(
+            range(lo + 1, last + (1 << last_order))
+        )
         for index, order in layout:
             slots = [(index, order)]
-            folios = inode.folios
             # Cached in part: a folio covers index, or one starts inside the slot.
-            if inode.find(index) or not folios.keys().isdisjoint(
-                range(index + 1, index + (1 << order))
+            if not span_empty and (
+                inode.find(index)
+                or not folios.keys().isdisjoint(range(index + 1, index + (1 << order)))
             ):
                 slots = [(i, 0) for i in range(index, index + (1 << order)) if not inode.find(i)]
             for slot_index, slot_order in slots:
@@ -612,14 +621,15 @@ class PageCache:
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
         queue, stamp = lru.queue, lru.shadow
-        # A policy that only counts refaults has them counted here, in one go.
+        # A policy that only counts refaults has them counted here, in one go; one that stamps
+        # shadow entries with the nonresident age has them stamped here.
         count_refaults = type(lru).refault is ReclaimPolicy.refault
+        age_tokens = type(lru).shadow is ReclaimPolicy.shadow
         capacity = self.capacity_pages if self.capacity_pages is not None else -1
         ra_pages = ra.ra_pages
         read_seconds = self.store.device.read_seconds(PAGE_SIZE)
         fresh: set[Folio] = set()
         hits = recycled = allocated = refaults = 0
-        device_seconds = 0.0
         prev = ra.prev_index
         last: Folio | None = None  # the folio of the last hit
         try:
@@ -652,18 +662,24 @@ class PageCache:
                         # frame is read in at index: the object is reused, reset as new.
                         if requeue is None:
                             lru.remove(victim)
-                        old = victim.mapping
-                        token = stamp(victim)
-                        if old is inode:
-                            del folios[victim.index]
-                            shadows[victim.index] = token
+                        if age_tokens:  # ReclaimPolicy.shadow of a base page
+                            token = lru.nonresident_age = lru.nonresident_age + 1
+                        else:
+                            token = stamp(victim)
+                        if requeue is None:
+                            # Policy state (requeue's policies, lru and fifo, keep none).
+                            victim.referenced = victim.active = False
+                            victim.gen = victim.refs = 0
+                        if victim.mapping is inode:
+                            victim_index = victim.index
+                            del folios[victim_index]
+                            shadows[victim_index] = token
                         else:
                             self.__move_recycled(victim, inode, token)
                         victim.index = index
                         victim.contents = None
-                        victim.referenced = victim.active = victim.readahead = False
+                        victim.readahead = False
                         victim.dirtied_at = 0.0
-                        victim.gen = victim.refs = 0
                         folios[index] = victim
                         if requeue is None:
                             lru.add(victim)
@@ -678,7 +694,6 @@ class PageCache:
                         if requeue is None:
                             lru.mark_accessed(victim, True)
                         recycled += 1
-                        device_seconds += read_seconds
                         prev = index
                         continue
                     if nr_pages < capacity or capacity < 0:
@@ -691,7 +706,6 @@ class PageCache:
                         self.busy.clear()
                         lru.mark_accessed(folio, True)
                         allocated += 1
-                        device_seconds += read_seconds
                         prev = index
                         continue
                 # Anything else takes read()'s path.
@@ -708,7 +722,8 @@ class PageCache:
                 recycled=recycled,
                 allocated=allocated,
                 refaults=refaults,
-                device_seconds=device_seconds,
+                # Each miss on the short path is one page read alone.
+                device_seconds=(recycled + allocated) * read_seconds,
             )
 
     @staticmethod
