@@ -1036,7 +1036,9 @@ def print_header(header: dict[str, object]) -> None:
     print(
         f"foliod benchmark: python {header['python']} ({header['implementation']}), "
         f"cpu_count {header['cpu_count']}, {header['date']}, "
-        f"{'quick' if header['quick'] else 'normal'} counts, best and median of {REPEATS}",
+        f"{'quick' if header['quick'] else 'normal'} counts; best and median of {REPEATS} runs "
+        f"({REPLAY_REPEATS} rounds turn about for replay, {RPC_ROUNDS} rounds of short blocks "
+        "turn about for RPC rates); ratios: best / best, and the median of the paired ratios",
         flush=True,
     )
 
