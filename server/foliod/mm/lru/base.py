@@ -119,20 +119,23 @@ class ReclaimPolicy:
         scan_event = VmEvent.PGSCAN_DIRECT if direct else VmEvent.PGSCAN_KSWAPD
         steal_event = VmEvent.PGSTEAL_DIRECT if direct else VmEvent.PGSTEAL_KSWAPD
         freed = 0
-        budget = self.nr_pages + 1
-        while freed < nr_to_reclaim and budget > 0:
-            folio = self.victim()
-            if folio is None:
-                break
-            budget -= folio.nr_pages
-            self.events[scan_event] += folio.nr_pages
-            if evictor.is_busy(folio):
-                self.pass_over(folio)
-                continue
-            if folio.dirty:
-                evictor.writeback_folio(folio)
-                self.events[VmEvent.PGROTATED] += folio.nr_pages
-            evictor.evict_folio(folio)
-            freed += folio.nr_pages
-            self.events[steal_event] += folio.nr_pages
+        budget = start = self.nr_pages + 1
+        try:
+            while freed < nr_to_reclaim and budget > 0:
+                folio = self.victim()
+                if folio is None:
+                    break
+                budget -= folio.nr_pages
+                if evictor.is_busy(folio):
+                    self.pass_over(folio)
+                    continue
+                if folio.dirty:
+                    evictor.writeback_folio(folio)
+                    self.events[VmEvent.PGROTATED] += folio.nr_pages
+                evictor.evict_folio(folio)
+                freed += folio.nr_pages
+        finally:
+            # Scanned and stolen pages, counted once (every page looked at left the budget).
+            self.events[scan_event] += start - budget
+            self.events[steal_event] += freed
         return freed

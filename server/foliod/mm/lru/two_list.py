@@ -74,11 +74,6 @@ class TwoList(ReclaimPolicy):
             self.activate(folio)
             self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += folio.nr_pages
 
-    def inactive_is_low(self) -> bool:
-        gib = self.nr_pages // _GIB_PAGES
-        ratio = math.isqrt(10 * gib) if gib else 1
-        return (self.nr_pages - self.__nr_active) * ratio < self.__nr_active
-
     def shrink_active(self, nr_to_scan: int) -> None:
         """Moves folios from the active tail to the inactive head (shrink_active_list)."""
         scanned = 0
@@ -94,7 +89,11 @@ class TwoList(ReclaimPolicy):
         self.events[VmEvent.PGREFILL] += scanned
 
     def victim(self) -> Folio | None:
-        if self.inactive_is_low() or not self.inactive:
+        nr_pages, nr_active = self.nr_pages, self.__nr_active
+        gib = nr_pages // _GIB_PAGES
+        # inactive_is_low: the inactive list under its target share of the two.
+        low = (nr_pages - nr_active) * (math.isqrt(10 * gib) if gib else 1) < nr_active
+        if low or not self.inactive:
             self.shrink_active(max(_REFILL_BATCH, self.__nr_active - self.nr_inactive))
         if not self.inactive:
             return None
