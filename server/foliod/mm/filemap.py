@@ -32,6 +32,7 @@ from foliod.mm.errors import (
     WritebackFailed,
 )
 from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
+from foliod.mm.huge_memory import HPAGE_PMD_ORDER
 from foliod.mm.lru import ReclaimPolicy
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
@@ -50,6 +51,8 @@ MAX_FILE_BYTES = 1 << 44  # 16 TiB
 # Largest read or write of one call.
 MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
+# Orders with per-CPU free lists: up to PAGE_ALLOC_COSTLY_ORDER, and the PMD (THP) order.
+_PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))
 # The longest a writer is paused (MAX_PAUSE, HZ / 5).
 MAX_PAUSE_SECONDS = 0.2
 # Runs an iterator to its end in C (itertools' consume recipe).
@@ -66,8 +69,9 @@ class CacheAllocator(Protocol):
     def split_cache_folio(self, folio: Folio) -> list[Folio]: ...
 
     def recycle_cache_frames(self, nr: int) -> None:
-        """nr order-0 frames went straight from evicted folios to new ones (the per-CPU
-        list's LIFO order): counted as freed and allocated, the buddy lists untouched."""
+        """nr pages of frames went straight from evicted folios to new ones of the same order
+        (the per-CPU lists' LIFO order): counted as freed and allocated, the buddy lists
+        untouched."""
         ...
 
 
@@ -242,8 +246,9 @@ class PageCache:
     nr_read_ahead: int = 0
 
     def __post_init__(self) -> None:
-        # Limit reclaim making room for one base page keeps the first base-page frame it frees.
-        self.__recycling = False
+        # Limit reclaim making room for a folio of a per-CPU-list order keeps the last frame
+        # of that order it frees (see __make_room).
+        self.__recycling: int | None = None
         self.__recycled: Folio | None = None
         settings = self.store.settings()
         for name, size in self.store.names().items():
@@ -400,21 +405,22 @@ class PageCache:
         """Evictor: the current call holds this folio."""
         return folio in self.busy
 
-    def __make_room(self, nr_pages: int) -> Folio | None:
-        """Evicts what the policy chooses until nr_pages more fit under the capacity
-        (memcg-style limit reclaim). Room for one base page is made with the frame of the
-        first base-page folio evicted, which is returned for reuse (a frame freed onto the
-        per-CPU list is the next one allocated from it); None when there is none."""
+    def __make_room(self, order: int) -> Folio | None:
+        """Evicts what the policy chooses until a folio of order fits under the capacity
+        (memcg-style limit reclaim). For the orders the kernel keeps per-CPU free lists of
+        (0..PAGE_ALLOC_COSTLY_ORDER, and the PMD order), the frame of the last evicted folio
+        of that order is returned for reuse, as the per-CPU list hands back the block freed
+        last (rmqueue_pcplist); None when there is none."""
         assert self.capacity_pages is not None
-        over = self.nr_pages + nr_pages - self.capacity_pages
+        over = self.nr_pages + (1 << order) - self.capacity_pages
         if over <= 0:
             return None
-        self.__recycling = nr_pages == 1
+        self.__recycling = order if order in _PCP_ORDERS else None
         self.__recycled = None
         try:
             freed = self.lru.shrink(over, self, True)
         finally:
-            self.__recycling = False
+            self.__recycling = None
         recycled, self.__recycled = self.__recycled, None
         if freed < over:
             if recycled is not None:
@@ -425,22 +431,24 @@ class PageCache:
                 metadata={"capacity_pages": str(self.capacity_pages)},
             )
         if recycled is not None:
-            self.allocator.recycle_cache_frames(1)
-            return Folio(0, recycled.pfn, 0, FolioKind.FILE, "")
+            self.allocator.recycle_cache_frames(1 << order)
+            return Folio(0, recycled.pfn, order, FolioKind.FILE, "")
         return None
 
     def evict_folio(self, folio: Folio) -> None:
         """Evictor: reclaim frees a clean folio, leaving shadow entries."""
         assert isinstance(folio.mapping, Inode)
-        keep = self.__recycling and self.__recycled is None and not folio.order
+        keep = folio.order == self.__recycling
         self.__remove(folio.mapping, folio, shadow=True, free=not keep)
         if keep:
+            if self.__recycled is not None:  # freed earlier: not the one handed back
+                self.allocator.free_cache_folio(self.__recycled)
             self.__recycled = folio
 
     def __alloc(self, order: int) -> Folio:
         """A cache folio of order, falling back to base pages when large ones cannot be had."""
         if self.capacity_pages is not None:
-            recycled = self.__make_room(1 << order)
+            recycled = self.__make_room(order)
             if recycled is not None:
                 return recycled
         try:
