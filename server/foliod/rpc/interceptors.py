@@ -214,9 +214,6 @@ class CallReporter:
             self._thread.join()
         self.flush()
 
-    def started(self, key: MethodKey) -> None:
-        self.starts.add(key)
-
     def finished(self, call: CallInfo, seconds: float) -> None:
         self._queue.put((call, seconds))
 
@@ -273,7 +270,7 @@ class ObservingInterceptor(_CachingInterceptor):
         grpc_type = _grpc_type(handler)
         method_key = (service, method, grpc_type)
         inner = _behavior(handler)
-        started, finished = self._reporter.started, self._reporter.finished
+        started, finished = self._reporter.starts.add, self._reporter.finished
         log = self._log
         request_streaming = handler.request_streaming
 
@@ -325,7 +322,8 @@ class ObservingInterceptor(_CachingInterceptor):
             try:
                 response = inner(request, context)
                 failed = False
-                if context_code(context) in (None, grpc.StatusCode.OK):
+                code = context.code()  # type: ignore[attr-defined]
+                if code is None or code is grpc.StatusCode.OK:
                     call.messages_sent = 1
                 return response
             except Exception as exc:
