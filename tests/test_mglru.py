@@ -13,29 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from foliod.mm import PAGE_SIZE, Machine, check_machine
-from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
+from foliod.mm import Machine, check_machine
 from foliod.mm.lru.mglru import MAX_REFS, Mglru, lru_tier_from_refs
 from foliod.mm.mm_types import Folio
-
-RAM_BYTES = 64 << 20
-FILE = "trace"
+from tests.test_policies import FILE
+from tests.test_policies import make_machine as make_policy_machine
 
 
 def make_machine(tmp_path: Path, capacity: int, nr_keys: int = 5000) -> Machine:
     """A capacity-page cache of one nr_keys-page file under mglru."""
-    machine = Machine(
-        "t",
-        RAM_BYTES,
-        store=BackingStore(tmp_path / "store", DEVICE_PROFILES["nvme"]),
-        reclaim_policy="mglru",
-        cache_capacity_pages=capacity,
-        ra_pages=0,
-        max_file_order=0,
-    )
-    machine.files.create(FILE)
-    machine.files.truncate(FILE, nr_keys * PAGE_SIZE)
-    return machine
+    return make_policy_machine(tmp_path, "mglru", capacity, nr_keys)
 
 
 def policy_of(machine: Machine) -> Mglru:
