@@ -4,6 +4,8 @@ pipelining, the asyncio client, guests, and equivalence with unary calls."""
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
 from collections.abc import Iterator
 from queue import Queue
 from typing import Any
@@ -14,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.rpc.batch import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES
 from foliod.server import FoliodServer
@@ -504,3 +507,54 @@ def test_open_streams_are_capped_below_the_worker_count(make_server: ServerFacto
             queue.put(None)  # the request iterator ends: the stream half-closes
             assert list(call) == []
         assert [r.id for r in stub.Submit(iter([request]), timeout=10)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("ending", "code"), [("cancel", "CANCELLED"), ("deadline", "DEADLINE_EXCEEDED")]
+)
+def test_a_stream_the_client_ends_is_counted_with_its_code(
+    make_server: ServerFactory, ending: str, code: str
+) -> None:
+    """A Submit stream the client cancels, or whose deadline passes, is reported once, with
+    CANCELLED or DEADLINE_EXCEEDED and the messages it carried, once the stream is over."""
+    server = make_server()
+    request = pb.SubmitRequest(id=1, ops=[pb.OP_CODE_FREE], handles=[5])
+
+    def submit_samples() -> dict[tuple[str, str], float]:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, sample.labels.get("grpc_code", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels.get("grpc_method") == "Submit"
+        }
+
+    chan, stub = connect(server)
+    with chan:
+        queue: Queue[pb.SubmitRequest | None] = Queue()
+        call = stub.Submit(_requests(queue), timeout=20 if ending == "cancel" else 1)
+        queue.put(request)
+        assert next(call).id == 1
+        if ending == "cancel":
+            call.cancel()
+        else:
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)  # nothing more comes: the deadline passes
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        queue.put(None)
+        deadline = time.monotonic() + 10
+        samples = submit_samples()
+        while time.monotonic() < deadline and not any(
+            name == "grpc_server_handled_total" for name, _ in samples
+        ):  # the server ends the stream on its own schedule
+            time.sleep(0.05)
+            samples = submit_samples()
+    handled = {
+        code: v for (name, code), v in samples.items() if name == "grpc_server_handled_total"
+    }
+    assert handled == {code: 1.0}
+    assert samples[("grpc_server_started_total", "")] == 1.0
+    assert samples[("grpc_server_msg_received_total", "")] == 1.0
+    assert samples[("grpc_server_msg_sent_total", "")] == 1.0

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from foliod.logs import configure_logging, log_access, render_access
+from foliod.logs import configure_logging, render_access, write_lines
 from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter, StartCounts
 from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
@@ -279,10 +279,10 @@ def test_access_lines_render_as_structlog_renders_the_same_event(fmt: str) -> No
     buffer = io.StringIO()
     try:
         configure_logging("info", fmt, stream=buffer)
-        log_access("/foliod.v1.Foliod/ReadFile", **fields)
+        write_lines(render_access("/foliod.v1.Foliod/ReadFile", **fields))
         structlog.get_logger("t").info("rpc", method="/foliod.v1.Foliod/ReadFile", **fields)
         configure_logging("warning", fmt, stream=buffer)
-        log_access("/foliod.v1.Foliod/ReadFile", **fields)  # below the level: dropped
+        write_lines(render_access("/foliod.v1.Foliod/ReadFile", **fields))  # below: dropped
     finally:
         configure_logging("warning", "json")
     lines = buffer.getvalue().splitlines()

@@ -80,22 +80,6 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
 _access_log = structlog.get_logger("foliod.access")
 
 
-def log_access(
-    method: str, *, grpc_type: str, peer: str, code: str, duration_ms: float, request_id: str
-) -> None:
-    """One access line at info level: an "rpc" event with the call's fields."""
-    write_lines(
-        render_access(
-            method,
-            grpc_type=grpc_type,
-            peer=peer,
-            code=code,
-            duration_ms=duration_ms,
-            request_id=request_id,
-        )
-    )
-
-
 def render_access(
     method: str,
     *,

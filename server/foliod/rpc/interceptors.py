@@ -148,26 +148,16 @@ def _behavior(handler: Handler) -> Behavior:
     return behavior
 
 
-class _CachingInterceptor(grpc.ServerInterceptor):
-    """Wraps each method's handler once and reuses the wrapper for every later call."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Handler | None] = {}
-
-    def intercept_service(
-        self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
-    ) -> Handler | None:
-        method: str = details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
-        handler: Handler | None = continuation(details)
-        wrapped = None if handler is None else self._wrap(method, handler)
-        if len(self._wrapped) < _MAX_CACHED_METHODS:
-            self._wrapped[method] = wrapped
-        return wrapped
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
-        raise NotImplementedError
+def _cut_short_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The code of a call cut short without a status set (grpc sets none when the client ends
+    a call): DEADLINE_EXCEEDED once its deadline has passed, CANCELLED if the client ended it
+    otherwise, UNKNOWN while the call is still active (the handler failed on its own)."""
+    if context.is_active():
+        return grpc.StatusCode.UNKNOWN
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _Status(grpc.Status):
@@ -245,7 +235,7 @@ class CallReporter:
                 self._log.exception("call observer failed", calls=len(calls))
 
 
-class ObservingInterceptor(_CachingInterceptor):
+class ObservingInterceptor(grpc.ServerInterceptor):
     """Maps errors to statuses and reports every call's start and end to a CallReporter.
 
     One wrapper does both, as one layer costs each call less than two. The call's request id
@@ -260,9 +250,22 @@ class ObservingInterceptor(_CachingInterceptor):
     """
 
     def __init__(self, reporter: CallReporter) -> None:
-        super().__init__()
         self._reporter = reporter
         self._log = structlog.get_logger("foliod.rpc")
+        # Each method's handler is wrapped once; the wrapper serves every later call.
+        self._wrapped: dict[str, Handler | None] = {}
+
+    def intercept_service(
+        self, continuation: Callable[[HandlerCallDetails], Any], details: HandlerCallDetails
+    ) -> Handler | None:
+        method: str = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler: Handler | None = continuation(details)
+        wrapped = None if handler is None else self._wrap(method, handler)
+        if len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[method] = wrapped
+        return wrapped
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
         _, _, rest = full_method.partition("/")
@@ -287,14 +290,15 @@ class ObservingInterceptor(_CachingInterceptor):
             return call
 
         def end(
-            call: CallInfo, context: grpc.ServicerContext, seconds: float, failed: bool
+            call: CallInfo,
+            context: grpc.ServicerContext,
+            seconds: float,
+            cut_short: grpc.StatusCode | None,
         ) -> None:
+            """Reports the call with the code it ended with: the status set on it, else
+            cut_short for a handler that did not finish, else OK."""
             call.ended_at = time.time()
-            code = context_code(context)
-            if code is not None:
-                call.code = code
-            elif failed:
-                call.code = grpc.StatusCode.UNKNOWN
+            call.code = context_code(context) or cut_short or grpc.StatusCode.OK
             finished(call, seconds)
 
         def count_requests(call: CallInfo, requests: Iterator[Any]) -> Iterator[Any]:
@@ -331,7 +335,12 @@ class ObservingInterceptor(_CachingInterceptor):
                     raise
                 abort(call, context, exc)
             finally:
-                end(call, context, time.perf_counter() - start, failed)
+                end(
+                    call,
+                    context,
+                    time.perf_counter() - start,
+                    _cut_short_code(context) if failed else None,
+                )
 
         def streaming_response(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = begin(context)
@@ -348,9 +357,12 @@ class ObservingInterceptor(_CachingInterceptor):
                 failed = False
             finally:
                 seconds = time.perf_counter() - start
+                # Asked now: once the stream is over no call is active. A stream the client
+                # cancelled can also end with the handler done (its requests simply stop).
+                cut_short = _cut_short_code(context) if failed or not context.is_active() else None
 
                 def report() -> None:
-                    end(call, context, seconds, failed)
+                    end(call, context, seconds, cut_short)
 
                 # Once the stream is over: a cancelled one has its code only then.
                 if not context.add_callback(report):

@@ -29,7 +29,7 @@ from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
-from foliod.rpc.interceptors import CallEvent, CallReporter
+from foliod.rpc.interceptors import CallEvent, CallReporter, MethodKey
 
 # Latency buckets from 100 us to 10 s: unary calls here take 0.2-5 ms, big allocations seconds.
 _LATENCY_BUCKETS = (
@@ -64,7 +64,7 @@ class GrpcServerMetrics(Collector):
 
     def __init__(self, registry: CollectorRegistry, reporter: CallReporter) -> None:
         self._reporter = reporter
-        self._methods: dict[tuple[str, str, str], _MethodCalls] = {}
+        self._methods: dict[MethodKey, _MethodCalls] = {}
         registry.register(self)
 
     def report(self, events: Sequence[CallEvent]) -> None:
