@@ -19,7 +19,9 @@ What is measured:
 2. gRPC: sequential (1 in flight) and concurrent (8 client threads) Allocate RPCs against a real
    foliod server, and against an empty grpcio handler of the same shape (it deserializes an
    AllocateRequest and returns an empty AllocateResponse), both in separate processes and driven
-   by the same client code, so the ratio shows what foliod adds on top of grpcio itself.
+   by the same client code, so the ratio shows what foliod adds on top of grpcio itself. The
+   empty handler runs on foliod's executor (``foliod.rpc.pool.WorkerPool``) with foliod's
+   default threads, so the two differ only in the code a call runs.
 
 3. The memory-map report on a 1 TiB machine: boot (machine construction) time, ``memmap()``
    reports per second, and the resident memory of a fresh process before and after boot.
@@ -37,9 +39,11 @@ What is measured:
 5. gRPC ReadFile (``--only read_rpc``): 4 KiB reads at random page-aligned offsets of a 1 MiB
    file that is fully in the page cache, 1 and 8 in flight, against a real foliod server (1 GiB
    of RAM, default info logging, to a file) and against an empty handler that returns 4 KiB of
-   zeros, both in separate processes and driven by the same client code. In 2. and 5. both
-   servers run side by side and are measured turn about, repetition by repetition, so each
-   pair of runs sees the same machine.
+   zeros (as in 2.), and against the same empty handler on a ``ThreadPoolExecutor`` of 8
+   threads, as grpcio's examples serve (foliod's executor before it had its own), all in
+   separate processes and driven by the same client code. In 2. and 5. the servers run side by
+   side and are measured turn about, repetition by repetition, so each set of runs sees the
+   same machine.
 
 6. Guests (``--only guests``): creating and destroying a 64 GiB guest on a 256 GiB host, per
    backing (lazily backed ones allocate nothing up front; HugeTLB ones reserve every page).
@@ -85,7 +89,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -94,10 +98,12 @@ from typing import TypeVar
 
 import grpc
 
+from foliod.config import Config
 from foliod.mm import MAX_PAGE_ORDER, FolioKind, Machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.machine import Machines
+from foliod.rpc.pool import WorkerPool
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import Batch, BatchResult, FoliodClient
@@ -441,6 +447,8 @@ def allocate_request() -> pb.AllocateRequest:
 
 # Makes RPC number i (its argument) and waits for the reply; the same code drives both servers.
 RpcCall = Callable[[int], object]
+# One server's RPC rates: (1 in flight, CLIENT_THREADS in flight), one rate per round.
+RpcRates = tuple[list[float], list[float]]
 
 
 def sequential_calls(call: RpcCall, first: int, n: int) -> None:
@@ -483,68 +491,63 @@ class Subject:
     reset: Callable[[], None] = lambda: None
 
 
-def measure_rpc(
-    real: Subject, empty: Subject, counts: Counts
-) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
-    """(sequential rates, concurrent rates) of foliod and of the empty handler, one rate per
-    round. Each round times a block of rpc_calls / RPC_BLOCKS calls on each server, turn about
-    and in alternating order, sequential then concurrent: blocks a fraction of a second long
-    pair up runs that saw the same machine (this shared VM's speed drifts by 2x within
-    minutes, and a few seconds apart two runs no longer compare)."""
-    rates: dict[int, tuple[list[float], list[float]]] = {id(real): ([], []), id(empty): ([], [])}
+def measure_rpc(subjects: Sequence[Subject], counts: Counts) -> list[RpcRates]:
+    """(sequential rates, concurrent rates) of each server, one rate per round. Each round
+    times a block of rpc_calls / RPC_BLOCKS calls on each server, turn about and in
+    alternating order, sequential then concurrent: blocks a fraction of a second long pair up
+    runs that saw the same machine (this shared VM's speed drifts by 2x within minutes, and a
+    few seconds apart two runs no longer compare)."""
+    rates: list[RpcRates] = [([], []) for _ in subjects]
     block = max(CLIENT_THREADS, counts.rpc_calls // RPC_BLOCKS)
+    indexed = list(enumerate(subjects))
     with futures.ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
-        for subject in (real, empty):
+        for _, subject in indexed:
             sequential_calls(subject.call, 0, counts.rpc_warmup)
             rpc_rate_concurrent(subject.call, pool, counts.rpc_warmup)
             subject.reset()
         for round_ in range(RPC_ROUNDS):
-            pair = (real, empty) if round_ % 2 == 0 else (empty, real)
-            for subject in pair:
+            order = indexed if round_ % 2 == 0 else indexed[::-1]
+            for i, subject in order:
                 calls, seconds = rpc_rate_sequential(subject.call, block)
-                rates[id(subject)][0].append(calls / seconds)
+                rates[i][0].append(calls / seconds)
                 subject.reset()
-            for subject in pair:
+            for i, subject in order:
                 calls, seconds = rpc_rate_concurrent(subject.call, pool, block)
-                rates[id(subject)][1].append(calls / seconds)
+                rates[i][1].append(calls / seconds)
                 subject.reset()
-    return rates[id(real)], rates[id(empty)]
+    return rates
 
 
-def run_both(
+# The baselines: "empty" serves empty handlers on foliod's own executor (WorkerPool) with the
+# same threads as foliod's defaults, so a ratio against it shows what foliod's code adds to a
+# call; "stock" serves them as grpcio's examples do, on a ThreadPoolExecutor of 8 threads.
+BASELINES = ("empty", "stock")
+
+
+def run_servers(
     tmp_path: Path,
     ram: str,
-    body: Callable[[foliod_pb2_grpc.FoliodStub, foliod_pb2_grpc.FoliodStub], T],
+    baselines: Sequence[str],
+    body: Callable[[list[foliod_pb2_grpc.FoliodStub]], T],
 ) -> T:
-    """Starts foliod and the empty handler, each in its own process, runs body with a stub
-    connected to each, and stops both."""
-    real_port = free_port()
-    real = ServerProcess(
-        "foliod",
-        foliod_argv(real_port, ram, tmp_path / "state"),
-        real_port,
-        tmp_path / "foliod.log",
-    )
-    try:
-        empty_port = free_port()
-        empty = ServerProcess(
-            "baseline", baseline_argv(empty_port), empty_port, tmp_path / "baseline.log"
-        )
-        try:
-            with (
-                grpc.insecure_channel(real.target) as real_channel,
-                grpc.insecure_channel(empty.target) as empty_channel,
-            ):
-                real.wait_ready(real_channel)
-                empty.wait_ready(empty_channel)
-                return body(
-                    foliod_pb2_grpc.FoliodStub(real_channel),
-                    foliod_pb2_grpc.FoliodStub(empty_channel),
-                )
-        finally:
-            empty.stop()
-    finally:
-        real.stop()
+    """Starts foliod and the baselines, each in its own process, runs body with a stub
+    connected to each (foliod's first), and stops them all."""
+    with ExitStack() as stack:
+        servers = []
+        for name in ("foliod", *baselines):
+            port = free_port()
+            argv = (
+                foliod_argv(port, ram, tmp_path / "state")
+                if name == "foliod"
+                else baseline_argv(port, name)
+            )
+            server = ServerProcess(name, argv, port, tmp_path / f"{name}.log")
+            stack.callback(server.stop)
+            servers.append(server)
+        channels = [stack.enter_context(grpc.insecure_channel(s.target)) for s in servers]
+        for server, channel in zip(servers, channels, strict=True):
+            server.wait_ready(channel)
+        return body([foliod_pb2_grpc.FoliodStub(channel) for channel in channels])
 
 
 def foliod_argv(port: int, ram: str, state_dir: Path) -> list[str]:
@@ -565,8 +568,15 @@ def foliod_argv(port: int, ram: str, state_dir: Path) -> list[str]:
     ]
 
 
-def baseline_argv(port: int) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), "--serve-baseline", str(port)]
+def baseline_argv(port: int, kind: str) -> list[str]:
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--serve-baseline",
+        str(port),
+        "--baseline-kind",
+        kind,
+    ]
 
 
 def allocate_subject(stub: foliod_pb2_grpc.FoliodStub, *, foliod: bool) -> Subject:
@@ -587,57 +597,66 @@ def allocate_subject(stub: foliod_pb2_grpc.FoliodStub, *, foliod: bool) -> Subje
     return Subject(call, reset)
 
 
-def measure_allocate(
-    real: foliod_pb2_grpc.FoliodStub, empty: foliod_pb2_grpc.FoliodStub, counts: Counts
-) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
-    return measure_rpc(
-        allocate_subject(real, foliod=True), allocate_subject(empty, foliod=False), counts
-    )
-
-
 def add_rpc_results(
     report: Report,
     section: str,
     what: str,
     n: int,
+    rates: Sequence[RpcRates],
     *,
-    real: tuple[list[float], list[float]],
-    empty: tuple[list[float], list[float]],
     target: float | None = None,
 ) -> None:
-    for label, real_rates, empty_rates in (
-        ("1 in flight", real[0], empty[0]),
-        (f"{CLIENT_THREADS} in flight", real[1], empty[1]),
-    ):
-        block = max(CLIENT_THREADS, n // RPC_BLOCKS)
-        real_result = report.add(
+    """Rows for foliod's rates (rates[0]) and each baseline's (in BASELINES order), and the
+    ratios foliod / baseline."""
+    block = max(CLIENT_THREADS, n // RPC_BLOCKS)
+    for mode, label in enumerate(("1 in flight", f"{CLIENT_THREADS} in flight")):
+        real = report.add(
             summarize(
                 section,
                 f"foliod {what}, {label} ({RPC_ROUNDS} x {block:,} calls)",
                 "RPC/s",
-                real_rates,
+                rates[0][mode],
             )
         )
-        empty_result = report.add(
-            summarize(section, f"empty grpcio handler, {label}", "RPC/s", empty_rates)
-        )
-        report.add(
-            ratio(section, f"ratio foliod / empty, {label}", real_result, empty_result, target)
-        )
+        for kind, baseline_rates in zip(BASELINES, rates[1:], strict=False):
+            name = BASELINE_NAMES[kind]
+            base = report.add(summarize(section, f"{name}, {label}", "RPC/s", baseline_rates[mode]))
+            report.add(
+                ratio(
+                    section,
+                    f"ratio foliod / {kind}, {label}",
+                    real,
+                    base,
+                    target if kind == "empty" else None,
+                )
+            )
+
+
+BASELINE_NAMES = {
+    "empty": "empty handler, foliod's threads",
+    "stock": "empty handler, ThreadPoolExecutor(8)",
+}
 
 
 def bench_grpc(report: Report, counts: Counts) -> None:
     section = "2. gRPC Allocate (client and server in separate processes)"
     with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
-        real, empty = run_both(
-            Path(tmp), "4GiB", lambda real, empty: measure_allocate(real, empty, counts)
+        rates = run_servers(
+            Path(tmp),
+            "4GiB",
+            BASELINES[:1],
+            lambda stubs: measure_rpc(
+                [allocate_subject(stubs[0], foliod=True), allocate_subject(stubs[1], foliod=False)],
+                counts,
+            ),
         )
-    add_rpc_results(report, section, "Allocate", counts.rpc_calls, real=real, empty=empty)
+    add_rpc_results(report, section, "Allocate", counts.rpc_calls, rates)
 
 
-def serve_baseline(port: int) -> int:
+def serve_baseline(port: int, kind: str) -> int:
     """Empty Allocate and ReadFile handlers with foliod's method shapes (ReadFile returns 4 KiB
-    of zeros); serves until SIGTERM or SIGINT."""
+    of zeros), on the executor of the baseline `kind` (BASELINES); serves until SIGTERM or
+    SIGINT."""
 
     def allocate(request: pb.AllocateRequest, context: grpc.ServicerContext) -> pb.AllocateResponse:
         return pb.AllocateResponse()
@@ -662,7 +681,13 @@ def serve_baseline(port: int) -> int:
             ),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=CLIENT_THREADS))
+    defaults = Config()
+    executor: futures.Executor = (
+        WorkerPool(defaults.workers, defaults.workers + defaults.max_streams)
+        if kind == "empty"
+        else futures.ThreadPoolExecutor(max_workers=8)
+    )
+    server = grpc.server(executor)  # type: ignore[arg-type]  # grpc only submits
     server.add_generic_rpc_handlers((handler,))
     if not server.add_insecure_port(f"127.0.0.1:{port}"):
         return 1
@@ -967,20 +992,17 @@ def read_subject(
 
 
 def measure_read(
-    real: foliod_pb2_grpc.FoliodStub,
-    empty: foliod_pb2_grpc.FoliodStub,
+    stubs: list[foliod_pb2_grpc.FoliodStub],
     requests: list[pb.ReadFileRequest],
     counts: Counts,
     notes: list[str],
-) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
-    """ReadFile rates of both servers; foliod's state is checked and noted."""
-    subjects = (
-        read_subject(real, requests, foliod=True),
-        read_subject(empty, requests, foliod=False),
-    )
-    stub = real
+) -> list[RpcRates]:
+    """ReadFile rates of foliod (stubs[0]) and the baselines; foliod's state is checked and
+    noted."""
+    subjects = [read_subject(stub, requests, foliod=i == 0) for i, stub in enumerate(stubs)]
+    stub = stubs[0]
     faults = pgmajfault(stub)
-    rates = measure_rpc(*subjects, counts)
+    rates = measure_rpc(subjects, counts)
     faults = pgmajfault(stub) - faults
     stat = stub.StatFile(pb.StatFileRequest(name=HOT_FILE), timeout=RPC_TIMEOUT_S)
     notes.append(
@@ -996,20 +1018,13 @@ def bench_read_rpc(report: Report, counts: Counts) -> None:
     section = "5. gRPC ReadFile 4 KiB, cache hits (client and server in separate processes)"
     requests = read_requests(counts.rpc_calls)
     with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
-        real, empty = run_both(
+        rates = run_servers(
             Path(tmp),
             "1GiB",
-            lambda real, empty: measure_read(real, empty, requests, counts, report.notes),
+            BASELINES,
+            lambda stubs: measure_read(stubs, requests, counts, report.notes),
         )
-    add_rpc_results(
-        report,
-        section,
-        "ReadFile",
-        counts.rpc_calls,
-        real=real,
-        empty=empty,
-        target=TARGET_READ_RPC,
-    )
+    add_rpc_results(report, section, "ReadFile", counts.rpc_calls, rates, target=TARGET_READ_RPC)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -1280,10 +1295,13 @@ def main(argv: Sequence[str]) -> int:
         help="run only these sections (repeatable)",
     )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline-kind", choices=BASELINES, default="empty", help=argparse.SUPPRESS
+    )
     parser.add_argument("--probe-boot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline is not None:
-        return serve_baseline(args.serve_baseline)
+        return serve_baseline(args.serve_baseline, args.baseline_kind)
     if args.probe_boot:
         return probe_boot()
 

@@ -484,10 +484,11 @@ def _requests(queue: Queue[pb.SubmitRequest | None]) -> Iterator[pb.SubmitReques
         yield request
 
 
-def test_open_streams_are_capped_below_the_worker_count(make_server: ServerFactory) -> None:
-    """With 3 workers, 2 Submit streams may be open; a third is RESOURCE_EXHAUSTED, unary calls
-    still run, and closing a stream lets a new one in."""
-    server = make_server(workers=3)
+def test_open_streams_are_capped_and_hold_no_worker(make_server: ServerFactory) -> None:
+    """With max_streams 2, 2 Submit streams may be open; a third is RESOURCE_EXHAUSTED, unary
+    calls still run on the one worker the open streams do not hold, and closing a stream lets
+    a new one in."""
+    server = make_server(workers=1, max_streams=2)
     request = pb.SubmitRequest(id=1, ops=[pb.OP_CODE_FREE], handles=[5])
     chan, stub = connect(server)
     with chan:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from concurrent import futures
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -23,6 +22,7 @@ from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
+from foliod.rpc.pool import WorkerPool
 from foliod.rpc.servicer import FoliodServicer
 from foliod.v1 import foliod_pb2, foliod_pb2_grpc
 
@@ -31,6 +31,8 @@ SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 # How often the page reporting worker looks for guests whose reporting delay has passed.
 REPORTING_TICK_SECONDS = 0.25
+# Threads for streams beyond Submit's: health Watch and reflection streams, each holding one.
+OTHER_STREAM_THREADS = 8
 
 
 def build_host(config: Config) -> Machine:
@@ -86,16 +88,20 @@ class FoliodServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        # `workers` threads run calls; each open stream holds a thread of its own beyond them.
+        self.pool = WorkerPool(
+            config.workers, config.workers + config.max_streams + OTHER_STREAM_THREADS
+        )
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            interceptors=[ObservingInterceptor(self.calls)],
+            self.pool,  # type: ignore[arg-type]  # typed as ThreadPoolExecutor; grpc only submits
+            interceptors=[ObservingInterceptor(self.calls, blocking=self.pool.blocking)],
             options=options,
         )
         self.servicer = FoliodServicer(
             self.machines,
             self.guests,
             debug_checks=config.debug_checks,
-            max_streams=max(1, config.workers - 1),
+            max_streams=config.max_streams,
         )
         foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
@@ -163,6 +169,8 @@ class FoliodServer:
         self.health.enter_graceful_shutdown()
         self.log.info("stopping", grace_seconds=grace)
         self.grpc.stop(grace).wait()
+        # Threads still inside a handler grpc gave up on exit once it returns.
+        self.pool.shutdown(wait=False)
         self.calls.close()
         self._stop_flusher.set()
         for thread in (self._flusher, self._reporter):
