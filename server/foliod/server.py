@@ -31,8 +31,9 @@ SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 # How often the page reporting worker looks for guests whose reporting delay has passed.
 REPORTING_TICK_SECONDS = 0.25
-# Threads for streams beyond Submit's: health Watch and reflection streams, each holding one.
-OTHER_STREAM_THREADS = 8
+# Threads for streams beyond Submit's: health Watch and reflection streams, each holding one
+# while open. Past all of them, calls wait for a stream to end (or for their deadline).
+OTHER_STREAM_THREADS = 32
 
 
 def build_host(config: Config) -> Machine:

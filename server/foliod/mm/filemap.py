@@ -597,7 +597,7 @@ class PageCache:
         takes (see __make_room). short_path=False sends every access down read()'s path;
         tests/test_replay.py holds the two equal."""
         inode = self.lookup(name)
-        keys = list(indices)
+        keys = indices if isinstance(indices, list) else list(indices)
         eof_index = (inode.size - 1) >> PAGE_SHIFT
         if keys and (min(keys) < 0 or max(keys) > eof_index):
             bad = next(i for i in keys if not 0 <= i <= eof_index)
