@@ -370,12 +370,13 @@ class PageCache:
         self.lru.add(folio)
         shadows = inode.shadows
         if folio.order:
-            # The first page's shadow entry that there is; all of them go.
-            pages = range(index, index + folio.nr_pages)
-            # Shadow tokens are never 0 (ReclaimPolicy.shadow).
-            shadow = next(filter(None, map(shadows.pop, pages, repeat(None))), None)
+            # The first page's shadow entry that there is; all of them go (the pops after
+            # the first found continue from the same iterator). Shadow tokens are never 0
+            # (ReclaimPolicy.shadow).
+            popped = map(shadows.pop, range(index, index + folio.nr_pages), repeat(None))
+            shadow = next(filter(None, popped), None)
             if shadow is not None:
-                _consume(map(shadows.pop, pages, repeat(None)))
+                _consume(popped)
         else:
             shadow = shadows.pop(index, None)
         if shadow is not None:
@@ -400,10 +401,6 @@ class PageCache:
         folio.mapping = None
         if free:
             self.allocator.free_cache_folio(folio)
-
-    def is_busy(self, folio: Folio) -> bool:
-        """Evictor: the current call holds this folio."""
-        return folio in self.busy
 
     def __make_room(self, order: int) -> Folio | None:
         """Evicts what the policy chooses until a folio of order fits under the capacity
@@ -821,11 +818,9 @@ class PageCache:
             # Counted: reclaim may take it now (its data is in the file or written there first).
             self.busy.discard(folio)
             index = end
-        if fresh:
-            stats.pages_readahead += sum(
-                f.nr_pages - max(0, min(f.index + f.nr_pages, last + 1) - max(f.index, first))
-                for f in fresh
-            )
+        # __readahead counted every page it read in as read ahead; those the request asked
+        # for were missed instead (each fresh folio's pages in the request, counted above).
+        stats.pages_readahead -= stats.pages_missed - missed_before
         self.events[VmEvent.PGFAULT] += last - first + 1
         self.events[VmEvent.PGMAJFAULT] += stats.pages_missed - missed_before
         ra.note_read(last)
@@ -855,6 +850,7 @@ class PageCache:
                 marked.readahead = True
         nr_read = sum(f.nr_pages for f in made)
         if nr_read:
+            stats.pages_readahead += nr_read  # less the requested pages, in __read_folios
             stats.device_seconds += self.store.device.read_seconds(nr_read * PAGE_SIZE)
             self.events[VmEvent.PGPGIN] += nr_read * _KIB_PER_PAGE
         fresh.update(made)

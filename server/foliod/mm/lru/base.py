@@ -25,9 +25,8 @@ class Evictor(Protocol):
         """Takes the folio off its policy list and out of its file, and frees it."""
         ...
 
-    def is_busy(self, folio: Folio) -> bool:
-        """The folio is in use by the call that is reclaiming (locked, in kernel terms)."""
-        ...
+    # Folios in use by the call that is reclaiming (locked, in kernel terms).
+    busy: set[Folio]
 
 
 class ReclaimPolicy:
@@ -120,13 +119,14 @@ class ReclaimPolicy:
         steal_event = VmEvent.PGSTEAL_DIRECT if direct else VmEvent.PGSTEAL_KSWAPD
         freed = 0
         budget = start = self.nr_pages + 1
+        busy = evictor.busy
         try:
             while freed < nr_to_reclaim and budget > 0:
                 folio = self.victim()
                 if folio is None:
                     break
                 budget -= folio.nr_pages
-                if evictor.is_busy(folio):
+                if folio in busy:
                     self.pass_over(folio)
                     continue
                 if folio.dirty:
