@@ -84,6 +84,7 @@ def snapshot(machine: Machine) -> dict[str, Any]:
         name: (
             {i: folio_state(f) for i, f in inode.folios.items()},
             dict(inode.shadows),
+            dict(inode.shadow_orders),
             inode.nr_pages,
             (inode.ra.start, inode.ra.size, inode.ra.async_size, inode.ra.order),
             inode.ra.prev_index,

@@ -7,6 +7,7 @@ match the folios that exist, and each owner's page tables count exactly what it 
 
 from __future__ import annotations
 
+from foliod.mm.filemap import MAX_PAGECACHE_ORDER, Inode
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine
 from foliod.mm.memory import PGD_LEVEL, PMD_LEVEL, PTE_LEVEL, PUD_LEVEL, MmStruct
@@ -123,6 +124,26 @@ def _check_page_tables(mm: MmStruct, mapped: list[Folio]) -> None:
     )
 
 
+def _check_shadows(inode: Inode) -> None:
+    """Shadow entries are aligned to their order, never overlap and cover no cached page."""
+    orders = inode.shadow_orders
+    _require(orders.keys() <= inode.shadows.keys(), f"{inode.name}: orders without entries")
+    end = -1
+    for head in sorted(inode.shadows):
+        span = inode.shadow_span(head)
+        name = f"{inode.name} shadow [{head}, {head + span})"
+        _require(head % span == 0, f"{name}: misaligned")
+        if head in orders:
+            _require(0 < orders[head] <= MAX_PAGECACHE_ORDER, f"{name}: order out of bounds")
+        _require(head > end, f"{name}: overlaps the entry ending at {end}")
+        _require(all(inode.find(i) is None for i in range(head, head + span)), f"{name}: cached")
+        end = head + span - 1
+    blocks: dict[int, int] = {}
+    for head in orders:
+        blocks[head >> MAX_PAGECACHE_ORDER] = blocks.get(head >> MAX_PAGECACHE_ORDER, 0) + 1
+    _require(blocks == inode.large_shadow_blocks, f"{inode.name}: large entries miscounted")
+
+
 def _check_page_cache(machine: Machine) -> list[Folio]:
     """Mappings, LRU lists and dirty counts agree; returns the cached folios."""
     cache = machine.page_cache
@@ -138,13 +159,13 @@ def _check_page_cache(machine: Machine) -> list[Folio]:
             _require(folio.mapping is inode and folio.index == index, f"{name}: wrong mapping")
             _require(index % folio.nr_pages == 0, f"{name}: misaligned order-{folio.order}")
             _require(index > end, f"{name}: overlaps the folio ending at {end}")
-            _require(index not in inode.shadows, f"{name}: cached and shadowed")
             _require(folio.order <= inode.top_order, f"{name}: above top_order {inode.top_order}")
             _require(folio.nr_pages == 1 << folio.order, f"{name}: nr_pages off")
             end = index + folio.nr_pages - 1
             nr_pages += folio.nr_pages
             nr_dirty += folio.nr_pages if folio.dirty else 0
             cached.append(folio)
+        _check_shadows(inode)
         _require(nr_pages == inode.nr_pages, f"{inode.name}: {inode.nr_pages} != {nr_pages}")
         _require(nr_dirty == inode.nr_dirty, f"{inode.name}: dirty {inode.nr_dirty} != {nr_dirty}")
         nr_dirty_total += nr_dirty

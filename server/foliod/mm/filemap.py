@@ -123,12 +123,14 @@ class Inode:
     __slots__ = (
         "folios",
         "handles",
+        "large_shadow_blocks",
         "last_found",
         "max_order",
         "name",
         "nr_dirty",
         "nr_pages",
         "ra",
+        "shadow_orders",
         "shadows",
         "size",
         "top_order",
@@ -142,10 +144,16 @@ class Inode:
         # The readahead state of reads by name, which share one open file description per file;
         # its ra_pages is the file's, copied into each handle at open.
         self.ra = RaState(ra_pages)
-        # Head index -> folio; index -> the shadow token a folio that left was evicted with
-        # (the policy's: an eviction age, or mglru's generation and tier).
+        # Head index -> folio; head index -> the shadow token a folio that left was evicted
+        # with (the policy's: an eviction age, or mglru's generation and tier). As in the
+        # kernel's xarray, an evicted large folio leaves one entry over its whole range (a
+        # multi-index entry): its head is in shadow_orders with the folio's order, and
+        # large_shadow_blocks counts those entries per block of MAX_PAGECACHE_ORDER's size.
+        # Entries never overlap, nor cover a cached page.
         self.folios: dict[int, Folio] = {}
         self.shadows: dict[int, int] = {}
+        self.shadow_orders: dict[int, int] = {}
+        self.large_shadow_blocks: dict[int, int] = {}
         self.nr_pages = 0
         self.nr_dirty = 0
         # No folio in the mapping is of a higher order (a high-water mark that bounds find).
@@ -176,6 +184,93 @@ class Inode:
                 self.last_found = folio
                 return folio
         return None
+
+    def add_shadow(self, index: int, order: int, token: int) -> None:
+        """The entry an evicted folio of order at index leaves (workingset_eviction)."""
+        self.shadows[index] = token
+        if order:
+            self.shadow_orders[index] = order
+            blocks, block = self.large_shadow_blocks, index >> MAX_PAGECACHE_ORDER
+            blocks[block] = blocks.get(block, 0) + 1
+
+    def take_shadows(self, index: int, nr_pages: int) -> int | None:
+        """Removes the shadow entries over [index, index + nr_pages), where a new folio goes
+        (__filemap_add_folio), and returns the token of the first; a larger entry around the
+        range is split and the rest of it stays, in pieces of the new folio's size
+        (xas_split)."""
+        shadows = self.shadows
+        # The range lies in one block of the largest folio's size: were no large entry in it,
+        # only base-page entries can be there.
+        large_here = index >> MAX_PAGECACHE_ORDER in self.large_shadow_blocks
+        shadow = shadows.pop(index, None)
+        start = index
+        if shadow is not None:
+            order = self.__drop_large(index) if large_here and index in self.shadow_orders else 0
+            if 1 << order >= nr_pages:  # the entry covers the range: nothing else is inside
+                if 1 << order > nr_pages:
+                    self.__split_shadow(index, order, shadow, index, nr_pages)
+                return shadow
+            start = index + (1 << order)
+        elif large_here:
+            # An entry from before index that covers it (entries are aligned to their order).
+            orders = self.shadow_orders
+            for order in range(nr_pages.bit_length(), MAX_PAGECACHE_ORDER + 1):
+                head = index & ~((1 << order) - 1)
+                if head != index and orders.get(head) == order:
+                    self.__drop_large(head)
+                    token = shadows.pop(head)
+                    self.__split_shadow(head, order, token, index, nr_pages)
+                    return token
+        end = index + nr_pages
+        if start == end:
+            return shadow
+        if large_here:
+            # Entries inside the range, of base pages or smaller folios.
+            heads = [i for i in range(start, end) if i in shadows]
+            for head in heads:
+                if head in self.shadow_orders:
+                    self.__drop_large(head)
+            first = shadows.pop(heads[0]) if heads else None
+            _consume(map(shadows.pop, heads[1:]))
+        else:
+            # Base-page entries: the pops after the first found continue from the same
+            # iterator. Shadow tokens are never 0 (ReclaimPolicy.shadow).
+            popped = map(shadows.pop, range(start, end), repeat(None))
+            first = next(filter(None, popped), None)
+            if first is not None:
+                _consume(popped)
+        return shadow if shadow is not None else first
+
+    def __drop_large(self, head: int) -> int:
+        """Forgets the order of the large entry at head (its token is the caller's to pop)."""
+        order = self.shadow_orders.pop(head)
+        blocks, block = self.large_shadow_blocks, head >> MAX_PAGECACHE_ORDER
+        if blocks[block] == 1:
+            del blocks[block]
+        else:
+            blocks[block] -= 1
+        return order
+
+    def __split_shadow(self, head: int, order: int, token: int, index: int, nr_pages: int) -> None:
+        """Puts back the entry of order at head, less [index, index + nr_pages), as entries
+        of nr_pages' size (all aligned: index and nr_pages are, inside the entry)."""
+        piece_order = nr_pages.bit_length() - 1
+        for piece in range(head, head + (1 << order), nr_pages):
+            if piece != index:
+                self.add_shadow(piece, piece_order, token)
+
+    def drop_shadows_from(self, keep: int) -> None:
+        """Removes the shadow entries that reach page keep or beyond (truncation clears a
+        multi-index entry whole)."""
+        orders = self.shadow_orders
+        for head in [h for h in self.shadows if h + (1 << orders.get(h, 0)) > keep]:
+            del self.shadows[head]
+            if head in orders:
+                self.__drop_large(head)
+
+    def shadow_span(self, head: int) -> int:
+        """Pages the shadow entry at head covers."""
+        return 1 << self.shadow_orders.get(head, 0)
 
     # CacheView for readahead.
     def prev_miss(self, index: int, max_scan: int) -> int:
@@ -368,17 +463,7 @@ class PageCache:
         inode.nr_pages += folio.nr_pages
         self.nr_pages += folio.nr_pages
         self.lru.add(folio)
-        shadows = inode.shadows
-        if folio.order:
-            # The first page's shadow entry that there is; all of them go (the pops after
-            # the first found continue from the same iterator). Shadow tokens are never 0
-            # (ReclaimPolicy.shadow).
-            popped = map(shadows.pop, range(index, index + folio.nr_pages), repeat(None))
-            shadow = next(filter(None, popped), None)
-            if shadow is not None:
-                _consume(popped)
-        else:
-            shadow = shadows.pop(index, None)
+        shadow = inode.take_shadows(index, folio.nr_pages)
         if shadow is not None:
             self.lru.refault(folio, shadow)
 
@@ -394,10 +479,7 @@ class PageCache:
             self.nr_dirty -= folio.nr_pages
             folio.dirty = False
         if shadow:
-            token = self.lru.shadow(folio)
-            inode.shadows.update(
-                zip(range(folio.index, folio.index + folio.nr_pages), repeat(token))
-            )
+            inode.add_shadow(folio.index, folio.order, self.lru.shadow(folio))
         folio.mapping = None
         if free:
             self.allocator.free_cache_folio(folio)
@@ -624,6 +706,7 @@ class PageCache:
         path, taken for some accesses, may count its own in between)."""
         lru, ra = self.lru, inode.ra
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
+        shadow_orders = inode.shadow_orders  # large folios' entries (read()'s path adds them)
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
         queue, stamp = lru.queue, lru.shadow
         # A policy that only counts refaults has them counted here, in one go; one that stamps
@@ -690,7 +773,11 @@ class PageCache:
                             lru.add(victim)
                         else:
                             requeue(victim)
-                        shadow = shadows.pop(index, None)
+                        shadow = (
+                            inode.take_shadows(index, 1)
+                            if shadow_orders
+                            else shadows.pop(index, None)
+                        )
                         if shadow is not None:
                             if count_refaults:
                                 refaults += 1
@@ -1172,8 +1259,7 @@ class PageCache:
                     self.__split_tail(inode, folio, keep)
         finally:
             self.busy.clear()
-        for index in [i for i in inode.shadows if i >= keep]:
-            del inode.shadows[index]
+        inode.drop_shadows_from(keep)
         if size % PAGE_SIZE:
             last = inode.find(size >> PAGE_SHIFT)
             page = (
