@@ -165,6 +165,11 @@ def _check_page_cache(machine: Machine) -> list[Folio]:
             nr_pages += folio.nr_pages
             nr_dirty += folio.nr_pages if folio.dirty else 0
             cached.append(folio)
+        large: dict[int, int] = {}
+        for index, folio in inode.folios.items():
+            if folio.order:
+                large[index >> MAX_PAGECACHE_ORDER] = large.get(index >> MAX_PAGECACHE_ORDER, 0) + 1
+        _require(large == inode.large_blocks, f"{inode.name}: large folios miscounted")
         _check_shadows(inode)
         _require(nr_pages == inode.nr_pages, f"{inode.name}: {inode.nr_pages} != {nr_pages}")
         _require(nr_dirty == inode.nr_dirty, f"{inode.name}: dirty {inode.nr_dirty} != {nr_dirty}")

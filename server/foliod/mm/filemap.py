@@ -123,6 +123,7 @@ class Inode:
     __slots__ = (
         "folios",
         "handles",
+        "large_blocks",
         "large_shadow_blocks",
         "last_found",
         "max_order",
@@ -158,6 +159,9 @@ class Inode:
         self.nr_dirty = 0
         # No folio in the mapping is of a higher order (a high-water mark that bounds find).
         self.top_order = 0
+        # Large folios in the mapping per block of MAX_PAGECACHE_ORDER's size (one holds each
+        # whole): find() misses at once in a block without any.
+        self.large_blocks: dict[int, int] = {}
         # The large folio find() found last (a hint, checked before use).
         self.last_found: Folio | None = None
         self.wb_err = 0
@@ -167,7 +171,7 @@ class Inode:
         """The folio that covers a page index (filemap_get_entry)."""
         folios = self.folios
         folio = folios.get(index)
-        if folio is not None:
+        if folio is not None or index >> MAX_PAGECACHE_ORDER not in self.large_blocks:
             return folio
         # The large folio found last, if it is still in the mapping at its index and covers
         # this one: reads tend to stay in one folio.
@@ -184,6 +188,15 @@ class Inode:
                 self.last_found = folio
                 return folio
         return None
+
+    def count_large(self, index: int, delta: int) -> None:
+        """A large folio at index enters (+1) or leaves (-1) the mapping."""
+        blocks, block = self.large_blocks, index >> MAX_PAGECACHE_ORDER
+        count = blocks.get(block, 0) + delta
+        if count:
+            blocks[block] = count
+        else:
+            del blocks[block]
 
     def add_shadow(self, index: int, order: int, token: int) -> None:
         """The entry an evicted folio of order at index leaves (workingset_eviction)."""
@@ -459,7 +472,10 @@ class PageCache:
         folio.index = index
         self.busy.add(folio)
         inode.folios[index] = folio
-        inode.top_order = max(inode.top_order, folio.order)
+        if folio.order:
+            blocks, block = inode.large_blocks, index >> MAX_PAGECACHE_ORDER
+            blocks[block] = blocks.get(block, 0) + 1
+            inode.top_order = max(inode.top_order, folio.order)
         inode.nr_pages += folio.nr_pages
         self.nr_pages += folio.nr_pages
         self.lru.add(folio)
@@ -472,6 +488,8 @@ class PageCache:
         to be recycled)."""
         self.lru.remove(folio)
         del inode.folios[folio.index]
+        if folio.order:
+            inode.count_large(folio.index, -1)
         inode.nr_pages -= folio.nr_pages
         self.nr_pages -= folio.nr_pages
         if folio.dirty:
@@ -1280,6 +1298,7 @@ class PageCache:
         index = folio.index
         self.lru.remove(folio)
         del inode.folios[index]
+        inode.count_large(index, -1)
         inode.nr_pages -= folio.nr_pages
         self.nr_pages -= folio.nr_pages
         if dirty:
