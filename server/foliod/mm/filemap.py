@@ -479,7 +479,10 @@ class PageCache:
         inode.nr_pages += folio.nr_pages
         self.nr_pages += folio.nr_pages
         self.lru.add(folio)
-        shadow = inode.take_shadows(index, folio.nr_pages)
+        if folio.order or index >> MAX_PAGECACHE_ORDER in inode.large_shadow_blocks:
+            shadow = inode.take_shadows(index, folio.nr_pages)
+        else:  # take_shadows' shortest case, written out
+            shadow = inode.shadows.pop(index, None)
         if shadow is not None:
             self.lru.refault(folio, shadow)
 
@@ -724,7 +727,8 @@ class PageCache:
         path, taken for some accesses, may count its own in between)."""
         lru, ra = self.lru, inode.ra
         folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
-        shadow_orders = inode.shadow_orders  # large folios' entries (read()'s path adds them)
+        # Blocks with large folios' shadow entries (read()'s path leaves them).
+        large_shadow_blocks = inode.large_shadow_blocks
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
         queue, stamp = lru.queue, lru.shadow
         # A policy that only counts refaults has them counted here, in one go; one that stamps
@@ -792,9 +796,9 @@ class PageCache:
                         else:
                             requeue(victim)
                         shadow = (
-                            inode.take_shadows(index, 1)
-                            if shadow_orders
-                            else shadows.pop(index, None)
+                            shadows.pop(index, None)
+                            if index >> MAX_PAGECACHE_ORDER not in large_shadow_blocks
+                            else inode.take_shadows(index, 1)
                         )
                         if shadow is not None:
                             if count_refaults:
