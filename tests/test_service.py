@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from foliod.logs import configure_logging, render_access, write_lines
+from foliod.logs import configure_logging, render_access, render_access_lines, write_lines
 from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter, StartCounts
 from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
@@ -456,3 +456,41 @@ def test_access_lines_are_json_whatever_the_peer_and_request_id(peer: str, reque
     event = json.loads(line)
     assert (event["peer"], event["request_id"]) == (peer, request_id)
     assert line == json.dumps(event) + "\n"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["/a.S/M", '/a.S/"odd"']),
+            st.sampled_from(["ipv4:127.0.0.1:1", "ipv6:[::1]:2", 'pe"er\\\n']),
+            st.text(max_size=10),
+            st.floats(0, 10_000, allow_nan=False).map(lambda ms: round(ms, 3)),
+        ),
+        max_size=12,
+    )
+)
+def test_a_batch_of_access_lines_renders_each_call_as_alone(
+    rows: list[tuple[str, str, str, float]],
+) -> None:
+    """A batch's lines (methods and peers quoted once a batch) equal the lines of each call
+    rendered alone, in order, whatever repeats."""
+    at = 1_790_000_000.123456
+    try:
+        configure_logging("info", "json", stream=io.StringIO())
+        batch = render_access_lines(
+            [(m, "unary", p, "OK", ms, rid, at + i) for i, (m, p, rid, ms) in enumerate(rows)]
+        )
+        alone = [
+            render_access(
+                m, grpc_type="unary", peer=p, code="OK", duration_ms=ms, request_id=rid, at=at + i
+            )
+            for i, (m, p, rid, ms) in enumerate(rows)
+        ]
+    finally:
+        configure_logging("warning", "json")
+    assert batch == "".join(alone)
+    events = [json.loads(line) for line in batch.splitlines()]
+    assert [(e["method"], e["peer"], e["request_id"]) for e in events] == [
+        (m, p, rid) for m, p, rid, _ in rows
+    ]

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import TextIO
 
 import structlog
@@ -80,6 +81,11 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
 _access_log = structlog.get_logger("foliod.access")
 
 
+# One access line's fields: method, grpc_type, peer, code, duration_ms, request_id and the
+# time.time() the call ended at.
+AccessRow = tuple[str, str, str, str, float, str, float]
+
+
 def render_access(
     method: str,
     *,
@@ -93,32 +99,49 @@ def render_access(
     """The access line for one call ended at time.time() `at` (default now), newline
     included, for write_lines; "" when the level drops it. Console-format lines go through
     structlog at once (stamped when written) and also return ""."""
+    now = time.time() if at is None else at
+    return render_access_lines([(method, grpc_type, peer, code, duration_ms, request_id, now)])
+
+
+def render_access_lines(rows: Iterable[AccessRow]) -> str:
+    """The access lines of a batch of calls, as render_access renders each; the method and
+    peer strings, which repeat, are JSON-quoted once per batch."""
     out = _output
     if out.level > logging.INFO:
         return ""
     if not out.json:
-        _access_log.info(
-            "rpc",
-            method=method,
-            grpc_type=grpc_type,
-            peer=peer,
-            code=code,
-            duration_ms=duration_ms,
-            request_id=request_id,
-        )
+        for method, grpc_type, peer, code, duration_ms, request_id, _ in rows:
+            _access_log.info(
+                "rpc",
+                method=method,
+                grpc_type=grpc_type,
+                peer=peer,
+                code=code,
+                duration_ms=duration_ms,
+                request_id=request_id,
+            )
         return ""
-    now = time.time() if at is None else at
-    second = int(now)
+    quoted: dict[str, str] = {}
+    lines = []
     cached, second_text = out.stamp
-    if second != cached:
-        second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        out.stamp = (second, second_text)
-    return (
-        f'{{"method": {_json_string(method)}, "grpc_type": "{grpc_type}", '
-        f'"peer": {_json_string(peer)}, "code": "{code}", "duration_ms": {duration_ms}, '
-        f'"request_id": {_json_string(request_id)}, "event": "rpc", "level": "info", '
-        f'"timestamp": "{second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
-    )
+    for method, grpc_type, peer, code, duration_ms, request_id, now in rows:
+        method_json = quoted.get(method)
+        if method_json is None:
+            method_json = quoted[method] = _json_string(method)
+        peer_json = quoted.get(peer)
+        if peer_json is None:
+            peer_json = quoted[peer] = _json_string(peer)
+        second = int(now)
+        if second != cached:
+            cached, second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            out.stamp = (cached, second_text)
+        lines.append(
+            f'{{"method": {method_json}, "grpc_type": "{grpc_type}", '
+            f'"peer": {peer_json}, "code": "{code}", "duration_ms": {duration_ms}, '
+            f'"request_id": {_json_string(request_id)}, "event": "rpc", "level": "info", '
+            f'"timestamp": "{second_text}.{int((now - second) * 1e6):06d}Z"}}\n'
+        )
+    return "".join(lines)
 
 
 def _json_string(text: str) -> str:

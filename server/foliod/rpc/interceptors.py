@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import grpc
 import structlog
 
-from foliod.logs import render_access, write_lines
+from foliod.logs import render_access_lines, write_lines
 from foliod.mm import FoliodError
 from foliod.rpc.status import internal_status, to_status
 
@@ -162,6 +162,8 @@ def _cut_short_code(context: grpc.ServicerContext) -> grpc.StatusCode:
 
 
 _OK = grpc.StatusCode.OK
+# Status codes' names, looked up without the enum's name property.
+CODE_NAMES = {code: code.name for code in grpc.StatusCode}
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
@@ -453,18 +455,17 @@ class AccessLog:
     A batch's lines go out in one write."""
 
     def report(self, events: Sequence[CallEvent]) -> None:
-        lines = []
-        for call, seconds in events:
-            line = render_access(
-                f"/{call.service}/{call.method}",
-                grpc_type=call.grpc_type,
-                peer=call.peer,
-                code=call.code.name,
-                duration_ms=round(seconds * 1000, 3),
-                request_id=call.request_id,
-                at=call.ended_at,
+        write_lines(
+            render_access_lines(
+                (
+                    f"/{call.service}/{call.method}",
+                    call.grpc_type,
+                    call.peer,
+                    CODE_NAMES[call.code],
+                    round(seconds * 1000, 3),
+                    call.request_id,
+                    call.ended_at,
+                )
+                for call, seconds in events
             )
-            if line:
-                lines.append(line)
-        if lines:
-            write_lines("".join(lines))
+        )

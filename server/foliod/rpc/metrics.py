@@ -29,7 +29,7 @@ from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
-from foliod.rpc.interceptors import CallEvent, CallReporter, MethodKey
+from foliod.rpc.interceptors import CODE_NAMES, CallEvent, CallReporter, MethodKey
 
 # Latency buckets from 100 us to 10 s: unary calls here take 0.2-5 ms, big allocations seconds.
 _LATENCY_BUCKETS = (
@@ -74,7 +74,7 @@ class GrpcServerMetrics(Collector):
             calls = methods.get(key)
             if calls is None:
                 calls = methods[key] = _MethodCalls()
-            code = call.code.name
+            code = CODE_NAMES[call.code]
             calls.handled[code] = calls.handled.get(code, 0) + 1
             calls.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
             calls.seconds += seconds
