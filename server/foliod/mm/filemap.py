@@ -797,7 +797,8 @@ class PageCache:
                             requeue(victim)
                         shadow = (
                             shadows.pop(index, None)
-                            if index >> MAX_PAGECACHE_ORDER not in large_shadow_blocks
+                            if not large_shadow_blocks
+                            or index >> MAX_PAGECACHE_ORDER not in large_shadow_blocks
                             else inode.take_shadows(index, 1)
                         )
                         if shadow is not None:
