@@ -79,13 +79,16 @@ def test_a_blocking_call_hands_its_place_to_waiting_calls(
     pool = pools(1, 4)
     queued, later_ran = threading.Event(), threading.Event()
 
+    started = threading.Event()
+
     def stream() -> bool:
+        started.set()
         queued.wait(WAIT)  # the later call is already waiting when this one starts to block
         with pool.blocking():
             return later_ran.wait(WAIT)
 
     first = pool.submit(stream)
-    assert _until(lambda: pool.stats() == (1, 0, 0))
+    assert started.wait(WAIT)
     later = pool.submit(later_ran.set)
     assert pool.stats()[0] == 1  # queued behind the one worker
     queued.set()
@@ -138,9 +141,14 @@ def test_shutdown_refuses_new_calls_and_cancels_queued_ones(
     pools: Callable[..., WorkerPool],
 ) -> None:
     pool = pools(1, 1)
-    release = threading.Event()
-    running = pool.submit(release.wait, WAIT)
-    assert _until(lambda: pool.stats()[1] == 0 and pool.stats()[0] == 1)
+    started, release = threading.Event(), threading.Event()
+
+    def call() -> bool:
+        started.set()
+        return release.wait(WAIT)
+
+    running = pool.submit(call)
+    assert started.wait(WAIT)  # taken off the queue: shutdown leaves it running
     queued = pool.submit(lambda: "never")
     pool.shutdown(wait=False, cancel_futures=True)
     assert queued.cancelled()
