@@ -55,8 +55,6 @@ _KIB_PER_PAGE = PAGE_SIZE >> 10
 _PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))
 # The longest a writer is paused (MAX_PAUSE, HZ / 5).
 MAX_PAUSE_SECONDS = 0.2
-# Runs an iterator to its end in C (itertools' consume recipe).
-_consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 class CacheAllocator(Protocol):
@@ -208,9 +206,9 @@ class Inode:
 
     def take_shadows(self, index: int, nr_pages: int) -> int | None:
         """Removes the shadow entries over [index, index + nr_pages), where a new folio goes
-        (__filemap_add_folio), and returns the token of the first; a larger entry around the
-        range is split and the rest of it stays, in pieces of the new folio's size
-        (xas_split)."""
+        (__filemap_add_folio), and returns the token of the last, as the kernel keeps the last
+        entry xas_for_each_conflict visits; a larger entry around the range is split and the
+        rest of it stays, in pieces of the new folio's size (xas_split)."""
         shadows = self.shadows
         # The range lies in one block of the largest folio's size: were no large entry in it,
         # only base-page entries can be there.
@@ -243,16 +241,12 @@ class Inode:
             for head in heads:
                 if head in self.shadow_orders:
                     self.__drop_large(head)
-            first = shadows.pop(heads[0]) if heads else None
-            _consume(map(shadows.pop, heads[1:]))
+            found = deque(map(shadows.pop, heads), maxlen=1)
         else:
-            # Base-page entries: the pops after the first found continue from the same
-            # iterator. Shadow tokens are never 0 (ReclaimPolicy.shadow).
-            popped = map(shadows.pop, range(start, end), repeat(None))
-            first = next(filter(None, popped), None)
-            if first is not None:
-                _consume(popped)
-        return shadow if shadow is not None else first
+            # Base-page entries, popped page by page; the last one found is kept. Shadow
+            # tokens are never 0 (ReclaimPolicy.shadow).
+            found = deque(filter(None, map(shadows.pop, range(start, end), repeat(None))), 1)
+        return found[0] if found else shadow
 
     def __drop_large(self, head: int) -> int:
         """Forgets the order of the large entry at head (its token is the caller's to pop)."""
