@@ -8,6 +8,7 @@ such as the access log and metrics.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import queue
@@ -32,6 +33,10 @@ _MAX_CACHED_METHODS = 1024
 # Generated request ids: a random per-process prefix and a counter (unique, and no syscall).
 _REQUEST_ID_PREFIX = os.urandom(8).hex()
 _request_numbers = itertools.count()
+# A client's deadline runs from before the server got the call, so the cancel a passed
+# deadline sends can reach the server a little before the server's copy of the deadline:
+# a call ended by its client this close to its deadline counts as DEADLINE_EXCEEDED.
+DEADLINE_SLACK_SECONDS = 0.05
 # How often the reporter thread reports queued calls, and most events it reports at once.
 REPORT_INTERVAL_SECONDS = 0.05
 _MAX_BATCH = 4096
@@ -151,14 +156,29 @@ def _behavior(handler: Handler) -> Behavior:
 
 def _cut_short_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     """The code of a call cut short without a status set (grpc sets none when the client ends
-    a call): DEADLINE_EXCEEDED once its deadline has passed, CANCELLED if the client ended it
-    otherwise, UNKNOWN while the call is still active (the handler failed on its own)."""
+    a call): DEADLINE_EXCEEDED once its deadline has passed, or nearly (DEADLINE_SLACK_SECONDS),
+    CANCELLED if the client ended it otherwise, UNKNOWN while the call is still active (the
+    handler failed on its own)."""
     if context.is_active():
         return grpc.StatusCode.UNKNOWN
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+# grpc's mark of an RPC the client ended (grpc._server._CANCELLED in grpcio 1.85, which
+# pyproject pins); None if a later grpcio renames it, and then only the public checks run.
+_CLIENT_CANCELLED = getattr(importlib.import_module("grpc._server"), "_CANCELLED", None)
+
+
+def _ended_by_client(context: grpc.ServicerContext) -> bool:
+    """Whether the client cancelled the call, or its deadline did, as grpc recorded when the
+    call closed. The public API tells only while the call is active, and a stream's handler
+    can see its requests end (the client's cancel arrives as the end of the requests) before
+    grpc has processed the cancel."""
+    state = getattr(context, "_state", None)
+    return _CLIENT_CANCELLED is not None and getattr(state, "client", None) == _CLIENT_CANCELLED
 
 
 _OK = grpc.StatusCode.OK
@@ -439,7 +459,10 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 cut_short = _cut_short_code(context) if failed or not context.is_active() else None
 
                 def report() -> None:
-                    end(call, context, seconds, cut_short)
+                    ended = cut_short
+                    if ended is None and _ended_by_client(context):
+                        ended = _cut_short_code(context)  # the call is over: not UNKNOWN
+                    end(call, context, seconds, ended)
 
                 # Once the stream is over: a cancelled one has its code only then.
                 if not context.add_callback(report):
