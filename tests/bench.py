@@ -103,7 +103,7 @@ from foliod.mm import MAX_PAGE_ORDER, FolioKind, Machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.machine import Machines
-from foliod.rpc.pool import WorkerPool
+from foliod.server import worker_pool
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import Batch, BatchResult, FoliodClient
@@ -681,11 +681,8 @@ def serve_baseline(port: int, kind: str) -> int:
             ),
         },
     )
-    defaults = Config()
     executor: futures.Executor = (
-        WorkerPool(defaults.workers, defaults.workers + defaults.max_streams)
-        if kind == "empty"
-        else futures.ThreadPoolExecutor(max_workers=8)
+        worker_pool(Config()) if kind == "empty" else futures.ThreadPoolExecutor(max_workers=8)
     )
     server = grpc.server(executor)  # type: ignore[arg-type]  # grpc only submits
     server.add_generic_rpc_handlers((handler,))

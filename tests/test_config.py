@@ -47,6 +47,7 @@ def test_sizes_parse_binary_and_decimal_units() -> None:
         (["--ram", "1000"], {}, "ram"),
         (["--ram", "32TiB"], {}, "ram"),
         (["--workers", "0"], {}, "--workers"),
+        (["--max-streams", "0"], {}, "--max-streams"),
         ([], {"FOLIOD_THP_ENABLED": "sometimes"}, "FOLIOD_THP_ENABLED"),
         (["--mthp", "8kB=always"], {}, "--mthp"),
         (["--listen", "nowhere"], {}, "--listen"),

@@ -617,11 +617,14 @@ def test_fsynced_data_survives_a_restart_without_sync(tmp_path: Path) -> None:
 # -- readahead -------------------------------------------------------------------------------
 
 
-def cold_file(tmp_path: Path, nr_pages: int, ram: int = 64 * MIB) -> tuple[Machine, bytes]:
-    """A machine with file "f" of nr_pages pages (max order 9, 32-page window), not cached."""
+def cold_file(
+    tmp_path: Path, nr_pages: int, ram: int = 64 * MIB, *, ra_pages: int = 32
+) -> tuple[Machine, bytes]:
+    """A machine with file "f" of nr_pages pages (max order 9, a ra_pages window), written
+    back, not cached."""
     m = new_machine(tmp_path, Clock(), ram)
     fs = m.files
-    fs.create("f", max_order=9, ra_pages=32)
+    fs.create("f", max_order=9, ra_pages=ra_pages)
     data = pattern(7, nr_pages * PAGE_SIZE)
     for offset in range(0, len(data), 2 * MIB):
         fs.write("f", offset, data[offset : offset + 2 * MIB])

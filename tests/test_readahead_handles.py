@@ -17,7 +17,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from foliod.mm import PAGE_SIZE, FileHandleClosed, Machine
-from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.filemap import IoStats
 from foliod.mm.readahead import RaState
 from foliod.rpc.status import status_code_of
@@ -25,6 +24,7 @@ from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import FoliodClient
+from tests.test_pagecache_stateful import cold_file as pagecache_cold_file
 
 Stub = foliod_pb2_grpc.FoliodStub
 KIB = 1 << 10
@@ -40,22 +40,7 @@ Step = tuple[IoStats, tuple[int, int, int]]
 
 def cold_file(root: Path, ra_pages: int = 32) -> tuple[Machine, bytes]:
     """A machine with file "f" of FILE_PAGES pages (a ra_pages window), written back, not cached."""
-    machine = Machine(
-        "t",
-        64 * MIB,
-        store=BackingStore(root / "store", DEVICE_PROFILES["nvme"]),
-        ra_pages=ra_pages,
-        max_file_order=9,
-    )
-    fs = machine.files
-    fs.create("f")
-    data = random.Random(7).randbytes(FILE_PAGES * PAGE_SIZE)
-    for offset in range(0, len(data), 2 * MIB):
-        fs.write("f", offset, data[offset : offset + 2 * MIB])
-    fs.sync()
-    machine.drop_caches()
-    assert fs.stat("f").nr_cached == 0
-    return machine, data
+    return pagecache_cold_file(root, FILE_PAGES, ra_pages=ra_pages)
 
 
 def window(ra: RaState) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -23,7 +24,15 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.logs import configure_logging, render_access, render_access_lines, write_lines
-from foliod.rpc.interceptors import AccessLog, CallEvent, CallInfo, CallReporter, StartCounts
+from foliod.rpc.interceptors import (
+    AccessLog,
+    CallEvent,
+    CallInfo,
+    CallReporter,
+    ObservingInterceptor,
+    StartCounts,
+)
+from foliod.rpc.pool import WorkerPool
 from foliod.rpc.servicer import FoliodServicer
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
@@ -494,3 +503,74 @@ def test_a_batch_of_access_lines_renders_each_call_as_alone(
     assert [(e["method"], e["peer"], e["request_id"]) for e in events] == [
         (m, p, rid) for m, p, rid, _ in rows
     ]
+
+
+class _Events:
+    """A CallObserver that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[CallEvent] = []
+
+    def report(self, events: Sequence[CallEvent]) -> None:
+        self.events.extend(events)
+
+
+def test_a_client_stream_is_observed_and_holds_no_worker() -> None:
+    """foliod serves no client-streaming method, but the interceptor wraps any: a stream-unary
+    call is counted with its messages and code, and while its client keeps the stream open
+    the one worker still serves unary calls (the handler runs inside the pool's blocking())."""
+    started = threading.Event()
+
+    def total(requests: Any, context: grpc.ServicerContext) -> bytes:
+        started.set()
+        return str(sum(int(r) for r in requests)).encode()
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request
+
+    def same(data: bytes) -> bytes:
+        return data
+
+    handlers = grpc.method_handlers_generic_handler(
+        "t.S",
+        {
+            "Total": grpc.stream_unary_rpc_method_handler(total, same, same),
+            "Echo": grpc.unary_unary_rpc_method_handler(echo, same, same),
+        },
+    )
+    events = _Events()
+    reporter = CallReporter((events,))
+    pool = WorkerPool(1, 4)
+    server = grpc.server(
+        pool,  # type: ignore[arg-type]
+        interceptors=[ObservingInterceptor(reporter, blocking=pool.blocking)],
+    )
+    server.add_generic_rpc_handlers((handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            held = threading.Event()
+
+            def numbers() -> Any:
+                yield b"2"
+                held.wait(10)  # the stream stays open until the unary call is answered
+                yield b"3"
+
+            with futures.ThreadPoolExecutor(1) as client:
+                summed = client.submit(
+                    channel.stream_unary("/t.S/Total", same, same), numbers(), timeout=10
+                )
+                assert started.wait(10)  # the stream's handler holds the one worker's thread
+                assert channel.unary_unary("/t.S/Echo", same, same)(b"x", timeout=5) == b"x"
+                held.set()
+                assert summed.result(10) == b"5"
+    finally:
+        server.stop(0).wait()
+        pool.shutdown()
+    reporter.flush()
+    by_method = {call.method: call for call, _ in events.events}
+    total_call = by_method["Total"]
+    assert (total_call.grpc_type, total_call.code) == ("client_stream", grpc.StatusCode.OK)
+    assert (total_call.messages_received, total_call.messages_sent) == (2, 1)
+    assert by_method["Echo"].code == grpc.StatusCode.OK

@@ -36,6 +36,12 @@ REPORTING_TICK_SECONDS = 0.25
 OTHER_STREAM_THREADS = 32
 
 
+def worker_pool(config: Config) -> WorkerPool:
+    """The threads grpc runs calls on: `workers` run calls; each open stream holds a thread of
+    its own beyond them."""
+    return WorkerPool(config.workers, config.workers + config.max_streams + OTHER_STREAM_THREADS)
+
+
 def build_host(config: Config) -> Machine:
     return build_machine(config, HOST, config.ram)
 
@@ -89,10 +95,7 @@ class FoliodServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        # `workers` threads run calls; each open stream holds a thread of its own beyond them.
-        self.pool = WorkerPool(
-            config.workers, config.workers + config.max_streams + OTHER_STREAM_THREADS
-        )
+        self.pool = worker_pool(config)
         self.grpc = grpc.server(
             self.pool,  # type: ignore[arg-type]  # typed as ThreadPoolExecutor; grpc only submits
             interceptors=[ObservingInterceptor(self.calls, blocking=self.pool.blocking)],

@@ -466,7 +466,7 @@ class PageCache:
         folio.index = index
         self.busy.add(folio)
         inode.folios[index] = folio
-        if folio.order:
+        if folio.order:  # Inode.count_large(index, 1), written out: every insert comes here
             blocks, block = inode.large_blocks, index >> MAX_PAGECACHE_ORDER
             blocks[block] = blocks.get(block, 0) + 1
             inode.top_order = max(inode.top_order, folio.order)

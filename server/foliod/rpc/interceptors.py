@@ -410,17 +410,13 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             put((method_key, request_id, peer, code, start, perf_counter(), 1, sent))
             return response
 
-        def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             call = begin(context)
-            if request_streaming:
-                request = count_requests(call, request)
-            else:
-                call.messages_received = 1
             start = time.perf_counter()
             failed = True
             try:
                 with blocking():  # a request stream waits on its client
-                    response = inner(request, context)
+                    response = inner(count_requests(call, requests), context)
                 failed = False
                 code = context.code()  # type: ignore[attr-defined]
                 if code is None or code is grpc.StatusCode.OK:
@@ -470,7 +466,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
         if handler.response_streaming:
             return _rebuild(handler, streaming_response)
-        return _rebuild(handler, unary_response if request_streaming else unary_unary)
+        return _rebuild(handler, stream_unary if request_streaming else unary_unary)
 
 
 class AccessLog:
