@@ -7,7 +7,11 @@ match the folios that exist, and each owner's page tables count exactly what it 
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, Inode
+from foliod.mm.folio_table import CHUNK_SHIFT, HVO, KIND_CODE, KINDS, PMD_MAPPED, Records
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine
 from foliod.mm.memory import PGD_LEVEL, PMD_LEVEL, PTE_LEVEL, PUD_LEVEL, MmStruct
@@ -42,34 +46,66 @@ def check_machine(machine: Machine) -> None:
     _require(nr_free == zone.nr_free, f"free lists hold {nr_free} pages, nr_free {zone.nr_free}")
     _require(zone.buddyinfo() == [len(a) for a in zone.free_area], "buddyinfo disagrees")
 
-    folios: list[Folio] = list(machine.folios.values())
+    # Folio objects (page tables, page cache, balloon); owned folios are checked as columns.
+    folios: list[Folio] = []
+    table = machine.table
+    live = table.live_handles()
+    recs = table.records(live)
+    _require(len(live) == table.nr_live, f"{table.nr_live} live handles counted, {len(live)} held")
+    _require(all(table.chunks[c].nr_live for c in table.chunks), "an empty handle chunk is kept")
+    for chunk_index, chunk in table.chunks.items():
+        in_chunk = int(((live >> CHUNK_SHIFT) == chunk_index).sum())
+        _require(chunk.nr_live == in_chunk, f"chunk {chunk_index}: {chunk.nr_live} != {in_chunk}")
+    _require(
+        machine.owner_by_id.keys() == {o.id for o in machine.owners.values()},
+        "owner ids disagree",
+    )
+    owned = 0
     for owner in machine.owners.values():
-        for handle, folio in owner.folios.items():
-            _require(
-                machine.folios.get(handle) is folio, f"owner {owner.name} holds stray {handle}"
+        _require(machine.owner_by_id[owner.id] is owner, f"owner {owner.name} id mismatch")
+        mine = recs.owner == owner.id
+        nr_mine = int(mine.sum())
+        owned += nr_mine
+        _require(nr_mine == owner.nr_folios, f"owner {owner.name}: {owner.nr_folios} != {nr_mine}")
+        chunks = dict(
+            zip(
+                *(a.tolist() for a in np.unique(live[mine] >> CHUNK_SHIFT, return_counts=True)),
+                strict=True,
             )
-            _require(folio.owner == owner.name, f"folio {handle} owner mismatch")
+        )
+        _require(chunks == owner.chunks, f"owner {owner.name}: chunk counts off")
+        _require(nr_mine > 0 or owner.mm is not None, f"owner {owner.name} holds nothing")
         if owner.mm is not None:
             folios.extend(t.folio for level in owner.mm.tables for t in level.values())
             folios.extend(owner.mm.deposited.values())
-            _check_page_tables(owner.mm, list(owner.folios.values()))
+            _check_page_tables(owner.mm, recs, mine)
+    _require(owned == len(live), f"{len(live)} folios, {owned} owned")
+    _require(not (recs.vaddr[recs.kind != KIND_CODE[FolioKind.ANON]] >= 0).any(), "mapped non-anon")
     if machine.page_cache is not None:
         folios.extend(_check_page_cache(machine))
     folios.extend(machine.balloon)
     _require(all(f.kind is FolioKind.BALLOON for f in machine.balloon), "balloon holds non-balloon")
     hvo: dict[int, int] = {}
     for folio in folios:
-        if folio.hvo:
-            _require(folio.kind is FolioKind.HUGETLB, f"HVO on a {folio.kind} folio")
-            hvo[folio.order] = hvo.get(folio.order, 0) + 1
+        _require(not folio.hvo, f"HVO on a {folio.kind} folio object")
+    has_hvo = (recs.flags & HVO) != 0
+    _require(
+        (recs.kind[has_hvo] == KIND_CODE[FolioKind.HUGETLB]).all(), "HVO on a non-hugetlb folio"
+    )
+    for order, n in zip(*np.unique(recs.order[has_hvo], return_counts=True), strict=True):
+        hvo[int(order)] = int(n)
     _require(
         hvo == {o: n for o, n in machine.nr_hvo.items() if n},
         f"HVO counts {machine.nr_hvo} != actual {hvo}",
     )
-    owned = sum(len(o.folios) for o in machine.owners.values())
-    _require(owned == len(machine.folios), f"{len(machine.folios)} folios, {owned} owned")
 
     counts: dict[tuple[FolioKind, int], int] = {}
+    keys = recs.kind.astype(np.int16) * 64 + recs.order
+    for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
+        counts[KINDS[int(key) // 64], int(key) % 64] = int(n)
+    sizes = np.int64(1) << recs.order.astype(np.int64)
+    misaligned = np.flatnonzero(recs.pfn % sizes)
+    _require(not len(misaligned), f"owned folios misaligned at {recs.pfn[misaligned[:3]]}")
     for folio in folios:
         _require(folio.pfn % folio.nr_pages == 0, f"folio at {folio.pfn} misaligned")
         spans.append((folio.pfn, folio.nr_pages, f"{folio.kind} folio {folio.handle}"))
@@ -77,34 +113,46 @@ def check_machine(machine: Machine) -> None:
         counts[key] = counts.get(key, 0) + 1
     _require(counts == machine.nr_folios, f"folio counts {machine.nr_folios} != actual {counts}")
 
-    spans.sort()
-    end = 0
-    for start, length, what in spans:
-        _require(start >= end, f"{what} at pfn {start} overlaps the span ending at {end}")
-        end = start + length
-    covered = sum(length for _, length, _ in spans)
+    starts = np.concatenate((np.array([s for s, _, _ in spans], np.int64), recs.pfn))
+    lengths = np.concatenate((np.array([n for _, n, _ in spans], np.int64), sizes))
+    by_start = np.argsort(starts, kind="stable")
+    starts, lengths = starts[by_start], lengths[by_start]
+    ends = starts + lengths
+    overlap = np.flatnonzero(starts[1:] < ends[:-1])
+    if len(overlap):
+        i = int(overlap[0]) + 1
+        raise InconsistentState(
+            f"the span at pfn {starts[i]} overlaps the span ending at {ends[i - 1]}"
+        )
+    end = int(ends[-1]) if len(ends) else 0
+    covered = int(lengths.sum())
     _require(end <= machine.nr_pages, f"a span ends at {end}, past {machine.nr_pages} frames")
     _require(covered == machine.nr_pages, f"{covered} of {machine.nr_pages} frames accounted")
 
 
-def _check_page_tables(mm: MmStruct, mapped: list[Folio]) -> None:
+def _check_page_tables(mm: MmStruct, recs: Records, mine: npt.NDArray[np.bool_]) -> None:
     name, tables = mm.name, mm.tables
     expected: list[dict[int, int]] = [{} for _ in tables]
-    pmd_mapped = sum(1 for folio in mapped if folio.pmd_mapped)
+    mapped = mine & (recs.vaddr >= 0)
+    pmd = mapped & ((recs.flags & PMD_MAPPED) != 0)
+    pte = mapped & ~pmd
+    nr_pmd_mapped = int(pmd.sum())
     _require(
-        len(mm.deposited) == (pmd_mapped if mm.deposit_pgtable else 0),
-        f"{name}: {len(mm.deposited)} deposited PTE tables for {pmd_mapped} PMD mappings",
+        len(mm.deposited) == (nr_pmd_mapped if mm.deposit_pgtable else 0),
+        f"{name}: {len(mm.deposited)} deposited PTE tables for {nr_pmd_mapped} PMD mappings",
     )
-    for folio in mapped:
-        if folio.vaddr < 0:
-            continue
-        if folio.pmd_mapped:
-            _require(folio.vaddr % HPAGE_PMD_NR == 0, f"{name}: PMD mapping misaligned")
-            level, entries = PMD_LEVEL, 1
-        else:
-            level, entries = PTE_LEVEL, folio.nr_pages
-        index = folio.vaddr >> (9 * (level + 1))
-        expected[level][index] = expected[level].get(index, 0) + entries
+    _require(not (recs.vaddr[pmd] % HPAGE_PMD_NR).any(), f"{name}: PMD mapping misaligned")
+    pages = np.int64(1) << recs.order[pte].astype(np.int64)
+    pte_tables, inverse = np.unique(recs.vaddr[pte] >> 9, return_inverse=True)
+    expected[PTE_LEVEL] = dict(
+        zip(
+            pte_tables.tolist(),
+            np.bincount(inverse, weights=pages).astype(np.int64).tolist(),
+            strict=True,
+        )
+    )
+    pmd_tables, counts = np.unique(recs.vaddr[pmd] >> 18, return_counts=True)
+    expected[PMD_LEVEL] = dict(zip(pmd_tables.tolist(), counts.tolist(), strict=True))
     for level in (PTE_LEVEL, PMD_LEVEL, PUD_LEVEL):
         for index in list(expected[level]) + [i for i in tables[level] if i not in expected[level]]:
             want = expected[level].get(index, 0)

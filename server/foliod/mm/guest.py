@@ -24,6 +24,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from foliod.mm.errors import (
     AlreadyExists,
     GuestNesting,
@@ -181,7 +184,9 @@ class ReportRun:
 
 
 class HostBacking:
-    """A guest's RAM as its host holds it (the machine's FrameBacking): granule -> handle."""
+    """A guest's RAM as its host holds it (the machine's FrameBacking): per granule, the handle
+    of the host folio backing it, 0 where none does (an array: 8 bytes per granule, its pages
+    committed by the OS as granules are first backed)."""
 
     def __init__(self, host: Machine, owner: str, spec: BackingSpec, nr_pages: int) -> None:
         self.host = host
@@ -189,31 +194,51 @@ class HostBacking:
         self.spec = spec
         self.shift = spec.order
         self.nr_granules = nr_pages >> spec.order
-        self.backed: dict[int, int] = {}
+        self.handles = np.zeros(self.nr_granules, np.int64)
+        self.nr_backed = 0
         self.detached = False
 
     @property
     def nr_backed_pages(self) -> int:
-        return len(self.backed) << self.shift
+        return self.nr_backed << self.shift
+
+    def is_backed(self, granule: int) -> bool:
+        return bool(self.handles[granule])
+
+    def backed_granules(self) -> npt.NDArray[np.int64]:
+        """The granules the host backs, ascending."""
+        return np.flatnonzero(self.handles).astype(np.int64)
 
     def touch(self, pfn: int, nr_pages: int) -> None:
-        shift, backed = self.shift, self.backed
+        shift, handles = self.shift, self.handles
         first, last = pfn >> shift, (pfn + nr_pages - 1) >> shift
         if first == last:
-            if first in backed:
-                return
-            self.back([first])
+            if not handles[first]:
+                self.back(np.array([first], np.int64))
             return
-        missing = [g for g in range(first, last + 1) if g not in backed]
-        if missing:
+        span = np.arange(first, last + 1, dtype=np.int64)
+        missing = span[handles[first : last + 1] == 0]
+        if len(missing):
             self.back(missing)
 
-    def back(self, granules: list[int]) -> None:
-        """The host allocates a folio for each granule; all or nothing."""
+    def touch_many(self, pfns: npt.NDArray[np.int64], nr_pages: int) -> None:
+        shift = self.shift
+        if nr_pages >> shift <= 1:
+            granules = pfns >> shift
+        else:
+            per = nr_pages >> shift
+            granules = ((pfns >> shift)[:, None] + np.arange(per, dtype=np.int64)[None, :]).ravel()
+        granules = np.unique(granules)
+        missing = granules[self.handles[granules] == 0]
+        if len(missing):
+            self.back(missing)
+
+    def back(self, granules: npt.NDArray[np.int64]) -> None:
+        """The host allocates a folio for each granule, in the order given; all or nothing."""
         if self.detached:
             raise UnknownGuest("the guest was destroyed", field="machine")
         host, spec = self.host, self.spec
-        done: list[int] = []
+        done: list[npt.NDArray[np.int64]] = []
         with host.lock:
             try:
                 for start in range(0, len(granules), MAX_FOLIOS_PER_CALL):
@@ -226,38 +251,49 @@ class HostBacking:
                         hvo=spec.hvo,
                         guest_ram=True,
                     )
-                    for i, granule in enumerate(chunk):
-                        self.backed[granule] = made.first_handle + i
-                    done.extend(chunk)
+                    self.handles[chunk] = np.arange(
+                        made.first_handle, made.first_handle + len(chunk), dtype=np.int64
+                    )
+                    self.nr_backed += len(chunk)
+                    done.append(chunk)
             except OutOfMemory as exc:
-                self.drop(done)
+                if done:
+                    self.drop(np.concatenate(done))
                 raise OutOfMemory(
                     f"host {host.name!r} cannot back {len(granules) << self.shift} more pages of "
                     f"guest memory: {exc.message}",
                     metadata={**exc.metadata, "host": host.name},
                 ) from None
 
-    def drop(self, granules: list[int]) -> int:
+    def drop(self, granules: npt.NDArray[np.int64]) -> int:
         """The host frees the folios of backed granules; returns host pages freed."""
-        handles = [self.backed.pop(g) for g in granules if g in self.backed]
-        if not handles:
+        handles = self.handles[granules]
+        handles = handles[handles != 0]
+        if not len(handles):
             return 0
+        self.handles[granules] = 0
+        self.nr_backed -= len(handles)
+        freed = 0
         with self.host.lock:
-            return self.host.free(handles, guest_ram=True).nr_pages
+            for start in range(0, len(handles), MAX_FOLIOS_PER_CALL):
+                part = handles[start : start + MAX_FOLIOS_PER_CALL]
+                freed += self.host.free(part, guest_ram=True).nr_pages
+        return freed
 
-    def granules_within(self, pfn: int, nr_pages: int) -> Iterator[int]:
-        """Backed granules lying wholly inside frames [pfn, pfn + nr_pages)."""
+    def granules_within(self, pfn: int, nr_pages: int) -> npt.NDArray[np.int64]:
+        """Backed granules lying wholly inside frames [pfn, pfn + nr_pages), ascending."""
         shift = self.shift
         first = (pfn + (1 << shift) - 1) >> shift
-        end = (pfn + nr_pages) >> shift
-        if end - first > len(self.backed):
-            return (g for g in sorted(self.backed) if first <= g < end)
-        return (g for g in range(first, end) if g in self.backed)
+        end = min((pfn + nr_pages) >> shift, self.nr_granules)
+        if first >= end:
+            return np.empty(0, np.int64)
+        return (np.flatnonzero(self.handles[first:end]) + first).astype(np.int64)
 
     def detach(self) -> int:
         """Frees everything the host holds for the guest; returns host pages freed."""
         self.detached = True
-        self.backed.clear()
+        self.handles = np.zeros(0, np.int64)
+        self.nr_backed = 0
         with self.host.lock:
             if self.owner not in self.host.owners:
                 return 0
@@ -300,7 +336,7 @@ class Guest:
         """Per model: the guest's memmap, and the host's over the same RAM (its per-frame
         entries, less what HVO freed, plus the descriptors of the backing folios)."""
         sizes, spec = self.host.sizes, self.spec
-        nr_backed = len(self.backing.backed)
+        nr_backed = self.backing.nr_backed
         out = []
         for cost in self.machine.memmap():
             _, frame_bytes = sizes.per_frame(cost.model)
@@ -334,10 +370,10 @@ class Guest:
         whole = [
             g
             for g in sorted(granules)
-            if g in self.backing.backed
+            if self.backing.is_backed(g)
             and all(p in ballooned for p in range(g * size, (g + 1) * size))
         ]
-        freed = self.backing.drop(whole)
+        freed = self.backing.drop(np.array(whole, np.int64))
         self.nr_ballooned_host_pages += freed
         return BalloonChange(target - current, 0, target, freed)
 
@@ -370,17 +406,17 @@ class Guest:
         batch: list[int] = []
         batch_blocks = 0
         for pfn, order in blocks:
-            granules = list(backing.granules_within(pfn, 1 << order))
+            granules = backing.granules_within(pfn, 1 << order).tolist()
             if not granules:
                 continue
             batch.extend(granules)
             batch_blocks += 1
             if batch_blocks == config.capacity:
-                freed += backing.drop(batch)
+                freed += backing.drop(np.array(batch, np.int64))
                 nr_batches, nr_blocks = nr_batches + 1, nr_blocks + batch_blocks
                 batch, batch_blocks = [], 0
         if batch_blocks:
-            freed += backing.drop(batch)
+            freed += backing.drop(np.array(batch, np.int64))
             nr_batches, nr_blocks = nr_batches + 1, nr_blocks + batch_blocks
         self.nr_reporting_batches += nr_batches
         self.nr_reported_blocks += nr_blocks
@@ -453,7 +489,7 @@ class Guests:
                 ram = HostBacking(host, GUEST_OWNER_PREFIX + name, spec, nr_pages)
                 try:
                     if not spec.lazy:
-                        ram.back(list(range(ram.nr_granules)))
+                        ram.back(np.arange(ram.nr_granules, dtype=np.int64))
                     machine = self.new_machine(name, ram_bytes)
                 except Exception:
                     ram.detach()  # nothing of the guest stays on the host

@@ -11,8 +11,11 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from foliod.mm.backing_dev import BackingStore
 from foliod.mm.errors import (
@@ -26,11 +29,22 @@ from foliod.mm.errors import (
     UnknownOwner,
 )
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
-from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
+from foliod.mm.folio_table import (
+    CHUNK_SHIFT,
+    FREED,
+    HVO,
+    KINDS,
+    PMD_MAPPED,
+    FolioTable,
+    Int64Array,
+    OwnedFolio,
+    Records,
+)
+from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_NR, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
 from foliod.mm.lru import POLICIES
 from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
 from foliod.mm.memory import MmStruct
-from foliod.mm.mm_types import Folio, FolioKind
+from foliod.mm.mm_types import Folio, FolioKind, check_folio_range, read_pages, write_pages
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER, Watermarks, Zone
 from foliod.mm.readahead import DEFAULT_RA_PAGES
 from foliod.mm.vmstat import MthpStat, VmEvent, VmStat, new_event_counters
@@ -62,6 +76,11 @@ class FrameBacking(Protocol):
     def touch(self, pfn: int, nr_pages: int) -> None:
         """Frames [pfn, pfn + nr_pages) are about to be used; raises OutOfMemory when the
         host cannot back them."""
+        ...
+
+    def touch_many(self, pfns: Int64Array, nr_pages: int) -> None:
+        """touch(pfn, nr_pages) for every pfn, all or nothing: on OutOfMemory nothing more
+        is backed than before."""
         ...
 
 
@@ -104,13 +123,78 @@ class Meminfo:
     writeback_bytes: int = 0
 
 
-@dataclass
 class Owner:
-    """A named holder of folios; anon memory lives in its address space."""
+    """A named holder of folios; anon memory lives in its address space. Its folios' records
+    are in the machine's FolioTable under its id; it counts them per table chunk."""
 
-    name: str
-    folios: dict[int, Folio] = field(default_factory=dict)
-    mm: MmStruct | None = None
+    __slots__ = ("chunks", "id", "mm", "name", "nr_folios", "table")
+
+    def __init__(self, name: str, owner_id: int, table: FolioTable) -> None:
+        self.name = name
+        self.id = owner_id
+        self.table = table
+        self.nr_folios = 0
+        self.chunks: dict[int, int] = {}
+        self.mm: MmStruct | None = None
+
+    def handles(self) -> Int64Array:
+        """Handles of the owner's live folios, ascending."""
+        if not self.nr_folios:
+            return np.empty(0, np.int64)
+        return self.table.handles_of(self.id, iter(self.chunks))
+
+    @property
+    def folios(self) -> dict[int, OwnedFolio]:
+        """The owner's folios by handle (built on demand: for checks and tests)."""
+        return {h: folio_view(self.table, h, self.name) for h in self.handles().tolist()}
+
+    def count(self, handles: Int64Array, delta: int) -> None:
+        """Counts handles (ascending) in (delta 1) or out (delta -1)."""
+        self.nr_folios += delta * len(handles)
+        indices, counts = np.unique(handles >> CHUNK_SHIFT, return_counts=True)
+        chunks = self.chunks
+        for index, n in zip(indices.tolist(), counts.tolist(), strict=True):
+            left = chunks.get(index, 0) + delta * n
+            if left:
+                chunks[index] = left
+            else:
+                del chunks[index]
+
+
+def folio_view(table: FolioTable, handle: int, owner: str) -> OwnedFolio:
+    """One live handle's record as an OwnedFolio."""
+    rec = table.records(np.array([handle], np.int64))
+    flags = int(rec.flags[0])
+    return OwnedFolio(
+        handle=handle,
+        pfn=int(rec.pfn[0]),
+        order=int(rec.order[0]),
+        kind=KINDS[int(rec.kind[0])],
+        owner=owner,
+        vaddr=int(rec.vaddr[0]),
+        pmd_mapped=bool(flags & PMD_MAPPED),
+        hvo=bool(flags & HVO),
+    )
+
+
+class OwnedFolios(Mapping[int, OwnedFolio]):
+    """The machine's live owned folios by handle, read out of its FolioTable."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def __getitem__(self, handle: int) -> OwnedFolio:
+        machine = self.machine
+        owner_id = machine.table.owner_id(handle) if isinstance(handle, int) else 0
+        if owner_id == FREED:
+            raise KeyError(handle)
+        return folio_view(machine.table, handle, machine.owner_by_id[owner_id].name)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.machine.table.live_handles().tolist())
+
+    def __len__(self) -> int:
+        return self.machine.table.nr_live
 
 
 def validate_ram_bytes(ram_bytes: int, field_name: str = "ram_bytes") -> int:
@@ -150,9 +234,16 @@ class Machine:
         self.deposit_pgtable = deposit_pgtable
         self.lock = threading.RLock()
         self.events = new_event_counters()
-        self.folios: dict[int, Folio] = {}
+        # Allocate, Free and ReleaseOwner move many blocks in one step where that takes the
+        # same frames as one at a time; False makes them go one at a time (for tests).
+        self.bulk = True
+        self.table = FolioTable()
+        self.folios = OwnedFolios(self)
         self.owners: dict[str, Owner] = {}
-        self.next_handle = 1
+        self.owner_by_id: dict[int, Owner] = {}
+        self.next_owner_id = 1
+        # Bytes written into owned folios: handle -> page index in the folio -> page.
+        self.contents: dict[int, dict[int, bytearray]] = {}
         # Allocated folios per (kind, order), page tables and page cache included.
         self.nr_folios: dict[tuple[FolioKind, int], int] = {}
         # HugeTLB folios with an optimized vmemmap, by order.
@@ -188,6 +279,10 @@ class Machine:
     def watermarks(self) -> Watermarks:
         return self.zone.watermarks
 
+    @property
+    def next_handle(self) -> int:
+        return self.table.next_handle
+
     def __account(self, kind: FolioKind, order: int, delta: int) -> None:
         key = (kind, order)
         count = self.nr_folios.get(key, 0) + delta
@@ -197,6 +292,10 @@ class Machine:
             del self.nr_folios[key]
         if kind is FolioKind.ANON and order in self.thp.nr_anon:
             self.thp.nr_anon[order] += delta
+
+    def account(self, kind: FolioKind, order: int, delta: int) -> None:
+        """Counts delta folios of (kind, order) in or out (for the bulk unmap helper)."""
+        self.__account(kind, order, delta)
 
     def nr_pages_of(self, kind: FolioKind) -> int:
         return sum(n << order for (k, order), n in self.nr_folios.items() if k is kind)
@@ -222,10 +321,11 @@ class Machine:
         else:
             self.zone.free_contig(pfn, order)
 
-    def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
+    def __alloc_pfn(self, order: int) -> int:
         """Takes a 2^order block above the min watermark, reclaiming page cache directly when
         there is none (__alloc_pages_slowpath); wakes kswapd below the low watermark.
-        Raises OutOfMemory when reclaim can free nothing more."""
+        Counts pgalloc, not the folio (the caller accounts it). Raises OutOfMemory when
+        reclaim can free nothing more."""
         pfn = self.__rmqueue(order)
         while pfn is None:
             if self.page_cache is None or not self.lru.nr_pages:
@@ -234,13 +334,48 @@ class Machine:
             if not self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True):
                 raise self.__out_of_memory(order)
             pfn = self.__rmqueue(order)
-        self.__account(kind, order, 1)
         self.events[_PGALLOC] += 1 << order
         zone = self.zone
         if zone.nr_free < zone.watermarks.nr_low and self.page_cache is not None:
             # kswapd, run in line: reclaim until free memory is back above high.
             self.lru.shrink(zone.watermarks.nr_high - zone.nr_free, self.page_cache, False)
+        return pfn
+
+    def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
+        """A folio object (page cache, page tables, balloon) from __alloc_pfn."""
+        pfn = self.__alloc_pfn(order)
+        self.__account(kind, order, 1)
         return Folio(0, pfn, order, kind, owner)
+
+    def __bulk_ok(self, order: int, count: int, nr_pages: int) -> bool:
+        """Whether count blocks of order (nr_pages in all) can be taken in one go: as many
+        single allocations in a row would neither fail nor reclaim nor wake kswapd (free
+        memory stays at or above the min watermark, and the low one when there is page cache
+        for kswapd to reclaim), and the free lists hold that many blocks of the order."""
+        zone = self.zone
+        marks = zone.watermarks
+        floor = marks.nr_low if self.page_cache is not None and self.lru.nr_pages else marks.nr_min
+        return (
+            order <= MAX_PAGE_ORDER
+            and zone.nr_free - nr_pages >= floor
+            and zone.nr_obtainable(order) >= count
+        )
+
+    def __alloc_bulk(self, order: int, count: int) -> Int64Array | None:
+        """count blocks of order taken as count __alloc_pfn calls in a row would take them,
+        when __bulk_ok; None (nothing taken) when not, or when a guest's host cannot back
+        them (the caller then goes block by block, to fail where that would)."""
+        if not count or not self.bulk or not self.__bulk_ok(order, count, count << order):
+            return None
+        pfns = self.zone.rmqueue_bulk(order, count)
+        if self.backing is not None:
+            try:
+                self.backing.touch_many(pfns, 1 << order)
+            except OutOfMemory:
+                self.zone.free_pages_bulk(pfns[::-1].copy(), np.full(count, order, np.int8))
+                return None
+        self.events[_PGALLOC] += count << order
+        return pfns
 
     def alloc_cache_folio(self, order: int) -> Folio:
         """CacheAllocator: a page cache folio (filemap_alloc_folio). A large one is tried
@@ -323,31 +458,32 @@ class Machine:
         """TableAllocator: returns a page-table page (pagetable_free)."""
         self.__free_folio(table)
 
-    def __fault_anon(self, mm: MmStruct, vpage: int, end: int, madvised: bool) -> Folio:
+    def __fault_anon(self, vpage: int, end: int, madvised: bool) -> tuple[int, int]:
         """Faults in one anon folio at vpage: the largest enabled order that fits aligned,
-        falling back order by order to a single page (alloc_anon_folio)."""
+        falling back order by order to a single page (alloc_anon_folio). Returns its pfn
+        and order."""
         self.events[_PGFAULT] += 1
         thp = self.thp
         for order in thp.allowable_orders(madvised):
             if vpage & ((1 << order) - 1) or vpage + (1 << order) > end:
                 continue
             try:
-                folio = self.__alloc_folio(order, FolioKind.ANON, mm.name)
+                pfn = self.__alloc_pfn(order)
             except OutOfMemory:
                 thp.count(order, MthpStat.ANON_FAULT_FALLBACK)
                 if order == HPAGE_PMD_ORDER:
                     self.events[VmEvent.THP_FAULT_FALLBACK] += 1
                 continue
             self.__count_large_fault(order)
-            return folio
-        return self.__alloc_folio(0, FolioKind.ANON, mm.name)
+            return pfn, order
+        return self.__alloc_pfn(0), 0
 
-    def __count_large_fault(self, order: int) -> None:
-        """Counts a large anon folio faulted in (anon_fault_alloc, thp_fault_alloc)."""
+    def __count_large_fault(self, order: int, count: int = 1) -> None:
+        """Counts large anon folios faulted in (anon_fault_alloc, thp_fault_alloc)."""
         if order:
-            self.thp.count(order, MthpStat.ANON_FAULT_ALLOC)
+            self.thp.stats[order][MthpStat.ANON_FAULT_ALLOC] += count
             if order == HPAGE_PMD_ORDER:
-                self.events[VmEvent.THP_FAULT_ALLOC] += 1
+                self.events[VmEvent.THP_FAULT_ALLOC] += count
 
     def __validate_allocate(
         self, owner: str, kind: FolioKind, order: int | None, count: int, nr_bytes: int
@@ -375,11 +511,14 @@ class Machine:
                     field="bytes",
                 )
             count = nr_bytes // unit
+        nr_pages = count * (unit >> PAGE_SHIFT)
+        if order is None and nr_pages <= self.nr_pages:
+            # The folios the mTHP knobs make of the mapping when nothing falls back.
+            count = predict_anon_folios(nr_pages, self.thp.allowable_orders(False))
         if count > MAX_FOLIOS_PER_CALL:
             raise InvalidArgument(
                 f"at most {MAX_FOLIOS_PER_CALL} folios per call, not {count}", field="count"
             )
-        nr_pages = count * (unit >> PAGE_SHIFT)
         if nr_pages > self.nr_pages:
             raise InvalidArgument(
                 f"{nr_pages} pages asked for, machine {self.name!r} has {self.nr_pages}",
@@ -415,18 +554,19 @@ class Machine:
             raise InvalidArgument("hvo applies to hugetlb folios only", field="hvo")
         if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
             raise self.__out_of_memory(order or 0)
-        holder = self.owners.get(owner) or Owner(owner)
+        holder = self.owners.get(owner)
+        if holder is None:
+            holder = Owner(owner, self.next_owner_id, self.table)
         mm_before = holder.mm
         next_vpage_before = mm_before.next_vpage if mm_before is not None else 0
-        made: list[Folio] = []
+        made = _Made()
         nr_tables = 0
         try:
             if kind is FolioKind.ANON:
                 nr_tables = self.__populate_anon(holder, order, nr_pages, madvise_hugepage, made)
             else:
                 assert order is not None
-                for _ in range(nr_pages >> order):
-                    made.append(self.__alloc_folio(order, kind, owner))
+                self.__populate(order, nr_pages >> order, made)
         except AddressSpaceExhausted:
             self.__unwind(holder, made, mm_before, next_vpage_before)
             raise
@@ -436,76 +576,177 @@ class Machine:
                 raise
             # Describe the machine as the caller finds it: after the rollback.
             raise self.__out_of_memory(int(exc.metadata["order"])) from None
-        self.owners[owner] = holder
-        first = self.next_handle
-        by_order: dict[int, int] = {}
+        if holder.id == self.next_owner_id:
+            self.next_owner_id += 1
+            self.owners[owner] = holder
+            self.owner_by_id[holder.id] = holder
+        pfns, orders, vaddrs, flags = made.columns()
         if hvo:
             assert order is not None
-            for folio in made:
-                folio.hvo = True
-            self.nr_hvo[order] = self.nr_hvo.get(order, 0) + len(made)
-        for handle, folio in enumerate(made, first):
-            folio.handle = handle
-            self.folios[handle] = folio
-            holder.folios[handle] = folio
-            by_order[folio.order] = by_order.get(folio.order, 0) + 1
-        self.next_handle = first + len(made)
-        return Allocation(first, len(made), nr_pages, by_order, nr_tables)
+            flags |= HVO
+            self.nr_hvo[order] = self.nr_hvo.get(order, 0) + len(pfns)
+        first = self.table.append(
+            pfns,
+            orders,
+            kind,
+            holder.id,
+            vaddr=vaddrs if kind is FolioKind.ANON else None,
+            flags=flags,
+        )
+        holder.count(np.arange(first, first + len(pfns), dtype=np.int64), 1)
+        by_order = {
+            int(o): int(n) for o, n in zip(*np.unique(orders, return_counts=True), strict=True)
+        }
+        for folio_order, n in by_order.items():
+            self.__account(kind, folio_order, n)
+        return Allocation(first, len(pfns), nr_pages, by_order, nr_tables)
+
+    def __populate(self, order: int, count: int, made: _Made) -> None:
+        """Takes count blocks of order into made: in one go where __bulk_ok, else one by one."""
+        pfns = self.__alloc_bulk(order, count)
+        if pfns is not None:
+            made.add(pfns, order)
+            return
+        for _ in range(count):
+            made.add_one(self.__alloc_pfn(order), order)
 
     def __populate_anon(
-        self, holder: Owner, order: int | None, nr_pages: int, madvised: bool, made: list[Folio]
+        self, holder: Owner, order: int | None, nr_pages: int, madvised: bool, made: _Made
     ) -> int:
+        """Faults in a new mapping of nr_pages from its start; returns page-table pages made.
+
+        Where every fault in the rest of a PTE table would take one order (an order is given,
+        or no mTHP order is enabled) the first fault goes as usual and the rest of the table
+        in one bulk step, which takes the same frames as the faults would one by one."""
         if holder.mm is None:
             holder.mm = MmStruct(holder.name, deposit_pgtable=self.deposit_pgtable)
         mm = holder.mm
         vpage = mm.get_unmapped_area(nr_pages, 1 << (order or 0))
         end = vpage + nr_pages
+        uniform = (
+            order if order is not None else (0 if not self.thp.allowable_orders(madvised) else None)
+        )
         nr_tables = 0
         while vpage < end:
             if order is None:
-                folio = self.__fault_anon(mm, vpage, end, madvised)
+                pfn, folio_order = self.__fault_anon(vpage, end, madvised)
             else:
                 self.events[_PGFAULT] += 1
-                folio = self.__alloc_folio(order, FolioKind.ANON, holder.name)
+                pfn, folio_order = self.__alloc_pfn(order), order
                 self.__count_large_fault(order)
             try:
-                nr_tables += mm.map_folio(folio, vpage, self)
+                tables, pmd_mapped = mm.map_folio(folio_order, vpage, self)
             except OutOfMemory:
-                self.__free_folio(folio)
+                self.__free_pfns(np.array([pfn], np.int64), np.array([folio_order], np.int8))
                 raise
-            made.append(folio)
-            vpage += folio.nr_pages
+            nr_tables += tables
+            made.add_one(pfn, folio_order, vpage, PMD_MAPPED if pmd_mapped else 0)
+            table_end = (vpage | (HPAGE_PMD_NR - 1)) + 1
+            vpage += 1 << folio_order
+            if uniform is None or folio_order != uniform or pmd_mapped:
+                continue
+            # The rest of this PTE table: no table to allocate, every fault alike.
+            rest = (min(end, table_end) - vpage) >> uniform
+            pfns = self.__alloc_bulk(uniform, rest) if rest > 1 else None
+            if pfns is None:
+                continue
+            self.events[_PGFAULT] += rest
+            self.__count_large_fault(uniform, rest)
+            mm.map_entries(vpage, rest << uniform)
+            made.add(pfns, uniform, vpage)
+            vpage += rest << uniform
         return nr_tables
 
     def __unwind(
         self,
         holder: Owner,
-        made: list[Folio],
+        made: _Made,
         mm_before: MmStruct | None,
         next_vpage_before: int,
     ) -> None:
         """Frees the folios of a failed allocate call, leaving the machine as it was."""
-        for folio in reversed(made):
-            if holder.mm is not None and folio.vaddr >= 0:
-                holder.mm.unmap_folio(folio, self)
-            self.__free_folio(folio)
+        pfns, orders, vaddrs, flags = made.columns()
+        if holder.mm is not None:
+            self.__unmap_and_free(holder.mm, pfns[::-1], orders[::-1], vaddrs[::-1], flags[::-1])
+        else:
+            self.__free_pfns(pfns[::-1].copy(), orders[::-1].copy())
         if holder.mm is not None:
             if mm_before is None:
                 holder.mm.release_pgd(self)
             holder.mm.next_vpage = next_vpage_before
         holder.mm = mm_before
 
+    def __free_pfns(self, pfns: Int64Array, orders: npt.NDArray[np.int8]) -> None:
+        """Returns blocks to the buddy allocator, in order, counting pgfree."""
+        if self.bulk:
+            self.zone.free_pages_bulk(pfns, orders)
+        else:
+            for pfn, order in zip(pfns.tolist(), orders.tolist(), strict=True):
+                self.__free_block(pfn, order)
+        self.events[_PGFREE] += int((np.int64(1) << orders.astype(np.int64)).sum())
+
+    def __unmap_and_free(
+        self,
+        mm: MmStruct,
+        pfns: Int64Array,
+        orders: npt.NDArray[np.int8],
+        vaddrs: Int64Array,
+        flags: npt.NDArray[np.uint8],
+    ) -> int:
+        """Unmaps (where mapped) and frees folios in turn, as one unmap and free each would,
+        page tables freed at the point they empty; returns page-table pages freed.
+
+        Runs of PTE-mapped folios in one table are unmapped together: only the last can
+        empty the table, so its tables are freed just before that last folio is."""
+        n = len(pfns)
+        if not n:
+            return 0
+        mapped = vaddrs >= 0
+        pmd = (flags & PMD_MAPPED) != 0
+        table_of = np.where(pmd, -2, np.where(mapped, vaddrs >> 9, -1))
+        # A run ends where the table changes, and after every PMD mapping.
+        breaks = np.flatnonzero((table_of[1:] != table_of[:-1]) | pmd[:-1]) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = [*starts[1:], n]
+        recorder = _TableFrees(self)
+        seq_pfns: list[Int64Array] = []
+        seq_orders: list[npt.NDArray[np.int8]] = []
+        for start, stop in zip(starts, ends, strict=True):
+            if not mapped[start]:
+                seq_pfns.append(pfns[start:stop])
+                seq_orders.append(orders[start:stop])
+                continue
+            if stop - start > 1:
+                seq_pfns.append(pfns[start : stop - 1])
+                seq_orders.append(orders[start : stop - 1])
+            entries = (
+                1 if pmd[start] else int((np.int64(1) << orders[start:stop].astype(np.int64)).sum())
+            )
+            mm.unmap_pages(int(vaddrs[start]), entries, bool(pmd[start]), recorder)
+            if recorder.pfns:
+                seq_pfns.append(np.array(recorder.pfns, np.int64))
+                seq_orders.append(np.zeros(len(recorder.pfns), np.int8))
+                recorder.pfns.clear()
+            seq_pfns.append(pfns[stop - 1 : stop])
+            seq_orders.append(orders[stop - 1 : stop])
+        all_orders = np.concatenate(seq_orders)
+        self.__free_pfns(np.concatenate(seq_pfns), all_orders)
+        return recorder.nr_freed
+
     # -- freeing ---------------------------------------------------------------------------
 
-    def lookup(self, handle: int, field_name: str = "handle") -> Folio:
-        folio = self.folios.get(handle)
-        if folio is not None:
-            return folio
+    def lookup(self, handle: int, field_name: str = "handle") -> OwnedFolio:
+        owner_id = self.table.owner_id(handle)
+        if owner_id != FREED:
+            return folio_view(self.table, handle, self.owner_by_id[owner_id].name)
+        raise self.__no_folio(handle, field_name)
+
+    def __no_folio(self, handle: int, field_name: str) -> FolioAlreadyFreed | UnknownFolio:
         if 0 < handle < self.next_handle:
-            raise FolioAlreadyFreed(
+            return FolioAlreadyFreed(
                 f"folio {handle} on machine {self.name!r} was already freed", field=field_name
             )
-        raise UnknownFolio(f"no folio {handle} on machine {self.name!r}", field=field_name)
+        return UnknownFolio(f"no folio {handle} on machine {self.name!r}", field=field_name)
 
     def __check_guest_ram(self, owner: str, guest_ram: bool) -> None:
         if owner.startswith(GUEST_OWNER_PREFIX) and not guest_ram:
@@ -515,40 +756,89 @@ class Machine:
                 field="owner",
             )
 
-    def free(self, handles: Sequence[int], *, guest_ram: bool = False) -> Release:
+    def free(self, handles: Sequence[int] | Int64Array, *, guest_ram: bool = False) -> Release:
         """Frees folios by handle; one bad handle rejects the whole request."""
-        if not handles:
+        if not len(handles):
             raise InvalidArgument("name at least one handle", field="handles")
         if len(handles) > MAX_FOLIOS_PER_CALL:
             raise InvalidArgument(
                 f"at most {MAX_FOLIOS_PER_CALL} handles per call, not {len(handles)}",
                 field="handles",
             )
-        folios = [self.lookup(handle, "handles") for handle in handles]
-        if len(set(handles)) != len(handles):
+        wanted = np.asarray(handles)
+        if wanted.dtype != np.int64:
+            if len(wanted) and (int(wanted.min()) < 0 or int(wanted.max()) >= 1 << 62):
+                bad = next(h for h in handles if not 0 <= h < 1 << 62)
+                raise self.__no_folio(int(bad), "handles")
+            wanted = wanted.astype(np.int64)
+        owner_ids = self.table.owner_ids(wanted)
+        dead = np.flatnonzero(owner_ids == FREED)
+        if len(dead):
+            raise self.__no_folio(int(wanted[dead[0]]), "handles")
+        if len(np.unique(wanted)) != len(wanted):
             raise InvalidArgument("a handle is named twice", field="handles")
-        for folio in folios:
-            self.__check_guest_ram(folio.owner, guest_ram)
-        nr_pages = nr_tables = 0
-        for folio in folios:
-            holder = self.owners[folio.owner]
-            nr_pages += folio.nr_pages
-            nr_tables += self.__release_folio(holder, folio)
-        for folio in folios:
-            emptied = self.owners.get(folio.owner)
-            if emptied is not None and not emptied.folios and emptied.mm is None:
-                del self.owners[folio.owner]
-        return Release(len(folios), nr_pages + nr_tables, nr_tables)
-
-    def __release_folio(self, holder: Owner, folio: Folio) -> int:
-        """Unmaps (anon) and frees one owned folio; returns page-table pages freed."""
+        ids, first_seen = np.unique(owner_ids, return_index=True)
+        holders = [self.owner_by_id[int(i)] for i in ids[np.argsort(first_seen)]]
+        for holder in holders:
+            self.__check_guest_ram(holder.name, guest_ram)
+        recs = self.table.records(wanted)
         nr_tables = 0
-        if holder.mm is not None and folio.vaddr >= 0:
-            nr_tables = holder.mm.unmap_folio(folio, self)
-        del holder.folios[folio.handle]
-        del self.folios[folio.handle]
-        self.__free_folio(folio)
+        if len(holders) == 1 and holders[0].mm is not None:
+            nr_tables = self.__unmap_and_free(
+                holders[0].mm, recs.pfn, recs.order, recs.vaddr, recs.flags
+            )
+        elif any(h.mm is not None for h in holders):
+            nr_tables = self.__release_mixed(holders, recs)
+        else:
+            self.__free_pfns(recs.pfn, recs.order)
+        self.__forget(recs, holders)
+        for holder in holders:
+            if not holder.nr_folios and holder.mm is None:
+                self.__drop_owner(holder)
+        return Release(len(recs), recs.nr_pages + nr_tables, nr_tables)
+
+    def __release_mixed(self, holders: list[Owner], recs: Records) -> int:
+        """Frees folios of several owners, some with address spaces, in request order."""
+        nr_tables = 0
+        by_id = {h.id: h for h in holders}
+        run_start = 0
+        owner = recs.owner
+        n = len(recs)
+        while run_start < n:
+            holder = by_id[int(owner[run_start])]
+            stop = run_start + 1
+            while stop < n and owner[stop] == owner[run_start]:
+                stop += 1
+            part = slice(run_start, stop)
+            if holder.mm is not None:
+                nr_tables += self.__unmap_and_free(
+                    holder.mm, recs.pfn[part], recs.order[part], recs.vaddr[part], recs.flags[part]
+                )
+            else:
+                self.__free_pfns(recs.pfn[part], recs.order[part])
+            run_start = stop
         return nr_tables
+
+    def __forget(self, recs: Records, holders: list[Owner]) -> None:
+        """Takes freed folios out of the table, the counts and their owners."""
+        self.table.remove(recs.handles)
+        if self.contents:
+            for handle in recs.handles[np.isin(recs.handles, list(self.contents))].tolist():
+                del self.contents[handle]
+        hvo = (recs.flags & HVO) != 0
+        if hvo.any():
+            for o, n in zip(*np.unique(recs.order[hvo], return_counts=True), strict=True):
+                self.nr_hvo[int(o)] -= int(n)
+        keys = recs.kind.astype(np.int16) * 64 + recs.order
+        for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
+            self.__account(KINDS[int(key) // 64], int(key) % 64, -int(n))
+        for holder in holders:
+            mine = recs.handles[recs.owner == holder.id]
+            holder.count(np.sort(mine), -1)
+
+    def __drop_owner(self, holder: Owner) -> None:
+        del self.owners[holder.name]
+        del self.owner_by_id[holder.id]
 
     def release_owner(self, owner: str, *, guest_ram: bool = False) -> Release:
         """Frees everything an owner holds, its page tables included, and forgets it."""
@@ -557,26 +847,33 @@ class Machine:
         holder = self.owners.get(owner)
         if holder is None:
             raise UnknownOwner(f"no owner {owner!r} on machine {self.name!r}", field="owner")
-        folios = list(holder.folios.values())
-        nr_pages = sum(folio.nr_pages for folio in folios)
-        nr_tables = sum(self.__release_folio(holder, folio) for folio in folios)
+        recs = self.table.records(holder.handles())
+        nr_tables = 0
         if holder.mm is not None:
+            nr_tables = self.__unmap_and_free(
+                holder.mm, recs.pfn, recs.order, recs.vaddr, recs.flags
+            )
             nr_tables += holder.mm.release_pgd(self)
-        del self.owners[owner]
-        return Release(len(folios) + nr_tables, nr_pages + nr_tables, nr_tables)
+        else:
+            self.__free_pfns(recs.pfn, recs.order)
+        self.__forget(recs, [holder])
+        self.__drop_owner(holder)
+        return Release(len(recs) + nr_tables, recs.nr_pages + nr_tables, nr_tables)
 
     # -- contents --------------------------------------------------------------------------
 
     def folio_write(self, handle: int, offset: int, data: bytes) -> int:
         folio = self.lookup(handle)
         check_range(offset, len(data), "data")
-        folio.write(offset, data)
+        check_folio_range(handle, folio.size_bytes, offset, len(data), "offset")
+        write_pages(self.contents.setdefault(handle, {}), offset, data)
         return len(data)
 
     def folio_read(self, handle: int, offset: int, length: int) -> bytes:
         folio = self.lookup(handle)
         check_range(offset, length, "length")
-        return folio.read(offset, length)
+        check_folio_range(handle, folio.size_bytes, offset, length, "length")
+        return read_pages(self.contents.get(handle), offset, length)
 
     # -- page cache ------------------------------------------------------------------------
 
@@ -692,6 +989,91 @@ class Machine:
 
     def set_thp(self, enabled: ThpSetting | None, sizes: Mapping[int, ThpSetting]) -> None:
         self.thp.update(enabled, sizes)
+
+
+def predict_anon_folios(nr_pages: int, orders: Sequence[int]) -> int:
+    """Folios a new anon mapping of nr_pages is faulted in as when no allocation falls back:
+    the largest enabled order (largest first in orders) that fits, from a start aligned to
+    them all (mappings of HPAGE_PMD_NR pages or more are PMD-aligned; smaller ones make
+    fewer folios than pages in any case)."""
+    count, rest = 0, nr_pages
+    for order in orders:
+        count += rest >> order
+        rest &= (1 << order) - 1
+    return count + rest
+
+
+class _Made:
+    """The folios an allocate call has made so far, in order, as columns."""
+
+    __slots__ = ("flags", "one", "orders", "pfns", "vaddrs")
+
+    def __init__(self) -> None:
+        self.pfns: list[Int64Array] = []
+        self.orders: list[npt.NDArray[np.int8]] = []
+        self.vaddrs: list[Int64Array] = []
+        self.flags: list[npt.NDArray[np.uint8]] = []
+        # Single folios not yet flushed into the lists: (pfn, order, vaddr, flags).
+        self.one: list[tuple[int, int, int, int]] = []
+
+    def add_one(self, pfn: int, order: int, vaddr: int = -1, flags: int = 0) -> None:
+        self.one.append((pfn, order, vaddr, flags))
+
+    def __flush(self) -> None:
+        if self.one:
+            pfns, orders, vaddrs, flags = zip(*self.one, strict=True)
+            self.pfns.append(np.array(pfns, np.int64))
+            self.orders.append(np.array(orders, np.int8))
+            self.vaddrs.append(np.array(vaddrs, np.int64))
+            self.flags.append(np.array(flags, np.uint8))
+            self.one.clear()
+
+    def add(self, pfns: Int64Array, order: int, vpage: int | None = None) -> None:
+        self.__flush()
+        n = len(pfns)
+        self.pfns.append(pfns)
+        self.orders.append(np.full(n, order, np.int8))
+        if vpage is None:
+            self.vaddrs.append(np.full(n, -1, np.int64))
+        else:
+            self.vaddrs.append(vpage + (np.arange(n, dtype=np.int64) << order))
+        self.flags.append(np.zeros(n, np.uint8))
+
+    def columns(
+        self,
+    ) -> tuple[Int64Array, npt.NDArray[np.int8], Int64Array, npt.NDArray[np.uint8]]:
+        self.__flush()
+        if not self.pfns:
+            return (
+                np.empty(0, np.int64),
+                np.empty(0, np.int8),
+                np.empty(0, np.int64),
+                np.empty(0, np.uint8),
+            )
+        if len(self.pfns) > 1:
+            self.pfns = [np.concatenate(self.pfns)]
+            self.orders = [np.concatenate(self.orders)]
+            self.vaddrs = [np.concatenate(self.vaddrs)]
+            self.flags = [np.concatenate(self.flags)]
+        return self.pfns[0], self.orders[0], self.vaddrs[0], self.flags[0]
+
+
+class _TableFrees:
+    """A TableAllocator for unmapping in bulk: records the frames of freed page tables (the
+    caller frees them in sequence) and accounts them."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.pfns: list[int] = []
+        self.nr_freed = 0
+
+    def alloc_pagetable(self, owner: str) -> Folio:
+        raise AssertionError("unmapping allocates no page table")
+
+    def free_pagetable(self, table: Folio) -> None:
+        self.pfns.append(table.pfn)
+        self.nr_freed += 1
+        self.machine.account(FolioKind.PAGETABLE, 0, -1)
 
 
 def check_owner_name(owner: str) -> None:

@@ -85,19 +85,24 @@ class MmStruct:
         self.next_vpage = start + nr_pages
         return start
 
-    def map_folio(self, folio: Folio, vpage: int, allocator: TableAllocator) -> int:
-        """Maps an anon folio at a virtual page; returns page-table pages allocated.
+    def missing_levels(self, vpage: int, level: int) -> list[int]:
+        """Levels, from level up, whose table for vpage does not exist yet (bottom first)."""
+        missing = []
+        tables = self.tables
+        while level < PT_LEVELS and (vpage >> _LEVEL_SHIFT[level]) not in tables[level]:
+            missing.append(level)
+            level += 1
+        return missing
+
+    def map_folio(self, order: int, vpage: int, allocator: TableAllocator) -> tuple[int, bool]:
+        """Maps an anon folio of order at a virtual page; returns page-table pages allocated
+        and whether it is PMD-mapped.
 
         All or nothing: when a table cannot be allocated, nothing is installed.
         """
-        pmd_mapped = folio.order == HPAGE_PMD_ORDER and vpage % HPAGE_PMD_NR == 0
+        pmd_mapped = order == HPAGE_PMD_ORDER and vpage % HPAGE_PMD_NR == 0
         level = PMD_LEVEL if pmd_mapped else PTE_LEVEL
-        entries = 1 if pmd_mapped else folio.nr_pages
-        missing = []
-        lvl = level
-        while lvl < PT_LEVELS and (vpage >> _LEVEL_SHIFT[lvl]) not in self.tables[lvl]:
-            missing.append(lvl)
-            lvl += 1
+        missing = self.missing_levels(vpage, level)
         want_deposit = pmd_mapped and self.deposit_pgtable
         new: list[Folio] = []
         try:
@@ -108,29 +113,46 @@ class MmStruct:
             for table in new:
                 allocator.free_pagetable(table)
             raise
-        for lvl in reversed(missing):
-            self.tables[lvl][vpage >> _LEVEL_SHIFT[lvl]] = PageTable(new.pop(0))
+        self.install(vpage, level, 1 if pmd_mapped else 1 << order, missing, new)
+        return len(missing) + want_deposit, pmd_mapped
+
+    def install(
+        self, vpage: int, level: int, entries: int, missing: list[int], new: list[Folio]
+    ) -> None:
+        """Installs the tables of missing (allocated top-down into new; one more, last, is
+        deposited with a PMD mapping) and counts entries more at level for vpage."""
+        for table, lvl in zip(new, reversed(missing), strict=False):
+            self.tables[lvl][vpage >> _LEVEL_SHIFT[lvl]] = PageTable(table)
             if lvl + 1 < PT_LEVELS:
                 self.tables[lvl + 1][vpage >> _LEVEL_SHIFT[lvl + 1]].entries += 1
         self.tables[level][vpage >> _LEVEL_SHIFT[level]].entries += entries
-        if want_deposit:
-            self.deposited[vpage] = new.pop()
-        folio.vaddr = vpage
-        folio.pmd_mapped = pmd_mapped
-        return len(missing) + want_deposit
+        if len(new) > len(missing):
+            self.deposited[vpage] = new[-1]
 
-    def unmap_folio(self, folio: Folio, allocator: TableAllocator) -> int:
+    def map_entries(self, vpage: int, nr_entries: int) -> None:
+        """Counts nr_entries more PTEs in the PTE table of vpage, which exists."""
+        self.tables[PTE_LEVEL][vpage >> _LEVEL_SHIFT[PTE_LEVEL]].entries += nr_entries
+
+    def unmap_folio(
+        self, vpage: int, order: int, pmd_mapped: bool, allocator: TableAllocator
+    ) -> int:
         """Unmaps an anon folio; returns page-table pages freed because they became empty."""
-        vpage = folio.vaddr
+        return self.unmap_pages(vpage, 1 if pmd_mapped else 1 << order, pmd_mapped, allocator)
+
+    def unmap_pages(
+        self, vpage: int, entries: int, pmd_mapped: bool, allocator: TableAllocator
+    ) -> int:
+        """Removes entries (PTEs, or one PMD mapping) for vpage, all in one table; returns
+        page-table pages freed because they became empty."""
         freed = 0
-        if folio.pmd_mapped:
-            level, entries = PMD_LEVEL, 1
+        if pmd_mapped:
+            level = PMD_LEVEL
             deposit = self.deposited.pop(vpage, None)
             if deposit is not None:
                 allocator.free_pagetable(deposit)
                 freed += 1
         else:
-            level, entries = PTE_LEVEL, folio.nr_pages
+            level = PTE_LEVEL
         while level < PGD_LEVEL:
             index = vpage >> _LEVEL_SHIFT[level]
             table = self.tables[level][index]
@@ -143,8 +165,6 @@ class MmStruct:
             level, entries = level + 1, 1
         else:
             self.tables[PGD_LEVEL][0].entries -= entries
-        folio.vaddr = -1
-        folio.pmd_mapped = False
         return freed
 
     def release_pgd(self, allocator: TableAllocator) -> int:

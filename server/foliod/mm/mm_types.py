@@ -79,43 +79,53 @@ class Folio:
     def size_bytes(self) -> int:
         return PAGE_SIZE << self.order
 
-    def __check_range(self, offset: int, length: int, field: str) -> None:
-        if offset + length > self.size_bytes:
-            raise OutOfRange(
-                f"offset {offset} + {length} bytes passes the end of folio {self.handle} "
-                f"({self.size_bytes} bytes)",
-                field=field,
-            )
-
     def write(self, offset: int, data: bytes) -> None:
         """Copies data into the folio at a byte offset, page by page."""
-        self.__check_range(offset, len(data), "offset")
+        check_folio_range(self.handle, self.size_bytes, offset, len(data), "offset")
         if self.contents is None:
             self.contents = {}
-        contents = self.contents
-        pos = 0
-        while pos < len(data):
-            index, start = divmod(offset + pos, PAGE_SIZE)
-            chunk = min(PAGE_SIZE - start, len(data) - pos)
-            page = contents.get(index)
-            if page is None:
-                page = contents[index] = bytearray(PAGE_SIZE)
-            page[start : start + chunk] = data[pos : pos + chunk]
-            pos += chunk
+        write_pages(self.contents, offset, data)
 
     def read(self, offset: int, length: int) -> bytes:
         """Returns length bytes from a byte offset; unwritten pages read as zeros."""
-        self.__check_range(offset, length, "length")
-        if not self.contents:
-            return bytes(length)
-        contents = self.contents
-        out = bytearray(length)
-        pos = 0
-        while pos < length:
-            index, start = divmod(offset + pos, PAGE_SIZE)
-            chunk = min(PAGE_SIZE - start, length - pos)
-            page = contents.get(index)
-            if page is not None:
-                out[pos : pos + chunk] = page[start : start + chunk]
-            pos += chunk
-        return bytes(out)
+        check_folio_range(self.handle, self.size_bytes, offset, length, "length")
+        return read_pages(self.contents, offset, length)
+
+
+def check_folio_range(handle: int, size_bytes: int, offset: int, length: int, field: str) -> None:
+    """OutOfRange unless [offset, offset + length) lies inside a folio of size_bytes."""
+    if offset + length > size_bytes:
+        raise OutOfRange(
+            f"offset {offset} + {length} bytes passes the end of folio {handle} "
+            f"({size_bytes} bytes)",
+            field=field,
+        )
+
+
+def write_pages(contents: dict[int, bytearray], offset: int, data: bytes) -> None:
+    """Copies data into a folio's written pages (page index -> page) at a byte offset."""
+    pos = 0
+    while pos < len(data):
+        index, start = divmod(offset + pos, PAGE_SIZE)
+        chunk = min(PAGE_SIZE - start, len(data) - pos)
+        page = contents.get(index)
+        if page is None:
+            page = contents[index] = bytearray(PAGE_SIZE)
+        page[start : start + chunk] = data[pos : pos + chunk]
+        pos += chunk
+
+
+def read_pages(contents: dict[int, bytearray] | None, offset: int, length: int) -> bytes:
+    """length bytes of a folio from a byte offset; pages never written read as zeros."""
+    if not contents:
+        return bytes(length)
+    out = bytearray(length)
+    pos = 0
+    while pos < length:
+        index, start = divmod(offset + pos, PAGE_SIZE)
+        chunk = min(PAGE_SIZE - start, length - pos)
+        page = contents.get(index)
+        if page is not None:
+            out[pos : pos + chunk] = page[start : start + chunk]
+        pos += chunk
+    return bytes(out)

@@ -3,12 +3,21 @@
 Free lists are insertion-ordered dicts used as the kernel uses its list heads: a block freed or
 split off is added at the head and allocation takes the head (``popitem``), so the allocator is
 deterministic and takes the lowest free blocks first after boot, as memblock_free_all leaves them.
+
+``rmqueue_bulk`` and ``free_pages_bulk`` do what many rmqueue or free_one_page calls in a row do,
+to the same free lists in the same list order, with numpy arrays instead of a Python step per
+block (the kernel batches the same way: alloc_pages_bulk, free_pages_bulk).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+PfnArray = npt.NDArray[np.int64]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -108,6 +117,124 @@ class Zone:
             pfn &= ~(1 << order)
             order += 1
         free_area[order][pfn] = None
+
+    def nr_obtainable(self, order: int) -> int:
+        """How many 2^order blocks the free lists can yield by splitting, watermarks aside."""
+        return sum(len(area) << (o - order) for o, area in enumerate(self.free_area) if o >= order)
+
+    def rmqueue_bulk(self, order: int, count: int) -> PfnArray:
+        """The frames count rmqueue(order) calls in a row return, in that order, leaving the
+        free lists as they would. Precondition: nr_obtainable(order) >= count.
+
+        rmqueue takes the head of the smallest non-empty list at or above order; a block of
+        order j taken so yields its 2^(j - order) pieces in ascending order before the next
+        block is touched (the split-off upper halves are the only entries below j), so whole
+        blocks are handed out as ranges and only the last, partly used one is split step by step.
+        """
+        out: list[PfnArray] = []
+        free_area = self.free_area
+        remaining = count
+        while remaining:
+            current = next(o for o in range(order, NR_PAGE_ORDERS) if free_area[o])
+            per_block = 1 << (current - order)
+            if remaining < per_block:
+                out.append(self.__take_partial(current, order, remaining))
+                break
+            area = free_area[current]
+            nr_blocks = min(len(area), remaining // per_block)
+            heads = np.array([area.popitem()[0] for _ in range(nr_blocks)], np.int64)
+            if per_block == 1:
+                out.append(heads)
+            else:
+                pieces = np.arange(per_block, dtype=np.int64) << order
+                out.append((heads[:, None] + pieces[None, :]).ravel())
+            remaining -= nr_blocks * per_block
+            self.nr_free -= (nr_blocks * per_block) << order
+        if not out:
+            return np.empty(0, np.int64)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def __take_partial(self, current: int, order: int, count: int) -> PfnArray:
+        """rmqueue(order) count times from the head block of list current (the smallest
+        non-empty list at or above order), count < 2^(current - order): the block's first
+        count pieces, ascending; what is left of it lies on the lists below current, at most
+        one block on each (they were empty), so their order in the lists cannot differ."""
+        head = self.free_area[current].popitem()[0]
+        unit = 1 << order
+        pos = count  # in pieces of 2^order from head
+        for level in range(order, current):
+            if pos & (1 << (level - order)):
+                self.free_area[level][head + pos * unit] = None
+                pos += 1 << (level - order)
+        self.nr_free -= count << order
+        return head + np.arange(count, dtype=np.int64) * unit
+
+    def free_pages_bulk(self, pfns: PfnArray, orders: npt.NDArray[np.int8]) -> None:
+        """Frees blocks as free_one_page(pfns[i], orders[i]) for i in turn would: the same
+        merged blocks on the same lists in the same list order.
+
+        Merging is greedy, so the blocks that end up free are the maximal aligned free ones;
+        a block freed or merged here enters its list when its last piece was freed, so the
+        new blocks of each list follow the old ones in the order their last pieces were freed.
+        """
+        if len(pfns) < 64 or int(orders.max()) > MAX_PAGE_ORDER:
+            for pfn, order in zip(pfns.tolist(), orders.tolist(), strict=True):
+                if order <= MAX_PAGE_ORDER:
+                    self.free_one_page(pfn, order)
+                else:
+                    self.free_contig(pfn, order)
+            return
+        self.nr_free += int((np.int64(1) << orders.astype(np.int64)).sum())
+        steps = np.arange(len(pfns), dtype=np.int64)
+        carry_pfn = np.empty(0, np.int64)
+        carry_step = np.empty(0, np.int64)
+        for order in range(NR_PAGE_ORDERS):
+            mine = orders == order
+            pfn = np.concatenate((pfns[mine], carry_pfn))
+            step = np.concatenate((steps[mine], carry_step))
+            if not len(pfn):
+                continue
+            area = self.free_area[order]
+            if order == MAX_PAGE_ORDER:
+                self.__append_blocks(area, pfn, step)
+                break
+            size = 1 << order
+            sort = np.argsort(pfn, kind="stable")
+            pfn, step = pfn[sort], step[sort]
+            # Pairs of new blocks that are buddies: a lower half followed by its upper half.
+            lower = (pfn[:-1] & size) == 0
+            paired = lower & (pfn[1:] == pfn[:-1] + size)
+            first = np.flatnonzero(paired)
+            merged = np.zeros(len(pfn), bool)
+            merged[first] = merged[first + 1] = True
+            parent_pfn = [pfn[first]]
+            parent_step = [np.maximum(step[first], step[first + 1])]
+            # New blocks whose buddy was already free: merge with it.
+            alone = np.flatnonzero(~merged)
+            if len(area) and len(alone):
+                buddies = pfn[alone] ^ size
+                if len(area) < len(alone):
+                    has_buddy = np.isin(buddies, np.fromiter(area, np.int64, len(area)))
+                else:
+                    has_buddy = np.fromiter(
+                        (b in area for b in buddies.tolist()), bool, len(buddies)
+                    )
+                with_old = alone[has_buddy]
+                for buddy in buddies[has_buddy].tolist():
+                    del area[buddy]
+                merged[with_old] = True
+                parent_pfn.append(pfn[with_old] & ~size)
+                parent_step.append(step[with_old])
+            stay = ~merged
+            self.__append_blocks(area, pfn[stay], step[stay])
+            carry_pfn = np.concatenate(parent_pfn)
+            carry_step = np.concatenate(parent_step)
+
+    @staticmethod
+    def __append_blocks(area: dict[int, None], pfn: PfnArray, step: PfnArray) -> None:
+        """Adds blocks at the list head in the order of their last freed piece."""
+        order = np.argsort(step, kind="stable")
+        area.update(dict.fromkeys(pfn[order].tolist()))
 
     def alloc_contig(self, order: int) -> int | None:
         """Takes a naturally aligned free range of 2^order pages, order > MAX_PAGE_ORDER.

@@ -520,7 +520,7 @@ def _guest_pb(guest: Guest) -> pb.Guest:
         hvo=spec.hvo,
         lazy=spec.lazy,
         backed_bytes=backing.nr_backed_pages * PAGE_SIZE,
-        host_folios=len(backing.backed),
+        host_folios=backing.nr_backed,
         host_folio_order=spec.order,
         balloon_bytes=len(guest.machine.balloon) * PAGE_SIZE,
         balloon_returned_bytes=guest.nr_ballooned_host_pages * PAGE_SIZE,

@@ -1,0 +1,210 @@
+"""Owned folios as fixed-width columns by handle: what the memdescs of allocated folios hold.
+
+A handle names one folio an Allocate call made; handles are handed out consecutively and never
+reused. Their records live in chunks of CHUNK handles (numpy columns: pfn, virtual page, owner
+id, order, kind, flags), made when the first handle of a chunk is handed out and dropped when
+the last live one in it is freed, as SPARSEMEM makes and drops memory-map sections. A record
+costs 23 bytes per folio whatever its order, instead of a Python object and dict entries.
+
+Owner id 0 marks a freed (or never issued) handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from foliod.mm.mm_types import FolioKind
+from foliod.mm.page_alloc import PAGE_SIZE
+
+CHUNK_SHIFT = 16
+CHUNK = 1 << CHUNK_SHIFT
+_MASK = CHUNK - 1
+FREED = 0
+# flags column bits
+PMD_MAPPED = 1
+HVO = 2
+KINDS: tuple[FolioKind, ...] = tuple(FolioKind)
+KIND_CODE: Mapping[FolioKind, int] = {kind: code for code, kind in enumerate(KINDS)}
+
+Int64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedFolio:
+    """One owned folio's record, read out of the table (GetFolio, checks, tests)."""
+
+    handle: int
+    pfn: int
+    order: int
+    kind: FolioKind
+    owner: str
+    # Virtual page in the owner's address space (anon only; -1 when not mapped).
+    vaddr: int
+    pmd_mapped: bool
+    hvo: bool
+
+    @property
+    def nr_pages(self) -> int:
+        return 1 << self.order
+
+    @property
+    def size_bytes(self) -> int:
+        return PAGE_SIZE << self.order
+
+
+class Chunk:
+    """The records of handles [index * CHUNK, (index + 1) * CHUNK)."""
+
+    __slots__ = ("flags", "kind", "nr_live", "order", "owner", "pfn", "vaddr")
+
+    def __init__(self) -> None:
+        self.pfn = np.zeros(CHUNK, np.int64)
+        self.vaddr = np.full(CHUNK, -1, np.int64)
+        self.owner = np.zeros(CHUNK, np.int32)
+        self.order = np.zeros(CHUNK, np.int8)
+        self.kind = np.zeros(CHUNK, np.int8)
+        self.flags = np.zeros(CHUNK, np.uint8)
+        self.nr_live = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """Columns of a set of live records, in the order asked for."""
+
+    handles: Int64Array
+    pfn: Int64Array
+    vaddr: Int64Array
+    owner: npt.NDArray[np.int32]
+    order: npt.NDArray[np.int8]
+    kind: npt.NDArray[np.int8]
+    flags: npt.NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    @property
+    def nr_pages(self) -> int:
+        return int((np.int64(1) << self.order.astype(np.int64)).sum())
+
+
+class FolioTable:
+    """Every live owned folio of a machine, by handle."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, Chunk] = {}
+        self.next_handle = 1
+        self.nr_live = 0
+
+    def append(
+        self,
+        pfn: Int64Array,
+        order: int | npt.NDArray[np.int8],
+        kind: FolioKind,
+        owner_id: int,
+        *,
+        vaddr: Int64Array | None = None,
+        flags: int | npt.NDArray[np.uint8] = 0,
+    ) -> int:
+        """Records len(pfn) new folios under consecutive handles; returns the first."""
+        first = self.next_handle
+        count = len(pfn)
+        done = 0
+        while done < count:
+            handle = first + done
+            chunk = self.chunks.get(handle >> CHUNK_SHIFT)
+            if chunk is None:
+                chunk = self.chunks[handle >> CHUNK_SHIFT] = Chunk()
+            lo = handle & _MASK
+            n = min(CHUNK - lo, count - done)
+            part = slice(done, done + n)
+            chunk.pfn[lo : lo + n] = pfn[part]
+            chunk.order[lo : lo + n] = order if isinstance(order, int) else order[part]
+            chunk.kind[lo : lo + n] = KIND_CODE[kind]
+            chunk.owner[lo : lo + n] = owner_id
+            chunk.flags[lo : lo + n] = flags if isinstance(flags, int) else flags[part]
+            if vaddr is not None:
+                chunk.vaddr[lo : lo + n] = vaddr[part]
+            chunk.nr_live += n
+            done += n
+        self.next_handle = first + count
+        self.nr_live += count
+        return first
+
+    def owner_id(self, handle: int) -> int:
+        """The owner id of a handle; FREED when it is not live."""
+        chunk = self.chunks.get(handle >> CHUNK_SHIFT) if handle > 0 else None
+        return FREED if chunk is None else int(chunk.owner[handle & _MASK])
+
+    def records(self, handles: Int64Array) -> Records:
+        """The records of handles, which the caller checked are live."""
+        n = len(handles)
+        out = Records(
+            handles,
+            np.empty(n, np.int64),
+            np.empty(n, np.int64),
+            np.empty(n, np.int32),
+            np.empty(n, np.int8),
+            np.empty(n, np.int8),
+            np.empty(n, np.uint8),
+        )
+        chunk_of = handles >> CHUNK_SHIFT
+        if n and chunk_of[0] == chunk_of[-1] and (n == 1 or (chunk_of == chunk_of[0]).all()):
+            groups: Iterator[tuple[int, slice | Int64Array]] = iter(
+                ((int(chunk_of[0]), slice(None)),)
+            )
+        else:
+            groups = ((int(c), np.flatnonzero(chunk_of == c)) for c in np.unique(chunk_of))
+        for index, where in groups:
+            chunk = self.chunks[index]
+            lo = handles[where] & _MASK
+            out.pfn[where] = chunk.pfn[lo]
+            out.vaddr[where] = chunk.vaddr[lo]
+            out.owner[where] = chunk.owner[lo]
+            out.order[where] = chunk.order[lo]
+            out.kind[where] = chunk.kind[lo]
+            out.flags[where] = chunk.flags[lo]
+        return out
+
+    def owner_ids(self, handles: Int64Array) -> npt.NDArray[np.int32]:
+        """Owner id per handle, FREED for handles not live (or out of range)."""
+        out = np.zeros(len(handles), np.int32)
+        chunk_of = handles >> CHUNK_SHIFT
+        for index in np.unique(chunk_of).tolist():
+            chunk = self.chunks.get(index)
+            if chunk is None or index < 0:
+                continue
+            where = np.flatnonzero(chunk_of == index)
+            out[where] = chunk.owner[handles[where] & _MASK]
+        return out
+
+    def remove(self, handles: Int64Array) -> None:
+        """Marks live handles freed; drops chunks left with none."""
+        chunk_of = handles >> CHUNK_SHIFT
+        for index, nr in zip(*np.unique(chunk_of, return_counts=True), strict=True):
+            chunk = self.chunks[int(index)]
+            chunk.owner[handles[chunk_of == index] & _MASK] = FREED
+            chunk.nr_live -= int(nr)
+            if not chunk.nr_live:
+                del self.chunks[int(index)]
+        self.nr_live -= len(handles)
+
+    def handles_of(self, owner_id: int, chunks: Iterator[int] | None = None) -> Int64Array:
+        """Live handles of an owner, ascending (looking only in the chunks given, if any)."""
+        found = []
+        indices = sorted(self.chunks) if chunks is None else sorted(chunks)
+        for index in indices:
+            chunk = self.chunks.get(index)
+            if chunk is not None:
+                found.append(np.flatnonzero(chunk.owner == owner_id) + (index << CHUNK_SHIFT))
+        return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
+
+    def live_handles(self) -> Int64Array:
+        found = [
+            np.flatnonzero(self.chunks[index].owner != FREED) + (index << CHUNK_SHIFT)
+            for index in sorted(self.chunks)
+        ]
+        return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
