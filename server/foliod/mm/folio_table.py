@@ -91,6 +91,31 @@ class Records:
         return int((np.int64(1) << self.order.astype(np.int64)).sum())
 
 
+def by_chunk(handles: Int64Array) -> Iterator[tuple[int, slice | Int64Array]]:
+    """(chunk index, where in handles) for each chunk the handles fall in: slices when the
+    handles ascend (the common case: whole calls and owners), index arrays otherwise."""
+    if not len(handles):
+        return
+    chunk_of = handles >> CHUNK_SHIFT
+    if len(handles) == 1 or bool((chunk_of[1:] >= chunk_of[:-1]).all()):
+        first, last = int(chunk_of[0]), int(chunk_of[-1])
+        if first == last:
+            yield first, slice(None)
+            return
+        bounds = np.searchsorted(chunk_of, np.arange(first, last + 2), side="left").tolist()
+        for index in range(first, last + 1):
+            lo, hi = bounds[index - first], bounds[index - first + 1]
+            if lo < hi:
+                yield index, slice(lo, hi)
+        return
+    order = np.argsort(chunk_of, kind="stable")
+    sorted_chunks = chunk_of[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_chunks[1:] != sorted_chunks[:-1])))
+    ends = [*starts[1:].tolist(), len(handles)]
+    for start, end in zip(starts.tolist(), ends, strict=True):
+        yield int(sorted_chunks[start]), order[start:end]
+
+
 class FolioTable:
     """Every live owned folio of a machine, by handle."""
 
@@ -151,14 +176,7 @@ class FolioTable:
             np.empty(n, np.int8),
             np.empty(n, np.uint8),
         )
-        chunk_of = handles >> CHUNK_SHIFT
-        if n and chunk_of[0] == chunk_of[-1] and (n == 1 or (chunk_of == chunk_of[0]).all()):
-            groups: Iterator[tuple[int, slice | Int64Array]] = iter(
-                ((int(chunk_of[0]), slice(None)),)
-            )
-        else:
-            groups = ((int(c), np.flatnonzero(chunk_of == c)) for c in np.unique(chunk_of))
-        for index, where in groups:
+        for index, where in by_chunk(handles):
             chunk = self.chunks[index]
             lo = handles[where] & _MASK
             out.pfn[where] = chunk.pfn[lo]
@@ -172,24 +190,21 @@ class FolioTable:
     def owner_ids(self, handles: Int64Array) -> npt.NDArray[np.int32]:
         """Owner id per handle, FREED for handles not live (or out of range)."""
         out = np.zeros(len(handles), np.int32)
-        chunk_of = handles >> CHUNK_SHIFT
-        for index in np.unique(chunk_of).tolist():
-            chunk = self.chunks.get(index)
-            if chunk is None or index < 0:
-                continue
-            where = np.flatnonzero(chunk_of == index)
-            out[where] = chunk.owner[handles[where] & _MASK]
+        for index, where in by_chunk(handles):
+            chunk = self.chunks.get(index) if index >= 0 else None
+            if chunk is not None:
+                out[where] = chunk.owner[handles[where] & _MASK]
         return out
 
     def remove(self, handles: Int64Array) -> None:
         """Marks live handles freed; drops chunks left with none."""
-        chunk_of = handles >> CHUNK_SHIFT
-        for index, nr in zip(*np.unique(chunk_of, return_counts=True), strict=True):
-            chunk = self.chunks[int(index)]
-            chunk.owner[handles[chunk_of == index] & _MASK] = FREED
-            chunk.nr_live -= int(nr)
+        for index, where in by_chunk(handles):
+            chunk = self.chunks[index]
+            part = handles[where]
+            chunk.owner[part & _MASK] = FREED
+            chunk.nr_live -= len(part)
             if not chunk.nr_live:
-                del self.chunks[int(index)]
+                del self.chunks[index]
         self.nr_live -= len(handles)
 
     def handles_of(self, owner_id: int, chunks: Iterator[int] | None = None) -> Int64Array:

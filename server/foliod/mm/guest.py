@@ -222,14 +222,19 @@ class HostBacking:
             self.back(missing)
 
     def touch_many(self, pfns: npt.NDArray[np.int64], nr_pages: int) -> None:
+        """Backs the granules of folios at pfns in the order touch() would, folio by folio:
+        each granule when first touched."""
         shift = self.shift
         if nr_pages >> shift <= 1:
             granules = pfns >> shift
         else:
             per = nr_pages >> shift
             granules = ((pfns >> shift)[:, None] + np.arange(per, dtype=np.int64)[None, :]).ravel()
-        granules = np.unique(granules)
         missing = granules[self.handles[granules] == 0]
+        if shift and len(missing) > 1:
+            # Folios smaller than a granule: drop repeats, keeping first touches in order.
+            missing = missing[np.concatenate(([True], missing[1:] != missing[:-1]))]
+            missing = np.fromiter(dict.fromkeys(missing.tolist()), np.int64)
         if len(missing):
             self.back(missing)
 

@@ -30,7 +30,6 @@ from foliod.mm.errors import (
 )
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
 from foliod.mm.folio_table import (
-    CHUNK_SHIFT,
     FREED,
     HVO,
     KINDS,
@@ -39,6 +38,7 @@ from foliod.mm.folio_table import (
     Int64Array,
     OwnedFolio,
     Records,
+    by_chunk,
 )
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_NR, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
 from foliod.mm.lru import POLICIES
@@ -149,11 +149,11 @@ class Owner:
         return {h: folio_view(self.table, h, self.name) for h in self.handles().tolist()}
 
     def count(self, handles: Int64Array, delta: int) -> None:
-        """Counts handles (ascending) in (delta 1) or out (delta -1)."""
+        """Counts handles in (delta 1) or out (delta -1)."""
         self.nr_folios += delta * len(handles)
-        indices, counts = np.unique(handles >> CHUNK_SHIFT, return_counts=True)
         chunks = self.chunks
-        for index, n in zip(indices.tolist(), counts.tolist(), strict=True):
+        for index, where in by_chunk(handles):
+            n = len(handles[where])
             left = chunks.get(index, 0) + delta * n
             if left:
                 chunks[index] = left
@@ -834,7 +834,7 @@ class Machine:
             self.__account(KINDS[int(key) // 64], int(key) % 64, -int(n))
         for holder in holders:
             mine = recs.handles[recs.owner == holder.id]
-            holder.count(np.sort(mine), -1)
+            holder.count(mine, -1)
 
     def __drop_owner(self, holder: Owner) -> None:
         del self.owners[holder.name]
