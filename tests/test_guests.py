@@ -16,7 +16,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from foliod.mm import FolioKind, Machine, Machines, check_machine
+from foliod.mm import FolioKind, Machine, Machines, OutOfMemory, check_machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.server import FoliodServer
@@ -720,3 +720,25 @@ def test_host_cannot_free_the_backing_of_a_running_guest(make_server: ServerFact
     hugetlb = stub.GetMeminfo(pb.GetMeminfoRequest()).hugetlb_bytes
     assert _guest(stub, "vm").backed_bytes == hugetlb
     stub.ReportFreePages(pb.ReportFreePagesRequest(name="vm"))  # no "already freed" error
+
+
+def test_a_balloon_too_big_to_inflate_changes_nothing(tmp_path: Path) -> None:
+    """SetBalloon beyond what free and reclaimable memory can give fails before reclaiming, so
+    the guest's dirty page cache stays dirty and cached."""
+    guests = _core_guests(tmp_path, _Clock())
+    guest = guests.create("vm", 64 * MIB, "base")
+    cache = guest.machine.files
+    cache.create("f")
+    cache.write("f", 0, b"\x5a" * (1 << 20))
+    before = (cache.nr_pages, cache.nr_dirty, guest.machine.zone.nr_free)
+    with pytest.raises(OutOfMemory):
+        guest.set_balloon(64 * MIB)
+    assert (cache.nr_pages, cache.nr_dirty, guest.machine.zone.nr_free) == before
+    assert len(guest.machine.balloon) == 0
+    check_machine(guest.machine)
+    # A balloon that fits takes its pages in one go and hands them back newest first.
+    change = guest.set_balloon(8 * MIB)
+    assert change.nr_balloon_pages == 8 * MIB // PAGE
+    taken = guest.machine.balloon.tolist()
+    assert guest.machine.balloon_deflate(3) == taken[:-4:-1]
+    check_machine(guest.machine)

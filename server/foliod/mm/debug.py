@@ -52,7 +52,11 @@ def check_machine(machine: Machine) -> None:
     live = table.live_handles()
     recs = table.records(live)
     _require(len(live) == table.nr_live, f"{table.nr_live} live handles counted, {len(live)} held")
-    _require(all(table.chunks[c].nr_live for c in table.chunks), "an empty handle chunk is kept")
+    current = table.next_handle >> CHUNK_SHIFT
+    _require(
+        all(table.chunks[c].nr_live or c == current for c in table.chunks),
+        "an empty handle chunk is kept",
+    )
     for chunk_index, chunk in table.chunks.items():
         in_chunk = int(((live >> CHUNK_SHIFT) == chunk_index).sum())
         _require(chunk.nr_live == in_chunk, f"chunk {chunk_index}: {chunk.nr_live} != {in_chunk}")
@@ -83,11 +87,10 @@ def check_machine(machine: Machine) -> None:
     _require(not (recs.vaddr[recs.kind != KIND_CODE[FolioKind.ANON]] >= 0).any(), "mapped non-anon")
     if machine.page_cache is not None:
         folios.extend(_check_page_cache(machine))
-    folios.extend(machine.balloon)
-    _require(all(f.kind is FolioKind.BALLOON for f in machine.balloon), "balloon holds non-balloon")
+    balloon = machine.balloon
+    _require(len(np.unique(balloon)) == len(balloon), "a frame is in the balloon twice")
+    spans.extend((pfn, 1, "balloon page") for pfn in balloon.tolist())
     hvo: dict[int, int] = {}
-    for folio in folios:
-        _require(not folio.hvo, f"HVO on a {folio.kind} folio object")
     has_hvo = (recs.flags & HVO) != 0
     _require(
         (recs.kind[has_hvo] == KIND_CODE[FolioKind.HUGETLB]).all(), "HVO on a non-hugetlb folio"
@@ -108,9 +111,11 @@ def check_machine(machine: Machine) -> None:
     _require(not len(misaligned), f"owned folios misaligned at {recs.pfn[misaligned[:3]]}")
     for folio in folios:
         _require(folio.pfn % folio.nr_pages == 0, f"folio at {folio.pfn} misaligned")
-        spans.append((folio.pfn, folio.nr_pages, f"{folio.kind} folio {folio.handle}"))
+        spans.append((folio.pfn, folio.nr_pages, f"{folio.kind} folio"))
         key = (folio.kind, folio.order)
         counts[key] = counts.get(key, 0) + 1
+    if len(balloon):
+        counts[FolioKind.BALLOON, 0] = counts.get((FolioKind.BALLOON, 0), 0) + len(balloon)
     _require(counts == machine.nr_folios, f"folio counts {machine.nr_folios} != actual {counts}")
 
     starts = np.concatenate((np.array([s for s, _, _ in spans], np.int64), recs.pfn))

@@ -526,7 +526,7 @@ class PageCache:
             )
         if recycled is not None:
             self.allocator.recycle_cache_frames(1 << order)
-            return Folio(0, recycled.pfn, order, FolioKind.FILE, "")
+            return Folio(recycled.pfn, order, FolioKind.FILE)
         return None
 
     def evict_folio(self, folio: Folio) -> None:

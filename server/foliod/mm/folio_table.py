@@ -1,10 +1,12 @@
 """Owned folios as fixed-width columns by handle: what the memdescs of allocated folios hold.
 
 A handle names one folio an Allocate call made; handles are handed out consecutively and never
-reused. Their records live in chunks of CHUNK handles (numpy columns: pfn, virtual page, owner
-id, order, kind, flags), made when the first handle of a chunk is handed out and dropped when
-the last live one in it is freed, as SPARSEMEM makes and drops memory-map sections. A record
-costs 23 bytes per folio whatever its order, instead of a Python object and dict entries.
+reused. Their records live in chunks of CHUNK handles (one packed row each, with a numpy view
+per column: pfn, virtual page, owner id, order, kind, flags), made when the first handle of a
+chunk is handed out and dropped when the last live one in it is freed (unless handles are still
+being handed out from it), as SPARSEMEM makes and drops memory-map sections. A record costs 23
+bytes per folio whatever its order, instead of a Python object and dict entries; chunks of
+4,096 keep the scan for one owner's folios short.
 
 Owner id 0 marks a freed (or never issued) handle.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +23,7 @@ import numpy.typing as npt
 from foliod.mm.mm_types import FolioKind
 from foliod.mm.page_alloc import PAGE_SIZE
 
-CHUNK_SHIFT = 16
+CHUNK_SHIFT = 12
 CHUNK = 1 << CHUNK_SHIFT
 _MASK = CHUNK - 1
 FREED = 0
@@ -56,18 +59,33 @@ class OwnedFolio:
         return PAGE_SIZE << self.order
 
 
-class Chunk:
-    """The records of handles [index * CHUNK, (index + 1) * CHUNK)."""
+RECORD = np.dtype(
+    [
+        ("pfn", np.int64),
+        ("vaddr", np.int64),
+        ("owner", np.int32),
+        ("order", np.int8),
+        ("kind", np.int8),
+        ("flags", np.uint8),
+    ]
+)
 
-    __slots__ = ("flags", "kind", "nr_live", "order", "owner", "pfn", "vaddr")
+
+class Chunk:
+    """The records of handles [index * CHUNK, (index + 1) * CHUNK): one packed 23-byte row
+    each, and a view of each column."""
+
+    __slots__ = ("flags", "kind", "nr_live", "order", "owner", "pfn", "rows", "vaddr")
 
     def __init__(self) -> None:
-        self.pfn = np.zeros(CHUNK, np.int64)
-        self.vaddr = np.full(CHUNK, -1, np.int64)
-        self.owner = np.zeros(CHUNK, np.int32)
-        self.order = np.zeros(CHUNK, np.int8)
-        self.kind = np.zeros(CHUNK, np.int8)
-        self.flags = np.zeros(CHUNK, np.uint8)
+        self.rows = np.zeros(CHUNK, RECORD)
+        self.pfn = self.rows["pfn"]
+        self.vaddr = self.rows["vaddr"]
+        self.vaddr[:] = -1
+        self.owner = self.rows["owner"]
+        self.order = self.rows["order"]
+        self.kind = self.rows["kind"]
+        self.flags = self.rows["flags"]
         self.nr_live = 0
 
 
@@ -159,10 +177,40 @@ class FolioTable:
         self.nr_live += count
         return first
 
+    def append_one(
+        self, pfn: int, order: int, kind: FolioKind, owner_id: int, *, vaddr: int, flags: int
+    ) -> int:
+        """Records one new folio; returns its handle (append() without arrays)."""
+        handle = self.next_handle
+        chunk = self.chunks.get(handle >> CHUNK_SHIFT)
+        if chunk is None:
+            chunk = self.chunks[handle >> CHUNK_SHIFT] = Chunk()
+        lo = handle & _MASK
+        chunk.rows[lo] = (pfn, vaddr, owner_id, order, KIND_CODE[kind], flags)
+        chunk.nr_live += 1
+        self.next_handle = handle + 1
+        self.nr_live += 1
+        return handle
+
+    def record(self, handle: int) -> tuple[int, int, int, int, int, int]:
+        """(pfn, vaddr, owner id, order, kind code, flags) of one live handle, as ints."""
+        row = self.chunks[handle >> CHUNK_SHIFT].rows.item(handle & _MASK)
+        return cast(tuple[int, int, int, int, int, int], row)
+
+    def remove_one(self, handle: int) -> None:
+        """Marks one live handle freed (remove() without arrays)."""
+        index = handle >> CHUNK_SHIFT
+        chunk = self.chunks[index]
+        chunk.owner[handle & _MASK] = FREED
+        chunk.nr_live -= 1
+        if not chunk.nr_live and index != self.next_handle >> CHUNK_SHIFT:
+            del self.chunks[index]
+        self.nr_live -= 1
+
     def owner_id(self, handle: int) -> int:
         """The owner id of a handle; FREED when it is not live."""
         chunk = self.chunks.get(handle >> CHUNK_SHIFT) if handle > 0 else None
-        return FREED if chunk is None else int(chunk.owner[handle & _MASK])
+        return FREED if chunk is None else chunk.owner.item(handle & _MASK)
 
     def records(self, handles: Int64Array) -> Records:
         """The records of handles, which the caller checked are live."""
@@ -203,7 +251,7 @@ class FolioTable:
             part = handles[where]
             chunk.owner[part & _MASK] = FREED
             chunk.nr_live -= len(part)
-            if not chunk.nr_live:
+            if not chunk.nr_live and index != self.next_handle >> CHUNK_SHIFT:
                 del self.chunks[index]
         self.nr_live -= len(handles)
 

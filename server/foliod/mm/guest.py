@@ -202,9 +202,6 @@ class HostBacking:
     def nr_backed_pages(self) -> int:
         return self.nr_backed << self.shift
 
-    def is_backed(self, granule: int) -> bool:
-        return bool(self.handles[granule])
-
     def backed_granules(self) -> npt.NDArray[np.int64]:
         """The granules the host backs, ascending."""
         return np.flatnonzero(self.handles).astype(np.int64)
@@ -369,16 +366,15 @@ class Guest:
         if target == current:
             return BalloonChange(0, 0, current, 0)
         taken = machine.balloon_inflate(target - current)
-        ballooned = {f.pfn for f in machine.balloon}
-        size = 1 << self.backing.shift
-        granules = {f.pfn >> self.backing.shift for f in taken}
-        whole = [
-            g
-            for g in sorted(granules)
-            if self.backing.is_backed(g)
-            and all(p in ballooned for p in range(g * size, (g + 1) * size))
-        ]
-        freed = self.backing.drop(np.array(whole, np.int64))
+        shift = self.backing.shift
+        # Granules the pages just taken fall in that the balloon now holds whole and the
+        # host backs (the balloon's frames are distinct, so whole means 2^shift of them).
+        touched = np.unique(taken >> shift)
+        granules, pages = np.unique(machine.balloon >> shift, return_counts=True)
+        whole = granules[pages == 1 << shift]
+        whole = whole[np.isin(whole, touched)]
+        whole = whole[self.backing.handles[whole] != 0]
+        freed = self.backing.drop(whole)
         self.nr_ballooned_host_pages += freed
         return BalloonChange(target - current, 0, target, freed)
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,7 @@ from foliod.mm.errors import (
 )
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
 from foliod.mm.folio_table import (
+    CHUNK_SHIFT,
     FREED,
     HVO,
     KINDS,
@@ -148,6 +149,27 @@ class Owner:
         """The owner's folios by handle (built on demand: for checks and tests)."""
         return {h: folio_view(self.table, h, self.name) for h in self.handles().tolist()}
 
+    def count_one(self, handle: int, delta: int) -> None:
+        """Counts one handle in (delta 1) or out (delta -1)."""
+        self.nr_folios += delta
+        index = handle >> CHUNK_SHIFT
+        left = self.chunks.get(index, 0) + delta
+        if left:
+            self.chunks[index] = left
+        else:
+            del self.chunks[index]
+
+    def count_range(self, first: int, count: int) -> None:
+        """Counts in handles first .. first + count - 1."""
+        self.nr_folios += count
+        chunks = self.chunks
+        handle, end = first, first + count
+        while handle < end:
+            index = handle >> CHUNK_SHIFT
+            stop = min(end, (index + 1) << CHUNK_SHIFT)
+            chunks[index] = chunks.get(index, 0) + stop - handle
+            handle = stop
+
     def count(self, handles: Int64Array, delta: int) -> None:
         """Counts handles in (delta 1) or out (delta -1)."""
         self.nr_folios += delta * len(handles)
@@ -250,8 +272,9 @@ class Machine:
         self.nr_hvo: dict[int, int] = {}
         # A guest's frames are backed by its host (None: real RAM, always there).
         self.backing: FrameBacking | None = None
-        # Pages the balloon driver holds (a guest's, handed back to its host), oldest first.
-        self.balloon: list[Folio] = []
+        # Frames of the pages the balloon driver holds (a guest's, handed back to its host),
+        # oldest first.
+        self.balloon: Int64Array = np.empty(0, np.int64)
         self.clock = clock
         policy = POLICIES.get(reclaim_policy)
         if policy is None:
@@ -341,11 +364,11 @@ class Machine:
             self.lru.shrink(zone.watermarks.nr_high - zone.nr_free, self.page_cache, False)
         return pfn
 
-    def __alloc_folio(self, order: int, kind: FolioKind, owner: str) -> Folio:
-        """A folio object (page cache, page tables, balloon) from __alloc_pfn."""
+    def __alloc_folio(self, order: int, kind: FolioKind) -> Folio:
+        """A folio object (page cache, page tables) from __alloc_pfn."""
         pfn = self.__alloc_pfn(order)
         self.__account(kind, order, 1)
-        return Folio(0, pfn, order, kind, owner)
+        return Folio(pfn, order, kind)
 
     def __bulk_ok(self, order: int, count: int, nr_pages: int) -> bool:
         """Whether count blocks of order (nr_pages in all) can be taken in one go: as many
@@ -365,7 +388,7 @@ class Machine:
         """count blocks of order taken as count __alloc_pfn calls in a row would take them,
         when __bulk_ok; None (nothing taken) when not, or when a guest's host cannot back
         them (the caller then goes block by block, to fail where that would)."""
-        if not count or not self.bulk or not self.__bulk_ok(order, count, count << order):
+        if count <= _FEW or not self.bulk or not self.__bulk_ok(order, count, count << order):
             return None
         pfns = self.zone.rmqueue_bulk(order, count)
         if self.backing is not None:
@@ -391,14 +414,14 @@ class Machine:
                 raise self.__out_of_memory(order)
             self.__account(FolioKind.FILE, order, 1)
             self.events[_PGALLOC] += 1 << order
-            return Folio(0, pfn, order, FolioKind.FILE, "")
-        return self.__alloc_folio(order, FolioKind.FILE, "")
+            return Folio(pfn, order, FolioKind.FILE)
+        return self.__alloc_folio(order, FolioKind.FILE)
 
     def split_cache_folio(self, folio: Folio) -> list[Folio]:
         """CacheAllocator: splits a large page cache folio into base-page folios over the same
         frames, allocating nothing (split_huge_page); the caller places or frees each one."""
         self.__account(folio.kind, folio.order, -1)
-        pages = [Folio(0, folio.pfn + i, 0, folio.kind, folio.owner) for i in range(folio.nr_pages)]
+        pages = [Folio(folio.pfn + i, 0, folio.kind) for i in range(folio.nr_pages)]
         self.__account(folio.kind, 0, len(pages))
         if folio.order == HPAGE_PMD_ORDER:
             self.events[VmEvent.THP_SPLIT_PAGE] += 1
@@ -422,9 +445,6 @@ class Machine:
 
     def __free_folio(self, folio: Folio) -> None:
         self.__free_block(folio.pfn, folio.order)
-        if folio.hvo:
-            self.nr_hvo[folio.order] -= 1
-            folio.hvo = False
         self.__account(folio.kind, folio.order, -1)
         self.events[_PGFREE] += folio.nr_pages
         folio.contents = None
@@ -450,9 +470,9 @@ class Machine:
             },
         )
 
-    def alloc_pagetable(self, owner: str) -> Folio:
+    def alloc_pagetable(self) -> Folio:
         """TableAllocator: one order-0 page-table page (pagetable_alloc)."""
-        return self.__alloc_folio(0, FolioKind.PAGETABLE, owner)
+        return self.__alloc_folio(0, FolioKind.PAGETABLE)
 
     def free_pagetable(self, table: Folio) -> None:
         """TableAllocator: returns a page-table page (pagetable_free)."""
@@ -580,6 +600,8 @@ class Machine:
             self.next_owner_id += 1
             self.owners[owner] = holder
             self.owner_by_id[holder.id] = holder
+        if made.few():
+            return self.__record_few(holder, kind, made, nr_pages, nr_tables, hvo=hvo)
         pfns, orders, vaddrs, flags = made.columns()
         if hvo:
             assert order is not None
@@ -593,13 +615,44 @@ class Machine:
             vaddr=vaddrs if kind is FolioKind.ANON else None,
             flags=flags,
         )
-        holder.count(np.arange(first, first + len(pfns), dtype=np.int64), 1)
-        by_order = {
-            int(o): int(n) for o, n in zip(*np.unique(orders, return_counts=True), strict=True)
-        }
+        holder.count_range(first, len(pfns))
+        low, high = int(orders.min()), int(orders.max())
+        if low == high:
+            by_order = {low: len(orders)}
+        else:
+            by_order = {
+                int(o): int(n) for o, n in zip(*np.unique(orders, return_counts=True), strict=True)
+            }
+
         for folio_order, n in by_order.items():
             self.__account(kind, folio_order, n)
         return Allocation(first, len(pfns), nr_pages, by_order, nr_tables)
+
+    def __record_few(
+        self,
+        holder: Owner,
+        kind: FolioKind,
+        made: _Made,
+        nr_pages: int,
+        nr_tables: int,
+        *,
+        hvo: bool,
+    ) -> Allocation:
+        """allocate()'s records for a few folios, without arrays."""
+        table = self.table
+        first = table.next_handle
+        by_order: dict[int, int] = {}
+        for pfn, order, vaddr, flags in made.one:
+            handle = table.append_one(
+                pfn, order, kind, holder.id, vaddr=vaddr, flags=flags | (HVO if hvo else 0)
+            )
+            holder.count_one(handle, 1)
+            by_order[order] = by_order.get(order, 0) + 1
+        for order, n in by_order.items():
+            self.__account(kind, order, n)
+            if hvo:
+                self.nr_hvo[order] = self.nr_hvo.get(order, 0) + n
+        return Allocation(first, len(made.one), nr_pages, by_order, nr_tables)
 
     def __populate(self, order: int, count: int, made: _Made) -> None:
         """Takes count blocks of order into made: in one go where __bulk_ok, else one by one."""
@@ -709,28 +762,29 @@ class Machine:
         starts = np.concatenate(([0], breaks)).tolist()
         ends = [*starts[1:], n]
         recorder = _TableFrees(self)
-        seq_pfns: list[Int64Array] = []
-        seq_orders: list[npt.NDArray[np.int8]] = []
+        # The free sequence, as Python lists: runs are short where folios are large.
+        pfn_list, order_list = pfns.tolist(), orders.tolist()
+        pages = (np.int64(1) << orders.astype(np.int64)).tolist()
+        vaddr_list, pmd_list, mapped_list = vaddrs.tolist(), pmd.tolist(), mapped.tolist()
+        seq_pfns: list[int] = []
+        seq_orders: list[int] = []
         for start, stop in zip(starts, ends, strict=True):
-            if not mapped[start]:
-                seq_pfns.append(pfns[start:stop])
-                seq_orders.append(orders[start:stop])
+            if not mapped_list[start]:
+                seq_pfns += pfn_list[start:stop]
+                seq_orders += order_list[start:stop]
                 continue
-            if stop - start > 1:
-                seq_pfns.append(pfns[start : stop - 1])
-                seq_orders.append(orders[start : stop - 1])
-            entries = (
-                1 if pmd[start] else int((np.int64(1) << orders[start:stop].astype(np.int64)).sum())
-            )
-            mm.unmap_pages(int(vaddrs[start]), entries, bool(pmd[start]), recorder)
+            seq_pfns += pfn_list[start : stop - 1]
+            seq_orders += order_list[start : stop - 1]
+            is_pmd = pmd_list[start]
+            entries = 1 if is_pmd else sum(pages[start:stop])
+            mm.unmap_pages(vaddr_list[start], entries, is_pmd, recorder)
             if recorder.pfns:
-                seq_pfns.append(np.array(recorder.pfns, np.int64))
-                seq_orders.append(np.zeros(len(recorder.pfns), np.int8))
+                seq_pfns += recorder.pfns
+                seq_orders += [0] * len(recorder.pfns)
                 recorder.pfns.clear()
-            seq_pfns.append(pfns[stop - 1 : stop])
-            seq_orders.append(orders[stop - 1 : stop])
-        all_orders = np.concatenate(seq_orders)
-        self.__free_pfns(np.concatenate(seq_pfns), all_orders)
+            seq_pfns.append(pfn_list[stop - 1])
+            seq_orders.append(order_list[stop - 1])
+        self.__free_pfns(np.array(seq_pfns, np.int64), np.array(seq_orders, np.int8))
         return recorder.nr_freed
 
     # -- freeing ---------------------------------------------------------------------------
@@ -765,6 +819,8 @@ class Machine:
                 f"at most {MAX_FOLIOS_PER_CALL} handles per call, not {len(handles)}",
                 field="handles",
             )
+        if len(handles) <= _FEW:
+            return self.__free_few([int(h) for h in handles], guest_ram)
         wanted = np.asarray(handles)
         if wanted.dtype != np.int64:
             if len(wanted) and (int(wanted.min()) < 0 or int(wanted.max()) >= 1 << 62):
@@ -796,6 +852,43 @@ class Machine:
             if not holder.nr_folios and holder.mm is None:
                 self.__drop_owner(holder)
         return Release(len(recs), recs.nr_pages + nr_tables, nr_tables)
+
+    def __free_few(self, handles: list[int], guest_ram: bool) -> Release:
+        """free() of a few handles, one at a time and without arrays (the same steps)."""
+        table = self.table
+        owner_ids = []
+        for handle in handles:
+            owner_id = table.owner_id(handle)
+            if owner_id == FREED:
+                raise self.__no_folio(handle, "handles")
+            owner_ids.append(owner_id)
+        if len(handles) > 1 and len(set(handles)) != len(handles):
+            raise InvalidArgument("a handle is named twice", field="handles")
+        by_id = self.owner_by_id
+        holders = [by_id[i] for i in dict.fromkeys(owner_ids)]
+        for holder in holders:
+            if holder.name.startswith(GUEST_OWNER_PREFIX):
+                self.__check_guest_ram(holder.name, guest_ram)
+        nr_pages = nr_tables = 0
+        for handle in handles:
+            pfn, vaddr, owner_id, order, kind_code, flags = table.record(handle)
+            holder = by_id[owner_id]
+            if vaddr >= 0 and holder.mm is not None:
+                nr_tables += holder.mm.unmap_folio(vaddr, order, bool(flags & PMD_MAPPED), self)
+            self.__free_block(pfn, order)
+            self.events[_PGFREE] += 1 << order
+            nr_pages += 1 << order
+            table.remove_one(handle)
+            holder.count_one(handle, -1)
+            if self.contents:
+                self.contents.pop(handle, None)
+            if flags & HVO:
+                self.nr_hvo[order] -= 1
+            self.__account(KINDS[kind_code], order, -1)
+        for holder in holders:
+            if not holder.nr_folios and holder.mm is None:
+                self.__drop_owner(holder)
+        return Release(len(handles), nr_pages + nr_tables, nr_tables)
 
     def __release_mixed(self, holders: list[Owner], recs: Records) -> int:
         """Frees folios of several owners, some with address spaces, in request order."""
@@ -913,40 +1006,44 @@ class Machine:
 
     # -- balloon (the guest side of virtio_balloon) -----------------------------------------
 
-    def balloon_inflate(self, nr_pages: int) -> list[Folio]:
-        """Takes nr_pages base pages for the balloon (balloon_page_alloc); all or nothing.
-        Returns them, for the host to drop their backing."""
-        taken: list[Folio] = []
+    def balloon_inflate(self, nr_pages: int) -> Int64Array:
+        """Takes nr_pages base pages for the balloon (balloon_page_alloc); all or nothing:
+        when free and reclaimable memory above the min watermark cannot cover them, nothing
+        is reclaimed or taken. Returns their frames, for the host to drop their backing."""
+        if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
+            raise self.__out_of_memory(0)
         # The driver never writes its pages: taking them does not make the host back them.
         backing, self.backing = self.backing, None
+        made = _Made()
         try:
-            for _ in range(nr_pages):
-                taken.append(self.__alloc_folio(0, FolioKind.BALLOON, ""))
+            self.__populate(0, nr_pages, made)
         except OutOfMemory:
-            for folio in taken:
-                self.__free_folio(folio)
+            pfns = made.columns()[0]
+            self.__free_pfns(pfns[::-1].copy(), np.zeros(len(pfns), np.int8))
             raise self.__out_of_memory(0) from None
         finally:
             self.backing = backing
-        self.balloon.extend(taken)
+        taken = made.columns()[0]
+        self.__account(FolioKind.BALLOON, 0, len(taken))
+        self.balloon = np.concatenate((self.balloon, taken))
         self.events[VmEvent.BALLOON_INFLATE] += nr_pages
         return taken
 
     def balloon_deflate(self, nr_pages: int) -> list[int]:
-        """Gives the nr_pages most recently ballooned pages back to the buddy allocator;
-        returns their frames."""
+        """Gives the nr_pages most recently ballooned pages back to the buddy allocator, the
+        newest first; returns their frames."""
         if not 0 <= nr_pages <= len(self.balloon):
             raise InvalidArgument(
                 f"the balloon holds {len(self.balloon)} pages, cannot deflate {nr_pages}",
                 field="size_bytes",
             )
-        pfns: list[int] = []
-        for _ in range(nr_pages):
-            folio = self.balloon.pop()
-            pfns.append(folio.pfn)
-            self.__free_folio(folio)
+        keep = len(self.balloon) - nr_pages
+        pfns = self.balloon[keep:][::-1].copy()
+        self.balloon = self.balloon[:keep].copy()
+        self.__free_pfns(pfns, np.zeros(nr_pages, np.int8))
+        self.__account(FolioKind.BALLOON, 0, -nr_pages)
         self.events[VmEvent.BALLOON_DEFLATE] += nr_pages
-        return pfns
+        return cast(list[int], pfns.tolist())
 
     def meminfo(self) -> Meminfo:
         pmd_anon = self.nr_folios.get((FolioKind.ANON, HPAGE_PMD_ORDER), 0) << HPAGE_PMD_ORDER
@@ -1003,6 +1100,10 @@ def predict_anon_folios(nr_pages: int, orders: Sequence[int]) -> int:
     return count + rest
 
 
+# Calls on this many folios or fewer go without numpy: its per-call cost is larger.
+_FEW = 16
+
+
 class _Made:
     """The folios an allocate call has made so far, in order, as columns."""
 
@@ -1015,6 +1116,10 @@ class _Made:
         self.flags: list[npt.NDArray[np.uint8]] = []
         # Single folios not yet flushed into the lists: (pfn, order, vaddr, flags).
         self.one: list[tuple[int, int, int, int]] = []
+
+    def few(self) -> bool:
+        """Whether only a few single folios were made (recorded without arrays)."""
+        return not self.pfns and len(self.one) <= _FEW
 
     def add_one(self, pfn: int, order: int, vaddr: int = -1, flags: int = 0) -> None:
         self.one.append((pfn, order, vaddr, flags))
@@ -1067,7 +1172,7 @@ class _TableFrees:
         self.pfns: list[int] = []
         self.nr_freed = 0
 
-    def alloc_pagetable(self, owner: str) -> Folio:
+    def alloc_pagetable(self) -> Folio:
         raise AssertionError("unmapping allocates no page table")
 
     def free_pagetable(self, table: Folio) -> None:

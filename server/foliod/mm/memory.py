@@ -28,7 +28,7 @@ _LEVEL_SHIFT = (9, 18, 27, 36)
 class TableAllocator(Protocol):
     """Where page-table pages come from; raises OutOfMemory when none can be had."""
 
-    def alloc_pagetable(self, owner: str) -> Folio: ...
+    def alloc_pagetable(self) -> Folio: ...
 
     def free_pagetable(self, table: Folio) -> None: ...
 
@@ -108,7 +108,7 @@ class MmStruct:
         try:
             # Top-down, as __handle_mm_fault allocates them.
             for _ in range(len(missing) + want_deposit):
-                new.append(allocator.alloc_pagetable(self.name))
+                new.append(allocator.alloc_pagetable())
         except BaseException:
             for table in new:
                 allocator.free_pagetable(table)

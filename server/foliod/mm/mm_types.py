@@ -21,10 +21,11 @@ class FolioKind(enum.StrEnum):
 
 
 class Folio:
-    """A power-of-two group of 2^order pages allocated as one unit.
+    """A power-of-two group of 2^order pages allocated as one unit, as an object: page cache
+    folios and page-table pages. (Folios an Allocate call makes are rows of a FolioTable.)
 
-    Contents are kept per written page, so memory grows with the data written and a page
-    never written reads as zeros (like init_on_alloc).
+    Page cache folios keep in ``contents`` only the pages that differ from the backing file
+    (written and not yet written back): page index in the folio -> page.
     """
 
     __slots__ = (
@@ -33,34 +34,22 @@ class Folio:
         "dirtied_at",
         "dirty",
         "gen",
-        "handle",
-        "hvo",
         "index",
         "kind",
         "mapping",
         "nr_pages",
         "order",
-        "owner",
         "pfn",
-        "pmd_mapped",
         "readahead",
         "referenced",
         "refs",
-        "vaddr",
     )
 
-    def __init__(self, handle: int, pfn: int, order: int, kind: FolioKind, owner: str) -> None:
-        self.handle = handle
+    def __init__(self, pfn: int, order: int, kind: FolioKind) -> None:
         self.pfn = pfn
         self.order = order
         self.nr_pages = 1 << order
         self.kind = kind
-        self.owner = owner
-        # Virtual page number in the owner's address space (anon only; -1 when unmapped).
-        self.vaddr = -1
-        self.pmd_mapped = False
-        # A HugeTLB folio whose vmemmap is optimized (HVO): one memmap page kept, not all.
-        self.hvo = False
         self.contents: dict[int, bytearray] | None = None
         # Page cache folios: the file (an Inode) and the page index of the head page.
         self.mapping: object = None
@@ -78,18 +67,6 @@ class Folio:
     @property
     def size_bytes(self) -> int:
         return PAGE_SIZE << self.order
-
-    def write(self, offset: int, data: bytes) -> None:
-        """Copies data into the folio at a byte offset, page by page."""
-        check_folio_range(self.handle, self.size_bytes, offset, len(data), "offset")
-        if self.contents is None:
-            self.contents = {}
-        write_pages(self.contents, offset, data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Returns length bytes from a byte offset; unwritten pages read as zeros."""
-        check_folio_range(self.handle, self.size_bytes, offset, length, "length")
-        return read_pages(self.contents, offset, length)
 
 
 def check_folio_range(handle: int, size_bytes: int, offset: int, length: int, field: str) -> None:
