@@ -53,6 +53,8 @@ MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
 # Orders with per-CPU free lists: up to PAGE_ALLOC_COSTLY_ORDER, and the PMD (THP) order.
 _PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))
+# Runs of slots this long or shorter are populated one folio at a time.
+_BULK_MIN = 16
 # The longest a writer is paused (MAX_PAUSE, HZ / 5).
 MAX_PAUSE_SECONDS = 0.2
 
@@ -61,6 +63,11 @@ class CacheAllocator(Protocol):
     """Where page cache folios come from (with reclaim); raises OutOfMemory."""
 
     def alloc_cache_folio(self, order: int) -> Folio: ...
+
+    def alloc_cache_folios(self, order: int, count: int) -> list[Folio] | None:
+        """count folios of order in one step, the same ones count alloc_cache_folio calls in a
+        row would give; None (nothing taken) when that would reclaim or fail."""
+        ...
 
     def free_cache_folio(self, folio: Folio) -> None: ...
 
@@ -567,6 +574,9 @@ class PageCache:
         span_empty = inode.find(lo) is None and folios.keys().isdisjoint(
             range(lo + 1, last + (1 << last_order))
         )
+        if span_empty and self.capacity_pages is None and len(layout) > _BULK_MIN:
+            self.__populate_bulk(inode, layout, made)
+            return made
         for index, order in layout:
             slots = [(index, order)]
             # Cached in part: a folio covers index, or one starts inside the slot.
@@ -576,19 +586,48 @@ class PageCache:
             ):
                 slots = [(i, 0) for i in range(index, index + (1 << order)) if not inode.find(i)]
             for slot_index, slot_order in slots:
-                folio = self.__alloc(slot_order)
-                if folio.order < slot_order:
-                    # Fallen back to a base page: insert it and the rest as base pages too.
-                    self.__insert(inode, folio, slot_index)
-                    made.append(folio)
-                    for i in range(slot_index + 1, slot_index + (1 << slot_order)):
-                        extra = self.__alloc(0)
-                        self.__insert(inode, extra, i)
-                        made.append(extra)
-                    continue
-                self.__insert(inode, folio, slot_index)
-                made.append(folio)
+                self.__populate_slot(inode, slot_index, slot_order, made)
         return made
+
+    def __populate_slot(self, inode: Inode, index: int, order: int, made: list[Folio]) -> None:
+        """Allocates and inserts the folio of one empty slot (base pages if a large folio
+        cannot be had)."""
+        folio = self.__alloc(order)
+        self.__insert(inode, folio, index)
+        made.append(folio)
+        if folio.order < order:
+            # Fallen back to a base page: the rest of the slot as base pages too.
+            for i in range(index + 1, index + (1 << order)):
+                extra = self.__alloc(0)
+                self.__insert(inode, extra, i)
+                made.append(extra)
+
+    def __populate_bulk(
+        self, inode: Inode, layout: list[tuple[int, int]], made: list[Folio]
+    ) -> None:
+        """__populate of an empty span with no capacity limit: each run of slots of one order
+        takes its folios in one step where no reclaim is needed (inserting takes no memory,
+        so the frames are those one allocation per slot would take)."""
+        start = 0
+        while start < len(layout):
+            order = layout[start][1]
+            stop = start + 1
+            while stop < len(layout) and layout[stop][1] == order:
+                stop += 1
+            bulk = (
+                self.allocator.alloc_cache_folios(order, stop - start)
+                if stop - start > _BULK_MIN
+                else None
+            )
+            if bulk is None:
+                for index, _ in layout[start:stop]:
+                    self.__populate_slot(inode, index, order, made)
+            else:
+                insert = self.__insert
+                for (index, _), folio in zip(layout[start:stop], bulk, strict=True):
+                    insert(inode, folio, index)
+                made.extend(bulk)
+            start = stop
 
     # -- read ------------------------------------------------------------------------------
 

@@ -417,6 +417,15 @@ class Machine:
             return Folio(pfn, order, FolioKind.FILE)
         return self.__alloc_folio(order, FolioKind.FILE)
 
+    def alloc_cache_folios(self, order: int, count: int) -> list[Folio] | None:
+        """CacheAllocator: count page cache folios in one step where as many
+        alloc_cache_folio calls would neither reclaim nor fail; else None."""
+        pfns = self.__alloc_bulk(order, count)
+        if pfns is None:
+            return None
+        self.__account(FolioKind.FILE, order, count)
+        return [Folio(pfn, order, FolioKind.FILE) for pfn in pfns.tolist()]
+
     def split_cache_folio(self, folio: Folio) -> list[Folio]:
         """CacheAllocator: splits a large page cache folio into base-page folios over the same
         frames, allocating nothing (split_huge_page); the caller places or frees each one."""
