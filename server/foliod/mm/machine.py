@@ -515,7 +515,14 @@ class Machine:
                 self.events[VmEvent.THP_FAULT_ALLOC] += count
 
     def __validate_allocate(
-        self, owner: str, kind: FolioKind, order: int | None, count: int, nr_bytes: int
+        self,
+        owner: str,
+        kind: FolioKind,
+        order: int | None,
+        count: int,
+        nr_bytes: int,
+        *,
+        madvised: bool,
     ) -> tuple[int | None, int]:
         """Checks an allocate request; returns (order or None for mTHP choice, pages)."""
         check_owner_name(owner)
@@ -543,7 +550,7 @@ class Machine:
         nr_pages = count * (unit >> PAGE_SHIFT)
         if order is None and nr_pages <= self.nr_pages:
             # The folios the mTHP knobs make of the mapping when nothing falls back.
-            count = predict_anon_folios(nr_pages, self.thp.allowable_orders(False))
+            count = predict_anon_folios(nr_pages, self.thp.allowable_orders(madvised))
         if count > MAX_FOLIOS_PER_CALL:
             raise InvalidArgument(
                 f"at most {MAX_FOLIOS_PER_CALL} folios per call, not {count}", field="count"
@@ -573,7 +580,9 @@ class Machine:
         its folio orders follow the mTHP knobs unless an order is given. HugeTLB folios may have
         their vmemmap optimized (hvo). All or nothing.
         """
-        order, nr_pages = self.__validate_allocate(owner, kind, order, count, nr_bytes)
+        order, nr_pages = self.__validate_allocate(
+            owner, kind, order, count, nr_bytes, madvised=madvise_hugepage
+        )
         self.__check_guest_ram(owner, guest_ram)
         if madvise_hugepage and kind is not FolioKind.ANON:
             raise InvalidArgument(
