@@ -30,6 +30,7 @@ from foliod.mm.errors import (
     FileHandleClosed,
     UnknownFile,
     UnknownOwner,
+    UnsafeStorePath,
     WritebackFailed,
 )
 from foliod.mm.errseq import ERRSEQ_CTR_INC, ERRSEQ_SEEN
@@ -1109,7 +1110,8 @@ def test_names_at_the_length_limits_are_accepted(tmp_path: Path) -> None:
 
 
 def test_symbolic_links_cannot_lead_out_of_the_store(tmp_path: Path) -> None:
-    """A name through a symbolic link to a directory outside the store is rejected."""
+    """A name through a symbolic link (to a directory outside the store, or as the file
+    itself) is refused as UnsafeStorePath: the store follows no link."""
     outside = tmp_path / "outside"
     outside.mkdir()
     m = new_machine(tmp_path / "m", Clock())
@@ -1117,7 +1119,7 @@ def test_symbolic_links_cannot_lead_out_of_the_store(tmp_path: Path) -> None:
     (tmp_path / "m" / "store" / "out").symlink_to(outside, target_is_directory=True)
     (tmp_path / "m" / "store" / "file").symlink_to(outside / "victim")
     for name in ("out/x", "file"):
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(UnsafeStorePath):
             fs.create(name)
     assert list(outside.iterdir()) == []
     assert sorted(fs.files) == []

@@ -102,7 +102,8 @@ def test_public_api_is_pinned() -> None:
         "InvalidArgument", "Machine", "Machines", "Meminfo", "MemmapModel", "ModelCost",
         "MthpStat", "NotFound", "OutOfMemory", "OutOfRange", "Release", "ThpPolicy",
         "ThpSetting", "UnknownFile", "UnknownFileHandle", "UnknownFolio", "UnknownGuest",
-        "UnknownMachine", "UnknownOwner", "VmEvent", "VmStat", "Watermarks", "WritebackFailed",
+        "UnknownMachine", "UnknownOwner", "UnsafeStorePath", "VmEvent", "VmStat", "Watermarks",
+        "WritebackFailed",
         "check_machine",
     }  # fmt: skip
     assert all(hasattr(foliod.mm, name) for name in foliod.mm.__all__)

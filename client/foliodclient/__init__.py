@@ -77,6 +77,7 @@ from foliodclient.errors import (
     UnknownGuest,
     UnknownMachine,
     UnknownOwner,
+    UnsafeStorePath,
     WritebackFailed,
     error_from_rpc,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "UnknownGuest",
     "UnknownMachine",
     "UnknownOwner",
+    "UnsafeStorePath",
     "Watermarks",
     "WritebackFailed",
     "error_from_rpc",

@@ -17,7 +17,8 @@ Every class here is also the core class of the same name, so ``except foliod.mm.
         ├── FailedPrecondition     FAILED_PRECONDITION
         │   ├── FolioAlreadyFreed
         │   ├── FileHandleClosed
-        │   └── GuestNesting
+        │   ├── GuestNesting
+        │   └── UnsafeStorePath
         ├── OutOfRange             OUT_OF_RANGE
         ├── WritebackFailed        DATA_LOSS
         ├── OutOfMemory            RESOURCE_EXHAUSTED
@@ -129,6 +130,11 @@ class FileHandleClosed(FailedPrecondition, errors.FileHandleClosed):
 
 class GuestNesting(FailedPrecondition, errors.GuestNesting):
     """A guest was asked to host a guest; guests nest one level only."""
+
+
+class UnsafeStorePath(FailedPrecondition, errors.UnsafeStorePath):
+    """A directory on a file's path in the server's store is a symbolic link or not a
+    directory; the server follows no link out of its store."""
 
 
 class OutOfRange(CallError, errors.OutOfRange):

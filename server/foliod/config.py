@@ -17,7 +17,7 @@ from typing import Any
 
 from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
-from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule
+from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule, check_fault_rules
 from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.lru import POLICIES
@@ -194,6 +194,10 @@ def parse_faults(text: str) -> tuple[FaultRule, ...]:
             rules.append(FaultRule(**values))
         except FoliodError as exc:
             raise ValueError(exc.message) from None
+    try:
+        check_fault_rules(len(rules))
+    except FoliodError as exc:
+        raise ValueError(exc.message) from None
     return tuple(rules)
 
 

@@ -31,6 +31,10 @@ SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
 
 # How often the page reporting worker looks for guests whose reporting delay has passed.
 REPORTING_TICK_SECONDS = 0.25
+# How long grpc's stop may take beyond the grace period (when it cancels what still runs)
+# before foliod writes the store back and exits without it: grpc's stop can hang for ever
+# (grpcio 1.85 did with Submit streams whose messages it could not parse).
+STOP_MARGIN_SECONDS = 1.0
 # Threads for streams beyond Submit's: health Watch and reflection streams, each holding one
 # while open. Past all of them, calls wait for a stream to end (or for their deadline).
 OTHER_STREAM_THREADS = 32
@@ -164,15 +168,23 @@ class FoliodServer:
             metrics_port=self.metrics_port,
         )
 
-    def stop(self, grace: float | None = None) -> None:
-        """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace,
+        then writes every machine's dirty data back and syncs it. grpc gets the grace plus
+        STOP_MARGIN_SECONDS to stop; past that the store is synced all the same (a handler
+        still running finishes first: it holds its machine's lock). Returns whether grpc
+        stopped in time (True also when already stopped)."""
         if self._stopped.is_set():
-            return
+            return True
         self._stopped.set()
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.log.info("stopping", grace_seconds=grace)
-        self.grpc.stop(grace).wait()
+        in_time = self.grpc.stop(grace).wait(grace + STOP_MARGIN_SECONDS)
+        if not in_time:
+            self.log.warning(
+                "grpc did not stop in time", waited_seconds=grace + STOP_MARGIN_SECONDS
+            )
         # Threads still inside a handler grpc gave up on exit once it returns.
         self.pool.shutdown(wait=False)
         self.calls.close()
@@ -191,6 +203,7 @@ class FoliodServer:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
         self.log.info("stopped")
+        return in_time
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

@@ -22,6 +22,7 @@ from foliod.mm.errors import (
     UnknownGuest,
     UnknownMachine,
     UnknownOwner,
+    UnsafeStorePath,
     WritebackFailed,
 )
 from foliod.mm.filemap import MAX_IO_BYTES
@@ -79,6 +80,7 @@ __all__ = [
     "UnknownGuest",
     "UnknownMachine",
     "UnknownOwner",
+    "UnsafeStorePath",
     "VmEvent",
     "VmStat",
     "Watermarks",

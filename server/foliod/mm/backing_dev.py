@@ -2,8 +2,11 @@
 (mm/backing-dev.c and the block layer, reduced to what the page cache needs).
 
 Names are validated before any path is built: relative, no empty, "." or ".." components, no NUL,
-at most 255 bytes a component and 1024 in all; the resolved path must stay inside the store, so
-nothing outside it can be touched (symbolic links included).
+at most 255 bytes a component and 1024 (UTF-8) in all. Every file is opened relative to directory
+descriptors, one component at a time from the store's root, none followed if it is a symbolic
+link (openat with O_NOFOLLOW, O_DIRECTORY for directories): nothing renamed or linked inside the
+store can make foliod touch a file outside it. A new, renamed or removed name is made durable
+by an fsync of its directory before the call that made it returns.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import errno
 import json
 import os
 import random
+import stat
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from foliod.mm.errors import InvalidArgument
+from foliod.mm.errors import InvalidArgument, UnsafeStorePath
 from foliod.mm.page_alloc import PAGE_SIZE
 
 MAX_NAME_BYTES = 1024
@@ -25,8 +31,17 @@ _MAX_OPEN_FILES = 256
 # The store's own directory: per-file settings (max_order, ra_pages) that outlive a restart.
 META_DIR = ".foliod"
 _SETTINGS_FILE = "files.json"
+_STAGED_SETTINGS_FILE = _SETTINGS_FILE + ".new"
 _MAX_CACHED = 65_536
 MAX_COMPONENT_BYTES = 255
+# Rules a store holds at most: every write to the store walks them all.
+MAX_FAULT_RULES = 64
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+# What opening a component without following it fails with when a symbolic link stands there
+# (ELOOP), or a file where a directory should be (ENOTDIR).
+_UNSAFE_ERRNOS = frozenset((errno.ELOOP, errno.ENOTDIR))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +124,7 @@ class FaultInjector:
     rng: random.Random = field(default_factory=random.Random)
 
     def set(self, rules: list[FaultRule], seed: int) -> None:
+        check_fault_rules(len(rules))
         self.rules = rules
         self.seed = seed
         self.rng = random.Random(seed)
@@ -126,6 +142,15 @@ class FaultInjector:
                 if rule.remaining is not None:
                     rule.remaining -= 1
                 raise OSError(errno_value, f"injected {rule.errno_name} writing {name!r}")
+
+
+def check_fault_rules(count: int) -> None:
+    """InvalidArgument if a store would hold more than MAX_FAULT_RULES fault rules."""
+    if count > MAX_FAULT_RULES:
+        raise InvalidArgument(
+            f"a store holds at most {MAX_FAULT_RULES} fault rules (MAX_FAULT_RULES), not {count}",
+            field="rules",
+        )
 
 
 def check_file_name(name: str) -> str:
@@ -158,41 +183,125 @@ def check_file_name(name: str) -> str:
     return name
 
 
+def _unsafe(name: str, exc: OSError) -> UnsafeStorePath:
+    return UnsafeStorePath(
+        f"file name {name[:80]!r}: its path in the backing store holds a symbolic link, or a "
+        "file where a directory should be (changed since foliod made it); foliod follows no "
+        "symbolic link in its store",
+        field="name",
+        metadata={"name": name, "errno": errno.errorcode.get(exc.errno or 0, "")},
+    )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class BackingStore:
-    """Files of one machine under one directory."""
+    """Files of one machine under one directory.
+
+    Calls that touch the store directly (create, truncate, read_pages, set_settings) raise
+    UnsafeStorePath when a component of a name's path is a symbolic link, or a file where a
+    directory should be; write and fsync, which writeback runs, raise the OSError (ELOOP,
+    ENOTDIR) that the page cache records as a writeback error; delete then finds nothing of the
+    name inside the store and removes nothing.
+    """
 
     def __init__(self, root: Path, device: DeviceModel) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self.device = device
         self.faults = FaultInjector()
-        # Names already proven to lie inside the store, and read descriptors kept open.
-        self._paths: dict[str, Path] = {}
+        # Names already checked, as their components; read descriptors kept open.
+        self._parts: dict[str, tuple[str, ...]] = {}
         self._read_fds: dict[str, int] = {}
+        self._root_fd: int | None = None
         self._settings: dict[str, dict[str, int]] | None = None
 
-    def path(self, name: str) -> Path:
-        """The path of a valid name, proven to lie inside the store."""
-        path = self._paths.get(name)
-        if path is not None:
-            return path
-        path = self.root / check_file_name(name)
-        resolved = path.resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise InvalidArgument(f"file name {name[:80]!r} leaves the store", field="name")
-        if len(self._paths) >= _MAX_CACHED:
-            self._paths.clear()
-        self._paths[name] = path
-        return path
+    def __root(self) -> int:
+        """A descriptor of the store's directory, opened once (again after close())."""
+        fd = self._root_fd
+        if fd is None:
+            fd = self._root_fd = os.open(self.root, _DIR_FLAGS)
+        return fd
+
+    def __split(self, name: str) -> tuple[str, ...]:
+        """The components of a valid name."""
+        parts = self._parts.get(name)
+        if parts is None:
+            parts = tuple(check_file_name(name).split("/"))
+            if len(self._parts) >= _MAX_CACHED:
+                self._parts.clear()
+            self._parts[name] = parts
+        return parts
+
+    @contextmanager
+    def __directory(self, dirs: Sequence[str], *, create: bool = False) -> Iterator[int]:
+        """A descriptor of the directory `dirs` (components under the root), each opened
+        relative to the one before and none followed if it is a symbolic link; with create,
+        a missing one is made and its parent fsynced. Raises OSError: ENOENT for a missing
+        directory, ELOOP or ENOTDIR for a symbolic link or a non-directory in the way."""
+        fd = self.__root()
+        try:
+            for part in dirs:
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # made meanwhile; the open below checks what it is
+                    else:
+                        os.fsync(fd)  # the new directory's name
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if fd != self._root_fd:
+                    os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+
+    def __open(self, name: str, flags: int) -> int:
+        """The file opened with flags through __directory; OSError if absent or unsafe."""
+        *dirs, leaf = self.__split(name)
+        with self.__directory(dirs) as parent:
+            return os.open(leaf, flags | _FILE_FLAGS, dir_fd=parent)
+
+    def __open_for_write(self, name: str) -> int:
+        """The file opened for writing; made, with any missing directory, if absent (each new
+        name fsynced in its directory)."""
+        *dirs, leaf = self.__split(name)
+        with self.__directory(dirs, create=True) as parent:
+            try:
+                return os.open(leaf, os.O_WRONLY | _FILE_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(
+                    leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644, dir_fd=parent
+                )
+            except FileExistsError:  # made meanwhile
+                return os.open(leaf, os.O_WRONLY | _FILE_FLAGS, dir_fd=parent)
+            os.fsync(parent)  # the new file's name
+            return fd
 
     def __read_fd(self, name: str) -> int | None:
         """A descriptor open for reading the file, kept for the next read; None if absent."""
         fd = self._read_fds.get(name)
         if fd is None:
             try:
-                fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
+                fd = self.__open(name, os.O_RDONLY)
             except FileNotFoundError:
                 return None
+            except OSError as exc:
+                if exc.errno in _UNSAFE_ERRNOS:
+                    raise _unsafe(name, exc) from exc
+                raise
             if len(self._read_fds) >= _MAX_OPEN_FILES:
                 self.__forget(next(iter(self._read_fds)))
             self._read_fds[name] = fd
@@ -204,27 +313,36 @@ class BackingStore:
             os.close(fd)
 
     def close(self) -> None:
-        """Closes the descriptors kept open for reading."""
+        """Closes the descriptors kept open (the store opens them again if used)."""
         for name in list(self._read_fds):
             self.__forget(name)
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
     def names(self) -> dict[str, int]:
-        """Every file in the store with its size in bytes."""
+        """Every regular file in the store with its size in bytes (symbolic links are not
+        files of the store, nor followed)."""
         found = {}
         for dirpath, dirnames, filenames in os.walk(self.root):
             if dirpath == str(self.root) and META_DIR in dirnames:
                 dirnames.remove(META_DIR)
             for filename in filenames:
                 full = Path(dirpath) / filename
-                if full.is_symlink():
-                    continue
-                found[full.relative_to(self.root).as_posix()] = full.stat().st_size
+                info = full.lstat()
+                if stat.S_ISREG(info.st_mode):
+                    found[full.relative_to(self.root).as_posix()] = info.st_size
         return found
 
     def create(self, name: str) -> None:
-        path = self.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        """Makes the file (empty) if absent, with its directories; its name is durable."""
+        try:
+            fd = self.__open_for_write(name)
+        except OSError as exc:
+            if exc.errno in _UNSAFE_ERRNOS:
+                raise _unsafe(name, exc) from exc
+            raise
+        os.close(fd)
 
     def settings(self) -> dict[str, dict[str, int]]:
         """Per-file settings saved by set_settings; an unreadable record counts as none."""
@@ -234,7 +352,9 @@ class BackingStore:
 
     def __load_settings(self) -> dict[str, dict[str, int]]:
         try:
-            with open(self.root / META_DIR / _SETTINGS_FILE, encoding="utf-8") as f:
+            with self.__directory((META_DIR,)) as meta:
+                fd = os.open(_SETTINGS_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=meta)
+            with open(fd, encoding="utf-8") as f:
                 record = json.load(f)
         except (OSError, ValueError):
             return {}
@@ -247,17 +367,32 @@ class BackingStore:
         }
 
     def set_settings(self, name: str, values: dict[str, int] | None) -> None:
-        """Saves (or with None forgets) a file's settings; the record is replaced atomically."""
+        """Saves (or with None forgets) a file's settings. The record is replaced atomically
+        and durably: the new one written and fsynced, renamed over the old, its directory
+        fsynced. UnsafeStorePath if the store's own directory is a symbolic link, except when
+        forgetting (a file being deleted): that record is not foliod's to edit any more."""
         record = dict(self.settings())
         if values:
             record[name] = values
         elif record.pop(name, None) is None:
             return
-        meta = self.root / META_DIR
-        meta.mkdir(exist_ok=True)
-        staged = meta / (_SETTINGS_FILE + ".new")
-        staged.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
-        os.replace(staged, meta / _SETTINGS_FILE)
+        text = json.dumps(record, sort_keys=True).encode("utf-8")
+        try:
+            with self.__directory((META_DIR,), create=True) as meta:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
+                fd = os.open(_STAGED_SETTINGS_FILE, flags, 0o644, dir_fd=meta)
+                try:
+                    _write_all(fd, text)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(_STAGED_SETTINGS_FILE, _SETTINGS_FILE, src_dir_fd=meta, dst_dir_fd=meta)
+                os.fsync(meta)
+        except OSError as exc:
+            if exc.errno not in _UNSAFE_ERRNOS:
+                raise
+            if values:
+                raise _unsafe(f"{META_DIR}/{_SETTINGS_FILE}", exc) from exc
         self._settings = record
 
     def read_pages(self, name: str, index: int, nr_pages: int) -> bytes:
@@ -271,9 +406,7 @@ class BackingStore:
     def write(self, name: str, offset: int, data: bytes, size: int) -> None:
         """Writes data at a byte offset, the file's length kept at size bytes."""
         self.faults.check_write(name, offset, len(data))
-        path = self.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = self.__open_for_write(name)
         try:
             end = min(offset + len(data), size)
             if end > offset:
@@ -286,21 +419,56 @@ class BackingStore:
             os.close(fd)
 
     def fsync(self, name: str) -> None:
-        fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = self.__open(name, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def truncate(self, name: str, size: int) -> None:
-        os.truncate(self.path(name), size)
+        try:
+            fd = self.__open(name, os.O_WRONLY)
+        except OSError as exc:
+            if exc.errno in _UNSAFE_ERRNOS:
+                raise _unsafe(name, exc) from exc
+            raise
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     def delete(self, name: str) -> None:
-        path = self.path(name)
+        """Removes the file and the directories it leaves empty, each removal fsynced in its
+        directory. A name whose path in the store is missing, or blocked by a symbolic link or
+        a file, has nothing inside the store to remove: nothing is removed."""
         self.__forget(name)
-        self._paths.pop(name, None)
-        path.unlink(missing_ok=True)
-        parent = path.parent
-        while parent != self.root and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
+        *dirs, leaf = self.__split(name)
+        root = self.__root()
+        fds: list[int] = []  # fds[i]: the directory dirs[: i + 1]
+        try:
+            parent = root
+            for part in dirs:
+                try:
+                    parent = os.open(part, _DIR_FLAGS, dir_fd=parent)
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT or exc.errno in _UNSAFE_ERRNOS:
+                        return
+                    raise
+                fds.append(parent)
+            try:
+                os.unlink(leaf, dir_fd=parent)
+            except FileNotFoundError:
+                return
+            os.fsync(parent)
+            for depth in range(len(dirs), 0, -1):
+                if os.listdir(fds[depth - 1]):
+                    break
+                above = fds[depth - 2] if depth >= 2 else root
+                try:
+                    os.rmdir(dirs[depth - 1], dir_fd=above)
+                except OSError:
+                    break  # not empty any more, or not that directory
+                os.fsync(above)
+        finally:
+            for fd in fds:
+                os.close(fd)

@@ -13,7 +13,8 @@
     ├── FailedPrecondition         the request is well formed but the state forbids it
     │   ├── FolioAlreadyFreed
     │   ├── FileHandleClosed
-    │   └── GuestNesting       guests nest one level: a guest cannot host one
+    │   ├── GuestNesting           guests nest one level: a guest cannot host one
+    │   └── UnsafeStorePath        a backing file's path holds a symbolic link or a non-directory
     ├── OutOfRange                 an offset or length passes the end of an object
     ├── WritebackFailed            fsync found a writeback error since the handle's last look
     └── OutOfMemory                the allocator cannot serve the request
@@ -134,6 +135,14 @@ class FileHandleClosed(FailedPrecondition):
     """The file handle was closed, or its file deleted."""
 
     reason = "FILE_HANDLE_CLOSED"
+
+
+class UnsafeStorePath(FailedPrecondition):
+    """A component of a backing file's path inside the store is a symbolic link, or not a
+    directory where one should be (replaced after foliod made it): foliod follows no link, so
+    nothing outside the store is touched."""
+
+    reason = "UNSAFE_STORE_PATH"
 
 
 class WritebackFailed(FoliodError):

@@ -3,7 +3,9 @@
 Servicers stay free of cross-cutting work: they raise the core's errors, and one interceptor,
 ObservingInterceptor, turns them into rich gRPC statuses and reports each call's start and end
 (method, peer, request id, status code, duration, messages) through a CallReporter to observers
-such as the access log and metrics.
+such as the access log and metrics. It also refuses, before any handler runs, what no handler
+should see: a request message that cannot be decoded (INVALID_ARGUMENT) and a unary call whose
+deadline has already passed (DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 import structlog
 
 from foliod.logs import render_access_lines, write_lines
-from foliod.mm import FoliodError
+from foliod.mm import FoliodError, InvalidArgument
 from foliod.rpc.status import internal_status, to_status
 
 REQUEST_ID_KEY = "x-request-id"
@@ -131,8 +133,40 @@ def _grpc_type(handler: Handler) -> str:
     return "unary"
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a tolerant deserializer returns for a request message it cannot parse."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: an unparseable message becomes an Undecodable for
+    the handler to refuse. grpc answers a deserializer's exception itself, with INTERNAL
+    "Exception deserializing request!", reaching no handler (so no log line and no metric),
+    and on a request stream that abort can leave the call unfinished, hanging the server's
+    stop (grpcio 1.85, with two such Submit streams)."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def _undecodable(request: Undecodable, position: str = "") -> InvalidArgument:
+    """The error that refuses a request message that cannot be decoded."""
+    return InvalidArgument(f"the request message{position} cannot be decoded: {request.error}")
+
+
 def _rebuild(handler: Handler, behavior: Behavior) -> Handler:
-    """A handler like `handler` whose behavior is replaced."""
+    """A handler like `handler` whose behavior is replaced and whose deserializer never
+    raises."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -141,7 +175,7 @@ def _rebuild(handler: Handler, behavior: Behavior) -> Handler:
     }[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -310,7 +344,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):
     (from x-request-id metadata, or generated: unique per process) is returned to the client in
     the trailing metadata, errors included. A unary-response handler's FoliodError becomes its
     rich status (rpc.status); any other exception becomes INTERNAL, logged with the request id.
-    Streaming handlers map their own errors (Submit answers per operation).
+    Streaming handlers map their own errors (Submit answers per operation); a domain error one
+    raises anyway ends its call as it would a unary call.
+
+    A request message that cannot be decoded reaches no handler: the call ends with
+    INVALID_ARGUMENT (on a request stream, when the handler reads that message), and is logged
+    and counted like any other. A unary call whose deadline has passed by the time its handler
+    would start ends with DEADLINE_EXCEEDED and runs nothing: a client that retries after a
+    deadline then cannot apply a mutation twice.
 
     A unary call is reported when its handler returns, with the code it ended with; a streaming
     call once it is over, from grpc's completion callback, so a cancelled stream is reported as
@@ -377,6 +418,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         def count_requests(call: CallInfo, requests: Iterator[Any]) -> Iterator[Any]:
             for request in requests:
                 call.messages_received += 1
+                if type(request) is Undecodable:
+                    raise _undecodable(request, f" {call.messages_received} of the stream")
                 yield request
 
         def abort(request_id: str, context: grpc.ServicerContext, exc: Exception) -> None:
@@ -396,6 +439,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             started(method_key)
             start = perf_counter()
             try:
+                if type(request) is Undecodable:
+                    raise _undecodable(request)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "the deadline passed before the call started; nothing was done",
+                    )
                 response = inner(request, context)
             except BaseException as exc:
                 try:
@@ -444,10 +495,16 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             failed = True
             try:
                 with blocking():
+                    if type(request) is Undecodable:
+                        raise _undecodable(request)
                     for response in inner(request, context):
                         call.messages_sent += 1
                         yield response
                 failed = False
+            except FoliodError as exc:
+                if context_code(context) is not None:  # already aborted by the servicer
+                    raise
+                abort(call.request_id, context, exc)
             finally:
                 seconds = time.perf_counter() - start
                 # Asked now: once the stream is over no call is active. A stream the client

@@ -20,7 +20,7 @@ from foliod.mm import (
     ThpSetting,
     check_machine,
 )
-from foliod.mm.backing_dev import FaultInjector, FaultRule
+from foliod.mm.backing_dev import FaultInjector, FaultRule, check_fault_rules
 from foliod.mm.filemap import FileStat, IoStats
 from foliod.mm.guest import Backing, Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
@@ -369,6 +369,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     # -- fault injection -------------------------------------------------------------------
 
     def SetFaults(self, request: pb.SetFaultsRequest, context: grpc.ServicerContext) -> pb.Faults:
+        check_fault_rules(len(request.rules))  # before building any
         rules = [
             FaultRule(
                 errno_name=r.errno,
