@@ -11,11 +11,13 @@ from foliod.mm import (
     FolioKind,
     InvalidArgument,
     Machine,
+    Machines,
     ThpSetting,
     UnknownFolio,
     check_machine,
 )
 from foliod.mm.folio_table import CHUNK
+from foliod.mm.guest import Guests, ReportingConfig
 
 GIB = 1 << 30
 
@@ -93,3 +95,47 @@ def test_owned_folios_read_back_as_allocated() -> None:
     view = m.lookup(huge.first_handle)
     assert (view.hvo, view.vaddr, view.size_bytes, view.pfn % 512) == (True, -1, 2 << 20, 0)
     check_machine(m)
+
+
+def _t() -> float:
+    """A clock that stands still."""
+    return 0.0
+
+
+def _state(m: Machine) -> tuple[object, ...]:
+    """What must agree between a machine and its one-at-a-time twin."""
+    return (
+        [list(area) for area in m.zone.free_area],
+        dict(m.nr_folios),
+        dict(m.events),
+        dict(m.folios.items()),
+    )
+
+
+@pytest.mark.parametrize("backing", ["base", "thp", "mthp"])
+def test_guest_frames_are_backed_in_bulk_as_one_at_a_time(backing: str) -> None:
+    """A guest's bulk allocation backs its granules on the host in the order touching them
+    one folio at a time would: same host frames, handles and free lists."""
+    machines = []
+    for bulk in (True, False):
+        host = Machine("host", 2 * GIB)
+        guests = Guests(Machines(host), Machine, ReportingConfig(), _t)
+        guest = guests.create("vm", GIB, backing, mthp_size_kb=64 if backing == "mthp" else 0)
+        host.bulk = guest.machine.bulk = bulk
+        machines.append((host, guest))
+    for _, guest in machines:
+        vm = guest.machine
+        vm.allocate("a", FolioKind.FILE, order=0, count=3000)
+        vm.allocate("b", FolioKind.ANON, order=0, count=5000)
+        vm.allocate("c", FolioKind.SLAB, order=2, count=700)
+        vm.free(list(range(1, 3001, 3)))
+        vm.allocate("d", FolioKind.FILE, order=0, count=2000)
+        vm.release_owner("b")
+        guest.report_free_pages()
+        vm.allocate("e", FolioKind.FILE, order=0, count=40_000)
+    (host_a, guest_a), (host_b, guest_b) = machines
+    assert _state(host_a) == _state(host_b)
+    assert _state(guest_a.machine) == _state(guest_b.machine)
+    assert (guest_a.backing.handles == guest_b.backing.handles).all()
+    check_machine(host_a)
+    check_machine(guest_a.machine)

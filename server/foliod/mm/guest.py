@@ -34,7 +34,7 @@ from foliod.mm.errors import (
     OutOfMemory,
     UnknownGuest,
 )
-from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_ORDER, size_kb_to_order
+from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_NR, HPAGE_PMD_ORDER, size_kb_to_order
 from foliod.mm.machine import (
     GUEST_OWNER_PREFIX,
     MAX_FOLIOS_PER_CALL,
@@ -219,24 +219,51 @@ class HostBacking:
             self.back(missing)
 
     def touch_many(self, pfns: npt.NDArray[np.int64], nr_pages: int) -> None:
-        """Backs the granules of folios at pfns in the order touch() would, folio by folio:
-        each granule when first touched."""
+        """touch(pfn, nr_pages) for each pfn in turn, in fewer host calls: each touch that
+        finds granules unbacked backs them as one host mapping; consecutive mappings under
+        2 MiB are placed in a row (as they would be one by one), so they are backed in one
+        call without PMD alignment, and each larger one in a call of its own."""
         shift = self.shift
-        if nr_pages >> shift <= 1:
-            granules = pfns >> shift
+        per = max(1, nr_pages >> shift)
+        granules = (pfns >> shift)[:, None] + np.arange(per, dtype=np.int64)[None, :]
+        granules = granules.ravel()
+        missing = self.handles[granules] == 0
+        if not missing.any():
+            return
+        if shift and per == 1:
+            # Folios smaller than a granule: a granule is backed at its first touch only.
+            seen = np.zeros(len(granules), bool)
+            order = np.argsort(granules, kind="stable")
+            ordered = granules[order]
+            repeat = np.concatenate(([False], ordered[1:] == ordered[:-1]))
+            seen[order[repeat]] = True
+            missing &= ~seen
+        wanted = granules[missing]
+        if per == 1:
+            # One granule a touch: all small or all not.
+            counts = np.ones(len(wanted), np.int64)
         else:
-            per = nr_pages >> shift
-            granules = ((pfns >> shift)[:, None] + np.arange(per, dtype=np.int64)[None, :]).ravel()
-        missing = granules[self.handles[granules] == 0]
-        if shift and len(missing) > 1:
-            # Folios smaller than a granule: drop repeats, keeping first touches in order.
-            missing = missing[np.concatenate(([True], missing[1:] != missing[:-1]))]
-            missing = np.fromiter(dict.fromkeys(missing.tolist()), np.int64)
-        if len(missing):
-            self.back(missing)
+            folio_of = np.flatnonzero(missing) // per  # ascending
+            firsts = np.flatnonzero(np.concatenate(([True], folio_of[1:] != folio_of[:-1])))
+            counts = np.diff(np.append(firsts, len(folio_of)))
+        # Granules each touch backs, and whether that touch's mapping is small (< 2 MiB).
+        small = (counts << shift) < HPAGE_PMD_NR
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        if small.all():
+            self.back(wanted, pmd_align=False)
+            return
+        start = 0
+        while start < len(counts):
+            stop = start + 1
+            if small[start]:
+                while stop < len(counts) and small[stop]:
+                    stop += 1
+            self.back(wanted[bounds[start] : bounds[stop]], pmd_align=not small[start])
+            start = stop
 
-    def back(self, granules: npt.NDArray[np.int64]) -> None:
-        """The host allocates a folio for each granule, in the order given; all or nothing."""
+    def back(self, granules: npt.NDArray[np.int64], *, pmd_align: bool = True) -> None:
+        """The host allocates a folio for each granule, in the order given, as one mapping
+        (PMD-aligned at 2 MiB or more unless pmd_align is False); all or nothing."""
         if self.detached:
             raise UnknownGuest("the guest was destroyed", field="machine")
         host, spec = self.host, self.spec
@@ -252,6 +279,7 @@ class HostBacking:
                         count=len(chunk),
                         hvo=spec.hvo,
                         guest_ram=True,
+                        pmd_align=pmd_align,
                     )
                     self.handles[chunk] = np.arange(
                         made.first_handle, made.first_handle + len(chunk), dtype=np.int64

@@ -573,12 +573,15 @@ class Machine:
         madvise_hugepage: bool = False,
         hvo: bool = False,
         guest_ram: bool = False,
+        pmd_align: bool = True,
     ) -> Allocation:
         """Allocates count folios of one order, or nr_bytes of memory, for an owner.
 
         Anon memory is one new mapping in the owner's address space, faulted in from its start;
         its folio orders follow the mTHP knobs unless an order is given. HugeTLB folios may have
-        their vmemmap optimized (hvo). All or nothing.
+        their vmemmap optimized (hvo). All or nothing. pmd_align=False places an anon mapping
+        of 2 MiB or more as several small ones in a row would be: unaligned (a guest's host
+        backing, granule by granule).
         """
         order, nr_pages = self.__validate_allocate(
             owner, kind, order, count, nr_bytes, madvised=madvise_hugepage
@@ -601,7 +604,9 @@ class Machine:
         nr_tables = 0
         try:
             if kind is FolioKind.ANON:
-                nr_tables = self.__populate_anon(holder, order, nr_pages, madvise_hugepage, made)
+                nr_tables = self.__populate_anon(
+                    holder, order, nr_pages, madvise_hugepage, made, pmd_align=pmd_align
+                )
             else:
                 assert order is not None
                 self.__populate(order, nr_pages >> order, made)
@@ -682,7 +687,14 @@ class Machine:
             made.add_one(self.__alloc_pfn(order), order)
 
     def __populate_anon(
-        self, holder: Owner, order: int | None, nr_pages: int, madvised: bool, made: _Made
+        self,
+        holder: Owner,
+        order: int | None,
+        nr_pages: int,
+        madvised: bool,
+        made: _Made,
+        *,
+        pmd_align: bool,
     ) -> int:
         """Faults in a new mapping of nr_pages from its start; returns page-table pages made.
 
@@ -692,7 +704,7 @@ class Machine:
         if holder.mm is None:
             holder.mm = MmStruct(holder.name, deposit_pgtable=self.deposit_pgtable)
         mm = holder.mm
-        vpage = mm.get_unmapped_area(nr_pages, 1 << (order or 0))
+        vpage = mm.get_unmapped_area(nr_pages, 1 << (order or 0), pmd_align=pmd_align)
         end = vpage + nr_pages
         uniform = (
             order if order is not None else (0 if not self.thp.allowable_orders(madvised) else None)

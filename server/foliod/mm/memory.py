@@ -62,9 +62,10 @@ class MmStruct:
         """Page-table pages this address space holds (every table is one order-0 page)."""
         return sum(len(level) for level in self.tables) + len(self.deposited)
 
-    def get_unmapped_area(self, nr_pages: int, align_pages: int) -> int:
+    def get_unmapped_area(self, nr_pages: int, align_pages: int, *, pmd_align: bool = True) -> int:
         """Places a new mapping after the previous one; mappings of 2 MiB or more are
-        PMD-aligned, as thp_get_unmapped_area does for anonymous memory.
+        PMD-aligned, as thp_get_unmapped_area does for anonymous memory (unless pmd_align is
+        False: several small mappings placed at once, each of which would not be).
 
         Addresses are not reused while anything is mapped; once nothing is, placement starts
         again from the bottom. Raises AddressSpaceExhausted past TASK_SIZE (128 TiB).
@@ -72,7 +73,7 @@ class MmStruct:
         pgd = self.tables[PGD_LEVEL].get(0)
         if pgd is None or not pgd.entries:
             self.next_vpage = 0
-        if nr_pages >= HPAGE_PMD_NR:
+        if pmd_align and nr_pages >= HPAGE_PMD_NR:
             align_pages = max(align_pages, HPAGE_PMD_NR)
         start = -(-self.next_vpage // align_pages) * align_pages
         if start + nr_pages > TASK_SIZE_PAGES:
