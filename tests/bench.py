@@ -52,6 +52,14 @@ What is measured:
    of one Prometheus scrape of a 1 TiB host with a page cache of a million folios and ten
    16 GiB guests.
 
+9. Memory per simulated page (``--only memory``; ``--big`` adds the real-size host): in its own
+   process, tests/bench_memory.py starts fresh servers and reads their RSS from /proc around
+   4 GiB Allocate calls (order 0, 2, 9 file and order-0 anon folios, with the call rates) and
+   around reading a 4 GiB file into the page cache at three folio sizes; a 64 GiB base-backed
+   guest filled; with ``--big``, a 256 GiB host (64 GiB with ``--quick``) allocated full of
+   order-0 folios, with GetMemmap and a scrape timed. Targets are those of the compact memory
+   map: <= 48, 12 and 2 bytes per page at orders 0, 2 and 9.
+
 8. Batched submission (``--only batch``): 4 KiB cache-hit reads of the 1 MiB hot file of 5.
    against one foliod server process (1 GiB): unary ReadFile RPCs (1 in flight) and page reads
    through Submit in batches of 256, sent with foliodclient's Submission (so the client's
@@ -90,7 +98,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 from types import FrameType
@@ -120,6 +128,7 @@ SERVER_STOP_TIMEOUT_S = 10.0
 RPC_TIMEOUT_S = 30.0
 CLIENT_THREADS = 8
 BENCH_RAM = 4 << 30
+GIB_F = float(1 << 30)
 BIG_RAM = 1 << 40
 ANON_MAPPING_BYTES = 64 << 20
 PAGE_SIZE = 4096
@@ -162,11 +171,15 @@ class Counts:
     replay_loop: int = 10 * REPLAY_LOOP_PAGES
     scrape_folios: int = 1_000_000
     batch_reads: int = 200 * BATCH_READS
+    # GiB of RAM of the real-size host of section 9; 0: not run (it takes minutes).
+    memory_big_gib: int = 0
 
     def scaled(self, divisor: int) -> Counts:
         return Counts(
             **{
-                name: max(1, value // divisor) if name != "anon_mappings" else value
+                name: max(1, value // divisor)
+                if name not in ("anon_mappings", "memory_big_gib")
+                else value
                 for name, value in asdict(self).items()
             }
         )
@@ -1070,7 +1083,8 @@ def print_section(results: Sequence[Result]) -> None:
         if result.target is not None:
             relation = ">=" if result.higher_is_better else "<="
             verdict = "meets" if result.meets_target else "below"
-            line = f"{line:<{NAME_WIDTH + 38}}target {relation} {result.target:.3f}: {verdict}"
+            target = format_value(result.target, result.unit).removesuffix(" ms")
+            line = f"{line:<{NAME_WIDTH + 38}} target {relation} {target}: {verdict}"
         print(line, flush=True)
 
 
@@ -1145,6 +1159,136 @@ def bench_scrape(report: Report, counts: Counts) -> None:
         f"scrape: {cost['page_cache_folios']:,} page cache folios, {cost['series']:,} series, "
         f"{cost['guests']} guests"
     )
+
+
+# -- 9. memory per simulated page ---------------------------------------------------------------
+
+# Targets of the compact memory map (bytes of server RSS per 4 KiB page, by folio order).
+MEMORY_TARGETS = {0: 48.0, 2: 12.0, 9: 2.0}
+
+
+def one(
+    section: str,
+    name: str,
+    unit: str,
+    value: float,
+    *,
+    target: float | None = None,
+    higher_is_better: bool = True,
+) -> Result:
+    """A figure measured once."""
+    return Result(section, name, unit, value, value, [value], higher_is_better, target)
+
+
+def bench_memory(report: Report, counts: Counts) -> None:
+    """tests/bench_memory.py in its own process: server RSS per page through the API."""
+    section = "9. memory per simulated page (server RSS through the API)"
+    argv = [sys.executable, str(Path(__file__).with_name("bench_memory.py")), "--json"]
+    if counts.memory_big_gib:
+        argv += ["--big"] + (["--quick"] if counts.memory_big_gib < 256 else [])
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=3600)
+    figures = json.loads(done.stdout)
+    add = report.add
+    for name, got in figures["allocate"].items():
+        kind, _, order = name.partition(" order ")
+        add(
+            one(
+                section,
+                f"Allocate 4 GiB {kind} order {order}: RSS per page",
+                "B",
+                got["bytes_per_page"],
+                target=MEMORY_TARGETS[int(order)],
+                higher_is_better=False,
+            )
+        )
+        if order == "0":
+            add(
+                one(
+                    section,
+                    "  1,048,576 folios in one call (wall time)",
+                    "folios/s",
+                    got["folios_per_s"],
+                    target=2e6,
+                )
+            )
+            add(
+                one(
+                    section,
+                    "  ReleaseOwner of them (wall time)",
+                    "folios/s",
+                    got["release_folios_per_s"],
+                    target=2e6,
+                )
+            )
+    for name, got in figures["page_cache"].items():
+        order = int(name.split()[-1])
+        add(
+            one(
+                section,
+                f"page cache, order <= {order}, 4 GiB: RSS per page",
+                "B",
+                got["bytes_per_page"],
+                target=MEMORY_TARGETS[order],
+                higher_is_better=False,
+            )
+        )
+        add(one(section, "  read in through ReadFile", "pages/s", got["pages_per_s"]))
+    guest = figures["guest"]
+    add(
+        one(
+            section,
+            "64 GiB base-backed guest filled",
+            "s",
+            guest["seconds"],
+            target=10.0,
+            higher_is_better=False,
+        )
+    )
+    big = figures.get("big")
+    if big:
+        host = f"{big['ram_gib']} GiB host"
+        add(
+            one(
+                section,
+                f"{host} full of order-0 folios: RSS",
+                "GiB",
+                big["rss_bytes"] / GIB_F,
+                target=8.0,
+                higher_is_better=False,
+            )
+        )
+        add(one(section, "  RSS per page", "B", big["bytes_per_page"]))
+        add(one(section, "  allocated in", "s", big["allocate_s"], higher_is_better=False))
+        add(one(section, "  GetMemmap", "s", big["memmap_s"], target=0.05, higher_is_better=False))
+        add(
+            one(
+                section,
+                "  one Prometheus scrape (HTTP GET)",
+                "s",
+                big["scrape_s"],
+                target=0.05,
+                higher_is_better=False,
+            )
+        )
+        if big["page_cache_attempted"]:
+            add(
+                one(
+                    section,
+                    f"{host} of base-page cache: RSS",
+                    "GiB",
+                    big["page_cache_rss_bytes"] / GIB_F,
+                    target=8.0,
+                    higher_is_better=False,
+                )
+            )
+        else:
+            report.notes.append(
+                f"memory: the {host}'s RAM as base-page page cache was not attempted: at the "
+                f"measured cost it needs about {big['page_cache_estimate_bytes'] / GIB_F:.1f} "
+                "GiB of server RSS, over half of this machine's available memory (target 8 GiB)"
+            )
+    else:
+        report.notes.append("memory: the real-size host runs with --big (--quick: 64 GiB)")
 
 
 # -- 8. batched submission ----------------------------------------------------------------------
@@ -1278,6 +1422,7 @@ SECTIONS = (
     ("guests", bench_guests),
     ("scrape", bench_scrape),
     ("batch", bench_batch),
+    ("memory", bench_memory),
 )
 
 
@@ -1291,6 +1436,11 @@ def main(argv: Sequence[str]) -> int:
         action="append",
         help="run only these sections (repeatable)",
     )
+    parser.add_argument(
+        "--big",
+        action="store_true",
+        help="section 9 also fills a 256 GiB host (64 GiB with --quick); takes minutes",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument(
         "--baseline-kind", choices=BASELINES, default="empty", help=argparse.SUPPRESS
@@ -1303,6 +1453,8 @@ def main(argv: Sequence[str]) -> int:
         return probe_boot()
 
     counts = Counts().scaled(QUICK_DIVISOR) if args.quick else Counts()
+    if args.big:
+        counts = replace(counts, memory_big_gib=64 if args.quick else 256)
     started = time.perf_counter()
     header: dict[str, object] = {
         "python": platform.python_version(),
