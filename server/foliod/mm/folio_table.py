@@ -213,27 +213,38 @@ class FolioTable:
         return FREED if chunk is None else chunk.owner.item(handle & _MASK)
 
     def records(self, handles: Int64Array) -> Records:
-        """The records of handles, which the caller checked are live."""
-        n = len(handles)
-        out = Records(
-            handles,
-            np.empty(n, np.int64),
-            np.empty(n, np.int64),
-            np.empty(n, np.int32),
-            np.empty(n, np.int8),
-            np.empty(n, np.int8),
-            np.empty(n, np.uint8),
-        )
+        """The records of handles, which the caller checked are live: whole rows gathered
+        per chunk (a slice where the handles of a chunk are consecutive)."""
+        parts = []
+        order: Int64Array | None = None
         for index, where in by_chunk(handles):
-            chunk = self.chunks[index]
-            lo = handles[where] & _MASK
-            out.pfn[where] = chunk.pfn[lo]
-            out.vaddr[where] = chunk.vaddr[lo]
-            out.owner[where] = chunk.owner[lo]
-            out.order[where] = chunk.order[lo]
-            out.kind[where] = chunk.kind[lo]
-            out.flags[where] = chunk.flags[lo]
-        return out
+            rows = self.chunks[index].rows
+            part = handles[where]
+            lo = int(part[0]) & _MASK
+            if isinstance(where, slice) and int(part[-1]) - int(part[0]) == len(part) - 1:
+                parts.append(rows[lo : lo + len(part)])
+            else:
+                parts.append(rows[part & _MASK])
+            if not isinstance(where, slice):
+                order = where if order is None else np.concatenate((order, where))
+        if not parts:
+            table = np.zeros(0, RECORD)
+        else:
+            table = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        if order is not None:
+            # Chunks came out grouped: put the rows back in the order asked for.
+            unsorted = np.empty(len(handles), RECORD)
+            unsorted[order] = table
+            table = unsorted
+        return Records(
+            handles,
+            table["pfn"],
+            table["vaddr"],
+            table["owner"],
+            table["order"],
+            table["kind"],
+            table["flags"],
+        )
 
     def owner_ids(self, handles: Int64Array) -> npt.NDArray[np.int32]:
         """Owner id per handle, FREED for handles not live (or out of range)."""
@@ -261,8 +272,18 @@ class FolioTable:
         indices = sorted(self.chunks) if chunks is None else sorted(chunks)
         for index in indices:
             chunk = self.chunks.get(index)
-            if chunk is not None:
-                found.append(np.flatnonzero(chunk.owner == owner_id) + (index << CHUNK_SHIFT))
+            if chunk is None:
+                continue
+            base = index << CHUNK_SHIFT
+            # A full chunk often belongs to one owner: check it in one comparison.
+            if (
+                chunk.nr_live == CHUNK
+                and chunk.owner[0] == owner_id == chunk.owner[-1]
+                and (chunk.owner == owner_id).all()
+            ):
+                found.append(np.arange(base, base + CHUNK, dtype=np.int64))
+                continue
+            found.append(np.flatnonzero(chunk.owner == owner_id) + base)
         return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
     def live_handles(self) -> Int64Array:

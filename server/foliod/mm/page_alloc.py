@@ -184,14 +184,28 @@ class Zone:
                 else:
                     self.free_contig(pfn, order)
             return
-        self.nr_free += int((np.int64(1) << orders.astype(np.int64)).sum())
         steps = np.arange(len(pfns), dtype=np.int64)
-        carry_pfn = np.empty(0, np.int64)
-        carry_step = np.empty(0, np.int64)
-        for order in range(NR_PAGE_ORDERS):
-            mine = orders == order
-            pfn = np.concatenate((pfns[mine], carry_pfn))
-            step = np.concatenate((steps[mine], carry_step))
+        low, high = int(orders.min()), int(orders.max())
+        by_order: dict[int, tuple[PfnArray, PfnArray]] = {}
+        if low == high:
+            by_order[low] = (pfns, steps)
+            self.nr_free += len(pfns) << low
+        else:
+            self.nr_free += int((np.int64(1) << orders.astype(np.int64)).sum())
+            for order in range(low, high + 1):
+                mine = orders == order
+                by_order[order] = (pfns[mine], steps[mine])
+        empty = np.empty(0, np.int64)
+        carry_pfn, carry_step = empty, empty
+        for order in range(low, NR_PAGE_ORDERS):
+            new_pfn, new_step = by_order.get(order, (empty, empty))
+            if not len(carry_pfn):
+                pfn, step = new_pfn, new_step
+            elif not len(new_pfn):
+                pfn, step = carry_pfn, carry_step
+            else:
+                pfn = np.concatenate((new_pfn, carry_pfn))
+                step = np.concatenate((new_step, carry_step))
             if not len(pfn):
                 continue
             area = self.free_area[order]
