@@ -221,7 +221,11 @@ class FolioTable:
             rows = self.chunks[index].rows
             part = handles[where]
             lo = int(part[0]) & _MASK
-            if isinstance(where, slice) and int(part[-1]) - int(part[0]) == len(part) - 1:
+            if (
+                isinstance(where, slice)
+                and int(part[-1]) - int(part[0]) == len(part) - 1
+                and (len(part) == 1 or bool((np.diff(part) == 1).all()))
+            ):
                 parts.append(rows[lo : lo + len(part)])
             else:
                 parts.append(rows[part & _MASK])
