@@ -176,25 +176,32 @@ def page_cache_figures(max_order: int, ra_pages: int) -> dict[str, float]:
     }
 
 
+def fill_with_folios(srv: Server, machine: str, owner: str) -> int:
+    """Allocates every page above a machine's min watermark as order-0 file folios, as many
+    calls as the per-call limit needs; returns the folios made."""
+    info = srv.stub.GetMachine(pb.GetMachineRequest(machine=machine))
+    room = info.nr_free_pages - info.watermarks.nr_min
+    made = 0
+    while made < room:
+        count = min(MAX_FOLIOS_PER_CALL, room - made)
+        srv.stub.Allocate(
+            pb.AllocateRequest(
+                machine=machine, owner=owner, kind=pb.FOLIO_KIND_FILE, order=0, count=count
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+        made += count
+    return made
+
+
 def guest_fill_figures() -> dict[str, float]:
     """A 64 GiB base-backed guest on an 80 GiB host, every free guest page allocated."""
     with server("80GiB") as srv:
         srv.stub.CreateGuest(
             pb.CreateGuestRequest(name="vm", ram_bytes=64 * GIB, backing=pb.GUEST_BACKING_BASE)
         )
-        guest = srv.stub.GetMachine(pb.GetMachineRequest(machine="vm"))
-        room = guest.nr_free_pages - guest.watermarks.nr_min
         start = time.perf_counter()
-        made = 0
-        while made < room:
-            count = min(MAX_FOLIOS_PER_CALL, room - made)
-            srv.stub.Allocate(
-                pb.AllocateRequest(
-                    machine="vm", owner="app", kind=pb.FOLIO_KIND_FILE, order=0, count=count
-                ),
-                timeout=CALL_TIMEOUT_S,
-            )
-            made += count
+        made = fill_with_folios(srv, "vm", "app")
         seconds = time.perf_counter() - start
         backed = srv.stub.GetGuest(pb.GetGuestRequest(name="vm")).backed_bytes
     return {"seconds": seconds, "pages": made, "backed_bytes": backed}
@@ -218,16 +225,8 @@ def big_host_figures(ram_gib: int, page_cache_bytes_per_page: float) -> dict[str
     with server(f"{ram_gib}GiB", metrics=True) as srv:
         before = srv.rss_bytes()
         machine = srv.stub.GetMachine(pb.GetMachineRequest())
-        room = machine.nr_free_pages - machine.watermarks.nr_min
         start = time.perf_counter()
-        made = 0
-        while made < room:
-            count = min(MAX_FOLIOS_PER_CALL, room - made)
-            srv.stub.Allocate(
-                pb.AllocateRequest(owner="fill", kind=pb.FOLIO_KIND_FILE, order=0, count=count),
-                timeout=CALL_TIMEOUT_S,
-            )
-            made += count
+        made = fill_with_folios(srv, "", "fill")
         out["allocate_s"] = time.perf_counter() - start
         out["folios"] = made
         out["rss_bytes"] = srv.rss_bytes()
