@@ -548,14 +548,16 @@ def test_retries_stop_after_max_attempts() -> None:
     assert isinstance(raised.value.__cause__, grpc.RpcError)
 
 
-def test_mutations_and_other_codes_are_not_retried() -> None:
-    """A non-idempotent call is sent once on UNAVAILABLE; a read failing INTERNAL is sent once."""
+def test_mutations_are_retried_with_one_key_and_other_codes_are_not() -> None:
+    """A mutation is retried on UNAVAILABLE up to max_attempts, every attempt with the same
+    idempotency key; a read failing INTERNAL is sent once."""
     with fake_server(failures=10) as (target, fake), FoliodClient(target, retry=FAST_RETRY) as c:
         with pytest.raises(foliodclient.Unavailable):
             c.allocate("o", "file", count=1)
         with pytest.raises(foliodclient.RemoteError) as raised:
             c.stat_file("x")
-    assert fake.calls["Allocate"] == 1 and fake.calls["StatFile"] == 1
+    assert fake.calls["Allocate"] == 4 and fake.calls["StatFile"] == 1
+    assert len({m["idempotency-key"] for m in fake.metadata[:4]}) == 1
     assert raised.value.code == grpc.StatusCode.INTERNAL
 
 
@@ -681,20 +683,21 @@ def test_async_client_guest_calls(make_server: ServerFactory) -> None:
     asyncio.run(scenario())
 
 
-def test_async_client_retries_reads_only() -> None:
-    """The asyncio client retries UNAVAILABLE reads with backoff and sends mutations once."""
+def test_async_client_retries_reads_and_keyed_mutations() -> None:
+    """The asyncio client retries UNAVAILABLE reads, and mutations with their idempotency key,
+    with backoff."""
 
     async def scenario(target: str) -> None:
         async with AsyncFoliodClient(target, retry=FAST_RETRY) as c:
             assert (await c.get_meminfo()).mem_total_bytes == 64 * MIB
-            with pytest.raises(foliodclient.Unavailable):
-                await c.allocate("o", "file", count=1)
+            assert (await c.allocate("o", "file", count=1)).count == 1
             with pytest.raises(foliodclient.DeadlineExceeded):
                 await c.get_machine(timeout=0.1)
 
     with fake_server(failures=2) as (target, fake):
         asyncio.run(scenario(target))
-    assert fake.calls["GetMeminfo"] == 3 and fake.calls["Allocate"] == 1
+    assert fake.calls["GetMeminfo"] == 3 and fake.calls["Allocate"] == 3
+    assert len({m["idempotency-key"] for m in fake.metadata[3:6]}) == 1
 
 
 def test_results_are_frozen() -> None:

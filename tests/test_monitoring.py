@@ -33,6 +33,7 @@ import yaml
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from foliod.config import ConfigError, load_config
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -332,6 +333,31 @@ def test_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
                 assert f"!{source}" in ignore, source
     assert "EXPOSE 50051 9464" in lines
     assert any(line.startswith("HEALTHCHECK ") for line in lines)
+
+
+def _dockerfile_environment() -> dict[str, str]:
+    """The FOLIOD_* variables the Dockerfile's ENV instructions set."""
+    environment: dict[str, str] = {}
+    for line in _dockerfile_instructions():
+        if line.startswith("ENV "):
+            for pair in line.split()[1:]:
+                name, _, value = pair.partition("=")
+                if name.startswith("FOLIOD_"):
+                    environment[name] = value
+    return environment
+
+
+def test_image_needs_security_or_an_explicit_opt_out_and_compose_gives_one() -> None:
+    """The image listens on 0.0.0.0, so alone it refuses to start without TLS and
+    authentication; compose, whose ports are published on the host's loopback only, opts out."""
+    image = _dockerfile_environment()
+    assert image["FOLIOD_LISTEN"].startswith("0.0.0.0:")
+    with pytest.raises(ConfigError, match="without TLS and authentication"):
+        load_config([], environ=image)
+    service = _yaml(COMPOSE)["services"]["foliod"]
+    config = load_config(service["command"], environ={**image, **service["environment"]})
+    assert config.insecure
+    assert all(port.startswith("127.0.0.1:") for port in service["ports"])
 
 
 def _dockerfile_instructions() -> list[str]:

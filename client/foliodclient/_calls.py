@@ -43,6 +43,8 @@ T = TypeVar("T")
 
 FOLIOD = "foliod.v1.Foliod"
 HEALTH = "grpc.health.v1.Health"
+# The metadata carrying a mutation's idempotency key (foliod.rpc.idempotency.IDEMPOTENCY_KEY).
+IDEMPOTENCY_KEY = "idempotency-key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +71,9 @@ def _nothing(reply: Message) -> None:
 
 
 # Idempotent calls change nothing the caller asked for (reads, including ReadFile, whose only
-# effect is on the cache); only they are retried on UNAVAILABLE. A mutation may have been applied
-# before the connection broke, so it is never sent twice.
+# effect is on the cache) and are sent as they are. A mutation may have been applied before the
+# connection broke, so each carries an idempotency key, the same on its retries: the server runs
+# it once per key and replays the first outcome to a retry.
 # fmt: off
 ALLOCATE          = Rpc("Allocate",        False, into(Allocation))
 FREE              = Rpc("Free",            False, into(FreeResult))
@@ -111,11 +114,14 @@ CHECK_HEALTH      = Rpc("Check",           True,  _serving, HEALTH)
 
 
 class CallOptions(TypedDict, total=False):
-    """Options every call takes: the machine (default: the client's) and a deadline in seconds
-    (default: the client's; it bounds all attempts of a retried call together)."""
+    """Options every call takes: the machine (default: the client's), a deadline in seconds
+    (default: the client's; it bounds all attempts of a retried call together) and, for a
+    mutation, its idempotency key (default: a fresh random one; pass the key of an earlier call
+    to have its outcome replayed instead of applying the call again)."""
 
     machine: str
     timeout: float
+    idempotency_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +132,7 @@ class Call(Generic[T]):
     request: Message
     machine: str | None = None
     timeout: float | None = None
+    idempotency_key: str | None = None
 
 
 # Builders, in the order of the service definition. Their docstrings become the methods'.

@@ -24,7 +24,7 @@ from foliod import __version__
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
 from foliodclient._batch import AsyncSubmission, Submission
-from foliodclient._calls import FOLIOD, HEALTH, Call
+from foliodclient._calls import FOLIOD, HEALTH, IDEMPOTENCY_KEY, Call
 from foliodclient.errors import error_from_rpc
 
 P = ParamSpec("P")
@@ -40,13 +40,15 @@ class RetryPolicy:
     """Exponential backoff with full jitter: before retry n (from 0) sleep a uniform draw from
     [0, min(max_backoff_seconds, initial_backoff_seconds * multiplier**n)].
 
-    Only UNAVAILABLE is retried, only for idempotent calls, and never past the call's deadline.
+    Only UNAVAILABLE is retried, and never past the call's deadline: reads always, mutations
+    (sent with an idempotency key, reused by their retries) unless `mutations` is False.
     """
 
     max_attempts: int = 4
     initial_backoff_seconds: float = 0.05
     max_backoff_seconds: float = 2.0
     multiplier: float = 2.0
+    mutations: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.initial_backoff_seconds < 0 or self.multiplier < 1:
@@ -108,14 +110,27 @@ def _connection(
     tls_ca: str | os.PathLike[str] | bytes | None,
     token: str | None,
     options: tuple[tuple[str, Any], ...],
+    *,
+    tls_cert: str | os.PathLike[str] | bytes | None = None,
+    tls_key: str | os.PathLike[str] | bytes | None = None,
 ) -> _Connection:
     credentials = None
-    if tls or tls_ca is not None:
-        root = tls_ca if tls_ca is None or isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
-        credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+    if tls or tls_ca is not None or tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_pem(tls_ca),
+            private_key=_pem(tls_key),
+            certificate_chain=_pem(tls_cert),
+        )
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     user_agent = ("grpc.primary_user_agent", f"foliodclient/{__version__}")
     return _Connection(target, credentials, metadata, (user_agent, *options))
+
+
+def _pem(source: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    """PEM bytes given as such or as a file's path."""
+    return source if source is None or isinstance(source, bytes) else Path(source).read_bytes()
 
 
 class _ClientBase(Generic[C]):
@@ -130,19 +145,24 @@ class _ClientBase(Generic[C]):
         tls: bool = False,
         tls_ca: str | os.PathLike[str] | bytes | None = None,
         token: str | None = None,
+        tls_cert: str | os.PathLike[str] | bytes | None = None,
+        tls_key: str | os.PathLike[str] | bytes | None = None,
         retry: RetryPolicy | None = None,
         channel_options: tuple[tuple[str, Any], ...] = (),
         rng: random.Random | None = None,
     ) -> None:
         """Connects to `target` ("host:port"). `timeout` is the default deadline of every call in
         seconds (None: no deadline); `machine` the default machine ("" is the host). TLS is used
-        when `tls` is set or `tls_ca` (a PEM file or its bytes) is given; `token` is sent as
-        ``authorization: Bearer <token>``. `retry` defaults to RetryPolicy()."""
+        when `tls` is set or `tls_ca` (a PEM file or its bytes) is given; `tls_cert` and
+        `tls_key` (PEM files or bytes) are the client certificate for mutual TLS; `token` is
+        sent as ``authorization: Bearer <token>``. `retry` defaults to RetryPolicy()."""
         self.target = target
         self.timeout = timeout
         self.machine = machine
         self.retry = retry or RetryPolicy()
-        self._connection = _connection(target, tls, tls_ca, token, channel_options)
+        self._connection = _connection(
+            target, tls, tls_ca, token, channel_options, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._rng = rng or random.Random()
         self._channel: C = self._open_channel(self._connection)
         self._stubs: dict[str, Any] = {
@@ -153,14 +173,22 @@ class _ClientBase(Generic[C]):
     def _open_channel(self, conn: _Connection) -> C:
         raise NotImplementedError
 
-    def _start(self, call: Call[Any]) -> tuple[Any, _Attempts]:
-        """The call's request with its machine filled in, and its attempts."""
+    def _start(self, call: Call[Any]) -> tuple[Any, _Attempts, tuple[tuple[str, str], ...]]:
+        """The call's request with its machine filled in, its attempts, and the metadata every
+        attempt sends: a mutation's carries its idempotency key."""
         request = call.request
         if "machine" in request.DESCRIPTOR.fields_by_name:
             request.machine = self.machine if call.machine is None else call.machine  # type: ignore[attr-defined]
         timeout = self.timeout if call.timeout is None else call.timeout
-        attempts = _Attempts(timeout, call.rpc.idempotent, self.retry, self._rng)
-        return request, attempts
+        metadata: tuple[tuple[str, str], ...] = self._connection.metadata
+        retryable = call.rpc.idempotent
+        if not retryable:
+            # From the OS, not self._rng: a seeded generator would repeat keys across clients.
+            key = call.idempotency_key or os.urandom(16).hex()
+            metadata = (*metadata, (IDEMPOTENCY_KEY, key))
+            retryable = self.retry.mutations
+        attempts = _Attempts(timeout, retryable, self.retry, self._rng)
+        return request, attempts, metadata
 
 
 def _sync(build: Callable[P, Call[T]]) -> Callable[Concatenate[FoliodClient, P], T]:
@@ -207,14 +235,13 @@ class FoliodClient(_ClientBase[grpc.Channel]):
         self._channel.close()
 
     def _run(self, call: Call[T]) -> T:
-        """Sends a call (retrying it if it is idempotent) and converts the reply."""
-        request, attempts = self._start(call)
+        """Sends a call (retrying it on UNAVAILABLE, a mutation with the same idempotency key)
+        and converts the reply."""
+        request, attempts, metadata = self._start(call)
         method = getattr(self._stubs[call.rpc.service], call.rpc.method)
         while True:
             try:
-                reply = method(
-                    request, timeout=attempts.timeout(), metadata=self._connection.metadata
-                )
+                reply = method(request, timeout=attempts.timeout(), metadata=metadata)
             except grpc.RpcError as exc:
                 time.sleep(attempts.retry_after(exc))
             else:
@@ -287,14 +314,13 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
         await self._channel.close()
 
     async def _run(self, call: Call[T]) -> T:
-        """Sends a call (retrying it if it is idempotent) and converts the reply."""
-        request, attempts = self._start(call)
+        """Sends a call (retrying it on UNAVAILABLE, a mutation with the same idempotency key)
+        and converts the reply."""
+        request, attempts, metadata = self._start(call)
         method = getattr(self._stubs[call.rpc.service], call.rpc.method)
         while True:
             try:
-                reply = await method(
-                    request, timeout=attempts.timeout(), metadata=self._connection.metadata
-                )
+                reply = await method(request, timeout=attempts.timeout(), metadata=metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(attempts.retry_after(exc))
             else:

@@ -579,6 +579,15 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "--tls-ca", default=default(None), metavar="PEM", help="root certificate (implies --tls)"
     )
     parser.add_argument(
+        "--tls-cert",
+        default=default(None),
+        metavar="PEM",
+        help="client certificate for mutual TLS (implies --tls; needs --tls-key)",
+    )
+    parser.add_argument(
+        "--tls-key", default=default(None), metavar="PEM", help="client certificate's key"
+    )
+    parser.add_argument(
         "--token",
         default=default(env.get("FOLIODCTL_TOKEN")),
         help="auth token, sent as 'authorization: Bearer' (env FOLIODCTL_TOKEN)",
@@ -711,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("foliodctl: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with FoliodClient(
             args.server,
@@ -718,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine=args.machine,
             tls=args.tls,
             tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             token=args.token,
         ) as client:
             run: Command = args.run

@@ -136,6 +136,8 @@ class FoliodUser(locust.User):
     tls: ClassVar[bool] = False
     tls_ca: ClassVar[str | os.PathLike[str] | bytes | None] = None
     token: ClassVar[str | None] = None
+    tls_cert: ClassVar[str | os.PathLike[str] | bytes | None] = None
+    tls_key: ClassVar[str | os.PathLike[str] | bytes | None] = None
     retry: ClassVar[RetryPolicy | None] = None
     stop_task_on_error: ClassVar[bool] = True
 
@@ -151,6 +153,8 @@ class FoliodUser(locust.User):
             tls=self.tls,
             tls_ca=self.tls_ca,
             token=self.token,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
             retry=self.retry,
         )
         self.rng = random.Random()

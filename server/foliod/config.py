@@ -7,6 +7,7 @@ key (ram) and the --help text all derive from that one entry.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import tomllib
@@ -103,6 +104,11 @@ def parse_address(text: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"not a host:port address: {text!r}")
     return str(text)
+
+
+def parse_path(text: str | Path) -> Path | None:
+    """A file path; empty means none."""
+    return Path(text) if str(text).strip() else None
 
 
 def parse_positive_int(text: str | int) -> int:
@@ -214,10 +220,32 @@ class Option:
     parse: Callable[[Any], Any]
     help: str
     metavar: str = ""
+    # A flag taking no value on the command line (--insecure); a boolean elsewhere.
+    switch: bool = False
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("listen", parse_address, "gRPC listen address", "HOST:PORT"),
+    Option("tls_cert", parse_path, "PEM certificate chain: serve gRPC over TLS", "FILE"),
+    Option("tls_key", parse_path, "PEM private key of --tls-cert", "FILE"),
+    Option(
+        "tls_client_ca",
+        parse_path,
+        "PEM CA bundle: require client certificates it signed (mutual TLS)",
+        "FILE",
+    ),
+    Option(
+        "tokens",
+        parse_path,
+        "bearer token file (TOML or .json): sha256, principal, role, tenant per token",
+        "FILE",
+    ),
+    Option(
+        "insecure",
+        parse_bool,
+        "allow a non-loopback listen address without TLS and authentication",
+        switch=True,
+    ),
     Option("metrics_listen", str, "Prometheus /metrics address; empty disables it", "HOST:PORT"),
     Option("ram", parse_size, "simulated RAM of the host (1 MiB to 16 TiB)", "SIZE"),
     Option("state_dir", Path, "directory for foliod's state", "DIR"),
@@ -227,6 +255,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", parse_positive_int, "gRPC threads running calls at once", "N"),
     Option("max_streams", parse_positive_int, "Submit streams open at once", "N"),
     Option("max_message_bytes", parse_size, "largest gRPC message accepted or sent", "SIZE"),
+    Option(
+        "idempotency_window_seconds",
+        parse_seconds,
+        "a mutation retried with the same idempotency-key this long after the first ended gets "
+        "the first outcome (0: only retries overlapping the first)",
+        "S",
+    ),
+    Option(
+        "idempotency_max_entries",
+        parse_positive_int,
+        "most mutation outcomes kept for idempotency-key retries, the oldest dropped first",
+        "N",
+    ),
     Option("debug_checks", parse_bool, "run the consistency checker after every change", "BOOL"),
     Option("thp_enabled", parse_thp, "top-level THP knob: always, madvise, never", "SETTING"),
     Option("mthp", parse_mthp, "per-size mTHP knobs, e.g. 64kB=always,2048kB=inherit", "LIST"),
@@ -293,6 +334,11 @@ class Config:
     """The effective configuration of one server."""
 
     listen: str = "127.0.0.1:50051"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tokens: Path | None = None
+    insecure: bool = False
     metrics_listen: str = "127.0.0.1:9464"
     ram: int = 4 << 30
     state_dir: Path = Path("var")
@@ -304,6 +350,8 @@ class Config:
     workers: int = 2
     max_streams: int = 7
     max_message_bytes: int = 4 << 20
+    idempotency_window_seconds: float = 600.0
+    idempotency_max_entries: int = 65_536
     debug_checks: bool = False
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
@@ -339,6 +387,8 @@ class Config:
     def as_log_fields(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["state_dir"] = str(self.state_dir)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens"):
+            values[name] = None if values[name] is None else str(values[name])
         values["thp_enabled"] = str(self.thp_enabled)
         values["mthp"] = {f"{k}kB": str(v) for k, v in self.mthp.items()}
         values["faults"] = [repr(rule) for rule in self.faults]
@@ -364,12 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, option.name)
         if isinstance(default, dict):
             default = ",".join(f"{k}kB={v}" for k, v in default.items()) or "none"
+        elif default is None:
+            default = "none"
+        env_help = f"env: {ENV_PREFIX}{option.name.upper()}"
+        if option.switch:
+            parser.add_argument(
+                "--" + option.name.replace("_", "-"),
+                dest=option.name,
+                action="store_const",
+                const="true",
+                default=argparse.SUPPRESS,
+                help=f"{option.help} ({env_help}=true)",
+            )
+            continue
         parser.add_argument(
             "--" + option.name.replace("_", "-"),
             dest=option.name,
             metavar=option.metavar or None,
             default=argparse.SUPPRESS,
-            help=f"{option.help} (env: {ENV_PREFIX}{option.name.upper()}; default: {default})",
+            help=f"{option.help} ({env_help}; default: {default})",
         )
     return parser
 
@@ -417,4 +480,33 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
         config.dirty_limits()
     except FoliodError as exc:
         raise ConfigError(f"{exc.field}: {exc.message}") from exc
+    check_security(config)
     return config
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a host:port address listens on loopback only (localhost, 127/8, ::1)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(config: Config) -> None:
+    """Raises ConfigError for TLS options that do not go together, or a non-loopback listen
+    address without TLS and authentication (unless insecure)."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert and tls_key: give both or neither")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+    authenticated = config.tokens is not None or config.tls_client_ca is not None
+    secured = config.tls_cert is not None and authenticated
+    if not (secured or config.insecure or is_loopback(config.listen)):
+        raise ConfigError(
+            f"refusing to listen on {config.listen} without TLS and authentication "
+            "(--tls-cert/--tls-key with --tokens or --tls-client-ca); "
+            "pass --insecure to do it anyway"
+        )

@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = FoliodServer(config)
         server.start()
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         log.error("cannot start", error=str(exc))
         return 1
     stop = threading.Event()
@@ -37,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("signal", signal=signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("signal", signal="SIGHUP")
+        server.reload()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(3600):

@@ -20,10 +20,13 @@ from foliod.mm import HOST, Machine, Machines, ThpPolicy
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
+from foliod.rpc.auth import AuthInterceptor, TokenFile
+from foliod.rpc.idempotency import IdempotencyInterceptor, OutcomeCache
 from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
 from foliod.rpc.pool import WorkerPool
 from foliod.rpc.servicer import FoliodServicer
+from foliod.rpc.tls import CertificateFiles
 from foliod.v1 import foliod_pb2, foliod_pb2_grpc
 
 SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
@@ -100,9 +103,36 @@ class FoliodServer:
             ("grpc.so_reuseport", 0),
         ]
         self.pool = worker_pool(config)
+        # Outcomes of mutations sent with an idempotency-key; tests may replace its clock.
+        self.outcomes = OutcomeCache(
+            config.idempotency_window_seconds, config.idempotency_max_entries, time.monotonic
+        )
+        # Authentication: a token file (reloaded on SIGHUP), or client certificates alone.
+        self.tokens = None if config.tokens is None else TokenFile(config.tokens)
+        self.auth: AuthInterceptor | None = None
+        if self.tokens is not None or config.tls_client_ca is not None:
+            token_file = self.tokens
+            self.auth = AuthInterceptor(lambda: None if token_file is None else token_file.table)
+        self.certificates = (
+            None
+            if config.tls_cert is None or config.tls_key is None
+            else CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        )
+        # Outermost first: refusals and replays are observed (logged and counted); the
+        # authenticated principal keys IdempotencyInterceptor's outcomes.
+        interceptors: list[grpc.ServerInterceptor] = [
+            ObservingInterceptor(self.calls, blocking=self.pool.blocking)
+        ]
+        if self.auth is not None:
+            interceptors.append(self.auth)
+            interceptors.append(
+                IdempotencyInterceptor(self.outcomes, principal=self.auth.principal)
+            )
+        else:
+            interceptors.append(IdempotencyInterceptor(self.outcomes))
         self.grpc = grpc.server(
             self.pool,  # type: ignore[arg-type]  # typed as ThreadPoolExecutor; grpc only submits
-            interceptors=[ObservingInterceptor(self.calls, blocking=self.pool.blocking)],
+            interceptors=interceptors,
             options=options,
         )
         self.servicer = FoliodServicer(
@@ -150,7 +180,12 @@ class FoliodServer:
 
     def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.grpc_port = self.grpc.add_insecure_port(self.config.listen)
+        if self.certificates is None:
+            self.grpc_port = self.grpc.add_insecure_port(self.config.listen)
+        else:
+            self.grpc_port = self.grpc.add_secure_port(
+                self.config.listen, self.certificates.credentials()
+            )
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_httpd, _ = start_http_server(int(port), host, registry=self.registry)
@@ -166,7 +201,15 @@ class FoliodServer:
             "started",
             grpc_address=f"{self.config.listen.rpartition(':')[0]}:{self.grpc_port}",
             metrics_port=self.metrics_port,
+            tls=self.certificates is not None,
+            mtls=self.config.tls_client_ca is not None,
+            nr_tokens=None if self.tokens is None else len(self.tokens.table),
         )
+
+    def reload(self) -> None:
+        """SIGHUP: rereads the token file (TLS files are reread when they change)."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     def stop(self, grace: float | None = None) -> bool:
         """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace,

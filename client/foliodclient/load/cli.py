@@ -83,6 +83,15 @@ def parser() -> argparse.ArgumentParser:
     conn.add_argument("--server", default=os.environ.get("FOLIODCTL_SERVER", DEFAULT_TARGET))
     conn.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds")
     conn.add_argument("--machine", default="", help="machine to load (default: the host)")
+    conn.add_argument("--tls", action="store_true", help="use TLS")
+    conn.add_argument("--tls-ca", metavar="PEM", help="root certificate (implies --tls)")
+    conn.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    conn.add_argument("--tls-key", metavar="PEM", help="client certificate's key")
+    conn.add_argument(
+        "--token",
+        default=os.environ.get("FOLIODCTL_TOKEN"),
+        help="auth token, sent as 'authorization: Bearer' (env FOLIODCTL_TOKEN)",
+    )
     drive = p.add_argument_group("driving")
     drive.add_argument("--concurrency", "-c", type=_positive(int), default=4)
     drive.add_argument("--engine", choices=("threads", "asyncio"), default="threads")
@@ -182,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup_seconds=max(args.warmup, 0.0),
         interval_seconds=args.interval,
         device=args.device,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=args.token,
     )
     workload = WORKLOADS[args.workload](params)
     progress = Progress(enabled=False if args.no_progress else None)

@@ -51,6 +51,22 @@ class RunConfig:
     warmup_seconds: float = 0.0
     interval_seconds: float = 1.0
     device: str = "nvme"
+    # Connection security, as FoliodClient takes it.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    def security(self) -> dict[str, Any]:
+        """FoliodClient's TLS and token keyword arguments."""
+        return {
+            "tls": self.tls,
+            "tls_ca": self.tls_ca,
+            "tls_cert": self.tls_cert,
+            "tls_key": self.tls_key,
+            "token": self.token,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +538,10 @@ def run(
         raise ValueError("batched mode runs on threads (--engine threads)")
     device = DEVICE_PROFILES[config.device]
     with FoliodClient(
-        config.target, timeout=config.timeout_seconds, machine=config.machine
+        config.target,
+        timeout=config.timeout_seconds,
+        machine=config.machine,
+        **config.security(),
     ) as client:
         memmap_before, buddy_before = client.get_memmap(), client.get_buddy_info()
         workload.setup(client)
@@ -655,7 +674,10 @@ async def _run_async(
     progress: Progress,
 ) -> bool:
     async with AsyncFoliodClient(
-        config.target, timeout=config.timeout_seconds, machine=config.machine
+        config.target,
+        timeout=config.timeout_seconds,
+        machine=config.machine,
+        **config.security(),
     ) as client:
 
         async def memmap() -> MemmapReport | None:
