@@ -45,7 +45,13 @@ MIB = 1 << 20
 # Small machines so that out-of-memory and fragmentation are common; two are not powers of two.
 RAM_SIZES = (1 * MIB, 3 * MIB + PAGE_SIZE, 4 * MIB, 6 * MIB + 3 * PAGE_SIZE, 8 * MIB, 16 * MIB)
 OWNERS = ("a", "b", "c", "db:1", "x.y-z_0")
-BAD_OWNERS = ("", "has space", "x" * 65, "\u00fcn\u00ef", "a/b")
+BAD_OWNERS = (
+    "",
+    "has space",
+    "x" * 65,
+    "\u00fcn\u00ef",
+    "a/b/c",
+)  # "a/b" is owner b in tenant a's namespace
 NON_ANON_KINDS = (FolioKind.FILE, FolioKind.SLAB, FolioKind.PAGETABLE, FolioKind.HUGETLB)
 DEFAULT_THP_SIZES = {
     order: ThpSetting.INHERIT if order == HPAGE_PMD_ORDER else ThpSetting.NEVER

@@ -81,7 +81,7 @@ def _alloc(**fields: Any) -> pb.AllocateRequest:
         ({"owner": ""}, "owner"),
         ({"owner": "has space"}, "owner"),
         ({"owner": "x" * 65}, "owner"),
-        ({"owner": "a/b"}, "owner"),
+        ({"owner": "a/b/c"}, "owner"),  # "a/b" is owner b in tenant a's namespace
         ({"kind": pb.FOLIO_KIND_UNSPECIFIED}, "kind"),
         ({"kind": 99}, "kind"),
         ({"order": 11, "kind": pb.FOLIO_KIND_SLAB}, "order"),

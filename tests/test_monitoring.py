@@ -417,6 +417,12 @@ class Workload:
         stub.Reclaim(pb.ReclaimRequest(bytes=8 * MIB))
         stub.Allocate(pb.AllocateRequest(owner=f"anon{n}", kind=pb.FOLIO_KIND_ANON, bytes=6 * MIB))
         stub.Allocate(pb.AllocateRequest(owner=f"slab{n}", kind=pb.FOLIO_KIND_SLAB, count=64))
+        # Memory and a file in tenant team-a's namespace (charged to it, as a tenant's own).
+        stub.Allocate(pb.AllocateRequest(owner=f"team-a/app{n}", kind=pb.FOLIO_KIND_SLAB, count=8))
+        stub.CreateFile(pb.CreateFileRequest(name=f"tenants/team-a/log{n}"))
+        stub.WriteFile(
+            pb.WriteFileRequest(name=f"tenants/team-a/log{n}", offset=0, data=b"t" * 8192)
+        )
         # Reads through the cache: misses with readahead, then hits.
         stub.CreateFile(pb.CreateFileRequest(name=f"small{n}", max_order=0))
         stub.WriteFile(pb.WriteFileRequest(name=f"small{n}", offset=0, data=b"s" * MIB))

@@ -22,7 +22,8 @@ Every class here is also the core class of the same name, so ``except foliod.mm.
         ├── OutOfRange             OUT_OF_RANGE
         ├── WritebackFailed        DATA_LOSS
         ├── OutOfMemory            RESOURCE_EXHAUSTED
-        │   └── AddressSpaceExhausted
+        │   ├── AddressSpaceExhausted
+        │   └── TenantLimit        a tenant's memory.max, files or open handles
         └── RemoteError            no foliod domain error in the status
             ├── Unavailable        UNAVAILABLE: no server, or it is shutting down
             ├── DeadlineExceeded   DEADLINE_EXCEEDED: the call's deadline passed
@@ -151,6 +152,11 @@ class OutOfMemory(CallError, errors.OutOfMemory):
 
 class AddressSpaceExhausted(OutOfMemory, errors.AddressSpaceExhausted):
     """An owner's virtual address space has no room for the mapping."""
+
+
+class TenantLimit(OutOfMemory, errors.TenantLimit):
+    """The caller's tenant is at its memory.max (after reclaiming its own page cache), or holds
+    as many files or open handles as it may."""
 
 
 class RemoteError(CallError):

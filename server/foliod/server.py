@@ -109,6 +109,8 @@ class FoliodServer:
         )
         # Authentication: a token file (reloaded on SIGHUP), or client certificates alone.
         self.tokens = None if config.tokens is None else TokenFile(config.tokens)
+        if self.tokens is not None:
+            self.machines.set_tenant_limits(self.tokens.table.limits)
         self.auth: AuthInterceptor | None = None
         if self.tokens is not None or config.tls_client_ca is not None:
             token_file = self.tokens
@@ -208,8 +210,8 @@ class FoliodServer:
 
     def reload(self) -> None:
         """SIGHUP: rereads the token file (TLS files are reread when they change)."""
-        if self.tokens is not None:
-            self.tokens.reload()
+        if self.tokens is not None and self.tokens.reload():
+            self.machines.set_tenant_limits(self.tokens.table.limits)
 
     def stop(self, grace: float | None = None) -> bool:
         """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace,

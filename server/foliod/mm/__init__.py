@@ -16,6 +16,7 @@ from foliod.mm.errors import (
     NotFound,
     OutOfMemory,
     OutOfRange,
+    TenantLimit,
     UnknownFile,
     UnknownFileHandle,
     UnknownFolio,
@@ -36,6 +37,7 @@ from foliod.mm.machine import (
     Meminfo,
     Release,
 )
+from foliod.mm.memcontrol import TenantLimits
 from foliod.mm.memmap import Descriptor, DescriptorCost, DescriptorSizes, MemmapModel, ModelCost
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SIZE, Watermarks
@@ -72,6 +74,8 @@ __all__ = [
     "OutOfMemory",
     "OutOfRange",
     "Release",
+    "TenantLimit",
+    "TenantLimits",
     "ThpPolicy",
     "ThpSetting",
     "UnknownFile",

@@ -14,6 +14,7 @@ from foliod.mm.filemap import MAX_PAGECACHE_ORDER, Inode
 from foliod.mm.folio_table import CHUNK_SHIFT, HVO, KIND_CODE, KINDS, PMD_MAPPED, Records
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine
+from foliod.mm.memcontrol import tenant_of_file, tenant_of_owner
 from foliod.mm.memory import PGD_LEVEL, PMD_LEVEL, PTE_LEVEL, PUD_LEVEL, MmStruct
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
@@ -87,6 +88,7 @@ def check_machine(machine: Machine) -> None:
     _require(not (recs.vaddr[recs.kind != KIND_CODE[FolioKind.ANON]] >= 0).any(), "mapped non-anon")
     if machine.page_cache is not None:
         folios.extend(_check_page_cache(machine))
+    _check_memcgs(machine, recs)
     balloon = machine.balloon
     _require(len(np.unique(balloon)) == len(balloon), "a frame is in the balloon twice")
     spans.extend((pfn, 1, "balloon page") for pfn in balloon.tolist())
@@ -195,6 +197,38 @@ def _check_shadows(inode: Inode) -> None:
     for head in orders:
         blocks[head >> MAX_PAGECACHE_ORDER] = blocks.get(head >> MAX_PAGECACHE_ORDER, 0) + 1
     _require(blocks == inode.large_shadow_blocks, f"{inode.name}: large entries miscounted")
+
+
+def _check_memcgs(machine: Machine, recs: Records) -> None:
+    """Each tenant's charges equal what its owners and files hold (memcontrol)."""
+    pages = np.left_shift(1, recs.order.astype(np.int64))
+    files = machine.page_cache.files if machine.page_cache is not None else {}
+    handles = machine.page_cache.handles if machine.page_cache is not None else {}
+    for name, memcg in machine.memcgs.items():
+        owners = [o for o in machine.owners.values() if o.memcg is memcg]
+        _require(
+            all(tenant_of_owner(o.name) == name for o in owners), f"memcg {name}: foreign owner"
+        )
+        owned = int(pages[np.isin(recs.owner, [o.id for o in owners])].sum())
+        _require(owned == memcg.nr_owned, f"memcg {name}: {memcg.nr_owned} owned, {owned} held")
+        mine = [i for i in files.values() if i.memcg is memcg]
+        cached = sum(i.nr_pages for i in mine)
+        _require(cached == memcg.nr_cache, f"memcg {name}: {memcg.nr_cache} cached, {cached} held")
+        _require(len(mine) == memcg.nr_files, f"memcg {name}: {memcg.nr_files} files counted")
+        nr_open = sum(1 for h in handles.values() if h.inode.memcg is memcg)
+        _require(nr_open == memcg.nr_open_files, f"memcg {name}: {memcg.nr_open_files} open")
+    for owner in machine.owners.values():
+        tenant = tenant_of_owner(owner.name)
+        _require(
+            owner.memcg is (None if tenant is None else machine.memcgs.get(tenant)),
+            f"owner {owner.name}: charged to the wrong memcg",
+        )
+    for inode in files.values():
+        tenant = tenant_of_file(inode.name)
+        _require(
+            inode.memcg is (None if tenant is None else machine.memcgs.get(tenant)),
+            f"file {inode.name}: charged to the wrong memcg",
+        )
 
 
 def _check_page_cache(machine: Machine) -> list[Folio]:

@@ -18,7 +18,8 @@
     ├── OutOfRange                 an offset or length passes the end of an object
     ├── WritebackFailed            fsync found a writeback error since the handle's last look
     └── OutOfMemory                the allocator cannot serve the request
-        └── AddressSpaceExhausted  an owner's 128 TiB of virtual addresses are used up
+        ├── AddressSpaceExhausted  an owner's 128 TiB of virtual addresses are used up
+        └── TenantLimit            a tenant's memory.max (or file or handle limit) is reached
 
 Every error names the request field at fault (``field``, empty when no single field is) and has
 a stable ``reason`` string that travels to clients in google.rpc.ErrorInfo.
@@ -99,6 +100,13 @@ class AddressSpaceExhausted(OutOfMemory):
     """An owner's virtual address space has no room for the mapping (mmap's ENOMEM)."""
 
     reason = "ADDRESS_SPACE_EXHAUSTED"
+
+
+class TenantLimit(OutOfMemory):
+    """A tenant's memory cgroup cannot take the charge even after reclaiming its own page cache
+    (memory.max), or the tenant holds as many files or open handles as it may."""
+
+    reason = "TENANT_LIMIT"
 
 
 class UnknownFile(NotFound):

@@ -27,6 +27,7 @@ from foliod.mm.errors import (
     FileHandleClosed,
     InvalidArgument,
     OutOfMemory,
+    TenantLimit,
     UnknownFile,
     UnknownFileHandle,
     WritebackFailed,
@@ -34,6 +35,7 @@ from foliod.mm.errors import (
 from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
 from foliod.mm.huge_memory import HPAGE_PMD_ORDER
 from foliod.mm.lru import ReclaimPolicy
+from foliod.mm.memcontrol import MemCgroup
 from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 from foliod.mm.readahead import (
@@ -132,6 +134,7 @@ class Inode:
         "large_shadow_blocks",
         "last_found",
         "max_order",
+        "memcg",
         "name",
         "nr_dirty",
         "nr_pages",
@@ -171,6 +174,8 @@ class Inode:
         self.last_found: Folio | None = None
         self.wb_err = 0
         self.handles: set[int] = set()
+        # The tenant its page cache is charged to (memcontrol.tenant_of_file), if any.
+        self.memcg: MemCgroup | None = None
 
     def find(self, index: int) -> Folio | None:
         """The folio that covers a page index (filemap_get_entry)."""
@@ -353,6 +358,8 @@ class PageCache:
     nr_read_hits: int = 0
     nr_read_misses: int = 0
     nr_read_ahead: int = 0
+    # The tenant a file name is charged to (None: no tenant), supplied by the machine.
+    memcg_of: Callable[[str], MemCgroup | None] = lambda name: None
 
     def __post_init__(self) -> None:
         # Limit reclaim making room for a folio of a per-CPU-list order keeps the last frame
@@ -368,7 +375,10 @@ class PageCache:
                 max_order = self.default_max_order
             if not 0 <= ra_pages <= MAX_RA_PAGES:
                 ra_pages = self.default_ra_pages
-            self.files[name] = Inode(name, size, max_order, ra_pages)
+            inode = self.files[name] = Inode(name, size, max_order, ra_pages)
+            inode.memcg = memcg = self.memcg_of(name)
+            if memcg is not None:
+                memcg.nr_files += 1
 
     # -- namespace -------------------------------------------------------------------------
 
@@ -403,6 +413,13 @@ class PageCache:
             raise InvalidArgument(
                 f"ra_pages must be 0..{MAX_RA_PAGES}, not {ra_pages}", field="ra_pages"
             )
+        memcg = self.memcg_of(name)
+        if memcg is not None and memcg.nr_files >= memcg.limits.max_files:
+            raise TenantLimit(
+                f"tenant {memcg.name!r} has {memcg.nr_files} files, the most it may",
+                field="name",
+                metadata={"tenant": memcg.name, "max_files": str(memcg.limits.max_files)},
+            )
         self.store.create(name)
         chosen = {"max_order": max_order, "ra_pages": ra_pages}
         self.store.set_settings(name, {k: v for k, v in chosen.items() if v is not None})
@@ -412,11 +429,26 @@ class PageCache:
             self.default_max_order if max_order is None else max_order,
             self.default_ra_pages if ra_pages is None else ra_pages,
         )
+        inode.memcg = memcg
+        if memcg is not None:
+            memcg.nr_files += 1
         self.files[name] = inode
         return inode
 
     def open(self, name: str) -> FileHandle:
         inode = self.lookup(name)
+        memcg = inode.memcg
+        if memcg is not None:
+            if memcg.nr_open_files >= memcg.limits.max_open_files:
+                raise TenantLimit(
+                    f"tenant {memcg.name!r} has {memcg.nr_open_files} files open, the most it may",
+                    field="name",
+                    metadata={
+                        "tenant": memcg.name,
+                        "max_open_files": str(memcg.limits.max_open_files),
+                    },
+                )
+            memcg.nr_open_files += 1
         handle = FileHandle(
             self.next_handle, inode, errseq_sample(inode.wb_err), RaState(inode.ra.ra_pages)
         )
@@ -437,6 +469,8 @@ class PageCache:
         handle = self.handle(number)
         handle.inode.handles.discard(number)
         del self.handles[number]
+        if handle.inode.memcg is not None:
+            handle.inode.memcg.nr_open_files -= 1
 
     def stat(self, name: str) -> FileStat:
         inode = self.lookup(name)
@@ -463,6 +497,9 @@ class PageCache:
         self.store.delete(name)
         self.store.set_settings(name, None)
         del self.files[name]
+        if inode.memcg is not None:
+            inode.memcg.nr_files -= 1
+            inode.memcg.nr_open_files -= len(inode.handles)
 
     # -- folios in the mapping -------------------------------------------------------------
 
@@ -479,6 +516,8 @@ class PageCache:
             inode.top_order = max(inode.top_order, folio.order)
         inode.nr_pages += folio.nr_pages
         self.nr_pages += folio.nr_pages
+        if inode.memcg is not None:
+            inode.memcg.nr_cache += folio.nr_pages
         self.lru.add(folio)
         if folio.order or index >> MAX_PAGECACHE_ORDER in inode.large_shadow_blocks:
             shadow = inode.take_shadows(index, folio.nr_pages)
@@ -496,6 +535,8 @@ class PageCache:
             inode.count_large(folio.index, -1)
         inode.nr_pages -= folio.nr_pages
         self.nr_pages -= folio.nr_pages
+        if inode.memcg is not None:
+            inode.memcg.nr_cache -= folio.nr_pages
         if folio.dirty:
             inode.nr_dirty -= folio.nr_pages
             self.nr_dirty -= folio.nr_pages
@@ -545,6 +586,30 @@ class PageCache:
             if self.__recycled is not None:  # freed earlier: not the one handed back
                 self.allocator.free_cache_folio(self.__recycled)
             self.__recycled = folio
+
+    def shrink_memcg(self, memcg: MemCgroup, nr_to_reclaim: int) -> int:
+        """Reclaims up to nr_to_reclaim pages of one tenant's page cache, oldest first in the
+        policy's eviction order, dirty folios written back first (try_to_free_mem_cgroup_pages);
+        returns pages freed. Other tenants' folios are neither evicted nor aged: the kernel
+        keeps one LRU per memory cgroup, this walks the machine's one LRU for the tenant's."""
+        freed = 0
+        busy = self.busy
+        mine = [f for f in self.lru.folios() if getattr(f.mapping, "memcg", None) is memcg]
+        scanned = 0
+        for folio in mine:
+            if freed >= nr_to_reclaim:
+                break
+            scanned += folio.nr_pages
+            if folio in busy:
+                continue
+            if folio.dirty:
+                self.writeback_folio(folio)
+                self.events[VmEvent.PGROTATED] += folio.nr_pages
+            self.evict_folio(folio)
+            freed += folio.nr_pages
+        self.events[VmEvent.PGSCAN_DIRECT] += scanned
+        self.events[VmEvent.PGSTEAL_DIRECT] += freed
+        return freed
 
     def __alloc(self, order: int) -> Folio:
         """A cache folio of order, falling back to base pages when large ones cannot be had."""
@@ -890,6 +955,11 @@ class PageCache:
         old.shadows[folio.index] = shadow
         old.nr_pages -= 1
         inode.nr_pages += 1
+        if old.memcg is not inode.memcg:
+            if old.memcg is not None:
+                old.memcg.nr_cache -= 1
+            if inode.memcg is not None:
+                inode.memcg.nr_cache += 1
         folio.mapping = inode
 
     def __count_replayed(
@@ -1339,6 +1409,8 @@ class PageCache:
         inode.count_large(index, -1)
         inode.nr_pages -= folio.nr_pages
         self.nr_pages -= folio.nr_pages
+        if inode.memcg is not None:
+            inode.memcg.nr_cache -= folio.nr_pages
         if dirty:
             inode.nr_dirty -= folio.nr_pages
             self.nr_dirty -= folio.nr_pages

@@ -520,6 +520,7 @@ class Guests:
                     if not spec.lazy:
                         ram.back(np.arange(ram.nr_granules, dtype=np.int64))
                     machine = self.new_machine(name, ram_bytes)
+                    machine.tenant_limits = host.tenant_limits  # one set of limits per server
                 except Exception:
                     ram.detach()  # nothing of the guest stays on the host
                     raise

@@ -24,6 +24,7 @@ from foliod.mm.errors import (
     FolioAlreadyFreed,
     InvalidArgument,
     OutOfMemory,
+    TenantLimit,
     UnknownFolio,
     UnknownMachine,
     UnknownOwner,
@@ -43,6 +44,13 @@ from foliod.mm.folio_table import (
 )
 from foliod.mm.huge_memory import ANON_ORDERS, HPAGE_PMD_NR, HPAGE_PMD_ORDER, ThpPolicy, ThpSetting
 from foliod.mm.lru import POLICIES
+from foliod.mm.memcontrol import (
+    MemcgEvent,
+    MemCgroup,
+    TenantLimits,
+    tenant_of_file,
+    tenant_of_owner,
+)
 from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
 from foliod.mm.memory import MmStruct
 from foliod.mm.mm_types import Folio, FolioKind, check_folio_range, read_pages, write_pages
@@ -56,7 +64,8 @@ MAX_RAM_BYTES = 16 << 40
 MAX_FOLIOS_PER_CALL = 1 << 20
 # Pages reclaim tries to free per attempt (SWAP_CLUSTER_MAX).
 SWAP_CLUSTER_MAX = 32
-_OWNER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# A name of up to 64 of these, in a tenant's namespace behind "<tenant>/" (memcontrol).
+_OWNER_NAME = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}/)?[A-Za-z0-9._:-]{1,64}")
 # Owners named so hold guests' RAM on their host: only the guests' backing may change them.
 GUEST_OWNER_PREFIX = "guest:"
 
@@ -128,7 +137,7 @@ class Owner:
     """A named holder of folios; anon memory lives in its address space. Its folios' records
     are in the machine's FolioTable under its id; it counts them per table chunk."""
 
-    __slots__ = ("chunks", "id", "mm", "name", "nr_folios", "table")
+    __slots__ = ("chunks", "id", "memcg", "mm", "name", "nr_folios", "table")
 
     def __init__(self, name: str, owner_id: int, table: FolioTable) -> None:
         self.name = name
@@ -137,6 +146,8 @@ class Owner:
         self.nr_folios = 0
         self.chunks: dict[int, int] = {}
         self.mm: MmStruct | None = None
+        # The tenant its folios are charged to (memcontrol.tenant_of_owner), if any.
+        self.memcg: MemCgroup | None = None
 
     def handles(self) -> Int64Array:
         """Handles of the owner's live folios, ascending."""
@@ -283,6 +294,9 @@ class Machine:
                 field="reclaim_policy",
             )
         self.lru = policy(self.events)
+        # Tenants' limits (shared by every machine of a server) and their memory cgroups here.
+        self.tenant_limits: dict[str, TenantLimits] = {}
+        self.memcgs: dict[str, MemCgroup] = {}
         self.page_cache: PageCache | None = None
         if store is not None:
             self.page_cache = PageCache(
@@ -291,6 +305,61 @@ class Machine:
             self.page_cache.dirtyable = lambda: self.zone.nr_free + self.nr_reclaimable
             self.page_cache.limits = dirty_limits or DirtyLimits()
             self.page_cache.capacity_pages = cache_capacity_pages
+            self.page_cache.memcg_of = lambda name: self.memcg(tenant_of_file(name))
+
+    # -- tenants (memcontrol) --------------------------------------------------------------
+
+    def memcg(self, tenant: str | None) -> MemCgroup | None:
+        """The tenant's memory cgroup on this machine, made on first use; None for no tenant."""
+        if tenant is None:
+            return None
+        memcg = self.memcgs.get(tenant)
+        if memcg is None:
+            limits = self.tenant_limits.get(tenant, TenantLimits())
+            memcg = self.memcgs[tenant] = MemCgroup(tenant, limits)
+        return memcg
+
+    def set_tenant_limits(self, limits: Mapping[str, TenantLimits]) -> None:
+        """Replaces every tenant's limits (a tenant left out has none); usage over a lowered
+        memory.max is trimmed at the end of the next call (enforce_memcg_limits)."""
+        new = dict(limits)  # limits may be this very dict, shared with other machines
+        self.tenant_limits.clear()
+        self.tenant_limits.update(new)
+        for name, memcg in self.memcgs.items():
+            memcg.limits = new.get(name, TenantLimits())
+
+    def enforce_memcg_limits(self) -> int:
+        """Reclaims each tenant's page cache down to its memory.max; returns pages freed."""
+        freed = 0
+        for memcg in self.memcgs.values():
+            over = memcg.nr_over
+            if over and self.page_cache is not None:
+                memcg.events[MemcgEvent.MAX] += 1
+                freed += self.page_cache.shrink_memcg(memcg, over)
+        return freed
+
+    def __try_charge(self, memcg: MemCgroup, nr_pages: int) -> None:
+        """Makes room for nr_pages of new folios under the tenant's memory.max, reclaiming its
+        page cache; TenantLimit, with nothing changed, when its own folios leave no room."""
+        limit = memcg.limits.max_pages
+        if memcg.nr_owned + nr_pages > limit:
+            memcg.events[MemcgEvent.MAX] += 1
+            memcg.events[MemcgEvent.OOM] += 1
+            raise TenantLimit(
+                f"tenant {memcg.name!r} holds {memcg.nr_owned} pages of folios and "
+                f"{memcg.nr_cache} of page cache; {nr_pages} more do not fit its memory.max "
+                f"of {limit} pages",
+                field="bytes",
+                metadata={
+                    "tenant": memcg.name,
+                    "memory_max_bytes": str(limit << PAGE_SHIFT),
+                    "memory_current_bytes": str(memcg.nr_pages << PAGE_SHIFT),
+                },
+            )
+        over = memcg.nr_pages + nr_pages - limit
+        if over > 0 and self.page_cache is not None:
+            memcg.events[MemcgEvent.MAX] += 1
+            self.page_cache.shrink_memcg(memcg, over)
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -598,6 +667,9 @@ class Machine:
         holder = self.owners.get(owner)
         if holder is None:
             holder = Owner(owner, self.next_owner_id, self.table)
+            holder.memcg = self.memcg(tenant_of_owner(owner))
+        if holder.memcg is not None:
+            self.__try_charge(holder.memcg, nr_pages)
         mm_before = holder.mm
         next_vpage_before = mm_before.next_vpage if mm_before is not None else 0
         made = _Made()
@@ -623,6 +695,8 @@ class Machine:
             self.next_owner_id += 1
             self.owners[owner] = holder
             self.owner_by_id[holder.id] = holder
+        if holder.memcg is not None:
+            holder.memcg.nr_owned += nr_pages
         if made.few():
             return self.__record_few(holder, kind, made, nr_pages, nr_tables, hvo=hvo)
         pfns, orders, vaddrs, flags = made.columns()
@@ -908,6 +982,8 @@ class Machine:
             self.__free_block(pfn, order)
             self.events[_PGFREE] += 1 << order
             nr_pages += 1 << order
+            if holder.memcg is not None:
+                holder.memcg.nr_owned -= 1 << order
             table.remove_one(handle)
             holder.count_one(handle, -1)
             if self.contents:
@@ -956,8 +1032,11 @@ class Machine:
         for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
             self.__account(KINDS[int(key) // 64], int(key) % 64, -int(n))
         for holder in holders:
-            mine = recs.handles[recs.owner == holder.id]
-            holder.count(mine, -1)
+            is_mine = recs.owner == holder.id
+            holder.count(recs.handles[is_mine], -1)
+            if holder.memcg is not None:
+                orders = recs.order[is_mine].astype(np.int64)
+                holder.memcg.nr_owned -= int(np.left_shift(1, orders).sum())
 
     def __drop_owner(self, holder: Owner) -> None:
         del self.owners[holder.name]
@@ -1214,7 +1293,9 @@ class _TableFrees:
 def check_owner_name(owner: str) -> None:
     if not _OWNER_NAME.fullmatch(owner):
         raise InvalidArgument(
-            f"owner must be 1-64 characters of [A-Za-z0-9._:-], not {owner[:80]!r}", field="owner"
+            f"owner must be 1-64 characters of [A-Za-z0-9._:-] (behind '<tenant>/' in a "
+            f"tenant's namespace), not {owner[:80]!r}",
+            field="owner",
         )
 
 
@@ -1224,6 +1305,12 @@ class Machines:
     def __init__(self, host: Machine) -> None:
         self.host = host
         self.by_name: dict[str, Machine] = {host.name: host}
+
+    def set_tenant_limits(self, limits: Mapping[str, TenantLimits]) -> None:
+        """Every tenant's limits, on every machine (Machine.set_tenant_limits)."""
+        for machine in self:
+            with machine.lock:
+                machine.set_tenant_limits(limits)
 
     def get(self, name: str) -> Machine:
         machine = self.by_name.get(name or self.host.name)

@@ -32,7 +32,9 @@ from typing import Any
 import grpc
 import structlog
 
-from foliod.mm import FoliodError
+from foliod.config import parse_size
+from foliod.mm import PAGE_SIZE, FoliodError, TenantLimits
+from foliod.mm.memcontrol import check_tenant_name
 from foliod.rpc.status import status_code_of
 
 AUTHORIZATION_KEY = "authorization"
@@ -43,6 +45,15 @@ FOLIOD_SERVICE = "foliod.v1.Foliod"
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
 _audit = structlog.get_logger("foliod.audit")
+# The caller whose handler runs on this thread (grpc runs each call's handler, a streaming
+# one's generator included, on one worker thread).
+_caller = threading.local()
+
+
+def current_identity() -> Identity | None:
+    """The authenticated caller of the call running on this thread; None without
+    authentication."""
+    return getattr(_caller, "identity", None)
 
 
 class Role(enum.Enum):
@@ -126,8 +137,13 @@ def token_digest(token: str) -> str:
 class TokenTable:
     """Bearer tokens by SHA-256 digest. Tokens themselves are never stored."""
 
-    def __init__(self, entries: Mapping[str, Identity]) -> None:
+    def __init__(
+        self, entries: Mapping[str, Identity], limits: Mapping[str, TenantLimits] | None = None
+    ) -> None:
         self._entries = tuple(entries.items())
+        # Every tenant a token names, with its limits (DEFAULT_TENANT_LIMITS unless the file's
+        # [tenants.<name>] table sets them).
+        self.limits: dict[str, TenantLimits] = dict(limits or {})
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -146,7 +162,8 @@ class TokenTable:
     def load(cls, path: Path) -> TokenTable:
         """Reads a token file: TOML (``[[tokens]]`` tables) or, for a .json name, JSON
         (``{"tokens": [...]}``); each entry has sha256, principal, role and optionally tenant.
-        Raises ValueError naming the file and the entry."""
+        A ``tenants`` table sets each tenant's limits: ``memory_max`` (a size such as "1GiB"),
+        ``max_files``, ``max_open_files``. Raises ValueError naming the file and the entry."""
         try:
             raw = path.read_bytes()
             document: Any = (
@@ -160,7 +177,48 @@ class TokenTable:
         entries: dict[str, Identity] = {}
         for number, item in enumerate(items, 1):
             entries.update([_entry(item, f"token file {path}, entry {number}")])
-        return cls(entries)
+        tables = document.get("tenants", {})
+        if not isinstance(tables, dict):
+            raise ValueError(f"token file {path}: 'tenants' must be a table of tenants")
+        limits = {i.tenant: DEFAULT_TENANT_LIMITS for i in entries.values() if i.tenant}
+        for tenant, table in tables.items():
+            limits[tenant] = _limits(tenant, table, f"token file {path}, tenant {tenant!r}")
+        return cls(entries, limits)
+
+
+# A tenant's limits unless its table says otherwise: no memory.max, bounded files and handles.
+DEFAULT_TENANT_LIMITS = TenantLimits(max_files=10_000, max_open_files=1_024)
+_LIMIT_KEYS = {"memory_max", "max_files", "max_open_files"}
+
+
+def _limits(tenant: str, table: Any, where: str) -> TenantLimits:
+    try:
+        check_tenant_name(tenant)
+    except FoliodError as exc:
+        raise ValueError(f"{where}: {exc.message}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: not a table")
+    unknown = sorted(set(table) - _LIMIT_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    values: dict[str, int] = {}
+    for key in sorted(table):
+        raw = table[key]
+        try:
+            value = parse_size(raw) if key == "memory_max" else raw
+        except ValueError as exc:
+            raise ValueError(f"{where}: {key}: {exc}") from None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: {key} must be a non-negative integer, not {raw!r}")
+        values[key] = value
+    memory_max = values.get("memory_max")
+    return TenantLimits(
+        max_pages=DEFAULT_TENANT_LIMITS.max_pages
+        if memory_max is None
+        else memory_max // PAGE_SIZE,
+        max_files=values.get("max_files", DEFAULT_TENANT_LIMITS.max_files),
+        max_open_files=values.get("max_open_files", DEFAULT_TENANT_LIMITS.max_open_files),
+    )
 
 
 def _entry(item: Any, where: str) -> tuple[str, Identity]:
@@ -182,6 +240,13 @@ def _entry(item: Any, where: str) -> tuple[str, Identity]:
     tenant = item.get("tenant", "")
     if not isinstance(tenant, str):
         raise ValueError(f"{where}: tenant must be a string")
+    if tenant:
+        try:
+            check_tenant_name(tenant)
+        except FoliodError as exc:
+            raise ValueError(f"{where}: {exc.message}") from None
+    elif role is Role.TENANT:
+        raise ValueError(f"{where}: a token of role tenant names its tenant")
     return digest, Identity(principal, role, tenant)
 
 
@@ -233,7 +298,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, tokens: Callable[[], TokenTable | None]) -> None:
         self._tokens = tokens
-        self._local = threading.local()
+        self._local = _caller
 
     def principal(self, context: grpc.ServicerContext) -> str:
         """The principal of the unary call running on this thread (for idempotency keys)."""
@@ -332,12 +397,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 identity = self.authorize(method, context)
                 code = grpc.StatusCode.OK
+                _caller.identity = identity
                 try:
                     yield from inner(request, context)
                 except BaseException:
                     code = _code(context) or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
+                    _caller.identity = None
                     if identity.role is Role.ADMIN:
                         _audit_admin(identity, method, _code(context) or code)
 
@@ -346,7 +413,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
             def stream_unary(request: Any, context: grpc.ServicerContext) -> Any:
                 identity = self.authorize(method, context)
-                response = inner(request, context)
+                _caller.identity = identity
+                try:
+                    response = inner(request, context)
+                finally:
+                    _caller.identity = None
                 if identity.role is Role.ADMIN:
                     _audit_admin(identity, method, _code(context) or grpc.StatusCode.OK)
                 return response

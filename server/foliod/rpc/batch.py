@@ -18,6 +18,7 @@ from google.rpc import code_pb2
 from foliod.mm import FoliodError, FolioKind, InvalidArgument, Machines, check_machine
 from foliod.mm.filemap import IoStats
 from foliod.rpc.status import BAD_REQUEST_CODES, status_code_of
+from foliod.rpc.tenancy import WHOLE, Namespace
 from foliod.v1 import foliod_pb2 as pb
 
 MAX_BATCH_OPS = 4096
@@ -45,28 +46,36 @@ Planned = tuple[int, str, int, int, int, bytes]
 
 
 def submit_batch(
-    machines: Machines, request: pb.SubmitRequest, *, debug_checks: bool = False
+    machines: Machines,
+    request: pb.SubmitRequest,
+    *,
+    debug_checks: bool = False,
+    namespace: Namespace = WHOLE,
 ) -> pb.SubmitResponse:
-    """Runs one batch and returns its completions; never raises a domain error."""
+    """Runs one batch and returns its completions; never raises a domain error. Names and
+    handles are the caller's (namespace): a tenant's map into its own namespace."""
     try:
         machine = machines.get(request.machine)
         plan = plan_batch(request)
     except FoliodError as exc:
         return pb.SubmitResponse(id=request.id, error=_error(0, exc))
+    ns = namespace
     out = _Completions()
     with machine.lock:
         for index, (code, name, x, y, z, data) in enumerate(plan):
             try:
                 if code == READ:
-                    out.read(*machine.files.read(name, x, y))
+                    out.read(*machine.files.read(ns.file(name), x, y))
                 elif code == WRITE:
-                    out.write(machine.files.write(name, x, data))
+                    out.write(machine.files.write(ns.file(name), x, data))
                 elif code == FSYNC:
+                    ns.check_file_handle(machine, x)
                     out.handled(machine.files.fsync(x))
                 elif code == FREE:
+                    ns.check_folio(machine, x, "handles")
                     out.handled(machine.free((x,)).nr_pages)
                 else:
-                    done = machine.allocate(name, _kind(x), order=y, count=z)
+                    done = machine.allocate(ns.owner(name), _kind(x), order=y, count=z)
                     out.allocated(done.first_handle, done.count, done.nr_pages)
             except FoliodError as exc:
                 out.failed(code, _error(index, exc))
@@ -76,6 +85,8 @@ def submit_batch(
                     index=index, code=_INTERNAL, message="internal error (see the server log)"
                 )
                 out.failed(code, failure)
+        if machine.memcgs:
+            machine.enforce_memcg_limits()
         if debug_checks:
             check_machine(machine)
     return out.response(request.id)

@@ -8,6 +8,7 @@ every metric (a test holds it to a live scrape); deploy/ has the rules and dashb
 
 from __future__ import annotations
 
+import math
 import platform
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb
 from foliod.mm.machine import VALID_ORDERS
+from foliod.mm.memcontrol import UNLIMITED
 from foliod.rpc.interceptors import CODE_NAMES, CallEvent, CallReporter, MethodKey
 
 # Latency buckets from 100 us to 10 s: unary calls here take 0.2-5 ms, big allocations seconds.
@@ -144,7 +146,8 @@ class MachineCollector(Collector):
         for guest in self._guests or ():
             with guest.machine.lock, guest.host.lock:
                 _collect_guest(guest, families)
-        yield from families.values()
+        # Tenants' families only where there are tenants: most servers have none.
+        yield from (f for k, f in families.items() if f.samples or not k.startswith("tenant_"))
         yield InfoMetricFamily(
             "foliod_build",
             "foliod build information.",
@@ -278,6 +281,27 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "guest_blocks": counter(
             "foliod_guest_reported_blocks", "Free blocks reported to the host.", labels=["guest"]
         ),
+        "tenant_current": gauge(
+            "foliod_tenant_memory_current_bytes",
+            "Memory charged to a tenant (memory.current): its folios and its files' page cache.",
+            labels=["machine", "tenant", "type"],
+        ),
+        "tenant_max": gauge(
+            "foliod_tenant_memory_max_bytes",
+            "A tenant's memory.max (+Inf: no limit).",
+            labels=["machine", "tenant"],
+        ),
+        "tenant_events": counter(
+            "foliod_tenant_memory_events",
+            "memory.events: max (usage reached memory.max and the tenant's page cache was "
+            "reclaimed), oom (a charge failed even so).",
+            labels=["machine", "tenant", "event"],
+        ),
+        "tenant_files": gauge(
+            "foliod_tenant_files",
+            "A tenant's files and open file handles.",
+            labels=["machine", "tenant", "state"],
+        ),
     }
 
 
@@ -307,6 +331,17 @@ def _collect_machine(
 ) -> None:
     name = machine.name
     families["ram"].add_metric([name], machine.ram_bytes)
+    for tenant, memcg in machine.memcgs.items():
+        families["tenant_current"].add_metric([name, tenant, "folios"], memcg.nr_owned * PAGE_SIZE)
+        families["tenant_current"].add_metric([name, tenant, "file"], memcg.nr_cache * PAGE_SIZE)
+        limit = memcg.limits.max_pages
+        families["tenant_max"].add_metric(
+            [name, tenant], math.inf if limit == UNLIMITED else limit * PAGE_SIZE
+        )
+        for memcg_event, count in memcg.events.items():
+            families["tenant_events"].add_metric([name, tenant, str(memcg_event)], count)
+        families["tenant_files"].add_metric([name, tenant, "files"], memcg.nr_files)
+        families["tenant_files"].add_metric([name, tenant, "open"], memcg.nr_open_files)
     families["free"].add_metric([name], machine.zone.nr_free * PAGE_SIZE)
     marks = machine.watermarks
     for level, pages in (("min", marks.nr_min), ("low", marks.nr_low), ("high", marks.nr_high)):

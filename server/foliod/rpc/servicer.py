@@ -17,15 +17,19 @@ from foliod.mm import (
     Machines,
     MemmapModel,
     MthpStat,
+    Release,
     ThpSetting,
     check_machine,
 )
 from foliod.mm.backing_dev import FaultInjector, FaultRule, check_fault_rules
 from foliod.mm.filemap import FileStat, IoStats
+from foliod.mm.folio_table import OwnedFolio
 from foliod.mm.guest import Backing, Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
+from foliod.rpc.auth import current_identity
 from foliod.rpc.batch import submit_batch
+from foliod.rpc.tenancy import Namespace, namespace_of
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 
@@ -81,13 +85,23 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         self._streams = threading.BoundedSemaphore(max_streams)
 
     def _change(self, name: str, operation: Callable[[Machine], T]) -> T:
-        """Runs a state-changing operation under the machine's lock (and the checker, in debug)."""
+        """Runs a state-changing operation under the machine's lock (and the checker, in debug);
+        tenants' page cache is trimmed back to their memory.max once it returns."""
         machine = self.machines.get(name)
         with machine.lock:
-            result = operation(machine)
+            try:
+                result = operation(machine)
+            finally:
+                if machine.memcgs:
+                    machine.enforce_memcg_limits()
             if self.debug_checks:
                 check_machine(machine)
         return result
+
+    @staticmethod
+    def _ns() -> Namespace:
+        """The caller's namespace: its tenant's, or the whole server's."""
+        return namespace_of(current_identity())
 
     def _read(self, name: str, operation: Callable[[Machine], T]) -> T:
         machine = self.machines.get(name)
@@ -99,10 +113,11 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     ) -> pb.AllocateResponse:
         kind = _kind(request.kind)
         order = request.order if request.HasField("order") else None
+        owner = self._ns().owner(request.owner)
         result = self._change(
             request.machine,
             lambda m: m.allocate(
-                request.owner,
+                owner,
                 kind,
                 order=order,
                 count=request.count,
@@ -119,7 +134,14 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         )
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
-        result = self._change(request.machine, lambda m: m.free(request.handles))
+        ns = self._ns()
+
+        def free(m: Machine) -> Release:
+            for handle in request.handles:
+                ns.check_folio(m, handle, "handles")
+            return m.free(request.handles)
+
+        result = self._change(request.machine, free)
         return pb.FreeResponse(
             nr_pages=result.nr_pages, nr_pagetable_pages=result.nr_pagetable_pages
         )
@@ -127,17 +149,24 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def ReleaseOwner(
         self, request: pb.ReleaseOwnerRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseOwnerResponse:
-        result = self._change(request.machine, lambda m: m.release_owner(request.owner))
+        owner = self._ns().owner(request.owner)
+        result = self._change(request.machine, lambda m: m.release_owner(owner))
         return pb.ReleaseOwnerResponse(folios=result.folios, nr_pages=result.nr_pages)
 
     def GetFolio(self, request: pb.GetFolioRequest, context: grpc.ServicerContext) -> pb.FolioInfo:
-        folio = self._read(request.machine, lambda m: m.lookup(request.handle))
+        ns = self._ns()
+
+        def lookup(m: Machine) -> OwnedFolio:
+            ns.check_folio(m, request.handle)
+            return m.lookup(request.handle)
+
+        folio = self._read(request.machine, lookup)
         return pb.FolioInfo(
             handle=folio.handle,
             pfn=folio.pfn,
             order=folio.order,
             kind=_KIND_TO_PB[folio.kind],
-            owner=folio.owner,
+            owner=ns.owner_out(folio.owner),
             size_bytes=folio.size_bytes,
             virtual_address=max(folio.vaddr, 0) * PAGE_SIZE,
             pmd_mapped=folio.pmd_mapped,
@@ -146,17 +175,25 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def WriteFolio(
         self, request: pb.WriteFolioRequest, context: grpc.ServicerContext
     ) -> pb.WriteFolioResponse:
-        written = self._change(
-            request.machine, lambda m: m.folio_write(request.handle, request.offset, request.data)
-        )
+        ns = self._ns()
+
+        def write(m: Machine) -> int:
+            ns.check_folio(m, request.handle)
+            return m.folio_write(request.handle, request.offset, request.data)
+
+        written = self._change(request.machine, write)
         return pb.WriteFolioResponse(written_bytes=written)
 
     def ReadFolio(
         self, request: pb.ReadFolioRequest, context: grpc.ServicerContext
     ) -> pb.ReadFolioResponse:
-        data = self._read(
-            request.machine, lambda m: m.folio_read(request.handle, request.offset, request.length)
-        )
+        ns = self._ns()
+
+        def read(m: Machine) -> bytes:
+            ns.check_folio(m, request.handle)
+            return m.folio_read(request.handle, request.offset, request.length)
+
+        data = self._read(request.machine, read)
         return pb.ReadFolioResponse(data=data)
 
     def GetMachine(
@@ -270,45 +307,65 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         max_order = request.max_order if request.HasField("max_order") else None
         ra_pages = request.ra_pages if request.HasField("ra_pages") else None
 
-        def create(m: Machine) -> FileStat:
-            m.files.create(request.name, max_order=max_order, ra_pages=ra_pages)
-            return m.files.stat(request.name)
+        ns = self._ns()
+        name = ns.file(request.name)
 
-        return _file_stat(self._change(request.machine, create))
+        def create(m: Machine) -> FileStat:
+            m.files.create(name, max_order=max_order, ra_pages=ra_pages)
+            return m.files.stat(name)
+
+        return _file_stat(ns.stat_out(self._change(request.machine, create)))
 
     def OpenFile(
         self, request: pb.OpenFileRequest, context: grpc.ServicerContext
     ) -> pb.OpenFileResponse:
-        handle = self._change(request.machine, lambda m: m.files.open(request.name))
+        name = self._ns().file(request.name)
+        handle = self._change(request.machine, lambda m: m.files.open(name))
         return pb.OpenFileResponse(handle=handle.number)
 
     def CloseFile(
         self, request: pb.CloseFileRequest, context: grpc.ServicerContext
     ) -> pb.CloseFileResponse:
-        self._change(request.machine, lambda m: m.files.close(request.handle))
+        ns = self._ns()
+
+        def close(m: Machine) -> None:
+            ns.check_file_handle(m, request.handle)
+            m.files.close(request.handle)
+
+        self._change(request.machine, close)
         return pb.CloseFileResponse()
 
     def StatFile(self, request: pb.StatFileRequest, context: grpc.ServicerContext) -> pb.FileStat:
-        return _file_stat(self._read(request.machine, lambda m: m.files.stat(request.name)))
+        ns = self._ns()
+        name = ns.file(request.name)
+        return _file_stat(ns.stat_out(self._read(request.machine, lambda m: m.files.stat(name))))
 
     def ListFiles(
         self, request: pb.ListFilesRequest, context: grpc.ServicerContext
     ) -> pb.ListFilesResponse:
+        ns = self._ns()
         stats = self._read(
-            request.machine, lambda m: [m.files.stat(name) for name in sorted(m.files.files)]
+            request.machine,
+            lambda m: [m.files.stat(name) for name in sorted(m.files.files) if ns.sees_file(name)],
         )
-        return pb.ListFilesResponse(files=[_file_stat(s) for s in stats])
+        return pb.ListFilesResponse(files=[_file_stat(ns.stat_out(s)) for s in stats])
 
     def ReadFile(
         self, request: pb.ReadFileRequest, context: grpc.ServicerContext
     ) -> pb.ReadFileResponse:
         # A read changes the cache (readahead, LRU), so it takes the machine like a write.
         # _change written out: this is the RPC small enough for a call to show.
+        ns = self._ns()
         machine = self.machines.get(request.machine)
         with machine.lock:
-            data, stats = machine.files.read(
-                request.name, request.offset, request.length, request.handle or None
-            )
+            ns.check_file_handle(machine, request.handle)
+            try:
+                data, stats = machine.files.read(
+                    ns.file(request.name), request.offset, request.length, request.handle or None
+                )
+            finally:
+                if machine.memcgs:
+                    machine.enforce_memcg_limits()
             if self.debug_checks:
                 check_machine(machine)
         response = pb.ReadFileResponse(data=data)
@@ -318,8 +375,9 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def WriteFile(
         self, request: pb.WriteFileRequest, context: grpc.ServicerContext
     ) -> pb.WriteFileResponse:
+        name = self._ns().file(request.name)
         stats = self._change(
-            request.machine, lambda m: m.files.write(request.name, request.offset, request.data)
+            request.machine, lambda m: m.files.write(name, request.offset, request.data)
         )
         response = pb.WriteFileResponse(written_bytes=len(request.data))
         _set_io_stats(response.stats, stats)
@@ -328,30 +386,46 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def TruncateFile(
         self, request: pb.TruncateFileRequest, context: grpc.ServicerContext
     ) -> pb.FileStat:
-        def truncate(m: Machine) -> FileStat:
-            m.files.truncate(request.name, request.size_bytes)
-            return m.files.stat(request.name)
+        ns = self._ns()
+        name = ns.file(request.name)
 
-        return _file_stat(self._change(request.machine, truncate))
+        def truncate(m: Machine) -> FileStat:
+            m.files.truncate(name, request.size_bytes)
+            return m.files.stat(name)
+
+        return _file_stat(ns.stat_out(self._change(request.machine, truncate)))
 
     def DeleteFile(
         self, request: pb.DeleteFileRequest, context: grpc.ServicerContext
     ) -> pb.DeleteFileResponse:
-        self._change(request.machine, lambda m: m.files.delete(request.name))
+        name = self._ns().file(request.name)
+        self._change(request.machine, lambda m: m.files.delete(name))
         return pb.DeleteFileResponse()
 
     def Writeback(
         self, request: pb.WritebackRequest, context: grpc.ServicerContext
     ) -> pb.WritebackResponse:
-        name = request.name or None
+        ns = self._ns()
         end = request.offset + request.length if request.length else None
-        pages = self._change(
-            request.machine, lambda m: m.files.writeback(name, request.offset, end)
-        )
+
+        def writeback(m: Machine) -> int:
+            if request.name or ns.whole:
+                return m.files.writeback(ns.file(request.name) or None, request.offset, end)
+            # A tenant's "every file" is every file of its own.
+            names = [name for name in m.files.files if ns.sees_file(name)]
+            return sum(m.files.writeback(name, request.offset, end) for name in names)
+
+        pages = self._change(request.machine, writeback)
         return pb.WritebackResponse(nr_pages=pages)
 
     def Fsync(self, request: pb.FsyncRequest, context: grpc.ServicerContext) -> pb.FsyncResponse:
-        pages = self._change(request.machine, lambda m: m.files.fsync(request.handle))
+        ns = self._ns()
+
+        def fsync(m: Machine) -> int:
+            ns.check_file_handle(m, request.handle)
+            return m.files.fsync(request.handle)
+
+        pages = self._change(request.machine, fsync)
         return pb.FsyncResponse(nr_pages=pages)
 
     def Reclaim(
@@ -492,7 +566,9 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             )
         try:
             for request in request_iterator:
-                yield submit_batch(self.machines, request, debug_checks=self.debug_checks)
+                yield submit_batch(
+                    self.machines, request, debug_checks=self.debug_checks, namespace=self._ns()
+                )
         finally:
             self._streams.release()
 
