@@ -393,3 +393,44 @@ def test_an_explicit_key_replays_an_earlier_call(server: FoliodServer, stub: Stu
 
     assert asyncio.run(again()) == first
     assert _free_pages(stub) == before - 2
+
+
+def _submit(stub: Stub, key: str | None, *batches: pb.SubmitRequest) -> list[pb.SubmitResponse]:
+    metadata = () if key is None else ((IDEMPOTENCY_KEY, key),)
+    return list(stub.Submit(iter(batches), timeout=10, metadata=metadata))
+
+
+def _allocate_batch(batch_id: int, count: int) -> pb.SubmitRequest:
+    return pb.SubmitRequest(
+        id=batch_id,
+        ops=[pb.OP_CODE_ALLOCATE],
+        names=["batcher"],
+        name_indexes=[0],
+        kinds=[pb.FOLIO_KIND_FILE],
+        orders=[0],
+        counts=[count],
+    )
+
+
+def test_a_retried_submit_stream_runs_each_batch_once(stub: Stub) -> None:
+    """A Submit stream opened again with the same idempotency key gets the recorded completions
+    of the batches that already ran (the same handles) and runs only the new ones; without a
+    key every batch runs again."""
+    key = _key()
+    free = _free_pages(stub)
+    first = _submit(stub, key, _allocate_batch(1, 4), _allocate_batch(2, 8))
+    assert _free_pages(stub) == free - 12
+    again = _submit(stub, key, _allocate_batch(1, 4), _allocate_batch(2, 8), _allocate_batch(3, 2))
+    assert [r.SerializeToString() for r in again[:2]] == [r.SerializeToString() for r in first]
+    assert _free_pages(stub) == free - 14
+    _submit(stub, None, _allocate_batch(1, 4))
+    assert _free_pages(stub) == free - 18
+
+
+def test_a_batch_id_reused_for_another_batch_is_invalid_argument(stub: Stub) -> None:
+    """Under one key, a batch id names one batch: another batch with that id is refused."""
+    key = _key()
+    _submit(stub, key, _allocate_batch(7, 1))
+    with pytest.raises(grpc.RpcError) as raised:
+        _submit(stub, key, _allocate_batch(7, 2))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -7,9 +7,13 @@ import datetime
 import ipaddress
 import json
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,3 +422,80 @@ def test_foliodctl_and_foliod_load_speak_mtls_and_tokens(
     load = ["rand-read", "--ops", "20", "--file-size", "256KiB", "--files", "2", "--json"]
     assert load_main([*load, "--no-progress", *target, *mtls, *token]) == 0
     assert json.loads(capsys.readouterr().out)
+
+
+# -- the metrics endpoint ------------------------------------------------------------------------
+
+METRICS_TOKEN = "scraper-secret-5"
+
+
+def _scrape(port: int, context: ssl.SSLContext | None, token: str | None) -> tuple[int, str]:
+    """(HTTP status, body) of GET /metrics over HTTPS."""
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_over_tls_require_the_bearer_token(make_server: ServerFactory, pki: Pki) -> None:
+    """/metrics over HTTPS answers 401 without the token or with a wrong one, the metrics with
+    it; plain HTTP gets no metrics from the TLS port."""
+    server = make_server(
+        metrics_tls_cert=pki.server_cert,
+        metrics_tls_key=pki.server_key,
+        metrics_token_sha256=token_digest(METRICS_TOKEN),
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    for token in (None, WRONG_TOKEN):
+        status, body = _scrape(server.metrics_port, context, token)
+        assert status == 401
+        assert "foliod_ram_bytes" not in body
+    status, body = _scrape(server.metrics_port, context, METRICS_TOKEN)
+    assert status == 200
+    assert 'foliod_ram_bytes{machine="host"}' in body
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+
+
+def test_metrics_client_certificates(make_server: ServerFactory, pki: Pki) -> None:
+    """With --metrics-client-ca a scraper without a certificate of that CA is refused in the
+    handshake, and one with it is served; a stalled handshake holds up no other scrape."""
+    server = make_server(
+        metrics_tls_cert=pki.server_cert,
+        metrics_tls_key=pki.server_key,
+        metrics_client_ca=pki.ca,
+    )
+    stalled = socket.create_connection(("127.0.0.1", server.metrics_port))  # never handshakes
+    try:
+        bare = ssl.create_default_context(cafile=str(pki.ca))
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            _scrape(server.metrics_port, bare, None)
+        client = ssl.create_default_context(cafile=str(pki.ca))
+        client.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        status, body = _scrape(server.metrics_port, client, None)
+        assert status == 200 and "foliod_free_bytes" in body
+    finally:
+        stalled.close()
+
+
+def test_metrics_exposure_needs_tls_and_authentication() -> None:
+    """A non-loopback --metrics-listen is refused without TLS and a token or client CA, unless
+    --insecure; half a TLS pair and a malformed digest are refused too."""
+    exposed = ["--metrics-listen", "0.0.0.0:9464"]
+    with pytest.raises(ConfigError, match=r"refusing to serve /metrics on 0\.0\.0\.0:9464"):
+        load_config(exposed, {})
+    with pytest.raises(ConfigError, match="refusing to serve /metrics"):
+        load_config([*exposed, "--metrics-tls-cert", "c", "--metrics-tls-key", "k"], {})
+    secured = [*exposed, "--metrics-tls-cert", "c", "--metrics-tls-key", "k"]
+    digest = token_digest(METRICS_TOKEN)
+    assert load_config([*secured, "--metrics-token-sha256", digest], {}).metrics_token_sha256
+    assert load_config([*secured, "--metrics-client-ca", "ca"], {}).metrics_client_ca
+    assert load_config([*exposed, "--insecure"], {}).insecure
+    with pytest.raises(ConfigError, match="metrics_tls_cert and metrics_tls_key"):
+        load_config(["--metrics-tls-cert", "c"], {})
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        load_config(["--metrics-token-sha256", "abc"], {})

@@ -111,6 +111,16 @@ def parse_path(text: str | Path) -> Path | None:
     return Path(text) if str(text).strip() else None
 
 
+def parse_sha256(text: str) -> str | None:
+    """A SHA-256 digest as 64 hex digits (lower-cased); empty: none."""
+    digest = str(text).strip().lower()
+    if not digest:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError("expected 64 hex digits (sha256sum of the token)")
+    return digest
+
+
 def parse_positive_int(text: str | int) -> int:
     value = int(text)
     if value <= 0:
@@ -247,6 +257,22 @@ OPTIONS: tuple[Option, ...] = (
         switch=True,
     ),
     Option("metrics_listen", str, "Prometheus /metrics address; empty disables it", "HOST:PORT"),
+    Option(
+        "metrics_tls_cert", parse_path, "PEM certificate chain: serve /metrics over TLS", "FILE"
+    ),
+    Option("metrics_tls_key", parse_path, "PEM private key of --metrics-tls-cert", "FILE"),
+    Option(
+        "metrics_client_ca",
+        parse_path,
+        "PEM CA bundle: /metrics requires client certificates it signed",
+        "FILE",
+    ),
+    Option(
+        "metrics_token_sha256",
+        parse_sha256,
+        "SHA-256 (hex) of the bearer token /metrics requires",
+        "HEX",
+    ),
     Option("ram", parse_size, "simulated RAM of the host (1 MiB to 16 TiB)", "SIZE"),
     Option("state_dir", Path, "directory for foliod's state", "DIR"),
     Option("log_level", parse_level, "log level: debug, info, warning, error", "LEVEL"),
@@ -340,6 +366,10 @@ class Config:
     tokens: Path | None = None
     insecure: bool = False
     metrics_listen: str = "127.0.0.1:9464"
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    metrics_client_ca: Path | None = None
+    metrics_token_sha256: str | None = None
     ram: int = 4 << 30
     state_dir: Path = Path("var")
     log_level: str = "info"
@@ -387,12 +417,23 @@ class Config:
     def as_log_fields(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["state_dir"] = str(self.state_dir)
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens"):
+        for name in _PATH_OPTIONS:
             values[name] = None if values[name] is None else str(values[name])
         values["thp_enabled"] = str(self.thp_enabled)
         values["mthp"] = {f"{k}kB": str(v) for k, v in self.mthp.items()}
         values["faults"] = [repr(rule) for rule in self.faults]
         return values
+
+
+_PATH_OPTIONS = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tokens",
+    "metrics_tls_cert",
+    "metrics_tls_key",
+    "metrics_client_ca",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -509,4 +550,19 @@ def check_security(config: Config) -> None:
             f"refusing to listen on {config.listen} without TLS and authentication "
             "(--tls-cert/--tls-key with --tokens or --tls-client-ca); "
             "pass --insecure to do it anyway"
+        )
+    if (config.metrics_tls_cert is None) != (config.metrics_tls_key is None):
+        raise ConfigError("metrics_tls_cert and metrics_tls_key: give both or neither")
+    if config.metrics_client_ca is not None and config.metrics_tls_cert is None:
+        raise ConfigError("metrics_client_ca: client certificates need metrics_tls_cert too")
+    metrics_secured = config.metrics_tls_cert is not None and (
+        config.metrics_token_sha256 is not None or config.metrics_client_ca is not None
+    )
+    if config.metrics_listen and not (
+        metrics_secured or config.insecure or is_loopback(config.metrics_listen)
+    ):
+        raise ConfigError(
+            f"refusing to serve /metrics on {config.metrics_listen} without TLS and "
+            "authentication (--metrics-tls-cert/--metrics-tls-key with --metrics-token-sha256 "
+            "or --metrics-client-ca); pass --insecure to do it anyway"
         )

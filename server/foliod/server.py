@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import threading
 import time
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -21,6 +21,7 @@ from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.rpc.auth import AuthInterceptor, TokenFile
+from foliod.rpc.exporter import MetricsEndpoint, TlsFiles
 from foliod.rpc.idempotency import IdempotencyInterceptor, OutcomeCache
 from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
@@ -142,6 +143,7 @@ class FoliodServer:
             self.guests,
             debug_checks=config.debug_checks,
             max_streams=config.max_streams,
+            outcomes=self.outcomes,
         )
         foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
@@ -151,7 +153,7 @@ class FoliodServer:
         )
         self.grpc_port = 0
         self.metrics_port = 0
-        self._metrics_httpd: WSGIServer | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._stopped = threading.Event()
         self._stop_flusher = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
@@ -190,8 +192,16 @@ class FoliodServer:
             )
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
-            self._metrics_httpd, _ = start_http_server(int(port), host, registry=self.registry)
-            self.metrics_port = self._metrics_httpd.server_port
+            config = self.config
+            tls = None
+            if config.metrics_tls_cert is not None and config.metrics_tls_key is not None:
+                tls = TlsFiles(
+                    config.metrics_tls_cert, config.metrics_tls_key, config.metrics_client_ca
+                )
+            self._metrics = MetricsEndpoint(
+                host, int(port), self.registry, tls=tls, token_sha256=config.metrics_token_sha256
+            )
+            self.metrics_port = self._metrics.port
         self.calls.start()
         self.grpc.start()
         if self.config.dirty_writeback_seconds:
@@ -212,6 +222,13 @@ class FoliodServer:
         """SIGHUP: rereads the token file (TLS files are reread when they change)."""
         if self.tokens is not None and self.tokens.reload():
             self.machines.set_tenant_limits(self.tokens.table.limits)
+        if self._metrics is not None and self._metrics.tls is not None:
+            try:
+                self._metrics.tls.reload()
+            except (OSError, ssl.SSLError) as exc:
+                self.log.error("metrics TLS files not reloaded", error=str(exc))
+            else:
+                self.log.info("metrics TLS files reloaded")
 
     def stop(self, grace: float | None = None) -> bool:
         """Goes NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace,
@@ -244,9 +261,8 @@ class FoliodServer:
                     written += machine.page_cache.sync()
                     machine.page_cache.store.close()
         self.log.info("synced", nr_pages=written)
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
+        if self._metrics is not None:
+            self._metrics.stop()
         self.log.info("stopped")
         return in_time
 

@@ -15,9 +15,10 @@ status details) of a call that failed. A retry
 - carrying the same key with a different request body is refused with INVALID_ARGUMENT.
 
 Memory is bounded: at most `max_entries` finished outcomes are kept, the oldest dropped first;
-calls still running are bounded by the server's threads. Calls without a key, reads and
-streams are not affected. The principal is "" until authentication supplies one: pass
-`principal=` (a function of the call's context) to IdempotencyInterceptor.
+calls still running are bounded by the server's threads. Calls without a key and reads are
+not affected; Submit streams are deduplicated batch by batch (submit_once). The principal is
+"" until authentication supplies one: pass `principal=` (a function of the call's context) to
+IdempotencyInterceptor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -368,3 +369,43 @@ class IdempotencyInterceptor(grpc.ServerInterceptor):
                 response_serializer=serialize_once,
             )
         return wrapped
+
+
+def submit_once(
+    cache: OutcomeCache,
+    context: grpc.ServicerContext,
+    batches: Iterator[Any],
+    run: Callable[[Any], Any],
+    *,
+    principal: str,
+    parse: Callable[[bytes], Any],
+) -> Iterator[Any]:
+    """Submit's batches under the stream's idempotency key: each batch runs once per
+    (principal, key, batch id) within the window. A stream opened again with the same key (a
+    retry after a broken connection) gets the recorded completion of every batch that already
+    ran, bytes for bytes, and runs the others; a batch id reused with a different batch is
+    refused with INVALID_ARGUMENT. Without a key every batch runs."""
+    key = _idempotency_key(context)
+    for request in batches:
+        if not key:
+            yield run(request)
+            continue
+        cache_key = (principal, "Submit", f"{key}#{request.id}")
+        digest = _digest(request)
+        while True:
+            entry, first = cache.claim(cache_key, digest)
+            if first:
+                try:
+                    response = run(request)
+                except BaseException:
+                    cache.abandon(cache_key, entry)
+                    raise
+                cache.finish(cache_key, entry, response.SerializeToString())
+                yield response
+                break
+            _wait(entry, context)
+            if isinstance(entry.outcome, bytes):
+                _log.info("replay", method="Submit", batch_id=request.id, failed=False)
+                yield parse(entry.outcome)
+                break
+            # The first run ended without an outcome (its thread was interrupted): run it.

@@ -29,6 +29,7 @@ from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.rpc.auth import current_identity
 from foliod.rpc.batch import submit_batch
+from foliod.rpc.idempotency import OutcomeCache, submit_once
 from foliod.rpc.tenancy import Namespace, namespace_of
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -76,8 +77,11 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         *,
         debug_checks: bool = False,
         max_streams: int = 7,
+        outcomes: OutcomeCache | None = None,
     ) -> None:
         self.machines = machines
+        # Outcomes of Submit batches sent under an idempotency key (None: no deduplication).
+        self.outcomes = outcomes
         self.guests = guests
         self.debug_checks = debug_checks
         # An open Submit stream holds a worker thread: leave some for unary calls.
@@ -564,10 +568,26 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                 f"{self.max_streams} Submit streams are open, the most this server allows "
                 "(each holds a worker thread; see --workers)",
             )
+        namespace = self._ns()
+
+        def run(request: pb.SubmitRequest) -> pb.SubmitResponse:
+            return submit_batch(
+                self.machines, request, debug_checks=self.debug_checks, namespace=namespace
+            )
+
         try:
-            for request in request_iterator:
-                yield submit_batch(
-                    self.machines, request, debug_checks=self.debug_checks, namespace=self._ns()
+            if self.outcomes is None:
+                yield from map(run, request_iterator)
+            else:
+                identity = current_identity()
+                principal = "" if identity is None else identity.principal
+                yield from submit_once(
+                    self.outcomes,
+                    context,
+                    request_iterator,
+                    run,
+                    principal=principal,
+                    parse=pb.SubmitResponse.FromString,
                 )
         finally:
             self._streams.release()
