@@ -1,0 +1,122 @@
+"""foliod-calibrate: folios from kpageflags, the step-by-step comparison, and a live run against
+this machine's kernel checked against the fixture recorded on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from foliod.calibrate import (
+    KPF_COMPOUND_HEAD,
+    KPF_COMPOUND_TAIL,
+    PATTERNS,
+    FoliodSide,
+    KernelSide,
+    Step,
+    can_read_frames,
+    first_difference,
+    folios_from_frames,
+    kernel_record,
+    main,
+    run_pattern,
+)
+
+FIXTURE = Path(__file__).with_name("fixtures") / "calibration-linux.json"
+RECORDED = json.loads(FIXTURE.read_text())
+WORK = Path(__file__).resolve().parent.parent
+
+
+def test_folios_from_frames_reads_heads_tails_and_base_pages() -> None:
+    """A head and the tails on the frames after it are one folio; a page with neither bit is an
+    order-0 folio; a tail whose frame does not follow ends the run."""
+    head, tail = KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL
+    frames = {
+        0: (100, 0),
+        4: (200, head),
+        5: (201, tail),
+        6: (202, tail),
+        7: (203, tail),
+        8: (300, head),
+        9: (999, tail),  # not the next frame: not part of the folio at 8
+    }
+    assert folios_from_frames(frames) == ((0, 0), (4, 2), (8, 0))
+
+
+def test_first_difference_is_the_lowest_page_on_one_side_only() -> None:
+    """Equal sets have none; otherwise the lowest page cached on exactly one side."""
+    assert first_difference(frozenset({1, 2}), frozenset({1, 2})) is None
+    assert first_difference(frozenset({1, 2, 9}), frozenset({1, 5, 9})) == 2
+
+
+def test_foliod_side_caches_what_its_reads_bring_in(tmp_path: Path) -> None:
+    """The foliod side starts with nothing cached (written back and dropped), and a first
+    4 KiB read brings in the initial readahead window through two handles alike."""
+    side = FoliodSide(tmp_path, 4 << 20, ra_pages=32, max_order=9)
+    assert side.snapshot(True).resident == frozenset()
+    side.apply(Step("read", 0, 4096))
+    first = side.snapshot(True)
+    assert 0 in first.resident and len(first.resident) > 1
+    assert first.folios is not None
+    assert sum(1 << order for _, order in first.folios) == len(first.resident)
+    side.apply(Step("read", 2 << 20, 4096, handle=1))
+    assert (2 << 20) // 4096 in side.snapshot(False).resident
+
+
+def test_every_pattern_stays_inside_the_file() -> None:
+    """Each pattern's steps lie within a 16 MiB file and use handle 0 or 1."""
+    size = 16 << 20
+    for name, make in PATTERNS.items():
+        steps = make(size)
+        assert steps, name
+        assert all(s.offset >= 0 and s.offset + s.length <= size for s in steps), name
+        assert {s.handle for s in steps} <= {0, 1}, name
+
+
+def test_the_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    """Sizes and orders out of range and a missing directory are usage errors (exit 2)."""
+    for argv in (["--size-mib", "0"], ["--max-order", "12"], ["--dir", "/nonexistent/x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+def _live_reason() -> str | None:
+    if not can_read_frames():
+        return "needs root and /proc/kpageflags (folio orders from pagemap and kpageflags)"
+    if os.uname().release != RECORDED["kernel"]:
+        return (
+            f"the fixture was recorded on Linux {RECORDED['kernel']}, this is {os.uname().release}"
+        )
+    return None
+
+
+@pytest.mark.skipif(_live_reason() is not None, reason=str(_live_reason()))
+@pytest.mark.parametrize("pattern", ["seq-4k", "seq-1m", "strided-64k", "writes"])
+def test_the_live_kernel_still_does_what_the_fixture_recorded(tmp_path: Path, pattern: str) -> None:
+    """On the kernel the fixture was recorded on, the same pattern gives the same folios at the
+    end, and goes through every window the fixture lists."""
+    size = RECORDED["size_mib"] << 20
+    # On the work tree's filesystem (ext4, as recorded), not a tmpfs.
+    with tempfile.TemporaryDirectory(dir=WORK, prefix=".calibrate-") as directory:
+        kernel = KernelSide(Path(directory), size, frames=True)
+        try:
+            foliod = FoliodSide(
+                tmp_path,
+                size,
+                ra_pages=RECORDED["read_ahead_kb"] // 4,
+                max_order=RECORDED["max_order"],
+            )
+            result = run_pattern(pattern, PATTERNS[pattern](size), kernel, foliod)
+        finally:
+            kernel.close()
+    expected = RECORDED["patterns"][pattern]
+    record = kernel_record(result)
+    assert record["folios"] == [tuple(f) for f in expected["folios"]]
+    windows = record["windows"]
+    assert isinstance(windows, list)
+    assert [w for w in windows if w in expected["windows"]] == expected["windows"]
