@@ -41,7 +41,7 @@ fmt: $(VENV)/.installed-test
 	$(BIN)/ruff format server client tests
 	$(BIN)/ruff check --fix server client tests
 
-# Regenerates the committed Python code of the API; tests/test_proto_drift.py fails when it is stale.
+# Regenerates the committed Python code of the API; tests/test_structure.py fails when it is stale.
 proto: $(VENV)/.installed-test
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iproto \
 	  --python_out=server --grpc_python_out=server \

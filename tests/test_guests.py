@@ -33,7 +33,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 QUIET = 3600.0  # a reporting delay that keeps the background worker out of a test's way
 
-# FACTS.md section 1: per-frame bytes of each model, and folio descriptor sizes.
+# docs/FACTS.md section 1: per-frame bytes of each model, and folio descriptor sizes.
 FRAME_BYTES: dict[pb.MemmapModel.ValueType, int] = {
     pb.MEMMAP_MODEL_STRUCT_PAGE: 64,
     pb.MEMMAP_MODEL_INTERIM: 32,
@@ -108,7 +108,7 @@ def _expected_duplication(
 
 @pytest.mark.parametrize("backing", list(BACKINGS))
 def test_duplication_of_a_16_gib_guest(make_server: ServerFactory, backing: str) -> None:
-    """A 16 GiB guest pays its memmap twice, as FACTS.md sizes predict for each backing."""
+    """A 16 GiB guest pays its memmap twice, as docs/FACTS.md sizes predict for each backing."""
     _, stub = connect(_quiet(make_server, ram=64 * GIB))
     _, _, hvo, order = BACKINGS[backing]
     ram, pages = 16 * GIB, 16 * GIB // PAGE

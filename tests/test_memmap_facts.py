@@ -1,4 +1,4 @@
-"""The memory-map numbers of FACTS.md, read from a running server through the gRPC API."""
+"""The memory-map numbers of docs/FACTS.md, read from a running server through the gRPC API."""
 
 from __future__ import annotations
 

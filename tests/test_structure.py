@@ -34,8 +34,8 @@ def _imports(path: Path) -> set[str]:
 def test_core_imports_no_rpc_protobuf_or_metrics_code() -> None:
     """No module of the domain core imports grpc, protobuf, prometheus_client or the rpc layer."""
     offenders = {
-        f"{path.name}: {name}"
-        for path in CORE.glob("*.py")
+        f"{path.relative_to(CORE)}: {name}"
+        for path in CORE.rglob("*.py")
         for name in _imports(path)
         if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN)
     }
@@ -117,7 +117,7 @@ def test_public_api_is_pinned() -> None:
 
 def test_every_core_module_states_its_scope() -> None:
     """Each core module opens with a docstring naming its scope."""
-    for path in CORE.glob("*.py"):
+    for path in CORE.rglob("*.py"):
         docstring = ast.get_docstring(ast.parse(path.read_text()))
         assert docstring, path.name
 

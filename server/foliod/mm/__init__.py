@@ -1,6 +1,6 @@
 """foliod's domain core: simulated physical memory, folios and memory-map accounting.
 
-Imports no grpc, protobuf or prometheus_client (tests/test_layering.py proves it).
+Imports no grpc, protobuf or prometheus_client (tests/test_structure.py proves it).
 """
 
 from foliod.mm.debug import InconsistentState, check_machine
