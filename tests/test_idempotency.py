@@ -434,3 +434,18 @@ def test_a_batch_id_reused_for_another_batch_is_invalid_argument(stub: Stub) -> 
     with pytest.raises(grpc.RpcError) as raised:
         _submit(stub, key, _allocate_batch(7, 2))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_client_resubmits_under_a_key_without_running_twice(server: FoliodServer) -> None:
+    """open_submission(idempotency_key=...) resent with the same batches runs them once."""
+    key = _key()
+    batch = foliodclient.Batch()
+    batch.allocate("keyed", "file", order=0, count=3)
+    with FoliodClient(f"127.0.0.1:{server.grpc_port}", timeout=10) as client:
+        free = client.get_machine().nr_free_pages
+        with client.open_submission(idempotency_key=key, timeout=10) as submission:
+            first = submission.submit(batch)
+        with client.open_submission(idempotency_key=key, timeout=10) as submission:
+            again = submission.submit(batch)
+        assert again.results[0].handles == first.results[0].handles
+        assert client.get_machine().nr_free_pages == free - 3

@@ -104,6 +104,12 @@ class _Connection:
     options: tuple[tuple[str, Any], ...]
 
 
+def _with_key(
+    metadata: tuple[tuple[str, str], ...], key: str | None
+) -> tuple[tuple[str, str], ...]:
+    return metadata if key is None else (*metadata, (IDEMPOTENCY_KEY, key))
+
+
 def _connection(
     target: str,
     tls: bool,
@@ -247,11 +253,21 @@ class FoliodClient(_ClientBase[grpc.Channel]):
             else:
                 return call.rpc.result(reply)
 
-    def open_submission(self, machine: str = "", *, timeout: float | None = None) -> Submission:
+    def open_submission(
+        self,
+        machine: str = "",
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
         """Opens a Submit stream for batches on `machine` ("": the client's machine); use it as
-        a context manager. `timeout` bounds the whole stream (None: no deadline)."""
+        a context manager. `timeout` bounds the whole stream (None: no deadline). With an
+        `idempotency_key`, the server runs each batch id once under it: after a broken stream,
+        open another with the same key and resend the batches (the same ids) to get the
+        completions of those that already ran without running them again."""
         stub = self._stubs[FOLIOD]
-        return Submission(stub, machine or self.machine, self._connection.metadata, timeout)
+        metadata = _with_key(self._connection.metadata, idempotency_key)
+        return Submission(stub, machine or self.machine, metadata, timeout)
 
     allocate = _sync(_calls.allocate)
     free = _sync(_calls.free)
@@ -327,12 +343,18 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
                 return call.rpc.result(reply)
 
     def open_submission(
-        self, machine: str = "", *, timeout: float | None = None
+        self,
+        machine: str = "",
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> AsyncSubmission:
         """Opens a Submit stream for batches on `machine` ("": the client's machine); use it as
-        an async context manager. `timeout` bounds the whole stream (None: no deadline)."""
+        an async context manager. `timeout` bounds the whole stream (None: no deadline);
+        `idempotency_key` as for FoliodClient.open_submission."""
         stub = self._stubs[FOLIOD]
-        return AsyncSubmission(stub, machine or self.machine, self._connection.metadata, timeout)
+        metadata = _with_key(self._connection.metadata, idempotency_key)
+        return AsyncSubmission(stub, machine or self.machine, metadata, timeout)
 
     allocate = _async(_calls.allocate)
     free = _async(_calls.free)

@@ -27,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("config", **config.as_log_fields())
     try:
         server = FoliodServer(config)
-        server.start()
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("cannot start", error=str(exc))
         return 1
@@ -41,9 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("signal", signal="SIGHUP")
         server.reload()
 
+    # Before start() logs "started": a signal sent as soon as that line appears finds its
+    # handler (SIGHUP's default action would end the process).
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
     while not stop.wait(3600):
         pass
     if not server.stop():
