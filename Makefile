@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PROTO  := proto/foliod/v1/foliod.proto
 
-.PHONY: run test check lint typecheck pytest proto bench fmt clean
+.PHONY: run test test-fast check lint typecheck pytest proto bench fmt clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ typecheck: $(VENV)/.installed-test
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The quick loop while editing: lint, types and the tests not marked slow (make test runs all).
+test-fast: $(VENV)/.installed-test lint typecheck
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 fmt: $(VENV)/.installed-test
 	$(BIN)/ruff format server client tests

@@ -726,6 +726,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert m.vmstat()["nr_free_pages"] == m.zone.nr_free
 
 
+@pytest.mark.slow
 def test_allocator_state_machine(tmp_path: Path) -> None:
     """Random operation sequences on small machines keep the machine and the model in step."""
     # Hypothesis caches source constants under its home directory (./.hypothesis, even with

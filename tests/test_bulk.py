@@ -581,6 +581,7 @@ class BulkPair(RuleBasedStateMachine):
         check_machine(self.a)
 
 
+@pytest.mark.slow
 def test_bulk_and_one_at_a_time_machines_agree() -> None:
     """Random Allocate, Free, ReleaseOwner, SetThp and write sequences leave a machine taking
     the bulk paths in exactly the state of one that goes one block at a time."""

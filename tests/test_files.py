@@ -200,6 +200,7 @@ def test_memmap_of_one_gib_cached_in_base_pages(make_server: ServerFactory) -> N
     assert by_kind[pb.MEMMAP_MODEL_MEMDESC][pb.FOLIO_KIND_FILE] == 22 * MIB
 
 
+@pytest.mark.slow
 def test_memmap_of_one_gib_written_in_four_page_folios(make_server: ServerFactory) -> None:
     """Writing a 1 GiB file with max_order 2 caches 65,536 four-page folios: 9 MiB of memdesc."""
     server = make_server(ram=4 * GIB, debug_checks=False)

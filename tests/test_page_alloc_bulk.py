@@ -100,6 +100,7 @@ def test_free_pages_bulk_frees_as_free_one_page(seed: int, nr_pages: int) -> Non
     assert (lists(b), b.nr_free) == (lists(a), a.nr_free)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32))
 def test_machines_in_bulk_and_one_at_a_time_agree(seed: int) -> None:

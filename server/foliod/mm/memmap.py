@@ -41,7 +41,7 @@ class Descriptor(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DescriptorSizes:
-    """Bytes of each descriptor. Defaults: docs/FACTS.md section 1; slab and ptdesc are estimates."""
+    """Bytes of each descriptor. Defaults: docs/FACTS.md section 1; slab, ptdesc estimated."""
 
     struct_page_bytes: int = 64
     interim_page_bytes: int = 32
