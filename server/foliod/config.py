@@ -295,6 +295,19 @@ OPTIONS: tuple[Option, ...] = (
         "N",
     ),
     Option("debug_checks", parse_bool, "run the consistency checker after every change", "BOOL"),
+    Option(
+        "observe_host",
+        parse_bool,
+        "serve this real host read-only as machine real:<hostname>, scanned from "
+        "/proc/kpageflags (needs CAP_SYS_ADMIN)",
+        switch=True,
+    ),
+    Option(
+        "observe_interval_seconds",
+        parse_seconds,
+        "seconds between scans of the real host (0: scan once at start)",
+        "S",
+    ),
     Option("thp_enabled", parse_thp, "top-level THP knob: always, madvise, never", "SETTING"),
     Option("mthp", parse_mthp, "per-size mTHP knobs, e.g. 64kB=always,2048kB=inherit", "LIST"),
     Option(
@@ -383,6 +396,8 @@ class Config:
     idempotency_window_seconds: float = 600.0
     idempotency_max_entries: int = 65_536
     debug_checks: bool = False
+    observe_host: bool = False
+    observe_interval_seconds: float = 60.0
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True

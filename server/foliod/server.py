@@ -25,6 +25,12 @@ from foliod.rpc.exporter import MetricsEndpoint, TlsFiles
 from foliod.rpc.idempotency import IdempotencyInterceptor, OutcomeCache
 from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingInterceptor
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
+from foliod.rpc.observe import (
+    HostObserver,
+    ObservedHostCollector,
+    ObservedMachines,
+    ObservingServicer,
+)
 from foliod.rpc.pool import WorkerPool
 from foliod.rpc.servicer import FoliodServicer
 from foliod.rpc.tls import CertificateFiles
@@ -95,7 +101,14 @@ class FoliodServer:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.registry.register(MachineCollector(self.machines, self.guests))
+        # --observe-host: the servicer and the collector also see the real host, read-only.
+        self.observer: HostObserver | None = None
+        served: Machines = self.machines
+        if config.observe_host:
+            self.observer = HostObserver(config.observe_interval_seconds, config.descriptor_sizes())
+            served = ObservedMachines(self.machines, self.observer)
+            self.registry.register(ObservedHostCollector(self.observer))
+        self.registry.register(MachineCollector(served, self.guests))
         self.calls = CallReporter()
         self.calls.observers = (AccessLog(), GrpcServerMetrics(self.registry, self.calls))
         options = [
@@ -138,8 +151,8 @@ class FoliodServer:
             interceptors=interceptors,
             options=options,
         )
-        self.servicer = FoliodServicer(
-            self.machines,
+        self.servicer = (FoliodServicer if self.observer is None else ObservingServicer)(
+            served,
             self.guests,
             debug_checks=config.debug_checks,
             max_streams=config.max_streams,
@@ -184,6 +197,8 @@ class FoliodServer:
 
     def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.observer is not None:
+            self.observer.start()
         if self.certificates is None:
             self.grpc_port = self.grpc.add_insecure_port(self.config.listen)
         else:
@@ -251,6 +266,8 @@ class FoliodServer:
         self.pool.shutdown(wait=False)
         self.calls.close()
         self._stop_flusher.set()
+        if self.observer is not None:
+            self.observer.stop()
         for thread in (self._flusher, self._reporter):
             if thread.is_alive():
                 thread.join()
