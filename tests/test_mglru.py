@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from foliod.mm import Machine, check_machine
-from foliod.mm.lru.mglru import MAX_REFS, Mglru, lru_tier_from_refs
 from foliod.mm.folio_store import CacheFolio
+from foliod.mm.lru.mglru import MAX_REFS, Mglru, lru_tier_from_refs
 from tests.test_policies import FILE
 from tests.test_policies import make_machine as make_policy_machine
 
@@ -256,7 +256,7 @@ def test_hand_worked_trace(tmp_path: Path) -> None:
     # 11 b     miss  d evicted; b refaults within min_seq 1 (recent): gen1 [e b]
     # 12 a     hit
     machine = make_machine(tmp_path, 3)
-    policy = policy_of(machine)
+    policy_of(machine)  # the machine runs mglru
     a, b, c, d, e = range(5)
     got = read(machine, [a, a, a, a, a, b, c, d, a, e, b, a])
     assert got == [False, True, True, True, True, False, False, False, True, False, False, True]

@@ -17,7 +17,6 @@ from foliod.config import ConfigError, load_config
 from foliod.logs import configure_logging
 from foliod.server import FoliodServer
 
-
 # mallopt's M_MMAP_THRESHOLD, and the threshold foliod fixes it at.
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 128 << 10
