@@ -295,6 +295,48 @@ class Inode:
             blocks[block] = blocks.get(block, 0) + 1
             self.top_order = max(self.top_order, order)
 
+    def xa_store_run(self, index: int, ids: list[int], order: int) -> None:
+        """xa_store of folios of one order at consecutive slots from index."""
+        nr = 1 << order
+        if order >= XA_BIG_ORDER:
+            self.big.update(zip(range(index, index + len(ids) * nr, nr), ids, strict=True))
+        else:
+            leaves, counts = self.leaves, self.leaf_counts
+            done = 0
+            while done < len(ids):
+                at = index + done * nr
+                number = at >> XA_SHIFT
+                take = min(len(ids) - done, (((number + 1) << XA_SHIFT) - at) >> order)
+                leaf = leaves.get(number)
+                if leaf is None:
+                    leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                    counts[number] = 0
+                slot = at & XA_MASK
+                leaf[slot : slot + take * nr : nr] = array(
+                    "i", [f + 1 for f in ids[done : done + take]]
+                )
+                counts[number] += take
+                done += take
+        self.nr_by_order[order] += len(ids)
+        if order:
+            blocks = self.large_blocks
+            for head in range(index, index + len(ids) * nr, nr):
+                block = head >> MAX_PAGECACHE_ORDER
+                blocks[block] = blocks.get(block, 0) + 1
+            self.top_order = max(self.top_order, order)
+
+    def any_shadow_in(self, lo: int, hi: int) -> bool:
+        """Whether a shadow entry covers a page of [lo, hi)."""
+        if not self.shadows:
+            return False
+        large = self.large_shadow_blocks
+        if large and any(
+            block in large
+            for block in range(lo >> MAX_PAGECACHE_ORDER, ((hi - 1) >> MAX_PAGECACHE_ORDER) + 1)
+        ):
+            return True
+        return not self.shadows.keys().isdisjoint(range(lo, hi))
+
     def xa_erase(self, index: int, order: int) -> None:
         """The folio of order at head index leaves."""
         if order >= XA_BIG_ORDER:
@@ -887,11 +929,38 @@ class PageCache:
                     self.__populate_slot(inode, index, order, made)
             else:
                 ids = self.folio_store.new_many(pfns, order)
-                insert = self.__insert
-                for (index, _), f in zip(layout[start:stop], ids, strict=True):
-                    insert(inode, f, index)
+                first = layout[start][0]
+                end = first + ((stop - start) << order)
+                if layout[stop - 1][0] == end - (1 << order) and not inode.any_shadow_in(
+                    first, end
+                ):
+                    self.__insert_run(inode, ids, first, order)
+                else:
+                    insert = self.__insert
+                    for (index, _), f in zip(layout[start:stop], ids, strict=True):
+                        insert(inode, f, index)
                 made.extend(ids)
             start = stop
+
+    def __insert_run(self, inode: Inode, ids: list[int], index: int, order: int) -> None:
+        """__insert of folios of one order at consecutive slots from index, where no shadow
+        entry lies (so none refaults): in fewer, larger steps."""
+        store = self.folio_store
+        mapping_of, index_of = store.mapping, store.index
+        number, nr = inode.number, 1 << order
+        at = index
+        for f in ids:
+            mapping_of[f] = number
+            index_of[f] = at
+            at += nr
+        self.busy.update(ids)
+        inode.xa_store_run(index, ids, order)
+        total = len(ids) << order
+        inode.nr_pages += total
+        self.nr_pages += total
+        if inode.memcg is not None:
+            inode.memcg.nr_cache += total
+        self.lru.add_many(ids)
 
     # -- read ------------------------------------------------------------------------------
 
@@ -1312,6 +1381,11 @@ class PageCache:
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         nr_pages = last - first + 1
         in_memory = list(self.__memory_pages(inode, first, last))
+        skip = offset - first * PAGE_SIZE
+        if not in_memory:
+            # All of it from the backing file, handed on without copies where it lines up.
+            raw = self.store.read_pages(inode.name, first, nr_pages)
+            return raw if skip == 0 and len(raw) == length else raw[skip : skip + length]
         data = (
             bytearray(nr_pages * PAGE_SIZE)  # every page is in memory: no device read
             if len(in_memory) == nr_pages
@@ -1320,7 +1394,6 @@ class PageCache:
         for index, page in in_memory:
             start = (index - first) * PAGE_SIZE
             data[start : start + PAGE_SIZE] = page
-        skip = offset - first * PAGE_SIZE
         return bytes(data[skip : skip + length])
 
     def __memory_pages(

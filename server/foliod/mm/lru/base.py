@@ -58,6 +58,11 @@ class ReclaimPolicy:
         """A new page cache folio enters (folio_add_lru)."""
         raise NotImplementedError
 
+    def add_many(self, ids: list[int]) -> None:
+        """add() of each folio in turn (a policy may do it in fewer steps)."""
+        for f in ids:
+            self.add(f)
+
     def remove(self, f: int) -> None:
         """The folio leaves (eviction, truncation, deletion)."""
         raise NotImplementedError

@@ -57,6 +57,26 @@ class TwoList(ReclaimPolicy):
         self.nr_pages += 1 << store.order[f]
         self.nr_folios["inactive_file"] += 1
 
+    def add_many(self, ids: list[int]) -> None:
+        """add() of each folio in turn, linked as one chain onto the inactive list."""
+        if not ids:
+            return
+        store = self.store
+        flags, order_of, prev, next_ = store.flags, store.order, store.prev, store.next
+        head = self.inactive
+        tail = prev[head]
+        nr_pages = 0
+        for f in ids:
+            flags[f] &= ~PG_ACTIVE
+            next_[tail] = f
+            prev[f] = tail
+            tail = f
+            nr_pages += 1 << order_of[f]
+        next_[tail] = head
+        prev[head] = tail
+        self.nr_pages += nr_pages
+        self.nr_folios["inactive_file"] += len(ids)
+
     def remove(self, f: int) -> None:
         store = self.store
         store.list_del(f)
