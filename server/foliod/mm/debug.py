@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER, Inode
+from foliod.mm.filemap import MAX_PAGECACHE_ORDER, XA_BIG_ORDER, XA_MEDIUM_ORDER, XA_SHIFT, Inode
 from foliod.mm.folio_store import PG_DIRTY, CacheFolio
 from foliod.mm.folio_table import CHUNK_SHIFT, HVO, KIND_CODE, KINDS, PMD_MAPPED, Records
 from foliod.mm.huge_memory import HPAGE_PMD_NR
@@ -261,9 +261,22 @@ def _check_page_cache(machine: Machine) -> list[CacheFolio]:
             by_order[folio.order] += 1
             cached.append(folio)
         _require(by_order == inode.nr_by_order, f"{inode.name}: folios by order miscounted")
-        counts = {n: sum(1 for v in leaf if v) for n, leaf in inode.leaves.items()}
-        _require(counts == inode.leaf_counts, f"{inode.name}: leaf counts off")
-        _require(all(counts.values()), f"{inode.name}: an empty leaf is kept")
+        for leaves, kept in (
+            (inode.leaves, inode.leaf_counts),
+            (inode.medium, inode.medium_counts),
+        ):
+            counts = {n: sum(1 for v in leaf if v) for n, leaf in leaves.items()}
+            _require(counts == kept, f"{inode.name}: leaf counts off")
+            _require(all(counts.values()), f"{inode.name}: an empty leaf is kept")
+        for index, f in inode.heads():
+            order = store.order[f]
+            where = 0 if order < XA_MEDIUM_ORDER else 1 if order < XA_BIG_ORDER else 2
+            _require(
+                inode.head_at(index) == f
+                and (index in inode.big) == (where == 2)
+                and ((index >> (XA_SHIFT + XA_MEDIUM_ORDER)) in inode.medium or where != 1),
+                f"{inode.name}[{index}]: kept at the wrong level for order {order}",
+            )
         large: dict[int, int] = {}
         for index, f in inode.heads():
             if store.order[f]:

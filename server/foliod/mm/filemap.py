@@ -3,13 +3,14 @@
 
 Each file (an Inode, with its address_space) indexes its folios by page offset; an order-k
 folio covers 2^k indices from an index aligned to 2^k. Folios are ids in the machine's
-FolioStore (their fields are columns there); a mapping holds them in leaves of 256 slots (an
-xarray's nodes, four of the kernel's 64-slot ones to a leaf) at their head index, folios of
-order XA_BIG_ORDER and up in a dict by head index (the kernel's multi-index entries high in
-the tree). Evicted folios leave shadow entries that
-detect refaults. The backing file is the truth for clean data: a folio keeps in memory only the
-pages that differ from it (written and not yet written back), so the simulator's memory grows
-with dirty data, not with what is cached.
+FolioStore (their fields are columns there). A mapping holds them at their head index, as
+an xarray of two levels: leaves of 256 slots (four of the kernel's 64-slot nodes to a leaf), a
+slot per page for folios of order 0 and 1 and a slot per four pages for orders 2 to 7, and a
+dict by head index for folios of order 8 and up (the kernel's multi-index entries high in the
+tree). Evicted folios leave shadow entries that detect refaults. The backing file is the
+truth for clean data: a folio keeps in memory only the pages that differ from it (written and
+not yet written back), so the simulator's memory grows with dirty data, not with what is
+cached.
 
 Writeback errors follow the kernel: the folio is marked clean and the error is recorded in the
 file's errseq for fsync to report, once per open handle; the written data stays in the cached
@@ -75,8 +76,13 @@ MAX_PAUSE_SECONDS = 0.2
 XA_SHIFT = 8
 XA_SLOTS = 1 << XA_SHIFT
 XA_MASK = XA_SLOTS - 1
-# Folios of this order and up are kept by head index in a dict, not in leaves.
+# Folios of order XA_MEDIUM_ORDER up to XA_BIG_ORDER - 1 go in leaves of their own, a slot per
+# 2^XA_MEDIUM_ORDER pages (a quarter of the slots per page); those of XA_BIG_ORDER and up are
+# kept by head index in a dict.
+XA_MEDIUM_ORDER = 2
 XA_BIG_ORDER = 8
+_MEDIUM_LEAF_SHIFT = XA_SHIFT + XA_MEDIUM_ORDER
+_MEDIUM_ALIGN = (1 << XA_MEDIUM_ORDER) - 1
 _EMPTY_LEAF = bytes(4 * XA_SLOTS)
 
 
@@ -159,6 +165,8 @@ class Inode:
         "leaf_counts",
         "leaves",
         "max_order",
+        "medium",
+        "medium_counts",
         "memcg",
         "name",
         "nr_by_order",
@@ -197,10 +205,14 @@ class Inode:
         # The readahead state of reads by name, which share one open file description per file;
         # its ra_pages is the file's, copied into each handle at open.
         self.ra = RaState(ra_pages)
-        # The mapping: leaf number -> leaf (folio id + 1 at each folio's head index, 0 where
-        # none starts), folios per leaf, and folios of XA_BIG_ORDER and up by head index.
+        # The mapping: leaf number -> leaf (folio id + 1 at each folio's head, 0 where none
+        # starts) and folios per leaf, for orders below XA_MEDIUM_ORDER (a slot a page) and
+        # below XA_BIG_ORDER (medium: a slot per 2^XA_MEDIUM_ORDER pages); bigger folios by
+        # head index.
         self.leaves: dict[int, array[int]] = {}
         self.leaf_counts: dict[int, int] = {}
+        self.medium: dict[int, array[int]] = {}
+        self.medium_counts: dict[int, int] = {}
         self.big: dict[int, int] = {}
         # Head index -> the shadow token a folio that left was evicted with (the policy's: an
         # eviction age, or mglru's generation and tier). As in the kernel's xarray, an evicted
@@ -247,13 +259,19 @@ class Inode:
             if head < index < head + (1 << order_of[last]) and self.head_at(head) == last:
                 return last
         top = self.top_order
-        for order in range(1, min(top, XA_BIG_ORDER - 1) + 1):
-            if leaf is None:
-                break
-            f = leaf[index & XA_MASK & ~((1 << order) - 1)] - 1
-            if f >= 0 and order_of[f] >= order:
+        if leaf is not None:
+            f = leaf[index & XA_MASK & ~1] - 1
+            if f >= 0 and order_of[f]:
                 self.last_found = f
                 return f
+        if top >= XA_MEDIUM_ORDER:
+            medium = self.medium.get(index >> _MEDIUM_LEAF_SHIFT)
+            if medium is not None:
+                for order in range(XA_MEDIUM_ORDER, min(top, XA_BIG_ORDER - 1) + 1):
+                    f = medium[(index >> order << order >> XA_MEDIUM_ORDER) & XA_MASK] - 1
+                    if f >= 0 and order_of[f] >= order:
+                        self.last_found = f
+                        return f
         big = self.big
         for order in range(XA_BIG_ORDER, top + 1):
             f = big.get(index & ~((1 << order) - 1), NO_FOLIO)
@@ -269,26 +287,40 @@ class Inode:
             f = leaf[index & XA_MASK] - 1
             if f >= 0:
                 return f
-        return self.big.get(index, NO_FOLIO) if self.big else NO_FOLIO
+        if index & _MEDIUM_ALIGN or (not self.medium and not self.big):
+            return NO_FOLIO
+        medium = self.medium.get(index >> _MEDIUM_LEAF_SHIFT)
+        if medium is not None:
+            f = medium[(index >> XA_MEDIUM_ORDER) & XA_MASK] - 1
+            if f >= 0:
+                return f
+        return self.big.get(index, NO_FOLIO)
 
     def find(self, index: int) -> CacheFolio | None:
         """The folio that covers a page index, as an object (get() for code off hot paths)."""
         f = self.get(index)
         return None if f < 0 else CacheFolio(self.store, f, self.registry)
 
+    def __level(self, order: int) -> tuple[dict[int, array[int]], dict[int, int], int]:
+        """(leaves, counts, shift) of the leaves that keep folios of order (below big)."""
+        if order >= XA_MEDIUM_ORDER:
+            return self.medium, self.medium_counts, XA_MEDIUM_ORDER
+        return self.leaves, self.leaf_counts, 0
+
     def xa_store(self, index: int, f: int, order: int) -> None:
         """The folio f of order goes in at head index."""
         if order >= XA_BIG_ORDER:
             self.big[index] = f
         else:
-            number = index >> XA_SHIFT
-            leaf = self.leaves.get(number)
+            leaves, counts, shift = self.__level(order)
+            number = index >> (XA_SHIFT + shift)
+            leaf = leaves.get(number)
             if leaf is None:
-                leaf = self.leaves[number] = array("i", _EMPTY_LEAF)
-                self.leaf_counts[number] = 1
+                leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                counts[number] = 1
             else:
-                self.leaf_counts[number] += 1
-            leaf[index & XA_MASK] = f + 1
+                counts[number] += 1
+            leaf[(index >> shift) & XA_MASK] = f + 1
         self.nr_by_order[order] += 1
         if order:  # count_large(index, 1), written out
             blocks, block = self.large_blocks, index >> MAX_PAGECACHE_ORDER
@@ -301,18 +333,20 @@ class Inode:
         if order >= XA_BIG_ORDER:
             self.big.update(zip(range(index, index + len(ids) * nr, nr), ids, strict=True))
         else:
-            leaves, counts = self.leaves, self.leaf_counts
+            leaves, counts, shift = self.__level(order)
+            # In slots of the level: a folio of order takes 2^(order - shift) of them.
+            step, at_slot = nr >> shift, index >> shift
             done = 0
             while done < len(ids):
-                at = index + done * nr
-                number = at >> XA_SHIFT
-                take = min(len(ids) - done, (((number + 1) << XA_SHIFT) - at) >> order)
+                slot_index = at_slot + done * step
+                number = slot_index >> XA_SHIFT
+                take = min(len(ids) - done, (((number + 1) << XA_SHIFT) - slot_index) // step)
                 leaf = leaves.get(number)
                 if leaf is None:
                     leaf = leaves[number] = array("i", _EMPTY_LEAF)
                     counts[number] = 0
-                slot = at & XA_MASK
-                leaf[slot : slot + take * nr : nr] = array(
+                slot = slot_index & XA_MASK
+                leaf[slot : slot + take * step : step] = array(
                     "i", [f + 1 for f in ids[done : done + take]]
                 )
                 counts[number] += take
@@ -342,47 +376,52 @@ class Inode:
         if order >= XA_BIG_ORDER:
             del self.big[index]
         else:
-            number = index >> XA_SHIFT
-            count = self.leaf_counts[number] - 1
+            leaves, counts, shift = self.__level(order)
+            number = index >> (XA_SHIFT + shift)
+            count = counts[number] - 1
             if count:
-                self.leaves[number][index & XA_MASK] = 0
-                self.leaf_counts[number] = count
+                leaves[number][(index >> shift) & XA_MASK] = 0
+                counts[number] = count
             else:
-                del self.leaves[number], self.leaf_counts[number]
+                del leaves[number], counts[number]
         self.nr_by_order[order] -= 1
         if order:
             self.count_large(index, -1)
 
     def any_head_in(self, lo: int, hi: int) -> bool:
         """Whether a folio starts in [lo, hi)."""
-        leaves = self.leaves
-        start = lo
-        while start < hi:
-            number = start >> XA_SHIFT
-            end = min(hi, (number + 1) << XA_SHIFT)
-            leaf = leaves.get(number)
-            if leaf is not None:
-                a = start & XA_MASK
-                b = a + end - start
-                if leaf[a:b].count(0) != b - a:
-                    return True
-            start = end
+        for leaves, shift in ((self.leaves, 0), (self.medium, XA_MEDIUM_ORDER)):
+            if not leaves:
+                continue
+            # The level's slots whose pages start in [lo, hi).
+            start, stop = -(-lo >> shift), -(-hi >> shift)
+            while start < stop:
+                number = start >> XA_SHIFT
+                end = min(stop, (number + 1) << XA_SHIFT)
+                leaf = leaves.get(number)
+                if leaf is not None:
+                    a = start & XA_MASK
+                    b = a + end - start
+                    if leaf[a:b].count(0) != b - a:
+                        return True
+                start = end
         big = self.big
         if big:
-            # Big folios' heads are aligned to a leaf's span.
-            first = (lo + XA_MASK) & ~XA_MASK
-            return any(head in big for head in range(first, hi, XA_SLOTS))
+            # Big folios' heads are aligned to their order, XA_BIG_ORDER at least.
+            step = 1 << XA_BIG_ORDER
+            first = (lo + step - 1) & ~(step - 1)
+            return any(head in big for head in range(first, hi, step))
         return False
 
     def heads(self) -> list[tuple[int, int]]:
         """(head index, folio id) of every folio in the mapping, by index."""
         found: list[tuple[int, int]] = []
-        for number in sorted(self.leaves):
-            leaf, base = self.leaves[number], number << XA_SHIFT
-            found.extend((base + i, v - 1) for i, v in enumerate(leaf) if v)
-        if self.big:
-            found.extend(self.big.items())
-            found.sort()
+        for leaves, shift in ((self.leaves, 0), (self.medium, XA_MEDIUM_ORDER)):
+            for number, leaf in leaves.items():
+                base = number << XA_SHIFT
+                found.extend(((base + i) << shift, v - 1) for i, v in enumerate(leaf) if v)
+        found.extend(self.big.items())
+        found.sort()
         return found
 
     @property
