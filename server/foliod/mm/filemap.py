@@ -1142,7 +1142,12 @@ class PageCache:
         large_shadow_blocks = inode.large_shadow_blocks
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
         queue, ordered, stamp = lru.queue, lru.ordered, lru.shadow
-        leaf_counts, by_order = inode.leaf_counts, inode.nr_by_order
+        leaf_counts, by_order, large_blocks = (
+            inode.leaf_counts,
+            inode.nr_by_order,
+            inode.large_blocks,
+        )
+        recycle = lru.recycle
         xa_shift, xa_mask, readahead_bit, dirty_bit = XA_SHIFT, XA_MASK, PG_READAHEAD, PG_DIRTY
         # A policy that only counts refaults has them counted here, in one go; one that stamps
         # shadow entries with the nonresident age has them stamped here.
@@ -1167,7 +1172,7 @@ class PageCache:
                         and index_of[last] < index < index_of[last] + (1 << order_of[last])
                     ):
                         f = last
-                    else:
+                    elif index >> MAX_PAGECACHE_ORDER in large_blocks:
                         f = get(index)
                 if f >= 0:
                     if not flags[f] & readahead_bit:
@@ -1189,21 +1194,21 @@ class PageCache:
                             victim = victim_of()
                     else:
                         victim = -1
-                    if victim >= 0 and not order_of[victim] and not flags[victim] & dirty_bit:
+                    bits = flags[victim] if victim >= 0 else dirty_bit
+                    if not bits & dirty_bit and not order_of[victim]:
                         # Limit reclaim evicts the victim (a shadow entry stays) and its
                         # frame is read in at index: the id is reused, reset as new.
                         if requeue is None:
-                            lru.remove(victim)
-                        if age_tokens:  # ReclaimPolicy.shadow of a base page
-                            token = lru.nonresident_age = lru.nonresident_age + 1
+                            token = recycle(victim)
                         else:
-                            token = stamp(victim)
-                        if requeue is None:
-                            # Policy state (requeue's policies, lru and fifo, keep none).
-                            flags[victim] = 0
-                            store.gen[victim] = store.refs[victim] = 0
-                        else:
-                            flags[victim] &= ~PG_READAHEAD
+                            # Policies with requeue (lru, fifo) keep no state in the folio.
+                            if age_tokens:  # ReclaimPolicy.shadow of a base page
+                                token = lru.nonresident_age = lru.nonresident_age + 1
+                            else:
+                                token = stamp(victim)
+                            if bits & readahead_bit:
+                                flags[victim] = bits & ~readahead_bit
+                            requeue(victim)
                         if mapping_of[victim] == ino:
                             # xa_erase(victim_index, 0), written out
                             victim_index = index_of[victim]
@@ -1219,7 +1224,7 @@ class PageCache:
                             self.__move_recycled(victim, inode, token)
                             by_order[0] += 1
                         index_of[victim] = index
-                        if victim in written:
+                        if written and victim in written:
                             del written[victim]
                         # xa_store(index, victim, 0), written out (by_order is unchanged)
                         number = index >> xa_shift
@@ -1230,10 +1235,6 @@ class PageCache:
                         else:
                             leaf_counts[number] += 1
                         leaf[index & xa_mask] = victim + 1
-                        if requeue is None:
-                            lru.add(victim)
-                        else:
-                            requeue(victim)
                         shadow = (
                             shadows.pop(index, None)
                             if not large_shadow_blocks

@@ -63,6 +63,18 @@ class ReclaimPolicy:
         for f in ids:
             self.add(f)
 
+    def recycle(self, f: int) -> int:
+        """A clean base page limit reclaim evicts, whose frame is read in again at once (the
+        replay short path): remove(f), its shadow token, its flags and policy state cleared,
+        and add(f) as a new folio, in one step where a policy has a cheaper one. Returns the
+        token."""
+        self.remove(f)
+        token = self.shadow(f)
+        store = self.store
+        store.flags[f] = store.gen[f] = store.refs[f] = 0
+        self.add(f)
+        return token
+
     def remove(self, f: int) -> None:
         """The folio leaves (eviction, truncation, deletion)."""
         raise NotImplementedError

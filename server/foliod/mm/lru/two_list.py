@@ -88,6 +88,16 @@ class TwoList(ReclaimPolicy):
             self.nr_folios["inactive_file"] -= 1
         self.nr_pages -= nr
 
+    def recycle(self, f: int) -> int:
+        """ReclaimPolicy.recycle of an inactive base page: a move to the inactive head."""
+        store = self.store
+        if store.flags[f] & PG_ACTIVE or store.order[f]:
+            return super().recycle(f)
+        store.list_move_tail(f, self.inactive)
+        store.flags[f] = 0
+        self.nonresident_age += 1
+        return self.nonresident_age
+
     def mark_accessed(self, f: int, fresh: bool = False) -> None:
         self.touch(f)
 
