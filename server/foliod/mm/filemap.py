@@ -100,6 +100,10 @@ class CacheAllocator(Protocol):
 
     def free_cache_folio(self, pfn: int, order: int) -> None: ...
 
+    def free_cache_folios(self, pfns: list[int], orders: list[int]) -> None:
+        """free_cache_folio of each in turn, in fewer steps."""
+        ...
+
     def split_cache_folio(self, pfn: int, order: int) -> None:
         """The folio of order at pfn becomes base pages over the same frames (accounting)."""
         ...
@@ -768,8 +772,7 @@ class PageCache:
 
     def delete(self, name: str) -> None:
         inode = self.lookup(name)
-        for _, f in inode.heads():
-            self.__remove(inode, f, shadow=False)
+        self.__remove_many(inode, [f for _, f in inode.heads()])
         for number in list(inode.handles):
             del self.handles[number]
         self.store.delete(name)
@@ -826,6 +829,37 @@ class PageCache:
         store.release(f)
         if free:
             self.allocator.free_cache_folio(pfn, order)
+
+    def __remove_many(self, inode: Inode, ids: list[int]) -> None:
+        """__remove of each folio in turn (no shadow entries), frames freed in that order,
+        in fewer steps."""
+        if not ids:
+            return
+        store = self.folio_store
+        order_of, index_of, flags, pfn_of = store.order, store.index, store.flags, store.pfn
+        self.lru.remove_many(ids)
+        pfns: list[int] = []
+        orders: list[int] = []
+        nr_pages = nr_dirty = 0
+        erase, release = inode.xa_erase, store.release
+        for f in ids:
+            order = order_of[f]
+            erase(index_of[f], order)
+            nr = 1 << order
+            nr_pages += nr
+            if flags[f] & PG_DIRTY:
+                nr_dirty += nr
+                flags[f] &= ~PG_DIRTY
+            pfns.append(pfn_of[f])
+            orders.append(order)
+            release(f)
+        inode.nr_pages -= nr_pages
+        self.nr_pages -= nr_pages
+        inode.nr_dirty -= nr_dirty
+        self.nr_dirty -= nr_dirty
+        if inode.memcg is not None:
+            inode.memcg.nr_cache -= nr_pages
+        self.allocator.free_cache_folios(pfns, orders)
 
     def __make_room(self, order: int) -> int | None:
         """Evicts what the policy chooses until a folio of order fits under the capacity
@@ -1820,10 +1854,9 @@ class PageCache:
         freed = 0
         flags, order_of = self.folio_store.flags, self.folio_store.order
         for inode in self.files.values():
-            for _, f in inode.heads():
-                if not flags[f] & PG_DIRTY:
-                    freed += 1 << order_of[f]
-                    self.__remove(inode, f, shadow=False)
+            clean = [f for _, f in inode.heads() if not flags[f] & PG_DIRTY]
+            freed += sum(1 << order_of[f] for f in clean)
+            self.__remove_many(inode, clean)
         return freed
 
 

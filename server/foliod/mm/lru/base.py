@@ -79,6 +79,11 @@ class ReclaimPolicy:
         """The folio leaves (eviction, truncation, deletion)."""
         raise NotImplementedError
 
+    def remove_many(self, ids: list[int]) -> None:
+        """remove() of each folio in turn (a policy may do it in fewer steps)."""
+        for f in ids:
+            self.remove(f)
+
     def mark_accessed(self, f: int, fresh: bool = False) -> None:
         """A read or write touched the folio; fresh when this very call brought it in."""
         raise NotImplementedError
