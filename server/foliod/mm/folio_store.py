@@ -246,6 +246,37 @@ class FolioStore:
         return CacheFolio(self, f, inodes)
 
 
+class FlagBit:
+    """A CacheFolio attribute that reads and sets one bit of the flags column."""
+
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
+
+    def __get__(self, folio: CacheFolio, owner: type | None = None) -> bool:
+        return bool(folio.store.flags[folio.id] & self.bit)
+
+    def __set__(self, folio: CacheFolio, value: bool) -> None:
+        if value:
+            folio.store.flags[folio.id] |= self.bit
+        else:
+            folio.store.flags[folio.id] &= ~self.bit
+
+
+class ColumnField:
+    """A CacheFolio attribute that reads and sets one column."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    def __get__(self, folio: CacheFolio, owner: type | None = None) -> int:
+        column: array[int] = getattr(folio.store, self.column)
+        return column[folio.id]
+
+    def __set__(self, folio: CacheFolio, value: int) -> None:
+        column: array[int] = getattr(folio.store, self.column)
+        column[folio.id] = value
+
+
 class CacheFolio:
     """One page cache folio's columns read as an object (off the hot paths, and in tests).
     Equal to another view of the same id."""
@@ -299,65 +330,15 @@ class CacheFolio:
             return number or None
         return self.inodes.get(number)
 
-    @property
-    def dirty(self) -> bool:
-        return bool(self.store.flags[self.id] & PG_DIRTY)
+    # PG_* flags, read and set by name (the kernel's folio_test_*/folio_set_*).
+    dirty = FlagBit(PG_DIRTY)
+    referenced = FlagBit(PG_REFERENCED)
+    active = FlagBit(PG_ACTIVE)
+    readahead = FlagBit(PG_READAHEAD)
 
-    @dirty.setter
-    def dirty(self, value: bool) -> None:
-        if value:
-            self.store.flags[self.id] |= PG_DIRTY
-        else:
-            self.store.flags[self.id] &= ~PG_DIRTY
-
-    @property
-    def referenced(self) -> bool:
-        return bool(self.store.flags[self.id] & PG_REFERENCED)
-
-    @referenced.setter
-    def referenced(self, value: bool) -> None:
-        if value:
-            self.store.flags[self.id] |= PG_REFERENCED
-        else:
-            self.store.flags[self.id] &= ~PG_REFERENCED
-
-    @property
-    def active(self) -> bool:
-        return bool(self.store.flags[self.id] & PG_ACTIVE)
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        if value:
-            self.store.flags[self.id] |= PG_ACTIVE
-        else:
-            self.store.flags[self.id] &= ~PG_ACTIVE
-
-    @property
-    def readahead(self) -> bool:
-        return bool(self.store.flags[self.id] & PG_READAHEAD)
-
-    @readahead.setter
-    def readahead(self, value: bool) -> None:
-        if value:
-            self.store.flags[self.id] |= PG_READAHEAD
-        else:
-            self.store.flags[self.id] &= ~PG_READAHEAD
-
-    @property
-    def gen(self) -> int:
-        return self.store.gen[self.id]
-
-    @gen.setter
-    def gen(self, value: int) -> None:
-        self.store.gen[self.id] = value
-
-    @property
-    def refs(self) -> int:
-        return self.store.refs[self.id]
-
-    @refs.setter
-    def refs(self, value: int) -> None:
-        self.store.refs[self.id] = value
+    # Multi-generational LRU state, read and set.
+    gen = ColumnField("gen")
+    refs = ColumnField("refs")
 
     @property
     def contents(self) -> dict[int, bytearray] | None:

@@ -174,3 +174,38 @@ class ReclaimPolicy:
             self.events[scan_event] += start - budget
             self.events[steal_event] += freed
         return freed
+
+
+class OneList(ReclaimPolicy):
+    """A policy with one list through the folio columns, oldest first (fifo, clock)."""
+
+    def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
+        super().__init__(events, store)
+        self.head = self.store.new_list()
+        self.nr_folios = 0
+
+    def add(self, f: int) -> None:
+        self.store.list_add_tail(f, self.head)
+        self.nr_pages += 1 << self.store.order[f]
+        self.nr_folios += 1
+
+    def remove(self, f: int) -> None:
+        self.store.list_del(f)
+        self.nr_pages -= 1 << self.store.order[f]
+        self.nr_folios -= 1
+
+    def pass_over(self, f: int) -> None:
+        self.store.list_move_tail(f, self.head)
+
+    def folios(self) -> Iterator[int]:
+        return self.store.list_iter(self.head)
+
+    def lists(self) -> dict[str, int]:
+        return {self.name: self.nr_folios}
+
+    def list_pages(self) -> dict[str, int]:
+        return {self.name: self.nr_pages}
+
+    def check(self) -> None:
+        super().check()
+        assert self.list_lengths({self.name: self.head}) == self.lists(), f"{self.name}: count off"
