@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import errno
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Protocol
 
 from foliod.mm.backing_dev import BackingStore, check_file_name
@@ -40,6 +38,7 @@ from foliod.mm.errors import (
 )
 from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
 from foliod.mm.folio_store import (
+    EVICTION_MASK,
     NO_FOLIO,
     PG_DIRTY,
     PG_READAHEAD,
@@ -180,7 +179,6 @@ class Inode:
         "ra",
         "registry",
         "shadow_orders",
-        "shadows",
         "size",
         "store",
         "top_order",
@@ -218,13 +216,13 @@ class Inode:
         self.medium: dict[int, array[int]] = {}
         self.medium_counts: dict[int, int] = {}
         self.big: dict[int, int] = {}
-        # Head index -> the shadow token a folio that left was evicted with (the policy's: an
-        # eviction age, or mglru's generation and tier). As in the kernel's xarray, an evicted
-        # large folio leaves one entry over its whole range (a multi-index entry): its head is
-        # in shadow_orders with the folio's order, and large_shadow_blocks counts those entries
-        # per block of MAX_PAGECACHE_ORDER's size. Entries never overlap, nor cover a cached
-        # page.
-        self.shadows: dict[int, int] = {}
+        # Shadow entries: the token a folio that left was evicted with (the policy's: an
+        # eviction age, or mglru's generation and tier), in the slot of its head index in the
+        # page-granular leaves, as -(token & EVICTION_MASK) - 1 (the kernel's value entries).
+        # As in the kernel's xarray, an evicted large folio leaves one entry over its whole
+        # range (a multi-index entry): its head is in shadow_orders with the folio's order, and
+        # large_shadow_blocks counts those entries per block of MAX_PAGECACHE_ORDER's size.
+        # Entries never overlap, nor cover a cached page.
         self.shadow_orders: dict[int, int] = {}
         self.large_shadow_blocks: dict[int, int] = {}
         self.nr_pages = 0
@@ -365,15 +363,13 @@ class Inode:
 
     def any_shadow_in(self, lo: int, hi: int) -> bool:
         """Whether a shadow entry covers a page of [lo, hi)."""
-        if not self.shadows:
-            return False
         large = self.large_shadow_blocks
         if large and any(
             block in large
             for block in range(lo >> MAX_PAGECACHE_ORDER, ((hi - 1) >> MAX_PAGECACHE_ORDER) + 1)
         ):
             return True
-        return not self.shadows.keys().isdisjoint(range(lo, hi))
+        return bool(self.shadow_heads_in(lo, hi))
 
     def xa_erase(self, index: int, order: int) -> None:
         """The folio of order at head index leaves."""
@@ -406,7 +402,7 @@ class Inode:
                 if leaf is not None:
                     a = start & XA_MASK
                     b = a + end - start
-                    if leaf[a:b].count(0) != b - a:
+                    if leaf[a:b].count(0) != b - a and max(leaf[a:b]) > 0:
                         return True
                 start = end
         big = self.big
@@ -423,7 +419,7 @@ class Inode:
         for leaves, shift in ((self.leaves, 0), (self.medium, XA_MEDIUM_ORDER)):
             for number, leaf in leaves.items():
                 base = number << XA_SHIFT
-                found.extend(((base + i) << shift, v - 1) for i, v in enumerate(leaf) if v)
+                found.extend(((base + i) << shift, v - 1) for i, v in enumerate(leaf) if v > 0)
         found.extend(self.big.items())
         found.sort()
         return found
@@ -442,9 +438,78 @@ class Inode:
         else:
             del blocks[block]
 
+    # -- shadow entries (mm/workingset.c's side of the xarray) ---------------------------------
+
+    def shadow_at(self, index: int) -> int | None:
+        """The token of the shadow entry whose head is at index, if one is."""
+        leaf = self.leaves.get(index >> XA_SHIFT)
+        if leaf is None:
+            return None
+        value = leaf[index & XA_MASK]
+        return -value - 1 if value < 0 else None
+
+    def __shadow_set(self, index: int, token: int) -> None:
+        """Puts a shadow entry's token in the empty slot of its head."""
+        number = index >> XA_SHIFT
+        leaf = self.leaves.get(number)
+        if leaf is None:
+            leaf = self.leaves[number] = array("i", _EMPTY_LEAF)
+            self.leaf_counts[number] = 1
+        else:
+            self.leaf_counts[number] += 1
+        leaf[index & XA_MASK] = -(token & EVICTION_MASK) - 1
+
+    def __shadow_pop(self, index: int) -> int | None:
+        """Removes the shadow entry whose head is at index; its token, if one was there."""
+        number = index >> XA_SHIFT
+        leaf = self.leaves.get(number)
+        if leaf is None:
+            return None
+        value = leaf[index & XA_MASK]
+        if value >= 0:
+            return None
+        count = self.leaf_counts[number] - 1
+        if count:
+            leaf[index & XA_MASK] = 0
+            self.leaf_counts[number] = count
+        else:
+            del self.leaves[number], self.leaf_counts[number]
+        return -value - 1
+
+    def evict_base_page(self, index: int, token: int) -> None:
+        """The base page at index leaves and its shadow entry takes its slot (xa_erase and
+        add_shadow in one step: the slot stays in use)."""
+        self.leaves[index >> XA_SHIFT][index & XA_MASK] = -(token & EVICTION_MASK) - 1
+        self.nr_by_order[0] -= 1
+
+    def shadow_heads_in(self, lo: int, hi: int) -> list[int]:
+        """Heads of the shadow entries in [lo, hi), ascending."""
+        found: list[int] = []
+        start = lo
+        while start < hi:
+            number = start >> XA_SHIFT
+            end = min(hi, (number + 1) << XA_SHIFT)
+            leaf = self.leaves.get(number)
+            if leaf is not None:
+                a = start & XA_MASK
+                part = leaf[a : a + end - start]
+                if part.count(0) != len(part) and min(part) < 0:
+                    found.extend(start + i for i, v in enumerate(part) if v < 0)
+            start = end
+        return found
+
+    @property
+    def shadows(self) -> dict[int, int]:
+        """Every shadow entry as head index -> token, by index (for checks and tests)."""
+        entries: dict[int, int] = {}
+        for number in sorted(self.leaves):
+            base = number << XA_SHIFT
+            entries.update((base + i, -v - 1) for i, v in enumerate(self.leaves[number]) if v < 0)
+        return entries
+
     def add_shadow(self, index: int, order: int, token: int) -> None:
         """The entry an evicted folio of order at index leaves (workingset_eviction)."""
-        self.shadows[index] = token
+        self.__shadow_set(index, token)
         if order:
             self.shadow_orders[index] = order
             blocks, block = self.large_shadow_blocks, index >> MAX_PAGECACHE_ORDER
@@ -455,11 +520,10 @@ class Inode:
         (__filemap_add_folio), and returns the token of the last, as the kernel keeps the last
         entry xas_for_each_conflict visits; a larger entry around the range is split and the
         rest of it stays, in pieces of the new folio's size (xas_split)."""
-        shadows = self.shadows
         # The range lies in one block of the largest folio's size: were no large entry in it,
         # only base-page entries can be there.
         large_here = index >> MAX_PAGECACHE_ORDER in self.large_shadow_blocks
-        shadow = shadows.pop(index, None)
+        shadow = self.__shadow_pop(index)
         start = index
         if shadow is not None:
             order = self.__drop_large(index) if large_here and index in self.shadow_orders else 0
@@ -475,24 +539,20 @@ class Inode:
                 head = index & ~((1 << order) - 1)
                 if head != index and orders.get(head) == order:
                     self.__drop_large(head)
-                    token = shadows.pop(head)
+                    token = self.__shadow_pop(head)
+                    assert token is not None
                     self.__split_shadow(head, order, token, index, nr_pages)
                     return token
         end = index + nr_pages
         if start == end:
             return shadow
-        if large_here:
-            # Entries inside the range, of base pages or smaller folios.
-            heads = [i for i in range(start, end) if i in shadows]
-            for head in heads:
-                if head in self.shadow_orders:
-                    self.__drop_large(head)
-            found = deque(map(shadows.pop, heads), maxlen=1)
-        else:
-            # Base-page entries, popped page by page; the last one found is kept. Shadow
-            # tokens are never 0 (ReclaimPolicy.shadow).
-            found = deque(filter(None, map(shadows.pop, range(start, end), repeat(None))), 1)
-        return found[0] if found else shadow
+        # Entries inside the range, of base pages or smaller folios; the last one is kept.
+        found = shadow
+        for head in self.shadow_heads_in(start, end):
+            if large_here and head in self.shadow_orders:
+                self.__drop_large(head)
+            found = self.__shadow_pop(head)
+        return found
 
     def __drop_large(self, head: int) -> int:
         """Forgets the order of the large entry at head (its token is the caller's to pop)."""
@@ -516,10 +576,14 @@ class Inode:
         """Removes the shadow entries that reach page keep or beyond (truncation clears a
         multi-index entry whole)."""
         orders = self.shadow_orders
-        for head in [h for h in self.shadows if h + (1 << orders.get(h, 0)) > keep]:
-            del self.shadows[head]
-            if head in orders:
-                self.__drop_large(head)
+        # An entry reaching keep starts at most a largest folio's span before it.
+        start = max(0, keep - (1 << MAX_PAGECACHE_ORDER))
+        end = (max(self.leaves, default=-1) + 1) << XA_SHIFT
+        for head in self.shadow_heads_in(start, end):
+            if head + (1 << orders.get(head, 0)) > keep:
+                self.__shadow_pop(head)
+                if head in orders:
+                    self.__drop_large(head)
 
     def shadow_span(self, head: int) -> int:
         """Pages the shadow entry at head covers."""
@@ -793,17 +857,15 @@ class PageCache:
         store.index[f] = index
         order = store.order[f]
         self.busy.add(f)
-        inode.xa_store(index, f, order)
         nr = 1 << order
+        # The shadow entries go first: the folio takes their slots.
+        shadow = inode.take_shadows(index, nr)
+        inode.xa_store(index, f, order)
         inode.nr_pages += nr
         self.nr_pages += nr
         if inode.memcg is not None:
             inode.memcg.nr_cache += nr
         self.lru.add(f)
-        if order or index >> MAX_PAGECACHE_ORDER in inode.large_shadow_blocks:
-            shadow = inode.take_shadows(index, nr)
-        else:  # take_shadows' shortest case, written out
-            shadow = inode.shadows.pop(index, None)
         if shadow is not None:
             self.lru.refault(f, shadow)
 
@@ -1170,7 +1232,8 @@ class PageCache:
         store = self.folio_store
         flags, order_of, index_of, mapping_of = store.flags, store.order, store.index, store.mapping
         next_of = store.next
-        leaves, shadows, get, max_order = inode.leaves, inode.shadows, inode.get, inode.max_order
+        leaves, get, max_order = inode.leaves, inode.get, inode.max_order
+        eviction_mask = EVICTION_MASK
         ino = inode.number
         # Blocks with large folios' shadow entries (read()'s path leaves them).
         large_shadow_blocks = inode.large_shadow_blocks
@@ -1216,8 +1279,7 @@ class PageCache:
                         prev = index
                         continue
                 elif not ra_pages or self.__reads_alone(ra, prev, index, inode):
-                    nr_pages = self.nr_pages
-                    if nr_pages == capacity:
+                    if self.nr_pages == capacity:
                         if ordered is not None:
                             victim = next(iter(ordered), -1)
                         elif queue >= 0:
@@ -1235,8 +1297,9 @@ class PageCache:
                         if requeue is None:
                             token = recycle(victim)
                         else:
-                            # Policies with requeue (lru, fifo) keep no state in the folio.
-                            if age_tokens:  # ReclaimPolicy.shadow of a base page
+                            # Policies with requeue (lru, fifo) keep no state in the folio;
+                            # ReclaimPolicy.shadow of a base page, where theirs is that one.
+                            if age_tokens:
                                 token = lru.nonresident_age = lru.nonresident_age + 1
                             else:
                                 token = stamp(victim)
@@ -1244,37 +1307,37 @@ class PageCache:
                                 flags[victim] = bits & ~readahead_bit
                             requeue(victim)
                         if mapping_of[victim] == ino:
-                            # xa_erase(victim_index, 0), written out
+                            # inode.evict_base_page(victim_index, token), written out; the
+                            # page's count by order comes back below
                             victim_index = index_of[victim]
-                            number = victim_index >> xa_shift
-                            count = leaf_counts[number] - 1
-                            if count:
-                                leaves[number][victim_index & xa_mask] = 0
-                                leaf_counts[number] = count
-                            else:
-                                del leaves[number], leaf_counts[number]
-                            shadows[victim_index] = token
+                            leaves[victim_index >> xa_shift][victim_index & xa_mask] = (
+                                -(token & eviction_mask) - 1
+                            )
                         else:
                             self.__move_recycled(victim, inode, token)
                             by_order[0] += 1
                         index_of[victim] = index
                         if written and victim in written:
                             del written[victim]
-                        # xa_store(index, victim, 0), written out (by_order is unchanged)
+                        # The page takes the slot at index, empty or a shadow entry's
+                        # (xa_store(index, victim, 0), written out).
                         number = index >> xa_shift
-                        leaf = leaves.get(number)
+                        if (
+                            large_shadow_blocks
+                            and index >> MAX_PAGECACHE_ORDER in large_shadow_blocks
+                        ):
+                            shadow = inode.take_shadows(index, 1)
+                            leaf = leaves.get(number)
+                            value = 0
+                        else:
+                            value = leaf[index & xa_mask] if leaf is not None else 0
+                            shadow = -value - 1 if value < 0 else None
                         if leaf is None:
                             leaf = leaves[number] = array("i", _EMPTY_LEAF)
                             leaf_counts[number] = 1
-                        else:
+                        elif not value:
                             leaf_counts[number] += 1
                         leaf[index & xa_mask] = victim + 1
-                        shadow = (
-                            shadows.pop(index, None)
-                            if not large_shadow_blocks
-                            or index >> MAX_PAGECACHE_ORDER not in large_shadow_blocks
-                            else inode.take_shadows(index, 1)
-                        )
                         if shadow is not None:
                             if count_refaults:
                                 refaults += 1
@@ -1285,7 +1348,7 @@ class PageCache:
                         recycled += 1
                         prev = index
                         continue
-                    if nr_pages < capacity or capacity < 0:
+                    if self.nr_pages < capacity or capacity < 0:
                         # Room for a new folio: allocated and read in alone.
                         try:
                             pfn = self.allocator.alloc_cache_folio(0)
@@ -1328,8 +1391,7 @@ class PageCache:
         store = self.folio_store
         old = self.inodes[store.mapping[f]]
         old_index = store.index[f]
-        old.xa_erase(old_index, 0)
-        old.shadows[old_index] = shadow
+        old.evict_base_page(old_index, shadow)
         old.nr_pages -= 1
         inode.nr_pages += 1
         if old.memcg is not inode.memcg:

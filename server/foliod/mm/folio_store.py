@@ -33,6 +33,10 @@ PG_ACTIVE = 4
 PG_READAHEAD = 8
 # No folio (an empty slot, the end of a scan).
 NO_FOLIO = -1
+# Shadow tokens keep this many bits in a mapping's slot (the kernel's EVICTION_BITS, whose
+# EVICTION_MASK the refault distance is taken modulo).
+EVICTION_BITS = 30
+EVICTION_MASK = (1 << EVICTION_BITS) - 1
 
 _GROW_MIN = 1024
 

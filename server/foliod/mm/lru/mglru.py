@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar
 
-from foliod.mm.folio_store import NO_FOLIO, PG_REFERENCED, FolioStore
+from foliod.mm.folio_store import EVICTION_MASK, NO_FOLIO, PG_REFERENCED, FolioStore
 from foliod.mm.lru.base import ReclaimPolicy
 from foliod.mm.vmstat import VmEvent
 
@@ -206,8 +206,8 @@ class Mglru(ReclaimPolicy):
 
     def refault(self, f: int, shadow: int) -> None:
         super().refault(f, shadow)
-        token = shadow - 1
-        if token >> _REFS_SHIFT != self.min_seq:
+        token = (shadow - 1) & EVICTION_MASK
+        if token >> _REFS_SHIFT != self.min_seq & (EVICTION_MASK >> _REFS_SHIFT):
             return
         refs = token & ((1 << _REFS_SHIFT) - 1)
         nr = 1 << self.store.order[f]

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterator
 from typing import ClassVar
 
-from foliod.mm.folio_store import NO_FOLIO, PG_ACTIVE, PG_REFERENCED, FolioStore
+from foliod.mm.folio_store import EVICTION_MASK, NO_FOLIO, PG_ACTIVE, PG_REFERENCED, FolioStore
 from foliod.mm.lru.base import ReclaimPolicy
 from foliod.mm.page_alloc import PAGE_SHIFT
 from foliod.mm.vmstat import VmEvent
@@ -114,9 +114,10 @@ class TwoList(ReclaimPolicy):
 
     def refault(self, f: int, shadow: int) -> None:
         super().refault(f, shadow)
-        # The refault distance (evictions and activations since the folio left), against
-        # workingset_test_recent's bound for file folios without swap: the active list's size.
-        if self.nonresident_age - shadow <= self.nr_active_pages:
+        # The refault distance (evictions and activations since the folio left, modulo the
+        # token's bits), against workingset_test_recent's bound for file folios without swap:
+        # the active list's size.
+        if (self.nonresident_age - shadow) & EVICTION_MASK <= self.nr_active_pages:
             self.activate(f)
             self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += 1 << self.store.order[f]
 
