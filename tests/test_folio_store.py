@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 from foliod.main import fix_mmap_threshold
 from foliod.mm.filemap import XA_BIG_ORDER, XA_SLOTS, Inode
-from foliod.mm.folio_store import NO_FOLIO, PG_DIRTY, CacheFolio, FolioStore
+from foliod.mm.folio_store import (
+    EVICTION_BITS,
+    EVICTION_MASK,
+    NO_FOLIO,
+    PG_ACTIVE,
+    PG_DIRTY,
+    CacheFolio,
+    FolioStore,
+)
+from foliod.mm.lru import TwoList
+from foliod.mm.vmstat import VmEvent
 
 list_ops = st.lists(
     st.tuples(st.sampled_from(["add", "add_head", "del", "move", "new"]), st.integers(0, 30)),
@@ -148,3 +158,28 @@ def test_the_mmap_threshold_is_fixed_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc":
         pytest.skip(f"the C library is {platform.libc_ver()[0] or 'unknown'}, not glibc")
     assert fix_mmap_threshold()
+
+
+def test_shadow_tokens_keep_their_low_bits_and_distances_wrap() -> None:
+    """A shadow slot keeps a token's low EVICTION_BITS bits, and two_list takes the refault
+    distance modulo them, as workingset.c does: a refault just after the eviction counter
+    wrapped is still recent."""
+    inode = Inode("f", 1 << 20, 9, 0)
+    inode.add_shadow(5, 0, (1 << EVICTION_BITS) + 7)
+    assert inode.shadow_at(5) == 7 and inode.shadows == {5: 7}
+    assert inode.take_shadows(5, 1) == 7 and inode.shadows == {} and not inode.leaves
+
+    events = dict.fromkeys(VmEvent, 0)
+    policy = TwoList(events)
+    store = policy.store
+    active = store.new(0, 0)
+    policy.add(active)
+    policy.activate(active)
+    policy.nonresident_age = (1 << EVICTION_BITS) + 3  # wrapped since the eviction below
+    back = store.new(1, 0)
+    policy.add(back)
+    policy.refault(back, EVICTION_MASK)  # evicted at age 2^30 - 1: distance 4, too far
+    assert not store.flags[back] & PG_ACTIVE
+    policy.nonresident_age = 1 << EVICTION_BITS  # distance 1: within the active list
+    policy.refault(back, EVICTION_MASK)
+    assert store.flags[back] & PG_ACTIVE
