@@ -1250,6 +1250,8 @@ class PageCache:
         # shadow entries with the nonresident age has them stamped here.
         count_refaults = type(lru).refault is ReclaimPolicy.refault
         age_tokens = type(lru).shadow is ReclaimPolicy.shadow
+        # lru and fifo: requeue, age tokens, refaults only counted (the shortest path).
+        plain = requeue is not None and age_tokens and count_refaults
         capacity = self.capacity_pages if self.capacity_pages is not None else -1
         ra_pages = ra.ra_pages
         read_seconds = self.store.device.read_seconds(PAGE_SIZE)
@@ -1338,13 +1340,17 @@ class PageCache:
                         elif not value:
                             leaf_counts[number] += 1
                         leaf[index & xa_mask] = victim + 1
-                        if shadow is not None:
-                            if count_refaults:
+                        if plain:
+                            if shadow is not None:
                                 refaults += 1
-                            else:
-                                refault(victim, shadow)
-                        if requeue is None:
-                            lru.mark_accessed(victim, True)
+                        else:
+                            if shadow is not None:
+                                if count_refaults:
+                                    refaults += 1
+                                else:
+                                    refault(victim, shadow)
+                            if requeue is None:
+                                lru.mark_accessed(victim, True)
                         recycled += 1
                         prev = index
                         continue
