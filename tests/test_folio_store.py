@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foliod.main import fix_mmap_threshold
-from foliod.mm.filemap import XA_BIG_ORDER, XA_SLOTS, Inode
+from foliod.mm.filemap import XA_BIG_ORDER, Inode
 from foliod.mm.folio_store import (
     EVICTION_BITS,
     EVICTION_MASK,
     NO_FOLIO,
     PG_ACTIVE,
     PG_DIRTY,
+    XA_SLOTS,
     CacheFolio,
     FolioStore,
 )

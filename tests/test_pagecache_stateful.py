@@ -34,9 +34,10 @@ from foliod.mm.errors import (
     WritebackFailed,
 )
 from foliod.mm.errseq import ERRSEQ_CTR_INC, ERRSEQ_SEEN
-from foliod.mm.filemap import DirtyLimits, IoStats, PageCache
+from foliod.mm.filemap import IoStats, PageCache
 from foliod.mm.lru import POLICIES
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+from foliod.mm.page_writeback import DirtyLimits
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from foliod.mm import Machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER
+from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
 from foliod.mm.page_alloc import PAGE_SIZE
 
 MIB = 1 << 20

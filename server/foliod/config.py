@@ -19,10 +19,11 @@ from typing import Any
 from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule, check_fault_rules
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits
+from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.lru import POLICIES
 from foliod.mm.machine import validate_ram_bytes
+from foliod.mm.page_writeback import DirtyLimits
 
 ENV_PREFIX = "FOLIOD_"
 _UNITS = {

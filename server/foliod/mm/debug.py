@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER, XA_BIG_ORDER, XA_MEDIUM_ORDER, XA_SHIFT, Inode
-from foliod.mm.folio_store import PG_DIRTY, CacheFolio
+from foliod.mm.filemap import XA_BIG_ORDER, XA_MEDIUM_ORDER, Inode
+from foliod.mm.folio_store import MAX_PAGECACHE_ORDER, PG_DIRTY, XA_SHIFT, CacheFolio
 from foliod.mm.folio_table import CHUNK_SHIFT, HVO, KIND_CODE, KINDS, PMD_MAPPED, Records
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine

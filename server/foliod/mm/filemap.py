@@ -1,5 +1,6 @@
-"""The page cache: files, their folios, the read and write paths and writeback
-(mm/filemap.c, mm/readahead.c callers, mm/page-writeback.c, mm/truncate.c).
+"""The page cache: files, their mappings, lookup, and the read and write paths (mm/filemap.c,
+mm/readahead.c's callers). Its other halves: shadow entries in workingset.py, dirty accounting
+and writeback in page_writeback.py, truncation in truncate.py; PageCache is all of them.
 
 Each file (an Inode, with its address_space) indexes its folios by page offset; an order-k
 folio covers 2^k indices from an index aligned to 2^k. Folios are ids in the machine's
@@ -11,15 +12,10 @@ tree). Evicted folios leave shadow entries that detect refaults. The backing fil
 truth for clean data: a folio keeps in memory only the pages that differ from it (written and
 not yet written back), so the simulator's memory grows with dirty data, not with what is
 cached.
-
-Writeback errors follow the kernel: the folio is marked clean and the error is recorded in the
-file's errseq for fsync to report, once per open handle; the written data stays in the cached
-folio (reads still see it) until the folio is evicted, when it is lost, as in Linux.
 """
 
 from __future__ import annotations
 
-import errno
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,15 +30,17 @@ from foliod.mm.errors import (
     TenantLimit,
     UnknownFile,
     UnknownFileHandle,
-    WritebackFailed,
 )
-from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
+from foliod.mm.errseq import errseq_sample
 from foliod.mm.folio_store import (
+    EMPTY_LEAF,
     EVICTION_MASK,
+    MAX_PAGECACHE_ORDER,
     NO_FOLIO,
     PG_DIRTY,
     PG_READAHEAD,
-    PG_REFERENCED,
+    XA_MASK,
+    XA_SHIFT,
     CacheFolio,
     FolioStore,
 )
@@ -50,6 +48,7 @@ from foliod.mm.huge_memory import HPAGE_PMD_ORDER
 from foliod.mm.lru import ReclaimPolicy
 from foliod.mm.memcontrol import MemCgroup
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+from foliod.mm.page_writeback import DirtyLimits, Writeback
 from foliod.mm.readahead import (
     DEFAULT_RA_PAGES,
     NO_MISS_BEFORE_START,
@@ -57,11 +56,11 @@ from foliod.mm.readahead import (
     RaWindow,
     ra_folio_layout,
 )
+from foliod.mm.truncate import MAX_FILE_BYTES, Truncation
 from foliod.mm.vmstat import VmEvent
+from foliod.mm.workingset import ShadowEntries
 
-MAX_PAGECACHE_ORDER = 9
 MAX_RA_PAGES = 1 << 16
-MAX_FILE_BYTES = 1 << 44  # 16 TiB
 # Largest read or write of one call.
 MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
@@ -69,12 +68,6 @@ _KIB_PER_PAGE = PAGE_SIZE >> 10
 _PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))
 # Runs of slots this long or shorter are populated one folio at a time.
 _BULK_MIN = 16
-# The longest a writer is paused (MAX_PAUSE, HZ / 5).
-MAX_PAUSE_SECONDS = 0.2
-# A mapping's leaves: 2^XA_SHIFT slots each, holding folio id + 1 (0: empty).
-XA_SHIFT = 8
-XA_SLOTS = 1 << XA_SHIFT
-XA_MASK = XA_SLOTS - 1
 # Folios of order XA_MEDIUM_ORDER up to XA_BIG_ORDER - 1 go in leaves of their own, a slot per
 # 2^XA_MEDIUM_ORDER pages (a quarter of the slots per page); those of XA_BIG_ORDER and up are
 # kept by head index in a dict.
@@ -82,7 +75,6 @@ XA_MEDIUM_ORDER = 2
 XA_BIG_ORDER = 8
 _MEDIUM_LEAF_SHIFT = XA_SHIFT + XA_MEDIUM_ORDER
 _MEDIUM_ALIGN = (1 << XA_MEDIUM_ORDER) - 1
-_EMPTY_LEAF = bytes(4 * XA_SLOTS)
 
 
 class CacheAllocator(Protocol):
@@ -114,24 +106,6 @@ class CacheAllocator(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class DirtyLimits:
-    """vm.dirty_background_ratio, vm.dirty_ratio (percent of dirtyable memory) and
-    vm.dirty_expire_centisecs, in seconds."""
-
-    background_ratio: int = 10
-    ratio: int = 20
-    expire_seconds: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.background_ratio < self.ratio <= 100:
-            raise InvalidArgument(
-                "dirty ratios must satisfy 0 < background < ratio <= 100", field="dirty_ratio"
-            )
-        if self.expire_seconds < 0:
-            raise InvalidArgument("dirty expiry must not be negative", field="dirty_expire")
-
-
 @dataclass(slots=True)
 class IoStats:
     """What one read or write did: pages found, pages read in, device time it cost, and how
@@ -156,7 +130,7 @@ class FileStat:
     open_handles: int
 
 
-class Inode:
+class Inode(ShadowEntries):
     """One file and its page cache mapping (struct inode + struct address_space)."""
 
     __slots__ = (
@@ -318,7 +292,7 @@ class Inode:
             number = index >> (XA_SHIFT + shift)
             leaf = leaves.get(number)
             if leaf is None:
-                leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                leaf = leaves[number] = array("i", EMPTY_LEAF)
                 counts[number] = 1
             else:
                 counts[number] += 1
@@ -345,7 +319,7 @@ class Inode:
                 take = min(len(ids) - done, (((number + 1) << XA_SHIFT) - slot_index) // step)
                 leaf = leaves.get(number)
                 if leaf is None:
-                    leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                    leaf = leaves[number] = array("i", EMPTY_LEAF)
                     counts[number] = 0
                 slot = slot_index & XA_MASK
                 leaf[slot : slot + take * step : step] = array(
@@ -438,157 +412,6 @@ class Inode:
         else:
             del blocks[block]
 
-    # -- shadow entries (mm/workingset.c's side of the xarray) ---------------------------------
-
-    def shadow_at(self, index: int) -> int | None:
-        """The token of the shadow entry whose head is at index, if one is."""
-        leaf = self.leaves.get(index >> XA_SHIFT)
-        if leaf is None:
-            return None
-        value = leaf[index & XA_MASK]
-        return -value - 1 if value < 0 else None
-
-    def __shadow_set(self, index: int, token: int) -> None:
-        """Puts a shadow entry's token in the empty slot of its head."""
-        number = index >> XA_SHIFT
-        leaf = self.leaves.get(number)
-        if leaf is None:
-            leaf = self.leaves[number] = array("i", _EMPTY_LEAF)
-            self.leaf_counts[number] = 1
-        else:
-            self.leaf_counts[number] += 1
-        leaf[index & XA_MASK] = -(token & EVICTION_MASK) - 1
-
-    def __shadow_pop(self, index: int) -> int | None:
-        """Removes the shadow entry whose head is at index; its token, if one was there."""
-        number = index >> XA_SHIFT
-        leaf = self.leaves.get(number)
-        if leaf is None:
-            return None
-        value = leaf[index & XA_MASK]
-        if value >= 0:
-            return None
-        count = self.leaf_counts[number] - 1
-        if count:
-            leaf[index & XA_MASK] = 0
-            self.leaf_counts[number] = count
-        else:
-            del self.leaves[number], self.leaf_counts[number]
-        return -value - 1
-
-    def evict_base_page(self, index: int, token: int) -> None:
-        """The base page at index leaves and its shadow entry takes its slot (xa_erase and
-        add_shadow in one step: the slot stays in use)."""
-        self.leaves[index >> XA_SHIFT][index & XA_MASK] = -(token & EVICTION_MASK) - 1
-        self.nr_by_order[0] -= 1
-
-    def shadow_heads_in(self, lo: int, hi: int) -> list[int]:
-        """Heads of the shadow entries in [lo, hi), ascending."""
-        found: list[int] = []
-        start = lo
-        while start < hi:
-            number = start >> XA_SHIFT
-            end = min(hi, (number + 1) << XA_SHIFT)
-            leaf = self.leaves.get(number)
-            if leaf is not None:
-                a = start & XA_MASK
-                part = leaf[a : a + end - start]
-                if part.count(0) != len(part) and min(part) < 0:
-                    found.extend(start + i for i, v in enumerate(part) if v < 0)
-            start = end
-        return found
-
-    @property
-    def shadows(self) -> dict[int, int]:
-        """Every shadow entry as head index -> token, by index (for checks and tests)."""
-        entries: dict[int, int] = {}
-        for number in sorted(self.leaves):
-            base = number << XA_SHIFT
-            entries.update((base + i, -v - 1) for i, v in enumerate(self.leaves[number]) if v < 0)
-        return entries
-
-    def add_shadow(self, index: int, order: int, token: int) -> None:
-        """The entry an evicted folio of order at index leaves (workingset_eviction)."""
-        self.__shadow_set(index, token)
-        if order:
-            self.shadow_orders[index] = order
-            blocks, block = self.large_shadow_blocks, index >> MAX_PAGECACHE_ORDER
-            blocks[block] = blocks.get(block, 0) + 1
-
-    def take_shadows(self, index: int, nr_pages: int) -> int | None:
-        """Removes the shadow entries over [index, index + nr_pages), where a new folio goes
-        (__filemap_add_folio), and returns the token of the last, as the kernel keeps the last
-        entry xas_for_each_conflict visits; a larger entry around the range is split and the
-        rest of it stays, in pieces of the new folio's size (xas_split)."""
-        # The range lies in one block of the largest folio's size: were no large entry in it,
-        # only base-page entries can be there.
-        large_here = index >> MAX_PAGECACHE_ORDER in self.large_shadow_blocks
-        shadow = self.__shadow_pop(index)
-        start = index
-        if shadow is not None:
-            order = self.__drop_large(index) if large_here and index in self.shadow_orders else 0
-            if 1 << order >= nr_pages:  # the entry covers the range: nothing else is inside
-                if 1 << order > nr_pages:
-                    self.__split_shadow(index, order, shadow, index, nr_pages)
-                return shadow
-            start = index + (1 << order)
-        elif large_here:
-            # An entry from before index that covers it (entries are aligned to their order).
-            orders = self.shadow_orders
-            for order in range(nr_pages.bit_length(), MAX_PAGECACHE_ORDER + 1):
-                head = index & ~((1 << order) - 1)
-                if head != index and orders.get(head) == order:
-                    self.__drop_large(head)
-                    token = self.__shadow_pop(head)
-                    assert token is not None
-                    self.__split_shadow(head, order, token, index, nr_pages)
-                    return token
-        end = index + nr_pages
-        if start == end:
-            return shadow
-        # Entries inside the range, of base pages or smaller folios; the last one is kept.
-        found = shadow
-        for head in self.shadow_heads_in(start, end):
-            if large_here and head in self.shadow_orders:
-                self.__drop_large(head)
-            found = self.__shadow_pop(head)
-        return found
-
-    def __drop_large(self, head: int) -> int:
-        """Forgets the order of the large entry at head (its token is the caller's to pop)."""
-        order = self.shadow_orders.pop(head)
-        blocks, block = self.large_shadow_blocks, head >> MAX_PAGECACHE_ORDER
-        if blocks[block] == 1:
-            del blocks[block]
-        else:
-            blocks[block] -= 1
-        return order
-
-    def __split_shadow(self, head: int, order: int, token: int, index: int, nr_pages: int) -> None:
-        """Puts back the entry of order at head, less [index, index + nr_pages), as entries
-        of nr_pages' size (all aligned: index and nr_pages are, inside the entry)."""
-        piece_order = nr_pages.bit_length() - 1
-        for piece in range(head, head + (1 << order), nr_pages):
-            if piece != index:
-                self.add_shadow(piece, piece_order, token)
-
-    def drop_shadows_from(self, keep: int) -> None:
-        """Removes the shadow entries that reach page keep or beyond (truncation clears a
-        multi-index entry whole)."""
-        orders = self.shadow_orders
-        # An entry reaching keep starts at most a largest folio's span before it.
-        start = max(0, keep - (1 << MAX_PAGECACHE_ORDER))
-        end = (max(self.leaves, default=-1) + 1) << XA_SHIFT
-        for head in self.shadow_heads_in(start, end):
-            if head + (1 << orders.get(head, 0)) > keep:
-                self.__shadow_pop(head)
-                if head in orders:
-                    self.__drop_large(head)
-
-    def shadow_span(self, head: int) -> int:
-        """Pages the shadow entry at head covers."""
-        return 1 << self.shadow_orders.get(head, 0)
-
     # CacheView for readahead.
     def prev_miss(self, index: int, max_scan: int) -> int:
         get = self.get
@@ -650,7 +473,7 @@ class FileHandle:
 
 
 @dataclass
-class PageCache:
+class PageCache(Writeback, Truncation):
     """The files of one machine and their cached folios."""
 
     store: BackingStore
@@ -836,7 +659,7 @@ class PageCache:
 
     def delete(self, name: str) -> None:
         inode = self.lookup(name)
-        self.__remove_many(inode, [f for _, f in inode.heads()])
+        self._remove_many(inode, [f for _, f in inode.heads()])
         for number in list(inode.handles):
             del self.handles[number]
         self.store.delete(name)
@@ -849,7 +672,7 @@ class PageCache:
 
     # -- folios in the mapping -------------------------------------------------------------
 
-    def __insert(self, inode: Inode, f: int, index: int) -> None:
+    def _insert(self, inode: Inode, f: int, index: int) -> None:
         """filemap_add_folio: into the mapping and onto the inactive LRU; a refault of a
         recently evicted folio is activated (workingset_refault)."""
         store = self.folio_store
@@ -869,7 +692,7 @@ class PageCache:
         if shadow is not None:
             self.lru.refault(f, shadow)
 
-    def __remove(self, inode: Inode, f: int, *, shadow: bool, free: bool = True) -> None:
+    def _remove(self, inode: Inode, f: int, *, shadow: bool, free: bool = True) -> None:
         """Takes a folio out of its mapping and the LRU and releases its id; frees its frames
         too unless they are to be recycled."""
         store = self.folio_store
@@ -882,9 +705,7 @@ class PageCache:
         if inode.memcg is not None:
             inode.memcg.nr_cache -= nr
         if store.flags[f] & PG_DIRTY:
-            inode.nr_dirty -= nr
-            self.nr_dirty -= nr
-            store.flags[f] &= ~PG_DIRTY
+            self.folio_clear_dirty(inode, f)
         if shadow:
             inode.add_shadow(index, order, self.lru.shadow(f))
         pfn = store.pfn[f]
@@ -892,7 +713,7 @@ class PageCache:
         if free:
             self.allocator.free_cache_folio(pfn, order)
 
-    def __remove_many(self, inode: Inode, ids: list[int]) -> None:
+    def _remove_many(self, inode: Inode, ids: list[int]) -> None:
         """__remove of each folio in turn (no shadow entries), frames freed in that order,
         in fewer steps."""
         if not ids:
@@ -902,23 +723,19 @@ class PageCache:
         self.lru.remove_many(ids)
         pfns: list[int] = []
         orders: list[int] = []
-        nr_pages = nr_dirty = 0
+        nr_pages = 0
         erase, release = inode.xa_erase, store.release
         for f in ids:
             order = order_of[f]
             erase(index_of[f], order)
-            nr = 1 << order
-            nr_pages += nr
+            nr_pages += 1 << order
             if flags[f] & PG_DIRTY:
-                nr_dirty += nr
-                flags[f] &= ~PG_DIRTY
+                self.folio_clear_dirty(inode, f)
             pfns.append(pfn_of[f])
             orders.append(order)
             release(f)
         inode.nr_pages -= nr_pages
         self.nr_pages -= nr_pages
-        inode.nr_dirty -= nr_dirty
-        self.nr_dirty -= nr_dirty
         if inode.memcg is not None:
             inode.memcg.nr_cache -= nr_pages
         self.allocator.free_cache_folios(pfns, orders)
@@ -959,7 +776,7 @@ class PageCache:
         order = store.order[f]
         keep = order == self.__recycling
         pfn = store.pfn[f]
-        self.__remove(inode, f, shadow=True, free=not keep)
+        self._remove(inode, f, shadow=True, free=not keep)
         if keep:
             if self.__recycled is not None:  # freed earlier: not the one handed back
                 self.allocator.free_cache_folio(self.__recycled, order)
@@ -1035,13 +852,13 @@ class PageCache:
         """Allocates and inserts the folio of one empty slot (base pages if a large folio
         cannot be had)."""
         f = self.__alloc(order)
-        self.__insert(inode, f, index)
+        self._insert(inode, f, index)
         made.append(f)
         if self.folio_store.order[f] < order:
             # Fallen back to a base page: the rest of the slot as base pages too.
             for i in range(index + 1, index + (1 << order)):
                 extra = self.__alloc(0)
-                self.__insert(inode, extra, i)
+                self._insert(inode, extra, i)
                 made.append(extra)
 
     def __populate_bulk(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> None:
@@ -1071,7 +888,7 @@ class PageCache:
                 ):
                     self.__insert_run(inode, ids, first, order)
                 else:
-                    insert = self.__insert
+                    insert = self._insert
                     for (index, _), f in zip(layout[start:stop], ids, strict=True):
                         insert(inode, f, index)
                 made.extend(ids)
@@ -1335,7 +1152,7 @@ class PageCache:
                             value = leaf[index & xa_mask] if leaf is not None else 0
                             shadow = -value - 1 if value < 0 else None
                         if leaf is None:
-                            leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                            leaf = leaves[number] = array("i", EMPTY_LEAF)
                             leaf_counts[number] = 1
                         elif not value:
                             leaf_counts[number] += 1
@@ -1361,7 +1178,7 @@ class PageCache:
                         except OutOfMemory:  # read()'s readahead tries the page twice
                             pfn = self.allocator.alloc_cache_folio(0)
                         f = store.new(pfn, 0)
-                        self.__insert(inode, f, index)
+                        self._insert(inode, f, index)
                         self.busy.clear()
                         lru.mark_accessed(f, True)
                         allocated += 1
@@ -1593,7 +1410,7 @@ class PageCache:
         except OutOfMemory:
             # Nothing was written yet: take the empty new folios back out.
             for f in made:
-                self.__remove(inode, f, shadow=False)
+                self._remove(inode, f, shadow=False)
             self.busy.clear()
             raise
         dirty_before = self.nr_dirty
@@ -1603,77 +1420,6 @@ class PageCache:
             self.busy.clear()
         self.balance_dirty_pages(stats, self.nr_dirty - dirty_before)
         return stats
-
-    def dirty_thresholds(self) -> tuple[int, int]:
-        """(background, limit) in pages: the ratios of dirtyable memory (domain_dirty_limits)."""
-        dirtyable = self.dirtyable()
-        limits = self.limits
-        return dirtyable * limits.background_ratio // 100, dirtyable * limits.ratio // 100
-
-    def balance_dirty_pages(self, stats: IoStats, nr_dirtied: int) -> None:
-        """Throttles a writer that just dirtied nr_dirtied pages.
-
-        Above the freerun ceiling, halfway between the background threshold and the limit, the
-        writer is paused for dirty_pause_seconds(); the pause is simulated, never slept: it is
-        charged to stats.throttle_seconds. A writer that took dirty memory over the limit also
-        writes back, oldest first, until it is under the background threshold; the device time
-        is charged to its call. The kernel checks only every `ratelimit` pages a task dirties
-        (balance_dirty_pages_ratelimited); here every write is checked.
-        """
-        background, limit = self.dirty_thresholds()
-        pause = self.dirty_pause_seconds(nr_dirtied, background, limit)
-        if pause > 0:
-            self.nr_paused += 1
-            self.pause_seconds += pause
-            stats.throttle_seconds += pause
-        if self.nr_dirty <= limit:
-            return
-        self.nr_throttled += 1
-        written = self.__writeback_oldest(lambda folio: self.nr_dirty > background)
-        stats.device_seconds += self.store.device.write_seconds(written * PAGE_SIZE)
-
-    def dirty_pause_seconds(self, nr_dirtied: int, background: int, limit: int) -> float:
-        """How long to pause a writer that dirtied nr_dirtied pages (balance_dirty_pages with
-        wb_position_ratio's pos_ratio_polynom): none at or below the freerun ceiling
-        (background + limit) // 2; above it, nr_dirtied pages at the device's write bandwidth
-        scaled by pos_ratio = 1 + x**3, x = (setpoint - dirty) / (limit - setpoint + 1),
-        setpoint = (freerun + limit) / 2, clamped to 0..2; at most MAX_PAUSE_SECONDS, which is
-        also the pause at or over the limit (a ratelimit of 0). A write that dirtied nothing
-        is not paused: the kernel balances only after pages are dirtied."""
-        dirty = self.nr_dirty
-        freerun = (background + limit) // 2
-        if nr_dirtied <= 0 or dirty <= freerun:
-            return 0.0
-        if dirty >= limit:
-            return MAX_PAUSE_SECONDS
-        setpoint = (freerun + limit) / 2
-        x = (setpoint - dirty) / (limit - setpoint + 1)
-        pos_ratio = min(max(1 + x**3, 0.0), 2.0)
-        # Positive: dirty < limit keeps x above -1.
-        task_ratelimit = self.store.device.write_bytes_per_s / PAGE_SIZE * pos_ratio
-        return min(nr_dirtied / task_ratelimit, MAX_PAUSE_SECONDS)
-
-    def flush(self) -> int:
-        """One pass of the flusher (wb_workfn): writes back folios dirty for longer than
-        dirty_expire, then more, oldest first, while dirty memory is over the background
-        threshold. Returns pages written."""
-        background, _ = self.dirty_thresholds()
-        expired_before = self.clock() - self.limits.expire_seconds
-        dirtied_at = self.folio_store.dirtied_at
-        return self.__writeback_oldest(
-            lambda f: dirtied_at[f] <= expired_before or self.nr_dirty > background
-        )
-
-    def __writeback_oldest(self, more: Callable[[int], bool]) -> int:
-        """Writes dirty folios back, oldest first, while more(folio) holds; returns pages
-        written successfully."""
-        written = 0
-        dirtied_at = self.folio_store.dirtied_at
-        for f in sorted(self.dirty_folios(), key=dirtied_at.__getitem__):
-            if not more(f):
-                break
-            written += self.writeback_folio(f)
-        return written
 
     def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[int]) -> IoStats:
         stats = IoStats()
@@ -1695,11 +1441,7 @@ class PageCache:
                 stats.pages_hit += stop - index
             self.__copy_in(inode, f, offset=offset, data=data, index=index, stop=stop, stats=stats)
             if not flags[f] & PG_DIRTY:
-                flags[f] |= PG_DIRTY
-                store.dirtied_at[f] = now
-                inode.nr_dirty += nr
-                self.nr_dirty += nr
-                self.events[VmEvent.NR_DIRTIED] += nr
+                self.folio_mark_dirty(inode, f, now)
             self.lru.mark_accessed(f, f in fresh)
             index = stop
         inode.size = max(inode.size, end)
@@ -1756,176 +1498,6 @@ class PageCache:
                     self.events[VmEvent.PGPGIN] += _KIB_PER_PAGE
                 contents[page_index - head] = page
             page[lo - page_start : hi - page_start] = data[lo - offset : hi - offset]
-
-    # -- writeback -------------------------------------------------------------------------
-
-    def writeback_folio(self, f: int) -> int:
-        """Writes a dirty folio's in-memory pages to the backing file and marks it clean; an
-        error is recorded in the file's errseq and the folio is marked clean all the same.
-        Returns the pages written successfully."""
-        store = self.folio_store
-        if not store.flags[f] & PG_DIRTY:
-            return 0
-        inode = self.inodes[store.mapping[f]]
-        head, nr = store.index[f], 1 << store.order[f]
-        contents = store.contents.get(f)
-        written = 0
-        try:
-            for i, page in sorted((contents or {}).items()):
-                self.store.write(inode.name, (head + i) << PAGE_SHIFT, bytes(page), inode.size)
-            if not contents:
-                self.store.write(inode.name, 0, b"", inode.size)
-        except OSError as exc:
-            inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
-        else:
-            store.contents.pop(f, None)
-            written = nr
-            self.events[VmEvent.NR_WRITTEN] += written
-            self.events[VmEvent.PGPGOUT] += written * _KIB_PER_PAGE
-        store.flags[f] &= ~PG_DIRTY
-        del store.dirtied_at[f]
-        inode.nr_dirty -= nr
-        self.nr_dirty -= nr
-        return written
-
-    def dirty_folios(self, inode: Inode | None = None) -> list[int]:
-        """Dirty folios, by file and index (of one file, or of all)."""
-        store = self.folio_store
-        mapping_of, index_of = store.mapping, store.index
-        if inode is None:
-            numbers = {inode.number: i for i, inode in enumerate(self.files.values())}
-        else:
-            numbers = {inode.number: 0}
-        found = [f for f in store.dirtied_at if mapping_of[f] in numbers]
-        found.sort(key=lambda f: (numbers[mapping_of[f]], index_of[f]))
-        return found
-
-    def writeback(self, name: str | None = None, start: int = 0, end: int | None = None) -> int:
-        """Writes back dirty folios of one file's byte range, of one file, or of all files;
-        returns pages written successfully."""
-        inode = self.lookup(name) if name is not None else None
-        store = self.folio_store
-        written = 0
-        for f in self.dirty_folios(inode):
-            folio_start = store.index[f] << PAGE_SHIFT
-            size = PAGE_SIZE << store.order[f]
-            if folio_start + size <= start or (end is not None and folio_start >= end):
-                continue
-            written += self.writeback_folio(f)
-        return written
-
-    def sync(self) -> int:
-        """Writes back every dirty file and makes it durable (sync(2)); returns pages written.
-        Errors stay recorded for the files' handles to see."""
-        written = 0
-        mapping_of = self.folio_store.mapping
-        numbers = dict.fromkeys(mapping_of[f] for f in self.dirty_folios())
-        for number in numbers:
-            inode = self.inodes[number]
-            written += self.writeback(inode.name)
-            try:
-                self.store.fsync(inode.name)
-            except OSError as exc:
-                inode.wb_err = errseq_set(inode.wb_err, exc.errno or errno.EIO)
-        return written
-
-    def fsync(self, number: int) -> int:
-        """Writes the file back and makes it durable; reports a writeback error that happened
-        since this handle last looked, once. Returns pages written."""
-        handle = self.handle(number)
-        inode = handle.inode
-        written = self.writeback(inode.name)
-        try:
-            self.store.fsync(inode.name)
-        except OSError as exc:
-            inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
-        err, handle.wb_err_since, inode.wb_err = errseq_check_and_advance(
-            inode.wb_err, handle.wb_err_since
-        )
-        if err:
-            raise WritebackFailed(
-                f"writeback of {inode.name!r} failed since this handle last checked: "
-                f"{errno.errorcode.get(err, str(err))}",
-                field="handle",
-                metadata={"errno": str(err), "name": inode.name},
-            )
-        return written
-
-    # -- truncate and drop -----------------------------------------------------------------
-
-    def truncate(self, name: str, size: int) -> None:
-        """Sets the file's size: folios past the end go; a large folio straddling the new end
-        is split and its pages past the end freed; the last page's tail reads as zeros."""
-        inode = self.lookup(name)
-        if not 0 <= size <= MAX_FILE_BYTES:
-            raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
-        keep = -(-size // PAGE_SIZE)  # pages that remain
-        store = self.folio_store
-        try:
-            for index, f in inode.heads():
-                if index >= keep:
-                    self.__remove(inode, f, shadow=False)
-                elif index + (1 << store.order[f]) > keep:
-                    self.__split_tail(inode, f, keep)
-        finally:
-            self.busy.clear()
-        inode.drop_shadows_from(keep)
-        if size % PAGE_SIZE:
-            last = inode.get(size >> PAGE_SHIFT)
-            contents = store.contents.get(last) if last >= 0 else None
-            page = contents.get((size >> PAGE_SHIFT) - store.index[last]) if contents else None
-            if page is not None:
-                page[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
-        inode.size = size
-        self.store.truncate(inode.name, size)
-
-    def __split_tail(self, inode: Inode, f: int, keep: int) -> None:
-        """Splits a large folio in place into base pages and frees those at or past page keep;
-        the kept pages keep their data and flags. Allocates nothing."""
-        store = self.folio_store
-        contents = store.contents.get(f) or {}
-        bits = store.flags[f]
-        dirty, referenced = bits & PG_DIRTY, bits & PG_REFERENCED
-        when = store.dirtied_at.get(f, 0.0)
-        index, order, pfn = store.index[f], store.order[f], store.pfn[f]
-        nr = 1 << order
-        self.lru.remove(f)
-        inode.xa_erase(index, order)
-        inode.nr_pages -= nr
-        self.nr_pages -= nr
-        if inode.memcg is not None:
-            inode.memcg.nr_cache -= nr
-        if dirty:
-            inode.nr_dirty -= nr
-            self.nr_dirty -= nr
-        store.release(f)
-        self.allocator.split_cache_folio(pfn, order)
-        for i in range(nr):
-            if index + i >= keep:
-                self.allocator.free_cache_folio(pfn + i, 0)
-                continue
-            page = store.new(pfn + i, 0)
-            self.__insert(inode, page, index + i)
-            if i in contents:
-                store.contents[page] = {0: contents[i]}
-            if referenced:
-                store.flags[page] |= PG_REFERENCED
-            if dirty:
-                store.flags[page] |= PG_DIRTY
-                store.dirtied_at[page] = when
-                inode.nr_dirty += 1
-                self.nr_dirty += 1
-
-    def drop_caches(self) -> int:
-        """Frees every clean page cache folio (echo 1 > drop_caches); returns pages freed.
-        Data kept only in a folio whose writeback failed goes with it, as in Linux."""
-        freed = 0
-        flags, order_of = self.folio_store.flags, self.folio_store.order
-        for inode in self.files.values():
-            clean = [f for _, f in inode.heads() if not flags[f] & PG_DIRTY]
-            freed += sum(1 << order_of[f] for f in clean)
-            self.__remove_many(inode, clean)
-        return freed
 
 
 def check_range(offset: int, length: int, field: str = "length") -> None:

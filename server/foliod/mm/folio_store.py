@@ -38,6 +38,14 @@ NO_FOLIO = -1
 EVICTION_BITS = 30
 EVICTION_MASK = (1 << EVICTION_BITS) - 1
 
+# The largest page cache folio (MAX_PAGECACHE_ORDER).
+MAX_PAGECACHE_ORDER = 9
+# A mapping's leaves: 2^XA_SHIFT slots each, holding folio id + 1 (0: empty) or a shadow entry.
+XA_SHIFT = 8
+XA_SLOTS = 1 << XA_SHIFT
+XA_MASK = XA_SLOTS - 1
+EMPTY_LEAF = bytes(4 * XA_SLOTS)
+
 _GROW_MIN = 1024
 
 

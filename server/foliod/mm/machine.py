@@ -29,7 +29,8 @@ from foliod.mm.errors import (
     UnknownMachine,
     UnknownOwner,
 )
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER, DirtyLimits, PageCache, check_range
+from foliod.mm.filemap import PageCache, check_range
+from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
 from foliod.mm.folio_table import (
     CHUNK_SHIFT,
     FREED,
@@ -55,6 +56,7 @@ from foliod.mm.memmap import DescriptorSizes, ModelCost, memmap_report
 from foliod.mm.memory import MmStruct
 from foliod.mm.mm_types import Folio, FolioKind, check_folio_range, read_pages, write_pages
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER, Watermarks, Zone
+from foliod.mm.page_writeback import DirtyLimits
 from foliod.mm.readahead import DEFAULT_RA_PAGES
 from foliod.mm.vmstat import MthpStat, VmEvent, VmStat, new_event_counters
 

@@ -1,0 +1,117 @@
+"""Truncation and dropping clean page cache (mm/truncate.c): folios past a new end of file
+go, a large folio straddling it is split, and drop_caches frees every clean folio.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from foliod.mm.backing_dev import BackingStore
+from foliod.mm.errors import InvalidArgument
+from foliod.mm.folio_store import PG_DIRTY, PG_REFERENCED, FolioStore
+from foliod.mm.lru import ReclaimPolicy
+from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from foliod.mm.filemap import CacheAllocator, Inode
+
+# The largest file (16 TiB: page indices fit 32 bits).
+MAX_FILE_BYTES = 1 << 44
+
+
+class Truncation:
+    """The truncation half of the page cache (PageCache)."""
+
+    folio_store: FolioStore
+    files: dict[str, Inode]
+    store: BackingStore
+    allocator: CacheAllocator
+    lru: ReclaimPolicy
+    busy: set[int]
+    nr_pages: int
+
+    if TYPE_CHECKING:
+
+        def lookup(self, name: str) -> Inode: ...
+
+        def _insert(self, inode: Inode, f: int, index: int) -> None: ...
+
+        def _remove(self, inode: Inode, f: int, *, shadow: bool, free: bool = True) -> None: ...
+
+        def _remove_many(self, inode: Inode, ids: list[int]) -> None: ...
+
+        def folio_mark_dirty(
+            self, inode: Inode, f: int, when: float, *, dirtied: bool = True
+        ) -> None: ...
+
+        def folio_clear_dirty(self, inode: Inode, f: int) -> None: ...
+
+    def truncate(self, name: str, size: int) -> None:
+        """Sets the file's size: folios past the end go; a large folio straddling the new end
+        is split and its pages past the end freed; the last page's tail reads as zeros."""
+        inode = self.lookup(name)
+        if not 0 <= size <= MAX_FILE_BYTES:
+            raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
+        keep = -(-size // PAGE_SIZE)  # pages that remain
+        store = self.folio_store
+        try:
+            for index, f in inode.heads():
+                if index >= keep:
+                    self._remove(inode, f, shadow=False)
+                elif index + (1 << store.order[f]) > keep:
+                    self.__split_tail(inode, f, keep)
+        finally:
+            self.busy.clear()
+        inode.drop_shadows_from(keep)
+        if size % PAGE_SIZE:
+            last = inode.get(size >> PAGE_SHIFT)
+            contents = store.contents.get(last) if last >= 0 else None
+            page = contents.get((size >> PAGE_SHIFT) - store.index[last]) if contents else None
+            if page is not None:
+                page[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
+        inode.size = size
+        self.store.truncate(inode.name, size)
+
+    def __split_tail(self, inode: Inode, f: int, keep: int) -> None:
+        """Splits a large folio in place into base pages and frees those at or past page keep;
+        the kept pages keep their data and flags. Allocates nothing."""
+        store = self.folio_store
+        contents = store.contents.get(f) or {}
+        bits = store.flags[f]
+        dirty, referenced = bits & PG_DIRTY, bits & PG_REFERENCED
+        when = store.dirtied_at.get(f, 0.0)
+        index, order, pfn = store.index[f], store.order[f], store.pfn[f]
+        nr = 1 << order
+        self.lru.remove(f)
+        inode.xa_erase(index, order)
+        inode.nr_pages -= nr
+        self.nr_pages -= nr
+        if inode.memcg is not None:
+            inode.memcg.nr_cache -= nr
+        if dirty:
+            self.folio_clear_dirty(inode, f)
+        store.release(f)
+        self.allocator.split_cache_folio(pfn, order)
+        for i in range(nr):
+            if index + i >= keep:
+                self.allocator.free_cache_folio(pfn + i, 0)
+                continue
+            page = store.new(pfn + i, 0)
+            self._insert(inode, page, index + i)
+            if i in contents:
+                store.contents[page] = {0: contents[i]}
+            if referenced:
+                store.flags[page] |= PG_REFERENCED
+            if dirty:
+                self.folio_mark_dirty(inode, page, when, dirtied=False)
+
+    def drop_caches(self) -> int:
+        """Frees every clean page cache folio (echo 1 > drop_caches); returns pages freed.
+        Data kept only in a folio whose writeback failed goes with it, as in Linux."""
+        freed = 0
+        flags, order_of = self.folio_store.flags, self.folio_store.order
+        for inode in self.files.values():
+            clean = [f for _, f in inode.heads() if not flags[f] & PG_DIRTY]
+            freed += sum(1 << order_of[f] for f in clean)
+            self._remove_many(inode, clean)
+        return freed
