@@ -7,7 +7,7 @@ method, so arguments, requests and results are written once for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
@@ -288,6 +288,47 @@ def write_file(
     """Writes into the page cache at a byte offset; the file grows as written."""
     request = pb.WriteFileRequest(name=name, offset=offset, data=data)
     return Call(WRITE_FILE, request, **options)
+
+
+# Operations per ReplayChunk: with 10-byte varint offsets and 5-byte lengths, about 1 MiB.
+REPLAY_CHUNK_OPS = 65536
+
+
+def replay_chunks(
+    name: str,
+    offsets: Sequence[int],
+    lengths: Sequence[int] | None = None,
+    writes: Sequence[bool] | None = None,
+    *,
+    machine: str = "",
+    interval_accesses: int = 0,
+    chunk_ops: int = REPLAY_CHUNK_OPS,
+) -> Iterator[pb.ReplayChunk]:
+    """A trace as ReplayChunks: byte offsets, lengths (None: 4096 each) and which operations
+    are writes (None: all reads); the first chunk names the machine and the file."""
+    if lengths is not None and len(lengths) != len(offsets):
+        raise ValueError(f"{len(lengths)} lengths for {len(offsets)} offsets")
+    if writes is not None and len(writes) != len(offsets):
+        raise ValueError(f"{len(writes)} writes for {len(offsets)} offsets")
+    has_writes = writes is not None and any(writes)
+    start = 0
+    while True:
+        end = start + chunk_ops
+        chunk = pb.ReplayChunk(offsets=offsets[start:end])
+        if start == 0:
+            chunk.machine, chunk.name = machine, name
+            chunk.interval_accesses = interval_accesses
+        if lengths is not None:
+            chunk.lengths.extend(lengths[start:end])
+        if has_writes:
+            assert writes is not None
+            chunk.ops.extend(
+                [pb.REPLAY_OP_WRITE if w else pb.REPLAY_OP_READ for w in writes[start:end]]
+            )
+        yield chunk
+        start = end
+        if start >= len(offsets):
+            return
 
 
 def truncate_file(name: str, size_bytes: int, **options: Unpack[CallOptions]) -> Call[FileStat]:

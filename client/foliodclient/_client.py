@@ -10,7 +10,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,8 @@ from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
 from foliodclient._batch import AsyncSubmission, Submission
 from foliodclient._calls import FOLIOD, HEALTH, IDEMPOTENCY_KEY, Call
+from foliodclient._convert import from_message
+from foliodclient._types import ReplayResult
 from foliodclient.errors import error_from_rpc
 
 P = ParamSpec("P")
@@ -268,6 +270,41 @@ class FoliodClient(_ClientBase[grpc.Channel]):
         stub = self._stubs[FOLIOD]
         metadata = _with_key(self._connection.metadata, idempotency_key)
         return Submission(stub, machine or self.machine, metadata, timeout)
+
+    def replay(
+        self,
+        name: str,
+        offsets: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        writes: Sequence[bool] | None = None,
+        *,
+        interval_accesses: int = 0,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> ReplayResult:
+        """Replays a trace on file `name`, in order, in one Replay call: byte `offsets`,
+        `lengths` (None: 4096 each) and which operations are `writes` (None: all reads). The
+        file must exist and hold every operation. Reads count one access per page, as trace
+        simulators do. `interval_accesses` > 0 asks for a series of totals every that many page
+        accesses. `timeout` bounds the call (None: the client's). Never retried: a replay
+        changes the cache."""
+        chunks = _calls.replay_chunks(
+            name,
+            offsets,
+            lengths,
+            writes,
+            machine=self.machine if machine is None else machine,
+            interval_accesses=interval_accesses,
+        )
+        try:
+            reply = self._stubs[FOLIOD].Replay(
+                chunks,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(ReplayResult, reply)
 
     allocate = _sync(_calls.allocate)
     free = _sync(_calls.free)

@@ -202,6 +202,26 @@ class FileWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayTotals:
+    """What a stretch of a replayed trace did: operations, page accesses, their stats, folios
+    reclaimed (pgsteal) and refaults of evicted pages."""
+
+    operations: int
+    accesses: int
+    stats: IoStats
+    evictions: int
+    refaults: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """A Replay call's totals and its per-interval series."""
+
+    totals: ReplayTotals
+    intervals: tuple[ReplayTotals, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FaultRule:
     """A backing-store fault: writes to `name` overlapping [offset, offset + length) fail or stall.
 

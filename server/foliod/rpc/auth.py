@@ -67,7 +67,7 @@ class Role(enum.Enum):
 
 # Views: change no simulated state. ReadFile is not one (it fills the page cache, runs
 # readahead and can reclaim others' pages); ReadFolio only copies bytes out of a folio.
-_VIEWS = (
+VIEWS = (
     "GetFolio",
     "ReadFolio",
     "GetMachine",
@@ -98,9 +98,10 @@ _WORKLOAD = (
     "Writeback",
     "Fsync",
     "Submit",
+    "Replay",
 )
-# Host-wide knobs and guests: they change what every tenant sees. Reclaim is one while tenants
-# have no memory of their own (it evicts anyone's page cache).
+# Host-wide knobs and guests: they change what every tenant sees. Reclaim is one: it evicts
+# anyone's page cache (a tenant's own is reclaimed by its memory limit, memcontrol).
 _ADMIN = (
     "SetThpPolicy",
     "Reclaim",
@@ -114,7 +115,7 @@ _ADMIN = (
 _ALL_ROLES = frozenset(Role)
 # Full method name -> the roles that may call it.
 RULES: Mapping[str, frozenset[Role]] = {
-    **{f"/{FOLIOD_SERVICE}/{m}": _ALL_ROLES for m in _VIEWS},
+    **{f"/{FOLIOD_SERVICE}/{m}": _ALL_ROLES for m in VIEWS},
     **{f"/{FOLIOD_SERVICE}/{m}": frozenset({Role.ADMIN, Role.TENANT}) for m in _WORKLOAD},
     **{f"/{FOLIOD_SERVICE}/{m}": frozenset({Role.ADMIN}) for m in _ADMIN},
 }

@@ -35,6 +35,7 @@ import grpc
 import structlog
 
 from foliod.mm import FoliodError, InvalidArgument
+from foliod.rpc.auth import VIEWS
 from foliod.rpc.interceptors import REQUEST_ID_KEY
 from foliod.rpc.status import internal_status, to_status
 
@@ -74,24 +75,7 @@ MUTATIONS = frozenset(
     }
 )
 # ReadFile changes only the cache (readahead, LRU): a read, as the client retries it.
-READS = frozenset(
-    {
-        "GetFolio",
-        "ReadFolio",
-        "GetMachine",
-        "GetBuddyInfo",
-        "GetMeminfo",
-        "GetMemmap",
-        "GetVmstat",
-        "GetThpPolicy",
-        "StatFile",
-        "ListFiles",
-        "ReadFile",
-        "GetFaults",
-        "GetGuest",
-        "ListGuests",
-    }
-)
+READS = frozenset({*VIEWS, "ReadFile"})
 FOLIOD_SERVICE = "foliod.v1.Foliod"
 
 # (principal, method, key)

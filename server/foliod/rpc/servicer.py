@@ -30,6 +30,8 @@ from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.rpc.auth import current_identity
 from foliod.rpc.batch import submit_batch
 from foliod.rpc.idempotency import OutcomeCache, submit_once
+from foliod.rpc.replay import parse as parse_replay
+from foliod.rpc.replay import run as run_replay
 from foliod.rpc.tenancy import Namespace, namespace_of
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -591,6 +593,13 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                 )
         finally:
             self._streams.release()
+
+    def Replay(
+        self, request_iterator: Iterator[pb.ReplayChunk], context: grpc.ServicerContext
+    ) -> pb.ReplayResult:
+        trace = parse_replay(request_iterator)  # every chunk checked before anything runs
+        name = self._ns().file(trace.name)
+        return self._change(trace.machine, lambda m: run_replay(m, name, trace))
 
 
 def _duplication_pb(
