@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from foliod.mm import Machine, check_machine
+from foliod.mm.folio_store import CacheFolio
 from foliod.mm.lru.mglru import MAX_REFS, Mglru, lru_tier_from_refs
-from foliod.mm.mm_types import Folio
 from tests.test_policies import FILE
 from tests.test_policies import make_machine as make_policy_machine
 
@@ -36,8 +36,13 @@ def read(machine: Machine, keys: Iterable[int]) -> list[bool]:
     return [machine.files.replay(FILE, [key]).pages_hit == 1 for key in keys]
 
 
-def folio(machine: Machine, key: int) -> Folio:
+def folio(machine: Machine, key: int) -> CacheFolio:
     return machine.files.files[FILE].folios[key]
+
+
+def views(machine: Machine) -> list[CacheFolio]:
+    """The policy's folios in its order, as objects."""
+    return [machine.files.folio(f) for f in machine.lru.folios()]
 
 
 def resident(machine: Machine) -> set[int]:
@@ -113,10 +118,10 @@ def test_victim_asked_twice_changes_nothing(tmp_path: Path) -> None:
     policy = policy_of(machine)
     read(machine, [0] * 5 + [1, 2, 3])
     first = policy.victim()
-    state = [(f.index, f.gen, f.refs) for f in policy.folios()]
-    assert first is folio(machine, 1)
-    assert policy.victim() is first
-    assert [(f.index, f.gen, f.refs) for f in policy.folios()] == state
+    state = [(f.index, f.gen, f.refs) for f in views(machine)]
+    assert machine.files.folio(first) == folio(machine, 1)
+    assert policy.victim() == first
+    assert [(f.index, f.gen, f.refs) for f in views(machine)] == state
     assert policy.protected == [0, 0, 0, 1]
 
 
@@ -251,12 +256,12 @@ def test_hand_worked_trace(tmp_path: Path) -> None:
     # 11 b     miss  d evicted; b refaults within min_seq 1 (recent): gen1 [e b]
     # 12 a     hit
     machine = make_machine(tmp_path, 3)
-    policy = policy_of(machine)
+    policy_of(machine)  # the machine runs mglru
     a, b, c, d, e = range(5)
     got = read(machine, [a, a, a, a, a, b, c, d, a, e, b, a])
     assert got == [False, True, True, True, True, False, False, False, True, False, False, True]
     assert resident(machine) == {a, b, e}
-    assert [(f.index, f.gen) for f in policy.folios()] == [(e, 1), (b, 1), (a, 2)]
+    assert [(f.index, f.gen) for f in views(machine)] == [(e, 1), (b, 1), (a, 2)]
     assert events(machine, *REFAULT_COUNTS, "pgrefill") == (1, 1, 1)
     check_machine(machine)
 

@@ -466,7 +466,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         fs.flush()
         assert fs.nr_dirty <= background
         expired_before = self.clock.now - LIMITS.expire_seconds
-        assert all(f.dirtied_at > expired_before for f in fs.dirty_folios())
+        assert all(fs.folio(f).dirtied_at > expired_before for f in fs.dirty_folios())
 
     @rule(advance=st.floats(0.0, 40.0))
     def tick(self, advance: float) -> None:

@@ -93,7 +93,7 @@ def snapshot(machine: Machine) -> dict[str, Any]:
     }
     return {
         "inodes": inodes,
-        "lru": [folio_state(f) for f in policy.folios()],
+        "lru": [folio_state(cache.folio(f)) for f in policy.folios()],
         "lists": policy.lists(),
         "nonresident_age": policy.nonresident_age,
         "events": {str(k): v for k, v in machine.events.items() if v},

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from foliod.mm.filemap import MAX_PAGECACHE_ORDER, Inode
+from foliod.mm.filemap import MAX_PAGECACHE_ORDER, XA_BIG_ORDER, XA_MEDIUM_ORDER, XA_SHIFT, Inode
+from foliod.mm.folio_store import PG_DIRTY, CacheFolio
 from foliod.mm.folio_table import CHUNK_SHIFT, HVO, KIND_CODE, KINDS, PMD_MAPPED, Records
 from foliod.mm.huge_memory import HPAGE_PMD_NR
 from foliod.mm.machine import Machine
@@ -48,7 +49,7 @@ def check_machine(machine: Machine) -> None:
     _require(zone.buddyinfo() == [len(a) for a in zone.free_area], "buddyinfo disagrees")
 
     # Folio objects (page tables, page cache, balloon); owned folios are checked as columns.
-    folios: list[Folio] = []
+    folios: list[Folio | CacheFolio] = []
     table = machine.table
     live = table.live_handles()
     recs = table.records(live)
@@ -191,7 +192,7 @@ def _check_shadows(inode: Inode) -> None:
         if head in orders:
             _require(0 < orders[head] <= MAX_PAGECACHE_ORDER, f"{name}: order out of bounds")
         _require(head > end, f"{name}: overlaps the entry ending at {end}")
-        _require(all(inode.find(i) is None for i in range(head, head + span)), f"{name}: cached")
+        _require(all(inode.get(i) < 0 for i in range(head, head + span)), f"{name}: cached")
         end = head + span - 1
     blocks: dict[int, int] = {}
     for head in orders:
@@ -231,30 +232,54 @@ def _check_memcgs(machine: Machine, recs: Records) -> None:
         )
 
 
-def _check_page_cache(machine: Machine) -> list[Folio]:
-    """Mappings, LRU lists and dirty counts agree; returns the cached folios."""
+def _check_page_cache(machine: Machine) -> list[CacheFolio]:
+    """Mappings, LRU lists, folio columns and dirty counts agree; returns the cached folios."""
     cache = machine.page_cache
     assert cache is not None
-    cached: list[Folio] = []
+    store = cache.folio_store
+    cached: list[CacheFolio] = []
     nr_dirty_total = 0
     for inode in cache.files.values():
+        _require(cache.inodes.get(inode.number) is inode, f"{inode.name}: inode number off")
         end = -1
         nr_pages = nr_dirty = 0
-        for index in sorted(inode.folios):
-            folio = inode.folios[index]
+        by_order = [0] * len(inode.nr_by_order)
+        for index, f in inode.heads():
+            folio = cache.folio(f)
             name = f"{inode.name}[{index}]"
-            _require(folio.mapping is inode and folio.index == index, f"{name}: wrong mapping")
+            _require(
+                store.mapping[f] == inode.number and folio.index == index, f"{name}: wrong mapping"
+            )
             _require(index % folio.nr_pages == 0, f"{name}: misaligned order-{folio.order}")
             _require(index > end, f"{name}: overlaps the folio ending at {end}")
             _require(folio.order <= inode.top_order, f"{name}: above top_order {inode.top_order}")
-            _require(folio.nr_pages == 1 << folio.order, f"{name}: nr_pages off")
+            _require(inode.get(index + folio.nr_pages - 1) == f, f"{name}: not found at its end")
+            _require(folio.dirty == (f in store.dirtied_at), f"{name}: dirty time off")
             end = index + folio.nr_pages - 1
             nr_pages += folio.nr_pages
             nr_dirty += folio.nr_pages if folio.dirty else 0
+            by_order[folio.order] += 1
             cached.append(folio)
+        _require(by_order == inode.nr_by_order, f"{inode.name}: folios by order miscounted")
+        for leaves, kept in (
+            (inode.leaves, inode.leaf_counts),
+            (inode.medium, inode.medium_counts),
+        ):
+            counts = {n: sum(1 for v in leaf if v) for n, leaf in leaves.items()}
+            _require(counts == kept, f"{inode.name}: leaf counts off")
+            _require(all(counts.values()), f"{inode.name}: an empty leaf is kept")
+        for index, f in inode.heads():
+            order = store.order[f]
+            where = 0 if order < XA_MEDIUM_ORDER else 1 if order < XA_BIG_ORDER else 2
+            _require(
+                inode.head_at(index) == f
+                and (index in inode.big) == (where == 2)
+                and ((index >> (XA_SHIFT + XA_MEDIUM_ORDER)) in inode.medium or where != 1),
+                f"{inode.name}[{index}]: kept at the wrong level for order {order}",
+            )
         large: dict[int, int] = {}
-        for index, folio in inode.folios.items():
-            if folio.order:
+        for index, f in inode.heads():
+            if store.order[f]:
                 large[index >> MAX_PAGECACHE_ORDER] = large.get(index >> MAX_PAGECACHE_ORDER, 0) + 1
         _require(large == inode.large_blocks, f"{inode.name}: large folios miscounted")
         _check_shadows(inode)
@@ -263,10 +288,19 @@ def _check_page_cache(machine: Machine) -> list[Folio]:
         nr_dirty_total += nr_dirty
     _require(sum(f.nr_pages for f in cached) == cache.nr_pages, "page cache page count wrong")
     _require(nr_dirty_total == cache.nr_dirty, "page cache dirty count wrong")
+    ids = {folio.id for folio in cached}
+    _require(
+        set(store.dirtied_at) <= ids and set(store.contents) <= ids,
+        "a folio no longer cached keeps data or a dirty time",
+    )
+    _require(
+        all(store.flags[f] & PG_DIRTY for f in store.dirtied_at), "dirty time of a clean folio"
+    )
     policy = machine.lru
     held = list(policy.folios())
     _require(len(set(held)) == len(held), f"{policy.name}: a folio is listed twice")
-    _require(set(held) == set(cached), f"{policy.name} and the page cache hold different folios")
+    _require(set(held) == ids, f"{policy.name} and the page cache hold different folios")
+    _require(not set(store.free_ids.tolist()) & ids, "a cached folio's id is free")
     try:
         policy.check()
     except AssertionError as exc:

@@ -2,10 +2,15 @@
 (mm/filemap.c, mm/readahead.c callers, mm/page-writeback.c, mm/truncate.c).
 
 Each file (an Inode, with its address_space) indexes its folios by page offset; an order-k
-folio covers 2^k indices from an index aligned to 2^k. Evicted folios leave shadow entries that
-detect refaults. The backing file is the truth for clean data: a folio keeps in memory only the
-pages that differ from it (written and not yet written back), so the simulator's memory grows
-with dirty data, not with what is cached.
+folio covers 2^k indices from an index aligned to 2^k. Folios are ids in the machine's
+FolioStore (their fields are columns there). A mapping holds them at their head index, as
+an xarray of two levels: leaves of 256 slots (four of the kernel's 64-slot nodes to a leaf), a
+slot per page for folios of order 0 and 1 and a slot per four pages for orders 2 to 7, and a
+dict by head index for folios of order 8 and up (the kernel's multi-index entries high in the
+tree). Evicted folios leave shadow entries that detect refaults. The backing file is the
+truth for clean data: a folio keeps in memory only the pages that differ from it (written and
+not yet written back), so the simulator's memory grows with dirty data, not with what is
+cached.
 
 Writeback errors follow the kernel: the folio is marked clean and the error is recorded in the
 file's errseq for fsync to report, once per open handle; the written data stays in the cached
@@ -15,8 +20,9 @@ folio (reads still see it) until the folio is evicted, when it is lost, as in Li
 from __future__ import annotations
 
 import errno
+from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Protocol
@@ -33,10 +39,17 @@ from foliod.mm.errors import (
     WritebackFailed,
 )
 from foliod.mm.errseq import errseq_check_and_advance, errseq_sample, errseq_set
+from foliod.mm.folio_store import (
+    NO_FOLIO,
+    PG_DIRTY,
+    PG_READAHEAD,
+    PG_REFERENCED,
+    CacheFolio,
+    FolioStore,
+)
 from foliod.mm.huge_memory import HPAGE_PMD_ORDER
 from foliod.mm.lru import ReclaimPolicy
 from foliod.mm.memcontrol import MemCgroup
-from foliod.mm.mm_types import Folio, FolioKind
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 from foliod.mm.readahead import (
     DEFAULT_RA_PAGES,
@@ -59,21 +72,37 @@ _PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))
 _BULK_MIN = 16
 # The longest a writer is paused (MAX_PAUSE, HZ / 5).
 MAX_PAUSE_SECONDS = 0.2
+# A mapping's leaves: 2^XA_SHIFT slots each, holding folio id + 1 (0: empty).
+XA_SHIFT = 8
+XA_SLOTS = 1 << XA_SHIFT
+XA_MASK = XA_SLOTS - 1
+# Folios of order XA_MEDIUM_ORDER up to XA_BIG_ORDER - 1 go in leaves of their own, a slot per
+# 2^XA_MEDIUM_ORDER pages (a quarter of the slots per page); those of XA_BIG_ORDER and up are
+# kept by head index in a dict.
+XA_MEDIUM_ORDER = 2
+XA_BIG_ORDER = 8
+_MEDIUM_LEAF_SHIFT = XA_SHIFT + XA_MEDIUM_ORDER
+_MEDIUM_ALIGN = (1 << XA_MEDIUM_ORDER) - 1
+_EMPTY_LEAF = bytes(4 * XA_SLOTS)
 
 
 class CacheAllocator(Protocol):
-    """Where page cache folios come from (with reclaim); raises OutOfMemory."""
+    """Where page cache folios' frames come from (with reclaim); raises OutOfMemory."""
 
-    def alloc_cache_folio(self, order: int) -> Folio: ...
+    def alloc_cache_folio(self, order: int) -> int:
+        """The first pfn of a free block of order."""
+        ...
 
-    def alloc_cache_folios(self, order: int, count: int) -> list[Folio] | None:
-        """count folios of order in one step, the same ones count alloc_cache_folio calls in a
+    def alloc_cache_folios(self, order: int, count: int) -> list[int] | None:
+        """count blocks of order in one step, the same ones count alloc_cache_folio calls in a
         row would give; None (nothing taken) when that would reclaim or fail."""
         ...
 
-    def free_cache_folio(self, folio: Folio) -> None: ...
+    def free_cache_folio(self, pfn: int, order: int) -> None: ...
 
-    def split_cache_folio(self, folio: Folio) -> list[Folio]: ...
+    def split_cache_folio(self, pfn: int, order: int) -> None:
+        """The folio of order at pfn becomes base pages over the same frames (accounting)."""
+        ...
 
     def recycle_cache_frames(self, nr: int) -> None:
         """nr pages of frames went straight from evicted folios to new ones of the same order
@@ -128,76 +157,277 @@ class Inode:
     """One file and its page cache mapping (struct inode + struct address_space)."""
 
     __slots__ = (
-        "folios",
+        "big",
         "handles",
         "large_blocks",
         "large_shadow_blocks",
         "last_found",
+        "leaf_counts",
+        "leaves",
         "max_order",
+        "medium",
+        "medium_counts",
         "memcg",
         "name",
+        "nr_by_order",
         "nr_dirty",
         "nr_pages",
+        "number",
         "ra",
+        "registry",
         "shadow_orders",
         "shadows",
         "size",
+        "store",
         "top_order",
         "wb_err",
     )
 
-    def __init__(self, name: str, size: int, max_order: int, ra_pages: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        max_order: int,
+        ra_pages: int,
+        *,
+        store: FolioStore | None = None,
+        number: int = 1,
+        registry: Mapping[int, Inode] | None = None,
+    ) -> None:
         self.name = name
         self.size = size
         self.max_order = max_order
+        # The folio columns, this inode's number in their mapping column, and the inodes by
+        # number (what a CacheFolio's mapping answers).
+        self.store = store if store is not None else FolioStore()
+        self.number = number
+        self.registry = registry
         # The readahead state of reads by name, which share one open file description per file;
         # its ra_pages is the file's, copied into each handle at open.
         self.ra = RaState(ra_pages)
-        # Head index -> folio; head index -> the shadow token a folio that left was evicted
-        # with (the policy's: an eviction age, or mglru's generation and tier). As in the
-        # kernel's xarray, an evicted large folio leaves one entry over its whole range (a
-        # multi-index entry): its head is in shadow_orders with the folio's order, and
-        # large_shadow_blocks counts those entries per block of MAX_PAGECACHE_ORDER's size.
-        # Entries never overlap, nor cover a cached page.
-        self.folios: dict[int, Folio] = {}
+        # The mapping: leaf number -> leaf (folio id + 1 at each folio's head, 0 where none
+        # starts) and folios per leaf, for orders below XA_MEDIUM_ORDER (a slot a page) and
+        # below XA_BIG_ORDER (medium: a slot per 2^XA_MEDIUM_ORDER pages); bigger folios by
+        # head index.
+        self.leaves: dict[int, array[int]] = {}
+        self.leaf_counts: dict[int, int] = {}
+        self.medium: dict[int, array[int]] = {}
+        self.medium_counts: dict[int, int] = {}
+        self.big: dict[int, int] = {}
+        # Head index -> the shadow token a folio that left was evicted with (the policy's: an
+        # eviction age, or mglru's generation and tier). As in the kernel's xarray, an evicted
+        # large folio leaves one entry over its whole range (a multi-index entry): its head is
+        # in shadow_orders with the folio's order, and large_shadow_blocks counts those entries
+        # per block of MAX_PAGECACHE_ORDER's size. Entries never overlap, nor cover a cached
+        # page.
         self.shadows: dict[int, int] = {}
         self.shadow_orders: dict[int, int] = {}
         self.large_shadow_blocks: dict[int, int] = {}
         self.nr_pages = 0
         self.nr_dirty = 0
+        self.nr_by_order = [0] * (MAX_PAGECACHE_ORDER + 1)
         # No folio in the mapping is of a higher order (a high-water mark that bounds find).
         self.top_order = 0
         # Large folios in the mapping per block of MAX_PAGECACHE_ORDER's size (one holds each
-        # whole): find() misses at once in a block without any.
+        # whole): get() misses at once in a block without any.
         self.large_blocks: dict[int, int] = {}
-        # The large folio find() found last (a hint, checked before use).
-        self.last_found: Folio | None = None
+        # The large folio get() found last (a hint, checked before use).
+        self.last_found = NO_FOLIO
         self.wb_err = 0
         self.handles: set[int] = set()
         # The tenant its page cache is charged to (memcontrol.tenant_of_file), if any.
         self.memcg: MemCgroup | None = None
 
-    def find(self, index: int) -> Folio | None:
-        """The folio that covers a page index (filemap_get_entry)."""
-        folios = self.folios
-        folio = folios.get(index)
-        if folio is not None or index >> MAX_PAGECACHE_ORDER not in self.large_blocks:
-            return folio
+    # -- the mapping (xarray) -----------------------------------------------------------------
+
+    def get(self, index: int) -> int:
+        """The folio that covers a page index (filemap_get_entry); NO_FOLIO if none does."""
+        leaf = self.leaves.get(index >> XA_SHIFT)
+        if leaf is not None:
+            f = leaf[index & XA_MASK] - 1
+            if f >= 0:
+                return f
+        if index >> MAX_PAGECACHE_ORDER not in self.large_blocks:
+            return NO_FOLIO
+        store = self.store
+        order_of = store.order
         # The large folio found last, if it is still in the mapping at its index and covers
         # this one: reads tend to stay in one folio.
         last = self.last_found
-        if (
-            last is not None
-            and last.index < index < last.index + last.nr_pages
-            and folios.get(last.index) is last
+        if last >= 0 and store.mapping[last] == self.number:
+            head = store.index[last]
+            if head < index < head + (1 << order_of[last]) and self.head_at(head) == last:
+                return last
+        top = self.top_order
+        if leaf is not None:
+            f = leaf[index & XA_MASK & ~1] - 1
+            if f >= 0 and order_of[f]:
+                self.last_found = f
+                return f
+        if top >= XA_MEDIUM_ORDER:
+            medium = self.medium.get(index >> _MEDIUM_LEAF_SHIFT)
+            if medium is not None:
+                for order in range(XA_MEDIUM_ORDER, min(top, XA_BIG_ORDER - 1) + 1):
+                    f = medium[(index >> order << order >> XA_MEDIUM_ORDER) & XA_MASK] - 1
+                    if f >= 0 and order_of[f] >= order:
+                        self.last_found = f
+                        return f
+        big = self.big
+        for order in range(XA_BIG_ORDER, top + 1):
+            f = big.get(index & ~((1 << order) - 1), NO_FOLIO)
+            if f >= 0 and order_of[f] >= order:
+                self.last_found = f
+                return f
+        return NO_FOLIO
+
+    def head_at(self, index: int) -> int:
+        """The folio whose head is at index; NO_FOLIO if none starts there."""
+        leaf = self.leaves.get(index >> XA_SHIFT)
+        if leaf is not None:
+            f = leaf[index & XA_MASK] - 1
+            if f >= 0:
+                return f
+        if index & _MEDIUM_ALIGN or (not self.medium and not self.big):
+            return NO_FOLIO
+        medium = self.medium.get(index >> _MEDIUM_LEAF_SHIFT)
+        if medium is not None:
+            f = medium[(index >> XA_MEDIUM_ORDER) & XA_MASK] - 1
+            if f >= 0:
+                return f
+        return self.big.get(index, NO_FOLIO)
+
+    def find(self, index: int) -> CacheFolio | None:
+        """The folio that covers a page index, as an object (get() for code off hot paths)."""
+        f = self.get(index)
+        return None if f < 0 else CacheFolio(self.store, f, self.registry)
+
+    def __level(self, order: int) -> tuple[dict[int, array[int]], dict[int, int], int]:
+        """(leaves, counts, shift) of the leaves that keep folios of order (below big)."""
+        if order >= XA_MEDIUM_ORDER:
+            return self.medium, self.medium_counts, XA_MEDIUM_ORDER
+        return self.leaves, self.leaf_counts, 0
+
+    def xa_store(self, index: int, f: int, order: int) -> None:
+        """The folio f of order goes in at head index."""
+        if order >= XA_BIG_ORDER:
+            self.big[index] = f
+        else:
+            leaves, counts, shift = self.__level(order)
+            number = index >> (XA_SHIFT + shift)
+            leaf = leaves.get(number)
+            if leaf is None:
+                leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                counts[number] = 1
+            else:
+                counts[number] += 1
+            leaf[(index >> shift) & XA_MASK] = f + 1
+        self.nr_by_order[order] += 1
+        if order:  # count_large(index, 1), written out
+            blocks, block = self.large_blocks, index >> MAX_PAGECACHE_ORDER
+            blocks[block] = blocks.get(block, 0) + 1
+            self.top_order = max(self.top_order, order)
+
+    def xa_store_run(self, index: int, ids: list[int], order: int) -> None:
+        """xa_store of folios of one order at consecutive slots from index."""
+        nr = 1 << order
+        if order >= XA_BIG_ORDER:
+            self.big.update(zip(range(index, index + len(ids) * nr, nr), ids, strict=True))
+        else:
+            leaves, counts, shift = self.__level(order)
+            # In slots of the level: a folio of order takes 2^(order - shift) of them.
+            step, at_slot = nr >> shift, index >> shift
+            done = 0
+            while done < len(ids):
+                slot_index = at_slot + done * step
+                number = slot_index >> XA_SHIFT
+                take = min(len(ids) - done, (((number + 1) << XA_SHIFT) - slot_index) // step)
+                leaf = leaves.get(number)
+                if leaf is None:
+                    leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                    counts[number] = 0
+                slot = slot_index & XA_MASK
+                leaf[slot : slot + take * step : step] = array(
+                    "i", [f + 1 for f in ids[done : done + take]]
+                )
+                counts[number] += take
+                done += take
+        self.nr_by_order[order] += len(ids)
+        if order:
+            blocks = self.large_blocks
+            for head in range(index, index + len(ids) * nr, nr):
+                block = head >> MAX_PAGECACHE_ORDER
+                blocks[block] = blocks.get(block, 0) + 1
+            self.top_order = max(self.top_order, order)
+
+    def any_shadow_in(self, lo: int, hi: int) -> bool:
+        """Whether a shadow entry covers a page of [lo, hi)."""
+        if not self.shadows:
+            return False
+        large = self.large_shadow_blocks
+        if large and any(
+            block in large
+            for block in range(lo >> MAX_PAGECACHE_ORDER, ((hi - 1) >> MAX_PAGECACHE_ORDER) + 1)
         ):
-            return last
-        for order in range(1, self.top_order + 1):
-            folio = folios.get(index & ~((1 << order) - 1))
-            if folio is not None and folio.order >= order:
-                self.last_found = folio
-                return folio
-        return None
+            return True
+        return not self.shadows.keys().isdisjoint(range(lo, hi))
+
+    def xa_erase(self, index: int, order: int) -> None:
+        """The folio of order at head index leaves."""
+        if order >= XA_BIG_ORDER:
+            del self.big[index]
+        else:
+            leaves, counts, shift = self.__level(order)
+            number = index >> (XA_SHIFT + shift)
+            count = counts[number] - 1
+            if count:
+                leaves[number][(index >> shift) & XA_MASK] = 0
+                counts[number] = count
+            else:
+                del leaves[number], counts[number]
+        self.nr_by_order[order] -= 1
+        if order:
+            self.count_large(index, -1)
+
+    def any_head_in(self, lo: int, hi: int) -> bool:
+        """Whether a folio starts in [lo, hi)."""
+        for leaves, shift in ((self.leaves, 0), (self.medium, XA_MEDIUM_ORDER)):
+            if not leaves:
+                continue
+            # The level's slots whose pages start in [lo, hi).
+            start, stop = -(-lo >> shift), -(-hi >> shift)
+            while start < stop:
+                number = start >> XA_SHIFT
+                end = min(stop, (number + 1) << XA_SHIFT)
+                leaf = leaves.get(number)
+                if leaf is not None:
+                    a = start & XA_MASK
+                    b = a + end - start
+                    if leaf[a:b].count(0) != b - a:
+                        return True
+                start = end
+        big = self.big
+        if big:
+            # Big folios' heads are aligned to their order, XA_BIG_ORDER at least.
+            step = 1 << XA_BIG_ORDER
+            first = (lo + step - 1) & ~(step - 1)
+            return any(head in big for head in range(first, hi, step))
+        return False
+
+    def heads(self) -> list[tuple[int, int]]:
+        """(head index, folio id) of every folio in the mapping, by index."""
+        found: list[tuple[int, int]] = []
+        for leaves, shift in ((self.leaves, 0), (self.medium, XA_MEDIUM_ORDER)):
+            for number, leaf in leaves.items():
+                base = number << XA_SHIFT
+                found.extend(((base + i) << shift, v - 1) for i, v in enumerate(leaf) if v)
+        found.extend(self.big.items())
+        found.sort()
+        return found
+
+    @property
+    def folios(self) -> FolioMap:
+        """The mapping as head index -> CacheFolio (for code off hot paths, and tests)."""
+        return FolioMap(self)
 
     def count_large(self, index: int, delta: int) -> None:
         """A large folio at index enters (+1) or leaves (-1) the mapping."""
@@ -293,21 +523,47 @@ class Inode:
 
     # CacheView for readahead.
     def prev_miss(self, index: int, max_scan: int) -> int:
+        get = self.get
         for i in range(index, index - max_scan, -1):
             if i < 0:
                 return NO_MISS_BEFORE_START
-            if self.find(i) is None:
+            if get(i) < 0:
                 return i
         return index - max_scan
 
     def next_miss(self, index: int, max_scan: int) -> int:
+        get, store = self.get, self.store
         i = index
         while i < index + max_scan:
-            folio = self.find(i)
-            if folio is None:
+            f = get(i)
+            if f < 0:
                 return i
-            i = folio.index + folio.nr_pages
+            i = store.index[f] + (1 << store.order[f])
         return index + max_scan
+
+
+class FolioMap(Mapping[int, CacheFolio]):
+    """A mapping's folios as head index -> CacheFolio, by index."""
+
+    __slots__ = ("inode",)
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+
+    def __getitem__(self, index: int) -> CacheFolio:
+        f = self.inode.head_at(index)
+        if f < 0:
+            raise KeyError(index)
+        return CacheFolio(self.inode.store, f, self.inode.registry)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([index for index, _ in self.inode.heads()])
+
+    def __len__(self) -> int:
+        return sum(self.inode.nr_by_order)
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and self.inode.head_at(index) >= 0
 
 
 @dataclass(slots=True)
@@ -344,7 +600,7 @@ class PageCache:
     # Most pages the cache may hold (a cgroup-style limit); None: only RAM limits it.
     capacity_pages: int | None = None
     # Folios the current call works on; reclaim passes them by (they are locked, in the kernel).
-    busy: set[Folio] = field(default_factory=set)
+    busy: set[int] = field(default_factory=set)
     limits: DirtyLimits = field(default_factory=DirtyLimits)
     # Pages the machine could hold dirty: free memory plus the file LRU (global_dirtyable_memory),
     # supplied by the machine.
@@ -362,10 +618,15 @@ class PageCache:
     memcg_of: Callable[[str], MemCgroup | None] = lambda name: None
 
     def __post_init__(self) -> None:
-        # Limit reclaim making room for a folio of a per-CPU-list order keeps the last frame
-        # of that order it frees (see __make_room).
+        # The folio columns, shared with the reclaim policy.
+        self.folio_store: FolioStore = self.lru.store
+        # Inodes by number (the folio columns' mapping); numbers are never reused.
+        self.inodes: dict[int, Inode] = {}
+        self.__next_ino = 1
+        # Limit reclaim making room for a folio of a per-CPU-list order keeps the frame of the
+        # last folio of that order it frees (see __make_room).
         self.__recycling: int | None = None
-        self.__recycled: Folio | None = None
+        self.__recycled: int | None = None
         settings = self.store.settings()
         for name, size in self.store.names().items():
             saved = settings.get(name, {})
@@ -375,10 +636,29 @@ class PageCache:
                 max_order = self.default_max_order
             if not 0 <= ra_pages <= MAX_RA_PAGES:
                 ra_pages = self.default_ra_pages
-            inode = self.files[name] = Inode(name, size, max_order, ra_pages)
+            inode = self.files[name] = self.__new_inode(name, size, max_order, ra_pages)
             inode.memcg = memcg = self.memcg_of(name)
             if memcg is not None:
                 memcg.nr_files += 1
+
+    def __new_inode(self, name: str, size: int, max_order: int, ra_pages: int) -> Inode:
+        number = self.__next_ino
+        self.__next_ino += 1
+        inode = Inode(
+            name,
+            size,
+            max_order,
+            ra_pages,
+            store=self.folio_store,
+            number=number,
+            registry=self.inodes,
+        )
+        self.inodes[number] = inode
+        return inode
+
+    def folio(self, f: int) -> CacheFolio:
+        """A folio id read as an object."""
+        return CacheFolio(self.folio_store, f, self.inodes)
 
     # -- namespace -------------------------------------------------------------------------
 
@@ -423,7 +703,7 @@ class PageCache:
         self.store.create(name)
         chosen = {"max_order": max_order, "ra_pages": ra_pages}
         self.store.set_settings(name, {k: v for k, v in chosen.items() if v is not None})
-        inode = Inode(
+        inode = self.__new_inode(
             name,
             0,
             self.default_max_order if max_order is None else max_order,
@@ -474,15 +754,13 @@ class PageCache:
 
     def stat(self, name: str) -> FileStat:
         inode = self.lookup(name)
-        by_order: dict[int, int] = {}
-        for folio in inode.folios.values():
-            by_order[folio.order] = by_order.get(folio.order, 0) + 1
+        by_order = {order: n for order, n in enumerate(inode.nr_by_order) if n}
         return FileStat(
             inode.name,
             inode.size,
             inode.nr_pages,
             inode.nr_dirty,
-            dict(sorted(by_order.items())),
+            by_order,
             inode.max_order,
             inode.ra.ra_pages,
             len(inode.handles),
@@ -490,69 +768,71 @@ class PageCache:
 
     def delete(self, name: str) -> None:
         inode = self.lookup(name)
-        for folio in list(inode.folios.values()):
-            self.__remove(inode, folio, shadow=False)
+        for _, f in inode.heads():
+            self.__remove(inode, f, shadow=False)
         for number in list(inode.handles):
             del self.handles[number]
         self.store.delete(name)
         self.store.set_settings(name, None)
         del self.files[name]
+        del self.inodes[inode.number]
         if inode.memcg is not None:
             inode.memcg.nr_files -= 1
             inode.memcg.nr_open_files -= len(inode.handles)
 
     # -- folios in the mapping -------------------------------------------------------------
 
-    def __insert(self, inode: Inode, folio: Folio, index: int) -> None:
+    def __insert(self, inode: Inode, f: int, index: int) -> None:
         """filemap_add_folio: into the mapping and onto the inactive LRU; a refault of a
         recently evicted folio is activated (workingset_refault)."""
-        folio.mapping = inode
-        folio.index = index
-        self.busy.add(folio)
-        inode.folios[index] = folio
-        if folio.order:  # Inode.count_large(index, 1), written out: every insert comes here
-            blocks, block = inode.large_blocks, index >> MAX_PAGECACHE_ORDER
-            blocks[block] = blocks.get(block, 0) + 1
-            inode.top_order = max(inode.top_order, folio.order)
-        inode.nr_pages += folio.nr_pages
-        self.nr_pages += folio.nr_pages
+        store = self.folio_store
+        store.mapping[f] = inode.number
+        store.index[f] = index
+        order = store.order[f]
+        self.busy.add(f)
+        inode.xa_store(index, f, order)
+        nr = 1 << order
+        inode.nr_pages += nr
+        self.nr_pages += nr
         if inode.memcg is not None:
-            inode.memcg.nr_cache += folio.nr_pages
-        self.lru.add(folio)
-        if folio.order or index >> MAX_PAGECACHE_ORDER in inode.large_shadow_blocks:
-            shadow = inode.take_shadows(index, folio.nr_pages)
+            inode.memcg.nr_cache += nr
+        self.lru.add(f)
+        if order or index >> MAX_PAGECACHE_ORDER in inode.large_shadow_blocks:
+            shadow = inode.take_shadows(index, nr)
         else:  # take_shadows' shortest case, written out
             shadow = inode.shadows.pop(index, None)
         if shadow is not None:
-            self.lru.refault(folio, shadow)
+            self.lru.refault(f, shadow)
 
-    def __remove(self, inode: Inode, folio: Folio, *, shadow: bool, free: bool = True) -> None:
-        """Takes a folio out of its mapping and the LRU and frees it (unless its frame is
-        to be recycled)."""
-        self.lru.remove(folio)
-        del inode.folios[folio.index]
-        if folio.order:
-            inode.count_large(folio.index, -1)
-        inode.nr_pages -= folio.nr_pages
-        self.nr_pages -= folio.nr_pages
+    def __remove(self, inode: Inode, f: int, *, shadow: bool, free: bool = True) -> None:
+        """Takes a folio out of its mapping and the LRU and releases its id; frees its frames
+        too unless they are to be recycled."""
+        store = self.folio_store
+        self.lru.remove(f)
+        index, order = store.index[f], store.order[f]
+        inode.xa_erase(index, order)
+        nr = 1 << order
+        inode.nr_pages -= nr
+        self.nr_pages -= nr
         if inode.memcg is not None:
-            inode.memcg.nr_cache -= folio.nr_pages
-        if folio.dirty:
-            inode.nr_dirty -= folio.nr_pages
-            self.nr_dirty -= folio.nr_pages
-            folio.dirty = False
+            inode.memcg.nr_cache -= nr
+        if store.flags[f] & PG_DIRTY:
+            inode.nr_dirty -= nr
+            self.nr_dirty -= nr
+            store.flags[f] &= ~PG_DIRTY
         if shadow:
-            inode.add_shadow(folio.index, folio.order, self.lru.shadow(folio))
-        folio.mapping = None
+            inode.add_shadow(index, order, self.lru.shadow(f))
+        pfn = store.pfn[f]
+        store.release(f)
         if free:
-            self.allocator.free_cache_folio(folio)
+            self.allocator.free_cache_folio(pfn, order)
 
-    def __make_room(self, order: int) -> Folio | None:
+    def __make_room(self, order: int) -> int | None:
         """Evicts what the policy chooses until a folio of order fits under the capacity
         (memcg-style limit reclaim). For the orders the kernel keeps per-CPU free lists of
-        (0..PAGE_ALLOC_COSTLY_ORDER, and the PMD order), the frame of the last evicted folio
-        of that order is returned for reuse, as the per-CPU list hands back the block freed
-        last (rmqueue_pcplist); None when there is none."""
+        (0..PAGE_ALLOC_COSTLY_ORDER, and the PMD order), the frames of the last evicted folio
+        of that order are returned for reuse (their pfn), as the per-CPU list hands back the
+        block freed last (rmqueue_pcplist); None when there is none."""
         assert self.capacity_pages is not None
         over = self.nr_pages + (1 << order) - self.capacity_pages
         if over <= 0:
@@ -566,7 +846,7 @@ class PageCache:
         recycled, self.__recycled = self.__recycled, None
         if freed < over:
             if recycled is not None:
-                self.allocator.free_cache_folio(recycled)
+                self.allocator.free_cache_folio(recycled, order)
             raise OutOfMemory(
                 f"page cache capacity of {self.capacity_pages} pages is full and nothing in "
                 "it can be reclaimed",
@@ -574,18 +854,20 @@ class PageCache:
             )
         if recycled is not None:
             self.allocator.recycle_cache_frames(1 << order)
-            return Folio(recycled.pfn, order, FolioKind.FILE)
-        return None
+        return recycled
 
-    def evict_folio(self, folio: Folio) -> None:
+    def evict_folio(self, f: int) -> None:
         """Evictor: reclaim frees a clean folio, leaving shadow entries."""
-        assert isinstance(folio.mapping, Inode)
-        keep = folio.order == self.__recycling
-        self.__remove(folio.mapping, folio, shadow=True, free=not keep)
+        store = self.folio_store
+        inode = self.inodes[store.mapping[f]]
+        order = store.order[f]
+        keep = order == self.__recycling
+        pfn = store.pfn[f]
+        self.__remove(inode, f, shadow=True, free=not keep)
         if keep:
             if self.__recycled is not None:  # freed earlier: not the one handed back
-                self.allocator.free_cache_folio(self.__recycled)
-            self.__recycled = folio
+                self.allocator.free_cache_folio(self.__recycled, order)
+            self.__recycled = pfn
 
     def shrink_memcg(self, memcg: MemCgroup, nr_to_reclaim: int) -> int:
         """Reclaims up to nr_to_reclaim pages of one tenant's page cache, oldest first in the
@@ -594,82 +876,79 @@ class PageCache:
         keeps one LRU per memory cgroup, this walks the machine's one LRU for the tenant's."""
         freed = 0
         busy = self.busy
-        mine = [f for f in self.lru.folios() if getattr(f.mapping, "memcg", None) is memcg]
+        store, inodes = self.folio_store, self.inodes
+        numbers = {number for number, inode in inodes.items() if inode.memcg is memcg}
+        mine = [f for f in self.lru.folios() if store.mapping[f] in numbers]
         scanned = 0
-        for folio in mine:
+        for f in mine:
             if freed >= nr_to_reclaim:
                 break
-            scanned += folio.nr_pages
-            if folio in busy:
+            nr = 1 << store.order[f]
+            scanned += nr
+            if f in busy:
                 continue
-            if folio.dirty:
-                self.writeback_folio(folio)
-                self.events[VmEvent.PGROTATED] += folio.nr_pages
-            self.evict_folio(folio)
-            freed += folio.nr_pages
+            if store.flags[f] & PG_DIRTY:
+                self.writeback_folio(f)
+                self.events[VmEvent.PGROTATED] += nr
+            self.evict_folio(f)
+            freed += nr
         self.events[VmEvent.PGSCAN_DIRECT] += scanned
         self.events[VmEvent.PGSTEAL_DIRECT] += freed
         return freed
 
-    def __alloc(self, order: int) -> Folio:
-        """A cache folio of order, falling back to base pages when large ones cannot be had."""
+    def __alloc(self, order: int) -> int:
+        """A new cache folio of order (its id), falling back to a base page when large ones
+        cannot be had."""
         if self.capacity_pages is not None:
             recycled = self.__make_room(order)
             if recycled is not None:
-                return recycled
+                return self.folio_store.new(recycled, order)
         try:
-            return self.allocator.alloc_cache_folio(order)
+            return self.folio_store.new(self.allocator.alloc_cache_folio(order), order)
         except OutOfMemory:
             if order == 0:
                 raise
-        return self.allocator.alloc_cache_folio(0)
+        return self.folio_store.new(self.allocator.alloc_cache_folio(0), 0)
 
-    def __populate(
-        self, inode: Inode, layout: list[tuple[int, int]], made: list[Folio]
-    ) -> list[Folio]:
+    def __populate(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> list[int]:
         """Allocates and inserts folios for (index, order) slots not cached yet; a slot that is
         partly cached becomes base pages. Appends the new folios to made as it goes (so a caller
         can undo them when an allocation fails) and returns it."""
         if not layout:
             return made
-        folios = inode.folios
+        get = inode.get
         # Nothing cached anywhere in the layout's span (the common case): no slot needs a look.
         # Allocating only evicts, and the folios made here are not reclaimed (busy).
         lo, (last, last_order) = layout[0][0], layout[-1]
-        span_empty = inode.find(lo) is None and folios.keys().isdisjoint(
-            range(lo + 1, last + (1 << last_order))
-        )
+        span_empty = get(lo) < 0 and not inode.any_head_in(lo + 1, last + (1 << last_order))
         if span_empty and self.capacity_pages is None and len(layout) > _BULK_MIN:
             self.__populate_bulk(inode, layout, made)
             return made
         for index, order in layout:
             slots = [(index, order)]
-            # Cached in part: a folio covers index, or one starts inside the slot.
+            # Cached in part: a folio covers a page of the slot.
             if not span_empty and (
-                inode.find(index)
-                or not folios.keys().isdisjoint(range(index + 1, index + (1 << order)))
+                get(index) >= 0 or inode.any_head_in(index + 1, index + (1 << order))
             ):
-                slots = [(i, 0) for i in range(index, index + (1 << order)) if not inode.find(i)]
+                slots = [(i, 0) for i in range(index, index + (1 << order)) if get(i) < 0]
             for slot_index, slot_order in slots:
                 self.__populate_slot(inode, slot_index, slot_order, made)
         return made
 
-    def __populate_slot(self, inode: Inode, index: int, order: int, made: list[Folio]) -> None:
+    def __populate_slot(self, inode: Inode, index: int, order: int, made: list[int]) -> None:
         """Allocates and inserts the folio of one empty slot (base pages if a large folio
         cannot be had)."""
-        folio = self.__alloc(order)
-        self.__insert(inode, folio, index)
-        made.append(folio)
-        if folio.order < order:
+        f = self.__alloc(order)
+        self.__insert(inode, f, index)
+        made.append(f)
+        if self.folio_store.order[f] < order:
             # Fallen back to a base page: the rest of the slot as base pages too.
             for i in range(index + 1, index + (1 << order)):
                 extra = self.__alloc(0)
                 self.__insert(inode, extra, i)
                 made.append(extra)
 
-    def __populate_bulk(
-        self, inode: Inode, layout: list[tuple[int, int]], made: list[Folio]
-    ) -> None:
+    def __populate_bulk(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> None:
         """__populate of an empty span with no capacity limit: each run of slots of one order
         takes its folios in one step where no reclaim is needed (inserting takes no memory,
         so the frames are those one allocation per slot would take)."""
@@ -679,20 +958,48 @@ class PageCache:
             stop = start + 1
             while stop < len(layout) and layout[stop][1] == order:
                 stop += 1
-            bulk = (
+            pfns = (
                 self.allocator.alloc_cache_folios(order, stop - start)
                 if stop - start > _BULK_MIN
                 else None
             )
-            if bulk is None:
+            if pfns is None:
                 for index, _ in layout[start:stop]:
                     self.__populate_slot(inode, index, order, made)
             else:
-                insert = self.__insert
-                for (index, _), folio in zip(layout[start:stop], bulk, strict=True):
-                    insert(inode, folio, index)
-                made.extend(bulk)
+                ids = self.folio_store.new_many(pfns, order)
+                first = layout[start][0]
+                end = first + ((stop - start) << order)
+                if layout[stop - 1][0] == end - (1 << order) and not inode.any_shadow_in(
+                    first, end
+                ):
+                    self.__insert_run(inode, ids, first, order)
+                else:
+                    insert = self.__insert
+                    for (index, _), f in zip(layout[start:stop], ids, strict=True):
+                        insert(inode, f, index)
+                made.extend(ids)
             start = stop
+
+    def __insert_run(self, inode: Inode, ids: list[int], index: int, order: int) -> None:
+        """__insert of folios of one order at consecutive slots from index, where no shadow
+        entry lies (so none refaults): in fewer, larger steps."""
+        store = self.folio_store
+        mapping_of, index_of = store.mapping, store.index
+        number, nr = inode.number, 1 << order
+        at = index
+        for f in ids:
+            mapping_of[f] = number
+            index_of[f] = at
+            at += nr
+        self.busy.update(ids)
+        inode.xa_store_run(index, ids, order)
+        total = len(ids) << order
+        inode.nr_pages += total
+        self.nr_pages += total
+        if inode.memcg is not None:
+            inode.memcg.nr_cache += total
+        self.lru.add_many(ids)
 
     # -- read ------------------------------------------------------------------------------
 
@@ -729,13 +1036,14 @@ class PageCache:
             return b"", IoStats()
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         if short_path:
-            folio = inode.find(first)
-            if folio is not None and not folio.readahead:
-                head = folio.index
-                if last < head + folio.nr_pages:
-                    return self.__read_in_folio(inode, folio, ra, offset, end)
+            f = inode.get(first)
+            store = self.folio_store
+            if f >= 0 and not store.flags[f] & PG_READAHEAD:
+                head = store.index[f]
+                if last < head + (1 << store.order[f]):
+                    return self.__read_in_folio(inode, f, ra, offset, end)
         stats = IoStats()
-        fresh: set[Folio] = set()
+        fresh: set[int] = set()
         try:
             self.__read_folios(inode, first, last, fresh, stats, ra=ra)
             return self.__read_bytes(inode, offset, end - offset), stats
@@ -744,20 +1052,21 @@ class PageCache:
             self.__count_reads(stats)
 
     def __read_in_folio(
-        self, inode: Inode, folio: Folio, ra: RaState, offset: int, end: int
+        self, inode: Inode, f: int, ra: RaState, offset: int, end: int
     ) -> tuple[bytes, IoStats]:
         """read() of [offset, end) inside one cached folio without PG_readahead: all hits, the
         folio accessed unless the previous read ended in it, one page straight from memory."""
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         nr_pages = last - first + 1
-        head = folio.index
-        if not head <= ra.prev_index < head + folio.nr_pages:
-            self.lru.mark_accessed(folio, False)
+        store = self.folio_store
+        head = store.index[f]
+        if not head <= ra.prev_index < head + (1 << store.order[f]):
+            self.lru.mark_accessed(f, False)
         ra.prev_index = last  # note_read
         stats = IoStats(pages_hit=nr_pages)
         self.events[VmEvent.PGFAULT] += nr_pages
         self.nr_read_hits += nr_pages
-        contents = folio.contents
+        contents = store.contents.get(f)
         if contents and nr_pages == 1:
             page = contents.get(first - head)
             if page is not None:
@@ -807,7 +1116,7 @@ class PageCache:
             if short_path:
                 self.__replay(inode, keys, stats)
             else:
-                fresh: set[Folio] = set()
+                fresh: set[int] = set()
                 for index in keys:
                     self.__read_folios(
                         inode, index, index, fresh, stats, ra=inode.ra, every_access=True
@@ -824,11 +1133,17 @@ class PageCache:
         the short path counts is added up once at the end (counts only add up, so read()'s
         path, taken for some accesses, may count its own in between)."""
         lru, ra = self.lru, inode.ra
-        folios, shadows, find, max_order = inode.folios, inode.shadows, inode.find, inode.max_order
+        store = self.folio_store
+        flags, order_of, index_of, mapping_of = store.flags, store.order, store.index, store.mapping
+        next_of = store.next
+        leaves, shadows, get, max_order = inode.leaves, inode.shadows, inode.get, inode.max_order
+        ino = inode.number
         # Blocks with large folios' shadow entries (read()'s path leaves them).
         large_shadow_blocks = inode.large_shadow_blocks
         touch, requeue, victim_of, refault = lru.touch, lru.requeue, lru.victim, lru.refault
-        queue, stamp = lru.queue, lru.shadow
+        queue, ordered, stamp = lru.queue, lru.ordered, lru.shadow
+        leaf_counts, by_order = inode.leaf_counts, inode.nr_by_order
+        xa_shift, xa_mask, readahead_bit, dirty_bit = XA_SHIFT, XA_MASK, PG_READAHEAD, PG_DIRTY
         # A policy that only counts refaults has them counted here, in one go; one that stamps
         # shadow entries with the nonresident age has them stamped here.
         count_refaults = type(lru).refault is ReclaimPolicy.refault
@@ -836,38 +1151,47 @@ class PageCache:
         capacity = self.capacity_pages if self.capacity_pages is not None else -1
         ra_pages = ra.ra_pages
         read_seconds = self.store.device.read_seconds(PAGE_SIZE)
-        fresh: set[Folio] = set()
+        written = store.contents
+        fresh: set[int] = set()
         hits = recycled = allocated = refaults = 0
         prev = ra.prev_index
-        last: Folio | None = None  # the folio of the last hit
+        last = NO_FOLIO  # the folio of the last hit
         try:
             for index in keys:
-                folio = folios.get(index)
-                if folio is None and max_order:
+                leaf = leaves.get(index >> xa_shift)
+                f = leaf[index & xa_mask] - 1 if leaf is not None else -1
+                if f < 0 and max_order:
                     if (
-                        last is not None
-                        and last.mapping is inode
-                        and last.index < index < last.index + last.nr_pages
+                        last >= 0
+                        and mapping_of[last] == ino
+                        and index_of[last] < index < index_of[last] + (1 << order_of[last])
                     ):
-                        folio = last
+                        f = last
                     else:
-                        folio = find(index)
-                if folio is not None:
-                    if not folio.readahead:
-                        touch(folio)
+                        f = get(index)
+                if f >= 0:
+                    if not flags[f] & readahead_bit:
+                        touch(f)
                         hits += 1
-                        last = folio
+                        last = f
                         prev = index
                         continue
                 elif not ra_pages or self.__reads_alone(ra, prev, index, inode):
                     nr_pages = self.nr_pages
                     if nr_pages == capacity:
-                        victim = next(iter(queue), None) if queue is not None else victim_of()
+                        if ordered is not None:
+                            victim = next(iter(ordered), -1)
+                        elif queue >= 0:
+                            victim = next_of[queue]
+                            if victim == queue:
+                                victim = -1
+                        else:
+                            victim = victim_of()
                     else:
-                        victim = None
-                    if victim is not None and not victim.order and not victim.dirty:
+                        victim = -1
+                    if victim >= 0 and not order_of[victim] and not flags[victim] & dirty_bit:
                         # Limit reclaim evicts the victim (a shadow entry stays) and its
-                        # frame is read in at index: the object is reused, reset as new.
+                        # frame is read in at index: the id is reused, reset as new.
                         if requeue is None:
                             lru.remove(victim)
                         if age_tokens:  # ReclaimPolicy.shadow of a base page
@@ -876,19 +1200,36 @@ class PageCache:
                             token = stamp(victim)
                         if requeue is None:
                             # Policy state (requeue's policies, lru and fifo, keep none).
-                            victim.referenced = victim.active = False
-                            victim.gen = victim.refs = 0
-                        if victim.mapping is inode:
-                            victim_index = victim.index
-                            del folios[victim_index]
+                            flags[victim] = 0
+                            store.gen[victim] = store.refs[victim] = 0
+                        else:
+                            flags[victim] &= ~PG_READAHEAD
+                        if mapping_of[victim] == ino:
+                            # xa_erase(victim_index, 0), written out
+                            victim_index = index_of[victim]
+                            number = victim_index >> xa_shift
+                            count = leaf_counts[number] - 1
+                            if count:
+                                leaves[number][victim_index & xa_mask] = 0
+                                leaf_counts[number] = count
+                            else:
+                                del leaves[number], leaf_counts[number]
                             shadows[victim_index] = token
                         else:
                             self.__move_recycled(victim, inode, token)
-                        victim.index = index
-                        victim.contents = None
-                        victim.readahead = False
-                        victim.dirtied_at = 0.0
-                        folios[index] = victim
+                            by_order[0] += 1
+                        index_of[victim] = index
+                        if victim in written:
+                            del written[victim]
+                        # xa_store(index, victim, 0), written out (by_order is unchanged)
+                        number = index >> xa_shift
+                        leaf = leaves.get(number)
+                        if leaf is None:
+                            leaf = leaves[number] = array("i", _EMPTY_LEAF)
+                            leaf_counts[number] = 1
+                        else:
+                            leaf_counts[number] += 1
+                        leaf[index & xa_mask] = victim + 1
                         if requeue is None:
                             lru.add(victim)
                         else:
@@ -912,12 +1253,13 @@ class PageCache:
                     if nr_pages < capacity or capacity < 0:
                         # Room for a new folio: allocated and read in alone.
                         try:
-                            folio = self.allocator.alloc_cache_folio(0)
+                            pfn = self.allocator.alloc_cache_folio(0)
                         except OutOfMemory:  # read()'s readahead tries the page twice
-                            folio = self.allocator.alloc_cache_folio(0)
-                        self.__insert(inode, folio, index)
+                            pfn = self.allocator.alloc_cache_folio(0)
+                        f = store.new(pfn, 0)
+                        self.__insert(inode, f, index)
                         self.busy.clear()
-                        lru.mark_accessed(folio, True)
+                        lru.mark_accessed(f, True)
                         allocated += 1
                         prev = index
                         continue
@@ -946,13 +1288,13 @@ class PageCache:
         ra.prev_index = prev
         return ra.reads_alone(index, 1, inode)
 
-    @staticmethod
-    def __move_recycled(folio: Folio, inode: Inode, shadow: int) -> None:
+    def __move_recycled(self, f: int, inode: Inode, shadow: int) -> None:
         """A recycled frame leaves another file for inode: its shadow entry and counts."""
-        old = folio.mapping
-        assert isinstance(old, Inode)
-        del old.folios[folio.index]
-        old.shadows[folio.index] = shadow
+        store = self.folio_store
+        old = self.inodes[store.mapping[f]]
+        old_index = store.index[f]
+        old.xa_erase(old_index, 0)
+        old.shadows[old_index] = shadow
         old.nr_pages -= 1
         inode.nr_pages += 1
         if old.memcg is not inode.memcg:
@@ -960,7 +1302,7 @@ class PageCache:
                 old.memcg.nr_cache -= 1
             if inode.memcg is not None:
                 inode.memcg.nr_cache += 1
-        folio.mapping = inode
+        store.mapping[f] = inode.number
 
     def __count_replayed(
         self,
@@ -992,7 +1334,7 @@ class PageCache:
         inode: Inode,
         first: int,
         last: int,
-        fresh: set[Folio],
+        fresh: set[int],
         stats: IoStats,
         *,
         ra: RaState,
@@ -1000,36 +1342,39 @@ class PageCache:
     ) -> None:
         """Reads pages [first, last] through the cache, taking readahead decisions with ra (the
         state of the open file description read through)."""
+        store = self.folio_store
+        flags, order_of, index_of = store.flags, store.order, store.index
         missed_before = stats.pages_missed
         index = first
         while index <= last:
-            folio = inode.find(index)
-            if folio is None:
+            f = inode.get(index)
+            if f < 0:
                 window = ra.sync(index, last - index + 1, inode, inode.max_order)
                 self.__readahead(inode, window, fresh, stats, required=True)
-                folio = inode.find(index)
-                assert folio is not None
-            elif folio.readahead:
-                folio.readahead = False
-                self.busy.add(folio)  # held while the async window may reclaim
+                f = inode.get(index)
+                assert f >= 0
+            elif flags[f] & PG_READAHEAD:
+                flags[f] &= ~PG_READAHEAD
+                self.busy.add(f)  # held while the async window may reclaim
                 window_or_none = ra.async_(
-                    index, last - index + 1, folio.order, inode, inode.max_order
+                    index, last - index + 1, order_of[f], inode, inode.max_order
                 )
                 if window_or_none is not None:
                     self.__readahead(inode, window_or_none, fresh, stats, required=False)
-            end = folio.index + (1 << folio.order)
+            head = index_of[f]
+            end = head + (1 << order_of[f])
             pages = (end if end <= last else last + 1) - index
-            is_fresh = folio in fresh
+            is_fresh = f in fresh
             if is_fresh:
                 stats.pages_missed += pages
             else:
                 stats.pages_hit += pages
             # A read that starts in the folio where the previous one ended does not count as
             # another access to it (filemap_read's pos_same_folio check).
-            if every_access or not (index == first and folio.index <= ra.prev_index < end):
-                self.lru.mark_accessed(folio, is_fresh)
+            if every_access or not (index == first and head <= ra.prev_index < end):
+                self.lru.mark_accessed(f, is_fresh)
             # Counted: reclaim may take it now (its data is in the file or written there first).
-            self.busy.discard(folio)
+            self.busy.discard(f)
             index = end
         # __readahead counted every page it read in as read ahead; those the request asked
         # for were missed instead (each fresh folio's pages in the request, counted above).
@@ -1042,7 +1387,7 @@ class PageCache:
         self,
         inode: Inode,
         window: RaWindow,
-        fresh: set[Folio],
+        fresh: set[int],
         stats: IoStats,
         *,
         required: bool,
@@ -1051,17 +1396,19 @@ class PageCache:
         Readahead is best effort: when memory runs out the window stops short, and only the
         page the reader is waiting for (a sync window's first) must be had."""
         eof_index = (inode.size - 1) >> PAGE_SHIFT
-        made: list[Folio] = []
+        made: list[int] = []
         try:
             self.__populate(inode, ra_folio_layout(window, eof_index), made)
         except OutOfMemory:
-            if required and inode.find(window.start) is None:
+            if required and inode.get(window.start) < 0:
                 self.__populate(inode, [(window.start, 0)], made)
+        store = self.folio_store
         if window.mark is not None:
-            marked = inode.find(window.mark)
-            if marked is not None and marked in made:
-                marked.readahead = True
-        nr_read = sum(f.nr_pages for f in made)
+            marked = inode.get(window.mark)
+            if marked >= 0 and marked in made:
+                store.flags[marked] |= PG_READAHEAD
+        order_of = store.order
+        nr_read = sum(1 << order_of[f] for f in made)
         if nr_read:
             stats.pages_readahead += nr_read  # less the requested pages, in __read_folios
             stats.device_seconds += self.store.device.read_seconds(nr_read * PAGE_SIZE)
@@ -1073,6 +1420,11 @@ class PageCache:
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         nr_pages = last - first + 1
         in_memory = list(self.__memory_pages(inode, first, last))
+        skip = offset - first * PAGE_SIZE
+        if not in_memory:
+            # All of it from the backing file, handed on without copies where it lines up.
+            raw = self.store.read_pages(inode.name, first, nr_pages)
+            return raw if skip == 0 and len(raw) == length else raw[skip : skip + length]
         data = (
             bytearray(nr_pages * PAGE_SIZE)  # every page is in memory: no device read
             if len(in_memory) == nr_pages
@@ -1081,31 +1433,35 @@ class PageCache:
         for index, page in in_memory:
             start = (index - first) * PAGE_SIZE
             data[start : start + PAGE_SIZE] = page
-        skip = offset - first * PAGE_SIZE
         return bytes(data[skip : skip + length])
 
     def __memory_pages(
         self, inode: Inode, first: int, last: int
     ) -> Iterator[tuple[int, bytearray]]:
+        store = self.folio_store
+        written = store.contents
+        if not written:
+            return
         index = first
         while index <= last:
-            folio = inode.find(index)
-            if folio is None:
+            f = inode.get(index)
+            if f < 0:
                 index += 1
                 continue
-            contents = folio.contents
-            end = folio.index + folio.nr_pages
+            head = store.index[f]
+            end = head + (1 << store.order[f])
+            contents = written.get(f)
             if contents:
-                lo, hi = max(first, folio.index), min(last, end - 1)
+                lo, hi = max(first, head), min(last, end - 1)
                 if len(contents) <= hi - lo + 1:
                     for i, page in contents.items():
-                        if lo <= folio.index + i <= hi:
-                            yield folio.index + i, page
+                        if lo <= head + i <= hi:
+                            yield head + i, page
                 else:
                     for page_index in range(lo, hi + 1):
-                        written = contents.get(page_index - folio.index)
-                        if written is not None:
-                            yield page_index, written
+                        written_page = contents.get(page_index - head)
+                        if written_page is not None:
+                            yield page_index, written_page
             index = end
 
     # -- write -----------------------------------------------------------------------------
@@ -1119,19 +1475,22 @@ class PageCache:
         if end > MAX_FILE_BYTES:
             raise InvalidArgument(f"files end at {MAX_FILE_BYTES} bytes", field="offset")
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        store = self.folio_store
         index = first
         while index <= last:
-            cached = inode.find(index)
-            if cached is not None:
+            cached = inode.get(index)
+            if cached >= 0:
                 self.busy.add(cached)
-            index = cached.index + cached.nr_pages if cached is not None else index + 1
-        made: list[Folio] = []
+                index = store.index[cached] + (1 << store.order[cached])
+            else:
+                index += 1
+        made: list[int] = []
         try:
             self.__populate(inode, self.__write_layout(inode, first, last), made)
         except OutOfMemory:
             # Nothing was written yet: take the empty new folios back out.
-            for folio in made:
-                self.__remove(inode, folio, shadow=False)
+            for f in made:
+                self.__remove(inode, f, shadow=False)
             self.busy.clear()
             raise
         dirty_before = self.nr_dirty
@@ -1197,44 +1556,48 @@ class PageCache:
         threshold. Returns pages written."""
         background, _ = self.dirty_thresholds()
         expired_before = self.clock() - self.limits.expire_seconds
+        dirtied_at = self.folio_store.dirtied_at
         return self.__writeback_oldest(
-            lambda folio: folio.dirtied_at <= expired_before or self.nr_dirty > background
+            lambda f: dirtied_at[f] <= expired_before or self.nr_dirty > background
         )
 
-    def __writeback_oldest(self, more: Callable[[Folio], bool]) -> int:
+    def __writeback_oldest(self, more: Callable[[int], bool]) -> int:
         """Writes dirty folios back, oldest first, while more(folio) holds; returns pages
         written successfully."""
         written = 0
-        for folio in sorted(self.dirty_folios(), key=lambda f: f.dirtied_at):
-            if not more(folio):
+        dirtied_at = self.folio_store.dirtied_at
+        for f in sorted(self.dirty_folios(), key=dirtied_at.__getitem__):
+            if not more(f):
                 break
-            written += self.writeback_folio(folio)
+            written += self.writeback_folio(f)
         return written
 
-    def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[Folio]) -> IoStats:
+    def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[int]) -> IoStats:
         stats = IoStats()
         end = offset + len(data)
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         now = self.clock()
+        store = self.folio_store
+        flags = store.flags
         index = first
         while index <= last:
-            folio = inode.find(index)
-            assert folio is not None
-            stop = min(folio.index + folio.nr_pages, last + 1)
-            if folio in fresh:
+            f = inode.get(index)
+            assert f >= 0
+            head = store.index[f]
+            nr = 1 << store.order[f]
+            stop = min(head + nr, last + 1)
+            if f in fresh:
                 stats.pages_missed += stop - index
             else:
                 stats.pages_hit += stop - index
-            self.__copy_in(
-                inode, folio=folio, offset=offset, data=data, index=index, stop=stop, stats=stats
-            )
-            if not folio.dirty:
-                folio.dirty = True
-                folio.dirtied_at = now
-                inode.nr_dirty += folio.nr_pages
-                self.nr_dirty += folio.nr_pages
-                self.events[VmEvent.NR_DIRTIED] += folio.nr_pages
-            self.lru.mark_accessed(folio, folio in fresh)
+            self.__copy_in(inode, f, offset=offset, data=data, index=index, stop=stop, stats=stats)
+            if not flags[f] & PG_DIRTY:
+                flags[f] |= PG_DIRTY
+                store.dirtied_at[f] = now
+                inode.nr_dirty += nr
+                self.nr_dirty += nr
+                self.events[VmEvent.NR_DIRTIED] += nr
+            self.lru.mark_accessed(f, f in fresh)
             index = stop
         inode.size = max(inode.size, end)
         return stats
@@ -1242,12 +1605,13 @@ class PageCache:
     def __write_layout(self, inode: Inode, first: int, last: int) -> list[tuple[int, int]]:
         """Folios for the uncached pages of a write: the largest aligned order up to the file's
         maximum that fits inside the written range (base pages where the range is cached)."""
+        store = self.folio_store
         layout = []
         index = first
         while index <= last:
-            folio = inode.find(index)
-            if folio is not None:
-                index = folio.index + folio.nr_pages
+            f = inode.get(index)
+            if f >= 0:
+                index = store.index[f] + (1 << store.order[f])
                 continue
             order = min(inode.max_order, (index & -index).bit_length() - 1 if index else 63)
             while order and index + (1 << order) - 1 > last:
@@ -1259,8 +1623,8 @@ class PageCache:
     def __copy_in(
         self,
         inode: Inode,
+        f: int,
         *,
-        folio: Folio,
         offset: int,
         data: bytes,
         index: int,
@@ -1269,13 +1633,16 @@ class PageCache:
     ) -> None:
         """Copies the part of data that falls in pages [index, stop) of a folio; a partly
         written page not yet in memory is read in first (its bytes come from the file)."""
-        if folio.contents is None:
-            folio.contents = {}
+        store = self.folio_store
+        contents = store.contents.get(f)
+        if contents is None:
+            contents = store.contents[f] = {}
+        head = store.index[f]
         end = offset + len(data)
         for page_index in range(index, stop):
             page_start = page_index << PAGE_SHIFT
             lo, hi = max(offset, page_start), min(end, page_start + PAGE_SIZE)
-            page = folio.contents.get(page_index - folio.index)
+            page = contents.get(page_index - head)
             if page is None:
                 whole = lo == page_start and hi == page_start + PAGE_SIZE
                 if whole or page_start >= inode.size:
@@ -1284,61 +1651,74 @@ class PageCache:
                     page = bytearray(self.store.read_pages(inode.name, page_index, 1))
                     stats.device_seconds += self.store.device.read_seconds(PAGE_SIZE)
                     self.events[VmEvent.PGPGIN] += _KIB_PER_PAGE
-                folio.contents[page_index - folio.index] = page
+                contents[page_index - head] = page
             page[lo - page_start : hi - page_start] = data[lo - offset : hi - offset]
 
     # -- writeback -------------------------------------------------------------------------
 
-    def writeback_folio(self, folio: Folio) -> int:
+    def writeback_folio(self, f: int) -> int:
         """Writes a dirty folio's in-memory pages to the backing file and marks it clean; an
         error is recorded in the file's errseq and the folio is marked clean all the same.
         Returns the pages written successfully."""
-        inode = folio.mapping
-        assert isinstance(inode, Inode)
-        if not folio.dirty:
+        store = self.folio_store
+        if not store.flags[f] & PG_DIRTY:
             return 0
+        inode = self.inodes[store.mapping[f]]
+        head, nr = store.index[f], 1 << store.order[f]
+        contents = store.contents.get(f)
         written = 0
         try:
-            for i, page in sorted((folio.contents or {}).items()):
-                self.store.write(
-                    inode.name, (folio.index + i) << PAGE_SHIFT, bytes(page), inode.size
-                )
-            if not folio.contents:
+            for i, page in sorted((contents or {}).items()):
+                self.store.write(inode.name, (head + i) << PAGE_SHIFT, bytes(page), inode.size)
+            if not contents:
                 self.store.write(inode.name, 0, b"", inode.size)
         except OSError as exc:
             inode.wb_err = errseq_set(inode.wb_err, exc.errno or 5)
         else:
-            folio.contents = None
-            written = folio.nr_pages
+            store.contents.pop(f, None)
+            written = nr
             self.events[VmEvent.NR_WRITTEN] += written
             self.events[VmEvent.PGPGOUT] += written * _KIB_PER_PAGE
-        folio.dirty = False
-        inode.nr_dirty -= folio.nr_pages
-        self.nr_dirty -= folio.nr_pages
+        store.flags[f] &= ~PG_DIRTY
+        del store.dirtied_at[f]
+        inode.nr_dirty -= nr
+        self.nr_dirty -= nr
         return written
 
-    def dirty_folios(self, inode: Inode | None = None) -> list[Folio]:
-        inodes = [inode] if inode is not None else list(self.files.values())
-        return [f for i in inodes for f in i.folios.values() if f.dirty]
+    def dirty_folios(self, inode: Inode | None = None) -> list[int]:
+        """Dirty folios, by file and index (of one file, or of all)."""
+        store = self.folio_store
+        mapping_of, index_of = store.mapping, store.index
+        if inode is None:
+            numbers = {inode.number: i for i, inode in enumerate(self.files.values())}
+        else:
+            numbers = {inode.number: 0}
+        found = [f for f in store.dirtied_at if mapping_of[f] in numbers]
+        found.sort(key=lambda f: (numbers[mapping_of[f]], index_of[f]))
+        return found
 
     def writeback(self, name: str | None = None, start: int = 0, end: int | None = None) -> int:
         """Writes back dirty folios of one file's byte range, of one file, or of all files;
         returns pages written successfully."""
         inode = self.lookup(name) if name is not None else None
+        store = self.folio_store
         written = 0
-        for folio in self.dirty_folios(inode):
-            folio_start = folio.index << PAGE_SHIFT
-            if folio_start + folio.size_bytes <= start or (end is not None and folio_start >= end):
+        for f in self.dirty_folios(inode):
+            folio_start = store.index[f] << PAGE_SHIFT
+            size = PAGE_SIZE << store.order[f]
+            if folio_start + size <= start or (end is not None and folio_start >= end):
                 continue
-            written += self.writeback_folio(folio)
+            written += self.writeback_folio(f)
         return written
 
     def sync(self) -> int:
         """Writes back every dirty file and makes it durable (sync(2)); returns pages written.
         Errors stay recorded for the files' handles to see."""
         written = 0
-        for inode in {id(f.mapping): f.mapping for f in self.dirty_folios()}.values():
-            assert isinstance(inode, Inode)
+        mapping_of = self.folio_store.mapping
+        numbers = dict.fromkeys(mapping_of[f] for f in self.dirty_folios())
+        for number in numbers:
+            inode = self.inodes[number]
             written += self.writeback(inode.name)
             try:
                 self.store.fsync(inode.name)
@@ -1377,54 +1757,59 @@ class PageCache:
         if not 0 <= size <= MAX_FILE_BYTES:
             raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
         keep = -(-size // PAGE_SIZE)  # pages that remain
+        store = self.folio_store
         try:
-            for folio in list(inode.folios.values()):
-                if folio.index >= keep:
-                    self.__remove(inode, folio, shadow=False)
-                elif folio.index + folio.nr_pages > keep:
-                    self.__split_tail(inode, folio, keep)
+            for index, f in inode.heads():
+                if index >= keep:
+                    self.__remove(inode, f, shadow=False)
+                elif index + (1 << store.order[f]) > keep:
+                    self.__split_tail(inode, f, keep)
         finally:
             self.busy.clear()
         inode.drop_shadows_from(keep)
         if size % PAGE_SIZE:
-            last = inode.find(size >> PAGE_SHIFT)
-            page = (
-                last.contents.get((size >> PAGE_SHIFT) - last.index)
-                if last and last.contents
-                else None
-            )
+            last = inode.get(size >> PAGE_SHIFT)
+            contents = store.contents.get(last) if last >= 0 else None
+            page = contents.get((size >> PAGE_SHIFT) - store.index[last]) if contents else None
             if page is not None:
                 page[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
         inode.size = size
         self.store.truncate(inode.name, size)
 
-    def __split_tail(self, inode: Inode, folio: Folio, keep: int) -> None:
+    def __split_tail(self, inode: Inode, f: int, keep: int) -> None:
         """Splits a large folio in place into base pages and frees those at or past page keep;
         the kept pages keep their data and flags. Allocates nothing."""
-        contents = folio.contents or {}
-        dirty, referenced, when = folio.dirty, folio.referenced, folio.dirtied_at
-        index = folio.index
-        self.lru.remove(folio)
-        del inode.folios[index]
-        inode.count_large(index, -1)
-        inode.nr_pages -= folio.nr_pages
-        self.nr_pages -= folio.nr_pages
+        store = self.folio_store
+        contents = store.contents.get(f) or {}
+        bits = store.flags[f]
+        dirty, referenced = bits & PG_DIRTY, bits & PG_REFERENCED
+        when = store.dirtied_at.get(f, 0.0)
+        index, order, pfn = store.index[f], store.order[f], store.pfn[f]
+        nr = 1 << order
+        self.lru.remove(f)
+        inode.xa_erase(index, order)
+        inode.nr_pages -= nr
+        self.nr_pages -= nr
         if inode.memcg is not None:
-            inode.memcg.nr_cache -= folio.nr_pages
+            inode.memcg.nr_cache -= nr
         if dirty:
-            inode.nr_dirty -= folio.nr_pages
-            self.nr_dirty -= folio.nr_pages
-        folio.mapping = None
-        for i, page in enumerate(self.allocator.split_cache_folio(folio)):
+            inode.nr_dirty -= nr
+            self.nr_dirty -= nr
+        store.release(f)
+        self.allocator.split_cache_folio(pfn, order)
+        for i in range(nr):
             if index + i >= keep:
-                self.allocator.free_cache_folio(page)
+                self.allocator.free_cache_folio(pfn + i, 0)
                 continue
+            page = store.new(pfn + i, 0)
             self.__insert(inode, page, index + i)
             if i in contents:
-                page.contents = {0: contents[i]}
-            page.referenced = referenced
+                store.contents[page] = {0: contents[i]}
+            if referenced:
+                store.flags[page] |= PG_REFERENCED
             if dirty:
-                page.dirty, page.dirtied_at = True, when
+                store.flags[page] |= PG_DIRTY
+                store.dirtied_at[page] = when
                 inode.nr_dirty += 1
                 self.nr_dirty += 1
 
@@ -1432,11 +1817,12 @@ class PageCache:
         """Frees every clean page cache folio (echo 1 > drop_caches); returns pages freed.
         Data kept only in a folio whose writeback failed goes with it, as in Linux."""
         freed = 0
+        flags, order_of = self.folio_store.flags, self.folio_store.order
         for inode in self.files.values():
-            for folio in list(inode.folios.values()):
-                if not folio.dirty:
-                    freed += folio.nr_pages
-                    self.__remove(inode, folio, shadow=False)
+            for _, f in inode.heads():
+                if not flags[f] & PG_DIRTY:
+                    freed += 1 << order_of[f]
+                    self.__remove(inode, f, shadow=False)
         return freed
 
 

@@ -469,10 +469,11 @@ class Machine:
         self.events[_PGALLOC] += count << order
         return pfns
 
-    def alloc_cache_folio(self, order: int) -> Folio:
-        """CacheAllocator: a page cache folio (filemap_alloc_folio). A large one is tried
-        with one round of reclaim at most (__GFP_NORETRY): the caller falls back to smaller
-        folios rather than emptying the cache for one large block."""
+    def alloc_cache_folio(self, order: int) -> int:
+        """CacheAllocator: the frames of a page cache folio (filemap_alloc_folio), by first
+        pfn. A large one is tried with one round of reclaim at most (__GFP_NORETRY): the
+        caller falls back to smaller folios rather than emptying the cache for one large
+        block."""
         if order:
             pfn = self.__rmqueue(order)
             if pfn is None and self.page_cache is not None and self.lru.nr_pages:
@@ -481,33 +482,34 @@ class Machine:
                 pfn = self.__rmqueue(order)
             if pfn is None:
                 raise self.__out_of_memory(order)
-            self.__account(FolioKind.FILE, order, 1)
             self.events[_PGALLOC] += 1 << order
-            return Folio(pfn, order, FolioKind.FILE)
-        return self.__alloc_folio(order, FolioKind.FILE)
+        else:
+            pfn = self.__alloc_pfn(order)
+        self.__account(FolioKind.FILE, order, 1)
+        return pfn
 
-    def alloc_cache_folios(self, order: int, count: int) -> list[Folio] | None:
-        """CacheAllocator: count page cache folios in one step where as many
+    def alloc_cache_folios(self, order: int, count: int) -> list[int] | None:
+        """CacheAllocator: the frames of count page cache folios in one step where as many
         alloc_cache_folio calls would neither reclaim nor fail; else None."""
         pfns = self.__alloc_bulk(order, count)
         if pfns is None:
             return None
         self.__account(FolioKind.FILE, order, count)
-        return [Folio(pfn, order, FolioKind.FILE) for pfn in pfns.tolist()]
+        return cast(list[int], pfns.tolist())
 
-    def split_cache_folio(self, folio: Folio) -> list[Folio]:
-        """CacheAllocator: splits a large page cache folio into base-page folios over the same
+    def split_cache_folio(self, pfn: int, order: int) -> None:
+        """CacheAllocator: a large page cache folio becomes base-page folios over the same
         frames, allocating nothing (split_huge_page); the caller places or frees each one."""
-        self.__account(folio.kind, folio.order, -1)
-        pages = [Folio(folio.pfn + i, 0, folio.kind) for i in range(folio.nr_pages)]
-        self.__account(folio.kind, 0, len(pages))
-        if folio.order == HPAGE_PMD_ORDER:
+        self.__account(FolioKind.FILE, order, -1)
+        self.__account(FolioKind.FILE, 0, 1 << order)
+        if order == HPAGE_PMD_ORDER:
             self.events[VmEvent.THP_SPLIT_PAGE] += 1
-        return pages
 
-    def free_cache_folio(self, folio: Folio) -> None:
-        """CacheAllocator: returns an evicted or truncated page cache folio."""
-        self.__free_folio(folio)
+    def free_cache_folio(self, pfn: int, order: int) -> None:
+        """CacheAllocator: returns the frames of an evicted or truncated page cache folio."""
+        self.__free_block(pfn, order)
+        self.__account(FolioKind.FILE, order, -1)
+        self.events[_PGFREE] += 1 << order
 
     def recycle_cache_frames(self, nr: int) -> None:
         """CacheAllocator: nr base-page frames went from evicted folios straight to new ones,

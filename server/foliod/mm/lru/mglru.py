@@ -43,12 +43,11 @@ pgactivate is not counted: lru_gen counts it only for mapped folios (folio_activ
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
+from foliod.mm.folio_store import NO_FOLIO, PG_REFERENCED, FolioStore
 from foliod.mm.lru.base import ReclaimPolicy
-from foliod.mm.mm_types import Folio
 from foliod.mm.vmstat import VmEvent
 
 MIN_NR_GENS = 2
@@ -60,6 +59,8 @@ MAX_REFS = 4
 MIN_LRU_BATCH = 64
 # Bits of a shadow token below the sequence number: the refs (0..MAX_REFS).
 _REFS_SHIFT = 3
+# The gen column holds a sequence number's low bits (generations span at most MAX_NR_GENS).
+GEN_MASK = 0xFF
 
 
 def lru_tier_from_refs(refs: int) -> int:
@@ -82,16 +83,18 @@ def positive_ctrl_err(sp: tuple[int, int, int], pv: tuple[int, int, int]) -> boo
 class Mglru(ReclaimPolicy):
     name: ClassVar[str] = "mglru"
 
-    def __init__(self, events: dict[VmEvent, int]) -> None:
-        super().__init__(events)
+    def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
+        super().__init__(events, store)
         # lru_gen_init_lruvec: max_seq = MIN_NR_GENS + 1, min_seq = 0.
         self.min_seq = 0
         self.max_seq = MIN_NR_GENS + 1
-        # Per generation, its folios from the old end (scanned first) to the young end.
-        self.gens: dict[int, OrderedDict[Folio, None]] = {
-            seq: OrderedDict() for seq in range(self.min_seq, self.max_seq + 1)
+        # Per generation, the head of its list of folios from the old end (scanned first) to
+        # the young end.
+        self.gens: dict[int, int] = {
+            seq: self.store.new_list() for seq in range(self.min_seq, self.max_seq + 1)
         }
         self.gen_pages: dict[int, int] = dict.fromkeys(self.gens, 0)
+        self.gen_folios: dict[int, int] = dict.fromkeys(self.gens, 0)
         # Pages per tier since min_seq last moved, and the averages of the windows before.
         self.refaulted = [0] * MAX_NR_TIERS
         self.evicted = [0] * MAX_NR_TIERS
@@ -103,36 +106,49 @@ class Mglru(ReclaimPolicy):
 
     # -- generations ------------------------------------------------------------------------
 
-    def __put(self, folio: Folio, seq: int) -> None:
-        folio.gen = seq
-        self.gens[seq][folio] = None
-        self.gen_pages[seq] += folio.nr_pages
+    def seq_of(self, f: int) -> int:
+        """The generation a folio is in (from the low bits the gen column keeps)."""
+        return self.min_seq + ((self.store.gen[f] - self.min_seq) & GEN_MASK)
 
-    def __take(self, folio: Folio) -> None:
-        del self.gens[folio.gen][folio]
-        self.gen_pages[folio.gen] -= folio.nr_pages
-
-    def __inc_gen(self, folio: Folio, old_end: bool) -> None:
-        """folio_inc_gen: into min_seq + 1, its refs and PG_referenced cleared."""
-        self.__take(folio)
-        folio.refs = 0
-        folio.referenced = False
-        self.__put(folio, self.min_seq + 1)
+    def __put(self, f: int, seq: int, old_end: bool = False) -> None:
+        store = self.store
+        store.gen[f] = seq & GEN_MASK
         if old_end:
-            self.gens[self.min_seq + 1].move_to_end(folio, last=False)
+            store.list_add(f, self.gens[seq])
+        else:
+            store.list_add_tail(f, self.gens[seq])
+        self.gen_pages[seq] += 1 << store.order[f]
+        self.gen_folios[seq] += 1
+
+    def __take(self, f: int) -> None:
+        store = self.store
+        seq = self.seq_of(f)
+        store.list_del(f)
+        self.gen_pages[seq] -= 1 << store.order[f]
+        self.gen_folios[seq] -= 1
+
+    def __inc_gen(self, f: int, old_end: bool) -> None:
+        """folio_inc_gen: into min_seq + 1, its refs and PG_referenced cleared."""
+        self.__take(f)
+        store = self.store
+        store.refs[f] = 0
+        store.flags[f] &= ~PG_REFERENCED
+        self.__put(f, self.min_seq + 1, old_end)
 
     def inc_max_seq(self) -> None:
         """Aging: a new, empty youngest generation (nothing to promote without page tables)."""
         assert self.max_seq - self.min_seq + 1 < MAX_NR_GENS, "aging with MAX_NR_GENS"
         self.max_seq += 1
-        self.gens[self.max_seq] = OrderedDict()
+        self.gens[self.max_seq] = self.store.new_list()
         self.gen_pages[self.max_seq] = 0
+        self.gen_folios[self.max_seq] = 0
 
     def inc_min_seq(self) -> None:
         """The empty oldest generation ends; the window's counts fold into the averages
         (reset_ctrl_pos with carryover)."""
-        assert not self.gens[self.min_seq], "the oldest generation is not empty"
-        del self.gens[self.min_seq], self.gen_pages[self.min_seq]
+        assert self.store.list_empty(self.gens[self.min_seq]), "the oldest generation is not empty"
+        self.store.release(self.gens.pop(self.min_seq))
+        del self.gen_pages[self.min_seq], self.gen_folios[self.min_seq]
         self.min_seq += 1
         for tier in range(MAX_NR_TIERS):
             self.avg_refaulted[tier] = (self.avg_refaulted[tier] + self.refaulted[tier]) // 2
@@ -160,92 +176,104 @@ class Mglru(ReclaimPolicy):
 
     # -- the policy -------------------------------------------------------------------------
 
-    def add(self, folio: Folio) -> None:
-        folio.refs = 0
-        folio.referenced = False
+    def add(self, f: int) -> None:
+        store = self.store
+        store.refs[f] = 0
+        store.flags[f] &= ~PG_REFERENCED
         seq = self.min_seq
         if self.min_seq + MIN_NR_GENS < self.max_seq:
             seq += 1
-        self.__put(folio, seq)
-        self.nr_pages += folio.nr_pages
+        self.__put(f, seq)
+        self.nr_pages += 1 << store.order[f]
 
-    def remove(self, folio: Folio) -> None:
-        self.__take(folio)
-        self.nr_pages -= folio.nr_pages
+    def remove(self, f: int) -> None:
+        self.__take(f)
+        self.nr_pages -= 1 << self.store.order[f]
 
-    def mark_accessed(self, folio: Folio, fresh: bool = False) -> None:
-        if not folio.referenced:
-            folio.referenced = True
-        elif folio.refs < MAX_REFS:
-            folio.refs += 1
+    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+        store = self.store
+        if not store.flags[f] & PG_REFERENCED:
+            store.flags[f] |= PG_REFERENCED
+        elif store.refs[f] < MAX_REFS:
+            store.refs[f] += 1
 
-    def shadow(self, folio: Folio) -> int:
-        refs = folio.refs if folio.referenced else 0
-        self.evicted[lru_tier_from_refs(refs)] += folio.nr_pages
+    def shadow(self, f: int) -> int:
+        store = self.store
+        refs = store.refs[f] if store.flags[f] & PG_REFERENCED else 0
+        self.evicted[lru_tier_from_refs(refs)] += 1 << store.order[f]
         self.tier_idx = None
         return (self.min_seq << _REFS_SHIFT | refs) + 1  # + 1: a token is never 0
 
-    def refault(self, folio: Folio, shadow: int) -> None:
-        super().refault(folio, shadow)
+    def refault(self, f: int, shadow: int) -> None:
+        super().refault(f, shadow)
         token = shadow - 1
         if token >> _REFS_SHIFT != self.min_seq:
             return
         refs = token & ((1 << _REFS_SHIFT) - 1)
-        self.refaulted[lru_tier_from_refs(refs)] += folio.nr_pages
-        self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += folio.nr_pages
+        nr = 1 << self.store.order[f]
+        self.refaulted[lru_tier_from_refs(refs)] += nr
+        self.events[VmEvent.WORKINGSET_ACTIVATE_FILE] += nr
         self.tier_idx = None
         if refs >= MAX_REFS - 1:
-            folio.refs = MAX_REFS
+            self.store.refs[f] = MAX_REFS
 
     @property
     def nr_active(self) -> int:
         return self.gen_pages[self.max_seq] + self.gen_pages[self.max_seq - 1]
 
-    def victim(self) -> Folio | None:
-        gens = self.gens
+    def victim(self) -> int:
+        store = self.store
+        refs_of = store.refs
         while self.nr_pages:
             if self.max_seq - self.min_seq < MIN_NR_GENS:
                 self.inc_max_seq()
                 continue
-            oldest = gens[self.min_seq]
-            if not oldest:
+            f = store.list_first(self.gens[self.min_seq])
+            if f == NO_FOLIO:
                 self.inc_min_seq()
                 continue
             if self.tier_idx is None:
                 self.tier_idx = self.get_tier_idx()
-            folio = next(iter(oldest))
-            tier = lru_tier_from_refs(folio.refs)
-            if tier > self.tier_idx or folio.refs == MAX_REFS:
-                self.__inc_gen(folio, old_end=True)
-                self.protected[tier] += folio.nr_pages
-                self.events[VmEvent.PGREFILL] += folio.nr_pages
+            refs = refs_of[f]
+            tier = lru_tier_from_refs(refs)
+            if tier > self.tier_idx or refs == MAX_REFS:
+                nr = 1 << store.order[f]
+                self.__inc_gen(f, old_end=True)
+                self.protected[tier] += nr
+                self.events[VmEvent.PGREFILL] += nr
                 continue
-            return folio
-        return None
+            return f
+        return NO_FOLIO
 
-    def pass_over(self, folio: Folio) -> None:
-        self.__inc_gen(folio, old_end=False)
+    def pass_over(self, f: int) -> None:
+        self.__inc_gen(f, old_end=False)
 
-    def folios(self) -> Iterator[Folio]:
-        for gen in self.gens.values():
-            yield from gen
+    def folios(self) -> Iterator[int]:
+        for head in list(self.gens.values()):
+            yield from self.store.list_iter(head)
 
     def lists(self) -> dict[str, int]:
-        return {f"gen{seq - self.min_seq}": len(gen) for seq, gen in self.gens.items()}
+        return {f"gen{seq - self.min_seq}": n for seq, n in self.gen_folios.items()}
 
     def list_pages(self) -> dict[str, int]:
         return {f"gen{seq - self.min_seq}": self.gen_pages[seq] for seq in self.gens}
 
     def check(self) -> None:
         super().check()
+        store = self.store
         nr_gens = self.max_seq - self.min_seq + 1
         assert MIN_NR_GENS <= nr_gens <= MAX_NR_GENS, f"{nr_gens} generations"
         assert list(self.gens) == list(range(self.min_seq, self.max_seq + 1)), "gens off"
         assert self.gen_pages.keys() == self.gens.keys(), "generation page counts off"
-        for seq, gen in self.gens.items():
-            assert all(f.gen == seq for f in gen), f"a folio in generation {seq} says otherwise"
-            assert self.gen_pages[seq] == sum(f.nr_pages for f in gen), f"gen {seq} count off"
-            assert all(0 <= f.refs <= MAX_REFS for f in gen), f"refs out of range in gen {seq}"
+        for seq, head in self.gens.items():
+            gen = list(store.list_iter(head))
+            assert all(self.seq_of(f) == seq for f in gen), (
+                f"a folio in generation {seq} says otherwise"
+            )
+            pages = sum(1 << store.order[f] for f in gen)
+            assert self.gen_pages[seq] == pages, f"gen {seq} count off"
+            assert self.gen_folios[seq] == len(gen), f"gen {seq} folio count off"
+            assert all(0 <= store.refs[f] <= MAX_REFS for f in gen), f"refs out of range in {seq}"
         counters = (self.refaulted, self.evicted, self.protected)
         assert all(n >= 0 for c in (*counters, self.avg_refaulted, self.avg_total) for n in c)
         assert self.protected[0] == 0, "tier 0 is never protected"
