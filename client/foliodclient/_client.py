@@ -273,33 +273,37 @@ class FoliodClient(_ClientBase[grpc.Channel]):
 
     def replay(
         self,
-        name: str,
+        names: str | Sequence[str],
         offsets: Sequence[int],
         lengths: Sequence[int] | None = None,
-        writes: Sequence[bool] | None = None,
+        writes: Sequence[int] | None = None,
+        files: Sequence[int] | None = None,
         *,
         interval_accesses: int = 0,
         machine: str | None = None,
         timeout: float | None = None,
     ) -> ReplayResult:
-        """Replays a trace on file `name`, in order, in one Replay call: byte `offsets`,
-        `lengths` (None: 4096 each) and which operations are `writes` (None: all reads). The
-        file must exist and hold every operation. Reads count one access per page, as trace
-        simulators do. `interval_accesses` > 0 asks for a series of totals every that many page
-        accesses. `timeout` bounds the call (None: the client's). Never retried: a replay
+        """Replays a trace in order in one Replay call, on the file `names` (or files: then
+        `files` gives each operation's index into them): byte `offsets`, `lengths` (None: each
+        operation is the page holding its offset) and which operations are `writes` (true
+        values; None: all reads). Every file must exist and hold its operations. Each page an
+        operation touches is one access, as trace simulators count. `interval_accesses` > 0
+        asks for totals every that many page accesses too. `timeout` bounds the call (None:
+        the client's timeout plus REPLAY_SECONDS_PER_OP a operation). Never retried: a replay
         changes the cache."""
         chunks = _calls.replay_chunks(
-            name,
+            names,
             offsets,
             lengths,
             writes,
+            files,
             machine=self.machine if machine is None else machine,
             interval_accesses=interval_accesses,
         )
         try:
             reply = self._stubs[FOLIOD].Replay(
                 chunks,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=_calls.replay_timeout(self.timeout, timeout, len(offsets)),
                 metadata=self._connection.metadata,
             )
         except grpc.RpcError as exc:
@@ -392,6 +396,38 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
         stub = self._stubs[FOLIOD]
         metadata = _with_key(self._connection.metadata, idempotency_key)
         return AsyncSubmission(stub, machine or self.machine, metadata, timeout)
+
+    async def replay(
+        self,
+        names: str | Sequence[str],
+        offsets: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        writes: Sequence[int] | None = None,
+        files: Sequence[int] | None = None,
+        *,
+        interval_accesses: int = 0,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> ReplayResult:
+        """As FoliodClient.replay: replays a trace in order in one Replay call."""
+        chunks = _calls.replay_chunks(
+            names,
+            offsets,
+            lengths,
+            writes,
+            files,
+            machine=self.machine if machine is None else machine,
+            interval_accesses=interval_accesses,
+        )
+        try:
+            reply = await self._stubs[FOLIOD].Replay(
+                chunks,
+                timeout=_calls.replay_timeout(self.timeout, timeout, len(offsets)),
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(ReplayResult, reply)
 
     allocate = _async(_calls.allocate)
     free = _async(_calls.free)

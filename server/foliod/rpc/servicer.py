@@ -597,9 +597,19 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def Replay(
         self, request_iterator: Iterator[pb.ReplayChunk], context: grpc.ServicerContext
     ) -> pb.ReplayResult:
-        trace = parse_replay(request_iterator)  # every chunk checked before anything runs
-        name = self._ns().file(trace.name)
-        return self._change(trace.machine, lambda m: run_replay(m, name, trace))
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} Submit and Replay streams are open, the most this server "
+                "allows (each holds a worker thread; see --workers)",
+            )
+        try:
+            trace = parse_replay(request_iterator)  # every chunk checked before anything runs
+        finally:
+            self._streams.release()
+        ns = self._ns()
+        names = [ns.file(name) for name in trace.names]
+        return self._change(trace.machine, lambda m: run_replay(m, names, trace))
 
 
 def _duplication_pb(

@@ -124,12 +124,14 @@ class FoliodStub:
     plus requested read lengths) per batch. An open stream holds one server worker thread.
     """
     Replay: _grpc.StreamUnaryMultiCallable[_foliod_pb2.ReplayChunk, _foliod_pb2.ReplayResult]
-    """Trace replay: runs a trace of reads and writes on one file of one machine, in the order
-    sent, through the page cache's replay path (reads: every page access counts as one, as
-    trace simulators count; writes: as WriteFile, with zeros). The client streams the trace in
-    columnar chunks and half-closes; every chunk is checked before anything runs (a bad chunk:
-    INVALID_ARGUMENT naming the chunk and the field, and nothing is applied). The whole replay
-    holds the machine's lock. Limits: 4 MiB per chunk (the message limit) and 16M page
+    """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+    through the page cache's replay path (reads: each page a read touches is one access, as
+    trace simulators count, and a hit is marked accessed however the reads before it ended;
+    writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+    half-closes; every chunk is checked before anything runs (a malformed chunk:
+    INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+    NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+    call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
     accesses per call.
     """
 
@@ -220,12 +222,14 @@ class FoliodAsyncStub(FoliodStub):
     plus requested read lengths) per batch. An open stream holds one server worker thread.
     """
     Replay: _aio.StreamUnaryMultiCallable[_foliod_pb2.ReplayChunk, _foliod_pb2.ReplayResult]  # type: ignore[assignment]
-    """Trace replay: runs a trace of reads and writes on one file of one machine, in the order
-    sent, through the page cache's replay path (reads: every page access counts as one, as
-    trace simulators count; writes: as WriteFile, with zeros). The client streams the trace in
-    columnar chunks and half-closes; every chunk is checked before anything runs (a bad chunk:
-    INVALID_ARGUMENT naming the chunk and the field, and nothing is applied). The whole replay
-    holds the machine's lock. Limits: 4 MiB per chunk (the message limit) and 16M page
+    """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+    through the page cache's replay path (reads: each page a read touches is one access, as
+    trace simulators count, and a hit is marked accessed however the reads before it ended;
+    writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+    half-closes; every chunk is checked before anything runs (a malformed chunk:
+    INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+    NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+    call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
     accesses per call.
     """
 
@@ -529,12 +533,14 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_foliod_pb2.ReplayChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.ReplayResult, _abc.Awaitable[_foliod_pb2.ReplayResult]]:
-        """Trace replay: runs a trace of reads and writes on one file of one machine, in the order
-        sent, through the page cache's replay path (reads: every page access counts as one, as
-        trace simulators count; writes: as WriteFile, with zeros). The client streams the trace in
-        columnar chunks and half-closes; every chunk is checked before anything runs (a bad chunk:
-        INVALID_ARGUMENT naming the chunk and the field, and nothing is applied). The whole replay
-        holds the machine's lock. Limits: 4 MiB per chunk (the message limit) and 16M page
+        """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+        through the page cache's replay path (reads: each page a read touches is one access, as
+        trace simulators count, and a hit is marked accessed however the reads before it ended;
+        writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+        half-closes; every chunk is checked before anything runs (a malformed chunk:
+        INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+        NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+        call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
         accesses per call.
         """
 
