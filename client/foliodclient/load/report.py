@@ -63,6 +63,10 @@ def build(result: RunResult, extra: dict[str, Any] | None = None) -> dict[str, A
             **(extra or {}),
         },
         "interrupted": result.interrupted,
+        "failures": [
+            {"stage": stage, "code": exc.code.name, "message": exc.message}
+            for stage, exc in result.failures
+        ],
         "ops": rec.ops,
         "warmup_ops": rec.warmup_ops,
         "ops_by_kind": dict(sorted(rec.ops_by_kind.items())),
@@ -141,9 +145,14 @@ def text(data: dict[str, Any]) -> str:
     c, cfg, lat = data["cache"], data["config"], data["latency_seconds"]
     rate = "closed loop" if cfg["rate"] is None else f"open loop at {cfg['rate']:,g} ops/s"
     errors = ", ".join(f"{k} {v}" for k, v in data["errors_by_code"].items()) or "none"
+    how = (
+        "the trace in order through Replay RPCs (latency per call)"
+        if cfg["mode"] == "rpc"
+        else f"{cfg['concurrency']} workers ({cfg['engine']}), {cfg['mode']}, {rate}"
+    )
     lines = [
-        f"foliod-load {data['workload']}: {cfg['concurrency']} workers ({cfg['engine']}), "
-        f"{cfg['mode']}, {rate}" + (" (interrupted)" if data["interrupted"] else ""),
+        f"foliod-load {data['workload']}: {how}"
+        + (" (interrupted)" if data["interrupted"] else ""),
         f"operations   {data['ops']:,} in {data['elapsed_seconds']:.2f} s "
         f"(+{data['warmup_ops']:,} warm-up), "
         + ", ".join(f"{k} {v:,}" for k, v in data["ops_by_kind"].items()),
@@ -160,6 +169,7 @@ def text(data: dict[str, Any]) -> str:
         f"{_ms(c['read_device_seconds'])} against {_ms(c['read_device_seconds_all_miss'])} "
         f"if all missed: {_ms(c['device_seconds_saved'])} saved by the cache",
         f"errors       {data['errors']:,}: {errors}",
+        *(f"FAILED       {f['stage']}: {f['code']}: {f['message']}" for f in data["failures"]),
         "",
         "memory map (before setup, after the run)",
         table(["model", "before", "after", "change", "of RAM"], memmap_rows(data)).rstrip(),
