@@ -1019,7 +1019,9 @@ def bench_replay_rpc(report: Report, counts: Counts) -> None:
         finally:
             server.stop()
     rpc = report.add(summarize(section, f"zipf, Replay RPC ({n:,} accesses)", "acc/s", rpc_rates))
-    local = report.add(summarize(section, "zipf, in-process PageCache.replay", "acc/s", local_rates))
+    local = report.add(
+        summarize(section, "zipf, in-process PageCache.replay", "acc/s", local_rates)
+    )
     report.add(ratio(section, "zipf: ratio Replay RPC / in-process", rpc, local, TARGET_REPLAY_RPC))
     report.add(
         summarize(

@@ -100,7 +100,7 @@ def run_replay(config: RunConfig, workload: Replay, progress: Progress) -> RunRe
             columns = workload.columns(device)
             total_accesses = sum(columns.accesses)
             interval = max(total_accesses // TIMELINE_POINTS, 1)
-            ranges = list(calls(columns))
+            ranges = list(calls(columns, CALL_ACCESSES))
             started = time.perf_counter()
             for number, (start, end) in enumerate(ranges):
                 writes = columns.writes[start:end]
