@@ -18,13 +18,13 @@ import pytest
 from foliod.mm.backing_dev import DEVICE_PROFILES
 from foliod.server import FoliodServer
 from foliodclient import FoliodClient
+from foliodclient.errors import CallError, InvalidArgument
+from foliodclient.load import replay as rpc_replay
 from foliodclient.load.cli import main
 from foliodclient.load.histogram import PRECISION_BITS, Histogram, bucket_bounds, bucket_index
 from foliodclient.load.progress import Progress
 from foliodclient.load.runner import Recorder, Schedule, run_worker
 from foliodclient.load.traces import TraceError, load_trace, split, write_oracle
-from foliodclient.errors import CallError, InvalidArgument
-from foliodclient.load import replay as rpc_replay
 from foliodclient.load.workloads import (
     WORKLOADS,
     GeneratorStream,
