@@ -434,7 +434,8 @@ def test_replay_with_c4_gets_the_exact_textbook_misses(
     data = load(server, capsys, "replay", "--trace", str(trace), "-c", "4")
     cache = data["cache"]
     assert cache["pages_missed"] == REFERENCES[policy](pages, capacity)
-    assert cache["pages_hit"] + cache["pages_missed"] == len(pages)
+    assert cache["pages_hit"] + cache["pages_missed"] == len(pages) == data["accesses"]
+    assert data["accesses_per_second"] > 0
     assert cache["pages_readahead"] == 0 and data["errors"] == 0
     assert data["config"]["mode"] == "rpc" and data["config"]["concurrency"] == 1
     assert data["timeline"] and sum(s["ops"] for s in data["timeline"]) == data["ops"]

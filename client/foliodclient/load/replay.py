@@ -66,6 +66,7 @@ def _sample(t_seconds: float, interval: ReplayTotals) -> Sample:
 def _add(recorder: Recorder, totals: ReplayTotals, reads: int, writes: int) -> None:
     stats, read_stats = totals.stats, totals.read_stats
     recorder.ops += totals.operations
+    recorder.accesses += totals.accesses
     if reads:
         recorder.ops_by_kind["read"] += reads
     if writes:

@@ -75,6 +75,8 @@ def build(result: RunResult, extra: dict[str, Any] | None = None) -> dict[str, A
         "elapsed_seconds": elapsed,
         "throughput_ops_per_second": rec.ops / elapsed if elapsed else 0.0,
         "throughput_bytes_per_second": moved / elapsed if elapsed else 0.0,
+        "accesses": rec.accesses,
+        "accesses_per_second": rec.accesses / elapsed if elapsed else 0.0,
         "latency_seconds": latency,
         "histogram_buckets": sum(1 for _ in hist.buckets()),
         "bytes_read": rec.bytes_read,
@@ -157,7 +159,12 @@ def text(data: dict[str, Any]) -> str:
         f"(+{data['warmup_ops']:,} warm-up), "
         + ", ".join(f"{k} {v:,}" for k, v in data["ops_by_kind"].items()),
         f"throughput   {data['throughput_ops_per_second']:,.1f} ops/s, "
-        f"{iec(int(data['throughput_bytes_per_second']))}/s",
+        f"{iec(int(data['throughput_bytes_per_second']))}/s"
+        + (
+            f", {data['accesses_per_second']:,.0f} page accesses/s ({data['accesses']:,})"
+            if data["accesses"]
+            else ""
+        ),
         "latency      "
         + "  ".join(f"{name} {_ms(lat[name])}" for name, _ in PERCENTILES)
         + f"  max {_ms(lat['max'])}  (mean {_ms(lat['mean'])})",

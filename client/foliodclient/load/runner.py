@@ -166,6 +166,8 @@ class Recorder:
         self.read_pages_hit = self.read_pages_missed = 0
         self.device_seconds = self.read_device_seconds = self.all_miss_device_seconds = 0.0
         self.errors_by_code: Counter[str] = Counter()
+        # Page accesses, as the Replay RPC counts them (0 on the other paths).
+        self.accesses = 0
         # The first failed op's status and message, to say what went wrong.
         self.first_error = ""
         self.ops_by_kind: Counter[str] = Counter()
