@@ -64,6 +64,14 @@ What is measured:
    git commit too (a temporary worktree) and prints its figures and the ratios current /
    baseline under the current ones.
 
+10. Trace replay through the service (``--only replay_rpc``): the Zipf trace of 4. (1M
+   accesses) replayed on a fresh file of a foliod server process (lru, order 0, no readahead,
+   the capacity of 4.) through one Replay RPC sent by FoliodClient.replay (encoding, transfer,
+   checking and running counted: the client's clock from the call to its reply), and in this
+   process through PageCache.replay, turn about; accesses/s of both, the ratio RPC /
+   in-process (issue 15's target: >= 1/3) and the seconds the RPC run took end to end. Both
+   must miss exactly as often.
+
 8. Batched submission (``--only batch``): 4 KiB cache-hit reads of the 1 MiB hot file of 5.
    against one foliod server process (1 GiB): unary ReadFile RPCs (1 in flight) and page reads
    through Submit in batches of 256, sent with foliodclient's Submission (so the client's
@@ -146,6 +154,8 @@ ZIPF_ALPHA = 1.0
 SEED = 42
 TARGET_REPLAY_LRU = 1 / 3
 TARGET_REPLAY_TWO_LIST = 1 / 10
+# Section 10, the Replay RPC.
+TARGET_REPLAY_RPC = 1 / 3
 # Section 5, gRPC ReadFile.
 HOT_FILE = "hot"
 HOT_FILE_BYTES = 1 << 20
@@ -960,6 +970,75 @@ def bench_replay(report: Report, counts: Counts) -> None:
             replay_trace(report, section, tag, keys, Path(tmp) / tag)
 
 
+# -- 10. Replay RPC ------------------------------------------------------------------------------
+
+
+def replay_rpc(client: FoliodClient, keys: list[int]) -> tuple[int, float]:
+    """keys replayed on a fresh file of the server through one Replay call; (hits, seconds)."""
+    client.delete_file("trace", timeout=120)
+    client.create_file("trace")
+    client.truncate_file("trace", REPLAY_KEYS * PAGE_SIZE)
+    offsets = [key * PAGE_SIZE for key in keys]
+    gc.collect()
+    start = time.perf_counter()
+    result = client.replay("trace", offsets)
+    seconds = time.perf_counter() - start
+    if result.totals.accesses != len(keys):
+        raise RuntimeError(f"Replay ran {result.totals.accesses} of {len(keys)} accesses")
+    return result.totals.stats.pages_hit, seconds
+
+
+def bench_replay_rpc(report: Report, counts: Counts) -> None:
+    section = (
+        f"10. trace replay through the Replay RPC, lru, capacity {REPLAY_CAPACITY:,} pages, "
+        f"each run {REPLAY_REPEATS} times, turn about"
+    )
+    keys = zipf_trace(REPLAY_KEYS, ZIPF_ALPHA, counts.replay_zipf, SEED)
+    n = len(keys)
+    with tempfile.TemporaryDirectory(prefix="foliod-bench-") as tmp:
+        port = free_port()
+        argv = foliod_argv(port, "1GiB", Path(tmp) / "state")
+        argv += ["--reclaim-policy", "lru", "--ra-kb", "0", "--max-file-order", "0"]
+        argv += ["--cache-capacity", str(REPLAY_CAPACITY * PAGE_SIZE)]
+        server = ServerProcess("foliod", argv, port, Path(tmp) / "foliod.log")
+        try:
+            with grpc.insecure_channel(server.target) as channel:
+                server.wait_ready(channel)
+            with FoliodClient(server.target, timeout=60) as client:
+                client.create_file("trace")
+                (rpc_rates, rpc_hits), (local_rates, local_hits) = replay_runs(
+                    [
+                        lambda: replay_rpc(client, keys),
+                        lambda: replay_foliod(
+                            keys, Path(tmp) / "local", "lru", ra_pages=0, max_file_order=0
+                        ),
+                    ],
+                    REPLAY_REPEATS,
+                    n,
+                )
+        finally:
+            server.stop()
+    rpc = report.add(summarize(section, f"zipf, Replay RPC ({n:,} accesses)", "acc/s", rpc_rates))
+    local = report.add(
+        summarize(section, "zipf, in-process PageCache.replay", "acc/s", local_rates)
+    )
+    report.add(ratio(section, "zipf: ratio Replay RPC / in-process", rpc, local, TARGET_REPLAY_RPC))
+    report.add(
+        summarize(
+            section,
+            f"zipf: seconds for the {n:,}-access trace through the RPC, end to end",
+            "s",
+            [n / rate for rate in rpc_rates],
+            higher_is_better=False,
+        )
+    )
+    if rpc_hits != local_hits:
+        report.fail(
+            f"Replay RPC hit {rpc_hits:,} times, in-process replay {local_hits:,} times, on the "
+            f"same {n:,}-access trace with the same capacity"
+        )
+
+
 # -- 5. gRPC ReadFile ----------------------------------------------------------------------------
 
 
@@ -1362,6 +1441,7 @@ SECTIONS = (
     ("scrape", bench_scrape),
     ("batch", bench_batch),
     ("memory", bench_memory),
+    ("replay_rpc", bench_replay_rpc),
 )
 
 

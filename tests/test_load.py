@@ -3,6 +3,7 @@ live in-process server, the reports, and the errors bad input gives."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -11,18 +12,29 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from foliod.mm.backing_dev import DEVICE_PROFILES
 from foliod.server import FoliodServer
 from foliodclient import FoliodClient
+from foliodclient.errors import CallError, InvalidArgument
+from foliodclient.load import replay as rpc_replay
 from foliodclient.load.cli import main
 from foliodclient.load.histogram import PRECISION_BITS, Histogram, bucket_bounds, bucket_index
 from foliodclient.load.progress import Progress
 from foliodclient.load.runner import Recorder, Schedule, run_worker
 from foliodclient.load.traces import TraceError, load_trace, split, write_oracle
-from foliodclient.load.workloads import WORKLOADS, GeneratorStream, Op, OpKind, Outcome
+from foliodclient.load.workloads import (
+    WORKLOADS,
+    GeneratorStream,
+    Op,
+    OpKind,
+    Outcome,
+    teardown_options,
+)
 from tests.conftest import ServerFactory
+from tests.test_replay_rpc import REFERENCES
 
 SMALL = ["--file-size", "256KiB", "--files", "2", "--interval", "0.1", "--no-progress"]
 
@@ -354,7 +366,7 @@ def test_split_at_file_ends_and_io_limit() -> None:
     [
         ("bad.txt", "1\n2\nthree\n", "bad.txt:3: not a page key"),
         ("neg.txt", "-5\n", "neg.txt:1: not a page key"),
-        ("bad.csv", "R,0,4096\nX,8,4096\n", "bad.csv:2: op must be R or W"),
+        ("bad.csv", "R,0,4096\nX,8,4096\n", "bad.csv:2: column 1 (op) must be R or W"),
         ("short.csv", "R,0\n", "short.csv:1: expected op,sector,size"),
         ("nosize.csv", "op,lba,when\nR,0,1\n", "the header has no size column"),
         ("bad.bin", b"\x00" * 30, "truncated record at byte 24"),
@@ -375,11 +387,250 @@ def test_malformed_traces_fail_clearly(
         path.write_bytes(content)
     else:
         path.write_text(content)
-    with pytest.raises(TraceError, match=message.split(": ", 1)[-1]):
+    with pytest.raises(TraceError, match=re.escape(message.split(": ", 1)[-1])):
         load_trace(path)
     rc = main(["replay", "--trace", str(path), "--server", "127.0.0.1:1", "--no-progress"])
     assert rc == 3
     assert message in capsys.readouterr().err
+
+
+# Replay through the Replay RPC, and the formats as traces ship.
+
+
+def cloudphysics_like(path: Path, seed: int = 15, n: int = 1500) -> list[int]:
+    """Writes a gzipped CSV in libCacheSim's cloudPhysicsIO layout (version,time,op,size,lbn;
+    SCSI READ(10) opcodes, starts in 512-byte sectors, requests of 1 to 8 pages, some
+    unaligned) and returns the pages its reads touch, in order."""
+    rng = random.Random(seed)
+    rows = ["version,time,op,size,lbn"]
+    pages: list[int] = []
+    for i in range(n):
+        sector = rng.choice([rng.randrange(48) * 8, rng.randrange(4096) + rng.randrange(2) * 4])
+        size = rng.choice([4096, 4096, 8192, 16384, 32768, 1024])
+        rows.append(f"1,{1000 + i},28,{size},{sector}")
+        start = sector * 512
+        pages.extend(range(start // 4096, (start + size - 1) // 4096 + 1))
+    with gzip.open(path, "wt") as stream:
+        stream.write("\n".join(rows) + "\n")
+    return pages
+
+
+@pytest.mark.parametrize("policy", sorted(REFERENCES))
+def test_replay_with_c4_gets_the_exact_textbook_misses(
+    make_server: ServerFactory, capsys: pytest.CaptureFixture[str], tmp_path: Path, policy: str
+) -> None:
+    """A block trace as shipped (.csv.gz, lbn, SCSI opcodes) replayed with -c 4 keeps its
+    order: the misses are the reference LRU/FIFO/CLOCK's, page for page, over many files."""
+    trace = tmp_path / "cloudPhysicsIO.csv.gz"
+    pages = cloudphysics_like(trace)
+    capacity = 64
+    server = make_server(
+        reclaim_policy=policy,
+        cache_capacity=capacity * 4096,
+        ra_kb=0,
+        max_file_order=0,
+        debug_checks=False,
+    )
+    data = load(server, capsys, "replay", "--trace", str(trace), "-c", "4")
+    cache = data["cache"]
+    assert cache["pages_missed"] == REFERENCES[policy](pages, capacity)
+    assert cache["pages_hit"] + cache["pages_missed"] == len(pages) == data["accesses"]
+    assert data["accesses_per_second"] > 0
+    assert cache["pages_readahead"] == 0 and data["errors"] == 0
+    assert data["config"]["mode"] == "rpc" and data["config"]["concurrency"] == 1
+    assert data["timeline"] and sum(s["ops"] for s in data["timeline"]) == data["ops"]
+    assert set(data["timeline"][-1]["memmap_bytes"]) == {"struct_page", "interim", "memdesc"}
+
+
+def test_replay_in_several_calls_and_a_failed_call(
+    server: FoliodServer,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trace goes in calls of at most CALL_ACCESSES; a call that fails ends the run with the
+    report of the calls before it, the failed call named and its status's exit code."""
+    trace = tmp_path / "keys.txt"
+    trace.write_text("".join(f"{k % 50}\n" for k in range(100)))
+    monkeypatch.setattr(rpc_replay, "CALL_ACCESSES", 30)
+    data = load(server, capsys, "replay", "--trace", str(trace))
+    cache = data["cache"]
+    assert data["ops"] == 100 and cache["pages_hit"] + cache["pages_missed"] == 100
+    assert cache["pages_hit"] >= 50  # the second lap at least (readahead is on)
+
+    real = FoliodClient.replay
+    sent: list[int] = []
+
+    def replay(self: FoliodClient, *args: Any, **kwargs: Any) -> Any:
+        sent.append(1)
+        if len(sent) == 2:
+            raise CallError("the deadline passed", code=grpc.StatusCode.DEADLINE_EXCEEDED)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FoliodClient, "replay", replay)
+    data = load(server, capsys, "replay", "--trace", str(trace), code=9)
+    assert data["ops"] == 30
+    assert data["failures"] == [
+        {
+            "stage": "Replay call 2 of 4 (operations 30..)",
+            "code": "DEADLINE_EXCEEDED",
+            "message": "the deadline passed",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mode", "unary", "-c", "4"],
+        ["--rate", "10"],
+        ["--duration", "1"],
+        ["--engine", "asyncio"],
+    ],
+)
+def test_replay_usage_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    """What would reorder or pace a Replay-RPC trace is refused before any RPC."""
+    trace = tmp_path / "keys.txt"
+    trace.write_text("1\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", "--trace", str(trace), "--server", "127.0.0.1:1", *argv])
+    assert exited.value.code == 2
+    assert "foliod-load: error:" in capsys.readouterr().err
+
+
+def test_big_batches_are_split_to_the_server_limits(
+    server: FoliodServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--batch-size beyond the 2 MiB batch payload (1024 x 4 KiB reads) or the 4 MiB message
+    (256 x 16 KiB writes) is sent as several batches: no operation fails."""
+    data = load(
+        server, capsys, "rand-read", "--mode", "batched", "--batch-size", "1024", "--ops", "2048"
+    )
+    assert data["ops"] == 2048 and data["errors"] == 0 and data["cache"]["pages_hit"] > 0
+    data = load(
+        server,
+        capsys,
+        "rand-write",
+        "--mode",
+        "batched",
+        "--batch-size",
+        "256",
+        "--io-size",
+        "16KiB",
+        "--ops",
+        "512",
+    )
+    assert data["ops"] == 512 and data["errors"] == 0
+
+
+def test_every_op_failing_is_an_error_not_a_report(
+    server: FoliodServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose every operation failed prints the status and first message, no report."""
+
+    def read_file(self: FoliodClient, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidArgument("too long", code=grpc.StatusCode.INVALID_ARGUMENT)
+
+    monkeypatch.setattr(FoliodClient, "read_file", read_file)
+    rc = main(["rand-read", "--ops", "20", "--server", f"127.0.0.1:{server.grpc_port}", *SMALL])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    assert "every one of the 20 operations failed (INVALID_ARGUMENT 20)" in err
+    assert "the first: INVALID_ARGUMENT: too long" in err
+
+
+def test_failed_teardown_still_prints_the_report(
+    server: FoliodServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teardown that fails leaves the measured report whole and names what failed."""
+    workload = WORKLOADS["rand-read"]
+    real = workload.teardown
+
+    def teardown(self: Any, client: FoliodClient) -> None:
+        real(self, client)
+        raise CallError("DeleteFile took too long", code=grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    monkeypatch.setattr(workload, "teardown", teardown)
+    rc = main(["rand-read", "--ops", "50", "--server", f"127.0.0.1:{server.grpc_port}", *SMALL])
+    out, err = capsys.readouterr()
+    assert rc == 9
+    assert "operations   50 in" in out
+    assert "FAILED       teardown: DEADLINE_EXCEEDED: DeleteFile took too long" in out
+    assert "teardown failed: DEADLINE_EXCEEDED" in err
+
+
+def test_failed_setup_tears_down_and_says_so(
+    server: FoliodServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A setup that fails is undone and named, with its status's exit code."""
+    workload = WORKLOADS["rand-read"]
+    real = workload.setup
+    torn: list[bool] = []
+
+    def setup(self: Any, client: FoliodClient) -> None:
+        real(self, client)
+        raise CallError("no room", code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    monkeypatch.setattr(workload, "setup", setup)
+    monkeypatch.setattr(workload, "teardown", lambda self, client: torn.append(True))
+    rc = main(["rand-read", "--ops", "5", "--server", f"127.0.0.1:{server.grpc_port}", *SMALL])
+    assert rc == 6 and torn == [True]
+    assert "setup failed: RESOURCE_EXHAUSTED: no room" in capsys.readouterr().err
+
+
+def test_teardown_deadlines_grow_with_what_they_free() -> None:
+    """A call freeing 64 MiB gets the client's deadline plus 64 s; none without a deadline."""
+    with FoliodClient("127.0.0.1:1", timeout=10) as client:
+        assert teardown_options(client, 64 << 20) == {"timeout": 74.0}
+    with FoliodClient("127.0.0.1:1", timeout=None) as client:
+        assert teardown_options(client, 64 << 20) == {}
+
+
+def test_trace_formats_as_they_ship(tmp_path: Path) -> None:
+    """gzip for every format, lbn starts in sectors, SCSI opcodes 28/2a/88/8a and 0x-prefixed."""
+    csv_gz = tmp_path / "t.csv.gz"
+    with gzip.open(csv_gz, "wt") as stream:
+        stream.write("version,time,op,size,lbn\n1,5,28,4096,8\n1,6,2a,512,0\n1,7,0x88,8,16\n")
+        stream.write("1,8,8A,4096,24\n")
+    trace = load_trace(csv_gz)
+    assert trace.format == "csv"
+    assert list(trace.writes) == [0, 1, 0, 1]
+    assert list(trace.addresses) == [4096, 0, 8192, 12288]
+    keys = tmp_path / "k.txt.gz"
+    with gzip.open(keys, "wt") as stream:
+        stream.write("3\n4\n")
+    assert list(load_trace(keys).addresses) == [3 * 4096, 4 * 4096]
+    oracle = tmp_path / "w.oracleGeneral"
+    write_oracle(oracle, [(1, 7, 10000, 3), (2, 7, 10000, -1)])
+    packed = tmp_path / "w.oracleGeneral.gz"
+    packed.write_bytes(gzip.compress(oracle.read_bytes()))
+    assert list(load_trace(packed).addresses) == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("scsi.csv", "op,lbn,size\n28,0,4096\n35,8,4096\n", "scsi.csv:3: column 1 (op)"),
+        ("start.csv", "op,lbn,size\nR,x,4096\n", "start.csv:2: column 2 (start)"),
+        ("size.csv", "time,op,lbn,size\n1,R,0,0\n", "size.csv:2: column 4 (size)"),
+        ("bad.csv.gz", b"not gzip at all", "bad.csv.gz: Not a gzipped file"),
+        ("t.oracleGeneral.zst", b"\x28\xb5\x2f\xfd", "needs the zstandard package"),
+    ],
+)
+def test_malformed_shipped_traces_name_line_and_column(
+    tmp_path: Path, name: str, content: str | bytes, message: str
+) -> None:
+    """Each bad row names its line and column; a bad or unsupported compression says so."""
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(TraceError) as caught:
+        load_trace(path)
+    assert message in str(caught.value)
 
 
 # Reports and usage.

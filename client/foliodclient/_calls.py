@@ -7,7 +7,7 @@ method, so arguments, requests and results are written once for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
@@ -288,6 +288,99 @@ def write_file(
     """Writes into the page cache at a byte offset; the file grows as written."""
     request = pb.WriteFileRequest(name=name, offset=offset, data=data)
     return Call(WRITE_FILE, request, **options)
+
+
+# Operations per ReplayChunk: at most about 20 bytes each (a 10-byte offset, a 5-byte length,
+# a file and an op), 1.3 MiB, well under the 4 MiB message limit.
+REPLAY_CHUNK_OPS = 65536
+
+
+def replay_chunks(
+    names: str | Sequence[str],
+    offsets: Sequence[int],
+    lengths: Sequence[int] | None = None,
+    writes: Sequence[int] | None = None,
+    files: Sequence[int] | None = None,
+    *,
+    machine: str = "",
+    interval_accesses: int = 0,
+    chunk_ops: int = REPLAY_CHUNK_OPS,
+) -> Iterator[pb.ReplayChunk]:
+    """A trace as ReplayChunks, in order: byte `offsets`, `lengths` (None: each operation is
+    the page holding its offset), which operations are `writes` (true values; None: all
+    reads) and the index into `names` of each one's file (None: all names[0]). The first chunk
+    names the machine and the files. ValueError when the columns differ in length."""
+    names = [names] if isinstance(names, str) else list(names)
+    for column, values in (("lengths", lengths), ("writes", writes), ("files", files)):
+        if values is not None and len(values) != len(offsets):
+            raise ValueError(f"{len(values)} {column} for {len(offsets)} offsets")
+    if writes is not None and not any(writes):
+        writes = None
+    if files is not None and not any(files):
+        files = None
+    # Checked above, now: the chunks are made as grpc sends them.
+    return _replay_chunks(
+        names,
+        offsets,
+        lengths=lengths,
+        writes=writes,
+        files=files,
+        machine=machine,
+        interval_accesses=interval_accesses,
+        chunk_ops=chunk_ops,
+    )
+
+
+def _replay_chunks(
+    names: list[str],
+    offsets: Sequence[int],
+    *,
+    lengths: Sequence[int] | None,
+    writes: Sequence[int] | None,
+    files: Sequence[int] | None,
+    machine: str,
+    interval_accesses: int,
+    chunk_ops: int,
+) -> Iterator[pb.ReplayChunk]:
+    start = 0
+    while True:
+        end = start + chunk_ops
+        chunk = pb.ReplayChunk(offsets=offsets[start:end])
+        if start == 0:
+            chunk.machine = machine
+            chunk.names.extend(names)
+            chunk.interval_accesses = interval_accesses
+        if lengths is not None:
+            chunk.lengths.extend(lengths[start:end])
+        if writes is not None:
+            chunk.ops.extend([_REPLAY_WRITE if w else _REPLAY_READ for w in writes[start:end]])
+        if files is not None:
+            chunk.files.extend(files[start:end])
+        yield chunk
+        start = end
+        if start >= len(offsets):
+            return
+
+
+# A Replay call's default deadline grows with the trace: the server replays some 10^5 to 10^6
+# operations a second, so 20 us each leaves room on a loaded host.
+REPLAY_SECONDS_PER_OP = 20e-6
+
+
+def replay_timeout(
+    client_timeout: float | None, timeout: float | None, nr_ops: int
+) -> float | None:
+    """A Replay call's deadline: `timeout` if given, else the client's plus
+    REPLAY_SECONDS_PER_OP an operation (None: no deadline, as the client has none)."""
+    if timeout is not None:
+        return timeout
+    if client_timeout is None:
+        return None
+    return client_timeout + nr_ops * REPLAY_SECONDS_PER_OP
+
+
+_REPLAY_READ = pb.REPLAY_OP_READ
+_REPLAY_WRITE = pb.REPLAY_OP_WRITE
 
 
 def truncate_file(name: str, size_bytes: int, **options: Unpack[CallOptions]) -> Call[FileStat]:

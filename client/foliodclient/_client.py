@@ -10,7 +10,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,8 @@ from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
 from foliodclient._batch import AsyncSubmission, Submission
 from foliodclient._calls import FOLIOD, HEALTH, IDEMPOTENCY_KEY, Call
+from foliodclient._convert import from_message
+from foliodclient._types import ReplayResult
 from foliodclient.errors import error_from_rpc
 
 P = ParamSpec("P")
@@ -269,6 +271,45 @@ class FoliodClient(_ClientBase[grpc.Channel]):
         metadata = _with_key(self._connection.metadata, idempotency_key)
         return Submission(stub, machine or self.machine, metadata, timeout)
 
+    def replay(
+        self,
+        names: str | Sequence[str],
+        offsets: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        writes: Sequence[int] | None = None,
+        files: Sequence[int] | None = None,
+        *,
+        interval_accesses: int = 0,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> ReplayResult:
+        """Replays a trace in order in one Replay call, on the file `names` (or files: then
+        `files` gives each operation's index into them): byte `offsets`, `lengths` (None: each
+        operation is the page holding its offset) and which operations are `writes` (true
+        values; None: all reads). Every file must exist and hold its operations. Each page an
+        operation touches is one access, as trace simulators count. `interval_accesses` > 0
+        asks for totals every that many page accesses too. `timeout` bounds the call (None:
+        the client's timeout plus REPLAY_SECONDS_PER_OP a operation). Never retried: a replay
+        changes the cache."""
+        chunks = _calls.replay_chunks(
+            names,
+            offsets,
+            lengths,
+            writes,
+            files,
+            machine=self.machine if machine is None else machine,
+            interval_accesses=interval_accesses,
+        )
+        try:
+            reply = self._stubs[FOLIOD].Replay(
+                chunks,
+                timeout=_calls.replay_timeout(self.timeout, timeout, len(offsets)),
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(ReplayResult, reply)
+
     allocate = _sync(_calls.allocate)
     free = _sync(_calls.free)
     release_owner = _sync(_calls.release_owner)
@@ -355,6 +396,38 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
         stub = self._stubs[FOLIOD]
         metadata = _with_key(self._connection.metadata, idempotency_key)
         return AsyncSubmission(stub, machine or self.machine, metadata, timeout)
+
+    async def replay(
+        self,
+        names: str | Sequence[str],
+        offsets: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        writes: Sequence[int] | None = None,
+        files: Sequence[int] | None = None,
+        *,
+        interval_accesses: int = 0,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> ReplayResult:
+        """As FoliodClient.replay: replays a trace in order in one Replay call."""
+        chunks = _calls.replay_chunks(
+            names,
+            offsets,
+            lengths,
+            writes,
+            files,
+            machine=self.machine if machine is None else machine,
+            interval_accesses=interval_accesses,
+        )
+        try:
+            reply = await self._stubs[FOLIOD].Replay(
+                chunks,
+                timeout=_calls.replay_timeout(self.timeout, timeout, len(offsets)),
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(ReplayResult, reply)
 
     allocate = _async(_calls.allocate)
     free = _async(_calls.free)

@@ -202,6 +202,39 @@ class FileWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class MemmapTotal:
+    """The memory map's bytes under one model."""
+
+    model: MemmapModel
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTotals:
+    """What a stretch of a replayed trace did: operations, page accesses, the page-cache stats
+    of every operation and of the reads alone, folios reclaimed (pgsteal), refaults of evicted
+    pages, the server's time running it, and the page cache and memory map at its end."""
+
+    operations: int
+    accesses: int
+    stats: IoStats
+    read_stats: IoStats
+    evictions: int
+    refaults: int
+    elapsed_seconds: float
+    nr_cached: int
+    memmap: tuple[MemmapTotal, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """A Replay call's totals and its per-interval series."""
+
+    totals: ReplayTotals
+    intervals: tuple[ReplayTotals, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FaultRule:
     """A backing-store fault: writes to `name` overlapping [offset, offset + length) fail or stall.
 

@@ -3,12 +3,14 @@
 Exit codes (the README carries the same table):
 
     0   the run completed and every operation succeeded
-    1   the run completed but some operations failed (the report counts them by status code),
-        or it could not run (no matplotlib for --report)
+    1   the run completed but some operations failed (the report counts them by status code;
+        when every one failed there is no report, only the error), or it could not run (no
+        matplotlib for --report)
     2   usage: the command line is wrong (unknown workload, bad value)
     3   the trace file is malformed or unreadable
-    4.. setup or teardown failed on the server: foliodctl's codes (8 unavailable, 6 out of
-        memory, ...)
+    4.. setup, a Replay call or teardown failed on the server: foliodctl's codes (8
+        unavailable, 6 out of memory, 9 deadline exceeded, ...); the report of what was
+        measured is printed first (not when setup failed)
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from foliodclient.cli import EXIT_CODES, EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError
 from foliodclient.load import report
 from foliodclient.load.progress import Progress
-from foliodclient.load.runner import RunConfig, run
+from foliodclient.load.replay import run_replay
+from foliodclient.load.runner import RunConfig, RunFailed, RunResult, run
 from foliodclient.load.traces import FORMATS, TraceError, load_trace
-from foliodclient.load.workloads import WORKLOADS, Params
+from foliodclient.load.workloads import WORKLOADS, Params, Replay
 
 EXIT_OPS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_TRACE = 3
 DEFAULT_DURATION_SECONDS = 10.0
+DEFAULT_CONCURRENCY = 4
+MODES = ("unary", "batched", "rpc")
 
 
 def _size(text: str) -> int:
@@ -93,10 +98,25 @@ def parser() -> argparse.ArgumentParser:
         help="auth token, sent as 'authorization: Bearer' (env FOLIODCTL_TOKEN)",
     )
     drive = p.add_argument_group("driving")
-    drive.add_argument("--concurrency", "-c", type=_positive(int), default=4)
+    drive.add_argument(
+        "--concurrency",
+        "-c",
+        type=_positive(int),
+        help=f"workers (default {DEFAULT_CONCURRENCY}; replay keeps the trace's order on one)",
+    )
     drive.add_argument("--engine", choices=("threads", "asyncio"), default="threads")
-    drive.add_argument("--mode", choices=("unary", "batched"), default="unary")
-    drive.add_argument("--batch-size", type=_positive(int), default=32, help="ops a batch")
+    drive.add_argument(
+        "--mode",
+        choices=MODES,
+        help="unary RPCs, batches on Submit streams, or (replay only, its default) the trace "
+        "in order through Replay RPCs",
+    )
+    drive.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=32,
+        help="ops a batch (sent as batches within the server's limits)",
+    )
     drive.add_argument("--duration", type=_positive(float), help="seconds (default 10)")
     drive.add_argument("--ops", type=_positive(int), help="operations to measure")
     drive.add_argument("--rate", type=_positive(float), help="open-loop target, ops/s")
@@ -140,13 +160,61 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _check_usage(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settles --mode and --concurrency; p.error (exit 2) on a combination that cannot run."""
+    replay = args.workload == "replay"
+    if replay != (args.trace is not None):
+        p.error("--trace FILE goes with the replay workload, and only with it")
+    if args.mode is None:
+        args.mode = "rpc" if replay else "unary"
+    if replay:
+        if args.concurrency not in (None, 1):
+            if args.mode != "rpc":
+                p.error(
+                    f"replay keeps the trace's order: --mode {args.mode} sends it on one "
+                    "worker, -c 1 (--mode rpc, the default, takes any -c and ignores it)"
+                )
+            print(
+                f"foliod-load: replay keeps the trace's order: it goes through Replay RPCs "
+                f"one after another on one stream; -c {args.concurrency} does not apply",
+                file=sys.stderr,
+            )
+        args.concurrency = 1
+    elif args.mode == "rpc":
+        p.error("--mode rpc (the Replay RPC) is for the replay workload")
+    if args.concurrency is None:
+        args.concurrency = DEFAULT_CONCURRENCY
+    if args.engine == "asyncio" and args.mode != "unary":
+        p.error(f"--mode {args.mode} runs on threads, not --engine asyncio")
+    if args.mode == "rpc":
+        given = [
+            option
+            for option, value in (
+                ("--rate", args.rate),
+                ("--duration", args.duration),
+                ("--ops", args.ops),
+                ("--warmup", args.warmup or None),
+            )
+            if value is not None
+        ]
+        if given:
+            p.error(
+                f"{', '.join(given)}: --mode rpc replays the whole trace as fast as the server "
+                "runs it (--trace-limit shortens it; --mode unary paces operations)"
+            )
+
+
+def _failures(failures: Sequence[tuple[str, CallError]]) -> int:
+    """Says what failed; the exit code of the first failure."""
+    for stage, exc in failures:
+        print(f"foliod-load: {stage} failed: {exc}", file=sys.stderr)
+    return EXIT_CODES.get(failures[0][1].code, EXIT_FAILURE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.engine == "asyncio" and args.mode == "batched":
-        p.error("--mode batched runs on threads, not --engine asyncio")
-    if (args.workload == "replay") != (args.trace is not None):
-        p.error("--trace FILE goes with the replay workload, and only with it")
+    _check_usage(p, args)
     if args.report is not None and importlib.util.find_spec("matplotlib") is None:
         return _fail("--report needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
     loaded = None
@@ -200,9 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = WORKLOADS[args.workload](params)
     progress = Progress(enabled=False if args.no_progress else None)
     try:
-        result = run(config, workload, progress)
+        result: RunResult = (
+            run_replay(config, workload, progress)
+            if isinstance(workload, Replay) and args.mode == "rpc"
+            else run(config, workload, progress)
+        )
+    except RunFailed as exc:
+        return _failures(exc.failures)
     except CallError as exc:
-        return _fail(f"setup or teardown failed: {exc}", EXIT_CODES.get(exc.code, EXIT_FAILURE))
+        return _fail(f"the run failed: {exc}", EXIT_CODES.get(exc.code, EXIT_FAILURE))
     extra: dict[str, Any] = {
         "seed": args.seed,
         "file_size_bytes": args.file_size,
@@ -215,6 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loaded is not None:
         extra.update(trace=loaded.path, trace_format=loaded.format, trace_requests=len(loaded))
     data = report.build(result, extra)
+    rec = result.recorder
+    if rec.ops and rec.errors == rec.ops:
+        _fail(
+            f"every one of the {rec.ops:,} operations failed "
+            f"({', '.join(f'{k} {v:,}' for k, v in sorted(rec.errors_by_code.items()))}); "
+            f"the first: {rec.first_error}",
+            EXIT_OPS_FAILED,
+        )
+        return _failures(result.failures) if result.failures else EXIT_OPS_FAILED
     if args.report is not None:
         page = report.write_report(data, args.report)
         print(f"foliod-load: report written to {page}", file=sys.stderr)
@@ -222,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(data))
     else:
         sys.stdout.write(report.text(data))
+    if result.failures:
+        return _failures(result.failures)
+    if data["errors"]:
+        print(
+            f"foliod-load: {data['errors']:,} operations failed; the first: {rec.first_error}",
+            file=sys.stderr,
+        )
     return EXIT_OPS_FAILED if data["errors"] else EXIT_OK
 
 

@@ -63,6 +63,10 @@ def build(result: RunResult, extra: dict[str, Any] | None = None) -> dict[str, A
             **(extra or {}),
         },
         "interrupted": result.interrupted,
+        "failures": [
+            {"stage": stage, "code": exc.code.name, "message": exc.message}
+            for stage, exc in result.failures
+        ],
         "ops": rec.ops,
         "warmup_ops": rec.warmup_ops,
         "ops_by_kind": dict(sorted(rec.ops_by_kind.items())),
@@ -71,6 +75,8 @@ def build(result: RunResult, extra: dict[str, Any] | None = None) -> dict[str, A
         "elapsed_seconds": elapsed,
         "throughput_ops_per_second": rec.ops / elapsed if elapsed else 0.0,
         "throughput_bytes_per_second": moved / elapsed if elapsed else 0.0,
+        "accesses": rec.accesses,
+        "accesses_per_second": rec.accesses / elapsed if elapsed else 0.0,
         "latency_seconds": latency,
         "histogram_buckets": sum(1 for _ in hist.buckets()),
         "bytes_read": rec.bytes_read,
@@ -141,14 +147,24 @@ def text(data: dict[str, Any]) -> str:
     c, cfg, lat = data["cache"], data["config"], data["latency_seconds"]
     rate = "closed loop" if cfg["rate"] is None else f"open loop at {cfg['rate']:,g} ops/s"
     errors = ", ".join(f"{k} {v}" for k, v in data["errors_by_code"].items()) or "none"
+    how = (
+        "the trace in order through Replay RPCs (latency per call)"
+        if cfg["mode"] == "rpc"
+        else f"{cfg['concurrency']} workers ({cfg['engine']}), {cfg['mode']}, {rate}"
+    )
     lines = [
-        f"foliod-load {data['workload']}: {cfg['concurrency']} workers ({cfg['engine']}), "
-        f"{cfg['mode']}, {rate}" + (" (interrupted)" if data["interrupted"] else ""),
+        f"foliod-load {data['workload']}: {how}"
+        + (" (interrupted)" if data["interrupted"] else ""),
         f"operations   {data['ops']:,} in {data['elapsed_seconds']:.2f} s "
         f"(+{data['warmup_ops']:,} warm-up), "
         + ", ".join(f"{k} {v:,}" for k, v in data["ops_by_kind"].items()),
         f"throughput   {data['throughput_ops_per_second']:,.1f} ops/s, "
-        f"{iec(int(data['throughput_bytes_per_second']))}/s",
+        f"{iec(int(data['throughput_bytes_per_second']))}/s"
+        + (
+            f", {data['accesses_per_second']:,.0f} page accesses/s ({data['accesses']:,})"
+            if data["accesses"]
+            else ""
+        ),
         "latency      "
         + "  ".join(f"{name} {_ms(lat[name])}" for name, _ in PERCENTILES)
         + f"  max {_ms(lat['max'])}  (mean {_ms(lat['mean'])})",
@@ -160,6 +176,7 @@ def text(data: dict[str, Any]) -> str:
         f"{_ms(c['read_device_seconds'])} against {_ms(c['read_device_seconds_all_miss'])} "
         f"if all missed: {_ms(c['device_seconds_saved'])} saved by the cache",
         f"errors       {data['errors']:,}: {errors}",
+        *(f"FAILED       {f['stage']}: {f['code']}: {f['message']}" for f in data["failures"]),
         "",
         "memory map (before setup, after the run)",
         table(["model", "before", "after", "change", "of RAM"], memmap_rows(data)).rstrip(),

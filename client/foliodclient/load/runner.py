@@ -166,6 +166,10 @@ class Recorder:
         self.read_pages_hit = self.read_pages_missed = 0
         self.device_seconds = self.read_device_seconds = self.all_miss_device_seconds = 0.0
         self.errors_by_code: Counter[str] = Counter()
+        # Page accesses, as the Replay RPC counts them (0 on the other paths).
+        self.accesses = 0
+        # The first failed op's status and message, to say what went wrong.
+        self.first_error = ""
         self.ops_by_kind: Counter[str] = Counter()
         self.last_completion = 0.0
         self._interval = Interval()
@@ -192,6 +196,8 @@ class Recorder:
             if not outcome.ok:
                 self.errors += 1
                 self.errors_by_code[outcome.code] += 1
+                if not self.first_error:
+                    self.first_error = f"{outcome.code}: {outcome.message}"
                 return
             if op.kind is OpKind.READ:
                 self.bytes_read += outcome.nr_bytes
@@ -259,7 +265,7 @@ def execute_unary(client: FoliodClient, ops: Sequence[Op]) -> list[Outcome]:
         try:
             outcomes.append(_outcome(getattr(client, method)(*args, **options)))
         except CallError as exc:
-            outcomes.append(Outcome(code=exc.code.name))
+            outcomes.append(Outcome(code=exc.code.name, message=exc.message))
     return outcomes
 
 
@@ -270,7 +276,7 @@ async def execute_unary_async(client: AsyncFoliodClient, ops: Sequence[Op]) -> l
         try:
             outcomes.append(_outcome(await getattr(client, method)(*args, **options)))
         except CallError as exc:
-            outcomes.append(Outcome(code=exc.code.name))
+            outcomes.append(Outcome(code=exc.code.name, message=exc.message))
     return outcomes
 
 
@@ -314,6 +320,22 @@ class BatchExecutor:
         return outcomes
 
     def _submit(self, ops: list[Op]) -> list[Outcome]:
+        """Sends ops in Batches the server takes: at most Batch.MAX_OPS operations and
+        Batch.MAX_PAYLOAD_BYTES of write data and read lengths each (which also keeps every
+        message under the 4 MiB limit), however large --batch-size is."""
+        outcomes: list[Outcome] = []
+        start = payload = 0
+        for end, op in enumerate(ops):
+            size = op.length if op.kind is OpKind.READ else len(op.data)
+            if end > start and (
+                end - start == Batch.MAX_OPS or payload + size > Batch.MAX_PAYLOAD_BYTES
+            ):
+                outcomes += self._submit_batch(ops[start:end])
+                start, payload = end, 0
+            payload += size
+        return outcomes + self._submit_batch(ops[start:])
+
+    def _submit_batch(self, ops: list[Op]) -> list[Outcome]:
         if not ops:
             return []
         batch = Batch()
@@ -333,15 +355,16 @@ class BatchExecutor:
         try:
             result: BatchResult = self._submission(machine).submit(batch)
         except CallError as exc:
-            return [Outcome(code=exc.code.name) for _ in ops]
+            return [Outcome(code=exc.code.name, message=exc.message) for _ in ops]
         if result.error is not None:
-            return [Outcome(code=result.error.code.name) for _ in ops]
+            error = result.error
+            return [Outcome(code=error.code.name, message=error.message) for _ in ops]
         return [_batch_outcome(op, r) for op, r in zip(ops, result.results, strict=True)]
 
 
 def _batch_outcome(op: Op, result: OpResult) -> Outcome:
     if not result.ok:
-        return Outcome(code=result.code.name)
+        return Outcome(code=result.code.name, message=result.message)
     stats = result.stats
     if op.kind is OpKind.READ:
         return Outcome(stats=stats, nr_bytes=len(result.data))
@@ -471,6 +494,34 @@ class RunResult:
     buddy_before: BuddyInfo
     buddy_after: BuddyInfo
     interrupted: bool = False
+    # What failed around the measured run (its teardown): (stage, error).
+    failures: list[tuple[str, CallError]] = field(default_factory=list)
+
+
+class RunFailed(Exception):
+    """The run could not be measured (its setup failed): (stage, error) of each failure,
+    the teardown's after the setup's."""
+
+    def __init__(self, failures: list[tuple[str, CallError]]) -> None:
+        super().__init__("; ".join(f"{stage} failed: {exc}" for stage, exc in failures))
+        self.failures = failures
+
+
+def teardown(workload: Workload, client: FoliodClient) -> list[tuple[str, CallError]]:
+    """Undoes the workload's setup; its failure as a list, for the report to name."""
+    try:
+        workload.teardown(client)
+    except CallError as exc:
+        return [("teardown", exc)]
+    return []
+
+
+def setup(workload: Workload, client: FoliodClient) -> None:
+    """Sets the workload up; if that fails, tears down what was made and raises RunFailed."""
+    try:
+        workload.setup(client)
+    except CallError as exc:
+        raise RunFailed([("setup", exc), *teardown(workload, client)]) from exc
 
 
 def _memmap_totals(report: MemmapReport | None) -> dict[str, int]:
@@ -544,7 +595,8 @@ def run(
         **config.security(),
     ) as client:
         memmap_before, buddy_before = client.get_memmap(), client.get_buddy_info()
-        workload.setup(client)
+        setup(workload, client)
+        failures: list[tuple[str, CallError]] = []
         try:
             schedule = Schedule(
                 rate=config.rate,
@@ -580,7 +632,7 @@ def run(
             elapsed = max(recorder.last_completion - schedule.measure_from, 1e-9)
             memmap_after, buddy_after = client.get_memmap(), client.get_buddy_info()
         finally:
-            workload.teardown(client)
+            failures = teardown(workload, client)
     return RunResult(
         workload=workload.name,
         config=config,
@@ -593,6 +645,7 @@ def run(
         buddy_before=buddy_before,
         buddy_after=buddy_after,
         interrupted=interrupted,
+        failures=failures,
     )
 
 

@@ -8,25 +8,37 @@ crosses a file's end, or is larger than one read or write may be, is split.
 
 - text: one page key (a non-negative integer) a line; key K is the 4 KiB page at byte
   ``K * 4096``. Blank lines and lines starting with ``#`` are skipped. Every request is a read.
-- csv: ``op,sector,size``: op is R/W (or read/write, any case), sector the start in 512-byte
-  sectors, size in bytes. A first row naming a start column is a header, which places the
-  columns instead, in any order and with extra columns ignored: ``op`` (or ``type``,
-  ``rw``), the start as ``offset`` (bytes) or ``sector``/``block``/``lba`` (512-byte
-  sectors), and ``size`` (or ``bytes``, ``length``).
+- csv: ``op,sector,size``: op is R/W (or read/write, any case, or a SCSI opcode in hex:
+  08/28/88/a8 READ(6/10/16/12), 0a/2a/8a/aa WRITE(6/10/16/12), with or without ``0x``),
+  sector the start in 512-byte sectors, size in bytes. A first row naming a start column is
+  a header, which places the columns instead, in any order and with extra columns (such as
+  ``version``, ``time``, ``timestamp``) ignored: ``op`` (or ``type``, ``rw``), the start as
+  ``offset`` (bytes) or ``sector``/``block``/``lba``/``lbn`` (512-byte sectors), and ``size``
+  (or ``bytes``, ``length``). libCacheSim's cloudPhysicsIO.csv (``version,time,op,size,lbn``,
+  SCSI opcodes) reads as it ships.
 - oracle (oracleGeneral): little-endian 24-byte records ``<uint32 timestamp, uint64 obj_id,
   uint32 obj_size, int64 next_access_vtime>``. Each object is placed once, at its first
   request, after the previous new object (rounded up to 4 KiB pages; a size of 0 counts as one
   page), so distinct objects never share a page; every request reads the whole object.
+
+A ``.gz`` file is read through gzip, its format told by the suffix before ``.gz``
+(``trace.csv.gz``). ``.zst`` needs the ``zstandard`` package (libCacheSim's
+``.oracleGeneral.zst``); without it the error says so.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import importlib
+import io
 import struct
+import typing
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 PAGE_SIZE = 4096
 SECTOR_SIZE = 512
@@ -41,9 +53,21 @@ _SUFFIXES = {
     ".bin": "oracle",
 }
 _OPS = {"r": False, "read": False, "w": True, "write": True}
+# SCSI opcodes: READ(6), READ(10), READ(12), READ(16) and the WRITEs of the same sizes.
+_SCSI_READS = (0x08, 0x28, 0xA8, 0x88)
+_SCSI_WRITES = (0x0A, 0x2A, 0xAA, 0x8A)
+for _code, _write in [(c, False) for c in _SCSI_READS] + [(c, True) for c in _SCSI_WRITES]:
+    _OPS[f"{_code:x}"] = _OPS[f"{_code:02x}"] = _OPS[f"0x{_code:02x}"] = _write
+_COMPRESSED = (".gz", ".zst")
 _OP_COLUMNS = ("op", "type", "rw")
 _SIZE_COLUMNS = ("size", "bytes", "length")
-_START_COLUMNS = {"offset": 1, "sector": SECTOR_SIZE, "block": SECTOR_SIZE, "lba": SECTOR_SIZE}
+_START_COLUMNS = {
+    "offset": 1,
+    "sector": SECTOR_SIZE,
+    "block": SECTOR_SIZE,
+    "lba": SECTOR_SIZE,
+    "lbn": SECTOR_SIZE,
+}
 
 
 class TraceError(ValueError):
@@ -75,14 +99,40 @@ class Trace:
 
 
 def detect_format(path: Path) -> str:
-    """The format a file's suffix names; TraceError when it names none."""
-    fmt = _SUFFIXES.get(path.suffix.lower())
+    """The format a file's suffix names (the one before .gz or .zst); TraceError when it
+    names none."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSED:
+        suffix = path.with_suffix("").suffix.lower()
+    fmt = _SUFFIXES.get(suffix)
     if fmt is None:
         raise TraceError(
-            f"{path}: cannot tell the trace format from the suffix {path.suffix!r}; "
+            f"{path}: cannot tell the trace format from the suffix {suffix!r}; "
             f"give --trace-format ({', '.join(FORMATS)})"
         )
     return fmt
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when it ends in .gz or .zst."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return typing.cast(IO[bytes], gzip.open(path, "rb"))
+    if suffix == ".zst":
+        try:
+            zstandard = importlib.import_module("zstandard")
+        except ImportError as exc:
+            raise TraceError(
+                f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
+                "or decompress it first (zstd -d)"
+            ) from exc
+        stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+        return stream
+    return path.open("rb")
+
+
+def _open_text(path: Path, newline: str | None = None) -> IO[str]:
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline=newline)
 
 
 def load_trace(path: Path, fmt: str | None = None, *, limit: int | None = None) -> Trace:
@@ -94,8 +144,9 @@ def load_trace(path: Path, fmt: str | None = None, *, limit: int | None = None) 
     trace = Trace(str(path), fmt)
     try:
         readers[fmt](path, trace, limit)
-    except OSError as exc:
-        raise TraceError(f"{path}: {exc.strerror or exc}") from exc
+    except (OSError, EOFError) as exc:
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TraceError(f"{path}: {what}") from exc
     except UnicodeDecodeError as exc:
         raise TraceError(f"{path}: not a text file ({exc.reason}); is it a binary trace?") from exc
     if not len(trace):
@@ -108,7 +159,7 @@ def _full(trace: Trace, limit: int | None) -> bool:
 
 
 def _read_text(path: Path, trace: Trace, limit: int | None) -> None:
-    with path.open(encoding="utf-8") as lines:
+    with _open_text(path) as lines:
         for lineno, line in enumerate(lines, 1):
             text = line.strip()
             if not text or text.startswith("#"):
@@ -141,7 +192,7 @@ def _csv_columns(header: list[str], path: Path) -> tuple[int, int, int, int]:
 
 
 def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
-    with path.open(encoding="utf-8", newline="") as stream:
+    with _open_text(path, newline="") as stream:
         rows = csv.reader(stream)
         columns = (0, 1, 2, SECTOR_SIZE)
         for row in rows:
@@ -158,23 +209,37 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
                 raise TraceError(f"{path}:{lineno}: expected op,sector,size, got {','.join(row)!r}")
             write = _OPS.get(row[op_at].strip().lower())
             if write is None:
-                raise TraceError(f"{path}:{lineno}: op must be R or W, not {row[op_at]!r}")
-            try:
-                start, size = int(row[start_at]), int(row[size_at])
-            except ValueError:
-                start = size = -1
-            if start < 0 or size <= 0:
                 raise TraceError(
-                    f"{path}:{lineno}: start and size must be integers (start >= 0, size > 0): "
-                    f"{','.join(row)!r}"
+                    f"{path}:{lineno}: column {op_at + 1} (op) must be R or W (or a SCSI "
+                    f"READ/WRITE opcode such as 28 or 2a), not {row[op_at]!r}"
+                )
+            start = _integer(row[start_at])
+            if start < 0:
+                raise TraceError(
+                    f"{path}:{lineno}: column {start_at + 1} (start) must be an integer >= 0, "
+                    f"not {row[start_at]!r}"
+                )
+            size = _integer(row[size_at])
+            if size <= 0:
+                raise TraceError(
+                    f"{path}:{lineno}: column {size_at + 1} (size) must be an integer > 0, "
+                    f"not {row[size_at]!r}"
                 )
             trace.append(write, start * unit, size)
+
+
+def _integer(text: str) -> int:
+    """The integer a CSV cell holds, -1 when it holds none."""
+    try:
+        return int(text)
+    except ValueError:
+        return -1
 
 
 def _read_oracle(path: Path, trace: Trace, limit: int | None) -> None:
     placed: dict[int, int] = {}
     next_address = 0
-    with path.open("rb") as stream:
+    with _open_binary(path) as stream:
         offset = 0
         while not _full(trace, limit):
             record = stream.read(ORACLE_RECORD.size)

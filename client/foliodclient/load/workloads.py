@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import random
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ from enum import StrEnum
 from typing import Protocol
 
 from foliod.mm import MAX_IO_BYTES
+from foliod.mm.backing_dev import DeviceModel
+from foliodclient._calls import CallOptions
 from foliodclient._client import FoliodClient
 from foliodclient._types import IoStats
 from foliodclient.errors import NotFound
 from foliodclient.load.traces import PAGE_SIZE, Trace, split
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 MAX_ORDER = 10
 
@@ -69,6 +74,8 @@ class Outcome:
     stats: IoStats | None = None
     nr_bytes: int = 0
     handles: range = range(0)
+    # The error's message, when the op failed.
+    message: str = ""
 
     @property
     def ok(self) -> bool:
@@ -147,11 +154,27 @@ class Workload:
         return self._data[:length]
 
 
+# Undoing a run frees what it cached, under the machine's lock: DeleteFile of a 64 MiB file
+# once took 15.5 s on a loaded server (issue 15), so a teardown call's deadline is the
+# client's plus a second per TEARDOWN_BYTES_PER_SECOND of what it frees.
+TEARDOWN_BYTES_PER_SECOND = 1 << 20
+
+
+def teardown_options(client: FoliodClient, nr_bytes: int) -> CallOptions:
+    """The deadline of a call that frees up to nr_bytes, as call options (none when the
+    client has no deadline)."""
+    if client.timeout is None:
+        return {}
+    return {"timeout": client.timeout + nr_bytes / TEARDOWN_BYTES_PER_SECOND}
+
+
 def _create_sized(client: FoliodClient, name: str, size: int, machine: str | None = None) -> None:
     """Creates (or recreates) a file of `size` bytes: a sparse file whose reads miss."""
     machine = client.machine if machine is None else machine
     with contextlib.suppress(NotFound):
-        client.delete_file(name, machine=machine)
+        options = teardown_options(client, size)
+        options["machine"] = machine
+        client.delete_file(name, **options)
     client.create_file(name, machine=machine)
     client.truncate_file(name, size, machine=machine)
 
@@ -176,8 +199,9 @@ class _FileSet(Workload):
     def teardown(self, client: FoliodClient) -> None:
         for handle in self.handles:
             client.close_file(handle)
+        options = teardown_options(client, self.params.file_size_bytes)
         for name in self.names:
-            client.delete_file(name)
+            client.delete_file(name, **options)
 
     def block_picker(self) -> Callable[[random.Random], int]:
         """Draws a block (file * blocks_per_file + block) uniformly or by Zipf's law; Zipf
@@ -406,8 +430,10 @@ class MultiGuest(_FileSet):
                 _create_sized(client, name, self.params.file_size_bytes, machine=guest)
 
     def teardown(self, client: FoliodClient) -> None:
+        params = self.params
+        nr_bytes = params.guest_ram_bytes + len(self.names) * params.file_size_bytes
         for guest in self.created:
-            client.destroy_guest(guest, delete_files=True)
+            client.destroy_guest(guest, delete_files=True, **teardown_options(client, nr_bytes))
 
     def stream(self, worker: int) -> Stream:
         rng, ratio = self.rng(worker), self.params.read_ratio
@@ -425,6 +451,21 @@ class MultiGuest(_FileSet):
                     yield Op(OpKind.WRITE, name, offset, self.io_size, data=data, machine=guest)
 
         return GeneratorStream(ops())
+
+
+@dataclass(slots=True)
+class ReplayColumns:
+    """A trace laid over files, as the Replay RPC takes it: per operation its byte offset,
+    length, write flag and file (an index into `names`), the pages it touches and what it
+    would cost on the device if every page missed (0 for a write)."""
+
+    names: list[str]
+    offsets: array[int] = field(default_factory=lambda: array("Q"))
+    lengths: array[int] = field(default_factory=lambda: array("I"))
+    writes: array[int] = field(default_factory=lambda: array("B"))
+    files: array[int] = field(default_factory=lambda: array("I"))
+    accesses: array[int] = field(default_factory=lambda: array("I"))
+    all_miss_seconds: array[float] = field(default_factory=lambda: array("d"))
 
 
 @dataclass(slots=True)
@@ -464,8 +505,34 @@ class Replay(Workload):
             _create_sized(client, self.file_name(index), size)
 
     def teardown(self, client: FoliodClient) -> None:
+        options = teardown_options(client, self.params.file_size_bytes)
         for index in sorted(self.files):
-            client.delete_file(self.file_name(index))
+            client.delete_file(self.file_name(index), **options)
+
+    def columns(self, device: DeviceModel) -> ReplayColumns:
+        """The trace as the Replay RPC's columns, over the files setup() made, in order."""
+        trace, size = self.cursor.trace, self.params.file_size_bytes
+        number = {index: n for n, index in enumerate(sorted(self.files))}
+        columns = ReplayColumns([self.file_name(index) for index in sorted(self.files)])
+        offsets, lengths, writes, files = (
+            columns.offsets,
+            columns.lengths,
+            columns.writes,
+            columns.files,
+        )
+        accesses, all_miss = columns.accesses, columns.all_miss_seconds
+        for write, address, nr_bytes in zip(
+            trace.writes, trace.addresses, trace.sizes, strict=True
+        ):
+            for index, offset, length in split(address, nr_bytes, size, self.max_io):
+                offsets.append(offset)
+                lengths.append(length)
+                writes.append(write)
+                files.append(number[index])
+                nr_pages = ((offset + length - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1
+                accesses.append(nr_pages)
+                all_miss.append(0.0 if write else device.read_seconds(nr_pages * PAGE_SIZE))
+        return columns
 
     def next_op(self) -> Op | None:
         cursor = self.cursor

@@ -98,6 +98,7 @@ _WORKLOAD = (
     "Writeback",
     "Fsync",
     "Submit",
+    "Replay",
 )
 # Host-wide knobs and guests: they change what every tenant sees. Reclaim is one: it evicts
 # anyone's page cache (a tenant's own is reclaimed by its memory limit, memcontrol).

@@ -476,6 +476,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             except Exception as exc:
                 if context_code(context) is not None:  # already aborted by the servicer
                     raise
+                if not context.is_active() or _ended_by_client(context):
+                    raise  # the client ended the call: its requests fail, nothing to answer
                 abort(call.request_id, context, exc)
             finally:
                 end(

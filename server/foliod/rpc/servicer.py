@@ -30,6 +30,8 @@ from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.rpc.auth import current_identity
 from foliod.rpc.batch import submit_batch
 from foliod.rpc.idempotency import OutcomeCache, submit_once
+from foliod.rpc.replay import parse as parse_replay
+from foliod.rpc.replay import run as run_replay
 from foliod.rpc.tenancy import Namespace, namespace_of
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -591,6 +593,23 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                 )
         finally:
             self._streams.release()
+
+    def Replay(
+        self, request_iterator: Iterator[pb.ReplayChunk], context: grpc.ServicerContext
+    ) -> pb.ReplayResult:
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} Submit and Replay streams are open, the most this server "
+                "allows (each holds a worker thread; see --workers)",
+            )
+        try:
+            trace = parse_replay(request_iterator)  # every chunk checked before anything runs
+        finally:
+            self._streams.release()
+        ns = self._ns()
+        names = [ns.file(name) for name in trace.names]
+        return self._change(trace.machine, lambda m: run_replay(m, names, trace))
 
 
 def _duplication_pb(

@@ -130,6 +130,26 @@ THP_SETTING_MADVISE: ThpSetting.ValueType  # 3
 THP_SETTING_NEVER: ThpSetting.ValueType  # 4
 Global___ThpSetting: _TypeAlias = ThpSetting  # noqa: Y015
 
+class _ReplayOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplayOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplayOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLAY_OP_UNSPECIFIED: _ReplayOp.ValueType  # 0
+    """Read (the default: a chunk without `ops` is all reads)."""
+    REPLAY_OP_READ: _ReplayOp.ValueType  # 1
+    REPLAY_OP_WRITE: _ReplayOp.ValueType  # 2
+
+class ReplayOp(_ReplayOp, metaclass=_ReplayOpEnumTypeWrapper):
+    """One operation kind of a replayed trace."""
+
+REPLAY_OP_UNSPECIFIED: ReplayOp.ValueType  # 0
+"""Read (the default: a chunk without `ops` is all reads)."""
+REPLAY_OP_READ: ReplayOp.ValueType  # 1
+REPLAY_OP_WRITE: ReplayOp.ValueType  # 2
+Global___ReplayOp: _TypeAlias = ReplayOp  # noqa: Y015
+
 class _GuestBacking:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1478,6 +1498,170 @@ class IoStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IoStats: _TypeAlias = IoStats  # noqa: Y015
+
+@_typing.final
+class ReplayChunk(_message.Message):
+    """A part of a trace: columns of equal length (`lengths`, `ops` and `files` may be left empty)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    INTERVAL_ACCESSES_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    LENGTHS_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """First chunk only: the machine ("": the host)."""
+    interval_accesses: _builtins.int
+    """First chunk only: page accesses per interval of the result's series; 0: no series."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """First chunk only: the files the trace touches, which must exist and hold every
+        operation; `files` indexes this list.
+        """
+
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Byte offset of each operation."""
+
+    @_builtins.property
+    def lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Bytes of each operation, 1 byte to 2 MiB; empty: 4096 each."""
+
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedScalarFieldContainer[Global___ReplayOp.ValueType]:
+        """Kind of each operation; empty: all reads."""
+
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """File of each operation, an index into the first chunk's `names`; empty: all names[0]."""
+
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        interval_accesses: _builtins.int = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
+        lengths: _abc.Iterable[_builtins.int] | None = ...,
+        ops: _abc.Iterable[Global___ReplayOp.ValueType] | None = ...,
+        files: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "interval_accesses", b"interval_accesses", "lengths", b"lengths", "machine", b"machine", "names", b"names", "offsets", b"offsets", "ops", b"ops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayChunk: _TypeAlias = ReplayChunk  # noqa: Y015
+
+@_typing.final
+class ReplayTotals(_message.Message):
+    """What a stretch of the replay did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    ACCESSES_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    READ_STATS_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    REFAULTS_FIELD_NUMBER: _builtins.int
+    ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    NR_CACHED_FIELD_NUMBER: _builtins.int
+    MEMMAP_FIELD_NUMBER: _builtins.int
+    operations: _builtins.int
+    """Operations and page accesses (an operation touching n pages is n accesses)."""
+    accesses: _builtins.int
+    evictions: _builtins.int
+    """Folios reclaimed (pgsteal) and refaults of evicted pages (workingset_refault_file)."""
+    refaults: _builtins.int
+    elapsed_seconds: _builtins.float
+    """Server time the stretch took to run (wall clock, lock held)."""
+    nr_cached: _builtins.int
+    """Pages in the machine's page cache, and the memory map's bytes per model, at its end."""
+    @_builtins.property
+    def stats(self) -> Global___IoStats:
+        """Page-cache stats of every operation, and of the reads alone."""
+
+    @_builtins.property
+    def read_stats(self) -> Global___IoStats: ...
+    @_builtins.property
+    def memmap(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemmapTotal]: ...
+    def __init__(
+        self,
+        *,
+        operations: _builtins.int = ...,
+        accesses: _builtins.int = ...,
+        stats: Global___IoStats | None = ...,
+        read_stats: Global___IoStats | None = ...,
+        evictions: _builtins.int = ...,
+        refaults: _builtins.int = ...,
+        elapsed_seconds: _builtins.float = ...,
+        nr_cached: _builtins.int = ...,
+        memmap: _abc.Iterable[Global___MemmapTotal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_stats", b"read_stats", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "elapsed_seconds", b"elapsed_seconds", "evictions", b"evictions", "memmap", b"memmap", "nr_cached", b"nr_cached", "operations", b"operations", "read_stats", b"read_stats", "refaults", b"refaults", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayTotals: _TypeAlias = ReplayTotals  # noqa: Y015
+
+@_typing.final
+class MemmapTotal(_message.Message):
+    """The memory map's total under one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    model: Global___MemmapModel.ValueType
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: Global___MemmapModel.ValueType = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemmapTotal: _TypeAlias = MemmapTotal  # noqa: Y015
+
+@_typing.final
+class ReplayResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTALS_FIELD_NUMBER: _builtins.int
+    INTERVALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def totals(self) -> Global___ReplayTotals: ...
+    @_builtins.property
+    def intervals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplayTotals]:
+        """One entry per interval_accesses page accesses, in order (the last may be shorter); an
+        interval ends at an operation's end, so it may hold a few accesses more.
+        """
+
+    def __init__(
+        self,
+        *,
+        totals: Global___ReplayTotals | None = ...,
+        intervals: _abc.Iterable[Global___ReplayTotals] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intervals", b"intervals", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayResult: _TypeAlias = ReplayResult  # noqa: Y015
 
 @_typing.final
 class ReadFileRequest(_message.Message):

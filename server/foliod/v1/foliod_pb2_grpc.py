@@ -209,6 +209,11 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.Replay = channel.stream_unary(
+                '/foliod.v1.Foliod/Replay',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.ReplayChunk.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReplayResult.FromString,
+                _registered_method=True)
 
 
 class FoliodServicer:
@@ -467,6 +472,21 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replay(self, request_iterator, context):
+        """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+        through the page cache's replay path (reads: each page a read touches is one access, as
+        trace simulators count, and a hit is marked accessed however the reads before it ended;
+        writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+        half-closes; every chunk is checked before anything runs (a malformed chunk:
+        INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+        NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+        call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
+        accesses per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FoliodServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -644,6 +664,11 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.SubmitRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Replay': grpc.stream_unary_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReplayChunk.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.ReplayResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1591,6 +1616,33 @@ class Foliod:
             '/foliod.v1.Foliod/Submit',
             foliod_dot_v1_dot_foliod__pb2.SubmitRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/foliod.v1.Foliod/Replay',
+            foliod_dot_v1_dot_foliod__pb2.ReplayChunk.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.ReplayResult.FromString,
             options,
             channel_credentials,
             insecure,

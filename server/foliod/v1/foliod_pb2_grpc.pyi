@@ -123,6 +123,17 @@ class FoliodStub:
     OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
     plus requested read lengths) per batch. An open stream holds one server worker thread.
     """
+    Replay: _grpc.StreamUnaryMultiCallable[_foliod_pb2.ReplayChunk, _foliod_pb2.ReplayResult]
+    """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+    through the page cache's replay path (reads: each page a read touches is one access, as
+    trace simulators count, and a hit is marked accessed however the reads before it ended;
+    writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+    half-closes; every chunk is checked before anything runs (a malformed chunk:
+    INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+    NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+    call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
+    accesses per call.
+    """
 
 @_typing.type_check_only
 class FoliodAsyncStub(FoliodStub):
@@ -209,6 +220,17 @@ class FoliodAsyncStub(FoliodStub):
     SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
     OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
     plus requested read lengths) per batch. An open stream holds one server worker thread.
+    """
+    Replay: _aio.StreamUnaryMultiCallable[_foliod_pb2.ReplayChunk, _foliod_pb2.ReplayResult]  # type: ignore[assignment]
+    """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+    through the page cache's replay path (reads: each page a read touches is one access, as
+    trace simulators count, and a hit is marked accessed however the reads before it ended;
+    writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+    half-closes; every chunk is checked before anything runs (a malformed chunk:
+    INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+    NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+    call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
+    accesses per call.
     """
 
 class FoliodServicer(metaclass=_abc_1.ABCMeta):
@@ -503,6 +525,23 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         SubmitResponse.error and changes nothing; the stream stays open either way, and ends with
         OK when the client half-closes. Limits: 4096 operations and 2 MiB of payload (write data
         plus requested read lengths) per batch. An open stream holds one server worker thread.
+        """
+
+    @_abc_1.abstractmethod
+    def Replay(
+        self,
+        request_iterator: _MaybeAsyncIterator[_foliod_pb2.ReplayChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.ReplayResult, _abc.Awaitable[_foliod_pb2.ReplayResult]]:
+        """Trace replay: runs a trace of reads and writes on files of one machine, in the order sent,
+        through the page cache's replay path (reads: each page a read touches is one access, as
+        trace simulators count, and a hit is marked accessed however the reads before it ended;
+        writes: as WriteFile, with zeros). The client streams the trace in columnar chunks and
+        half-closes; every chunk is checked before anything runs (a malformed chunk:
+        INVALID_ARGUMENT naming the chunk, the column and the row; an unknown machine or file:
+        NOT_FOUND; nothing is applied). The whole run holds the machine's lock, like one long
+        call. Limits: 4 MiB per chunk (the message limit), MAX_REPLAY_ACCESSES (16M) page
+        accesses per call.
         """
 
 def add_FoliodServicer_to_server(servicer: FoliodServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
