@@ -275,6 +275,24 @@ def test_clock_matches_reference_on_raw_zipf(tmp_path: Path) -> None:
     check_against_reference(tmp_path, "clock", 64, trace_for("zipf1.2", 64))
 
 
+@pytest.mark.parametrize("policy", ["lru", "fifo", "clock"])
+def test_reads_through_read_match_reference(tmp_path: Path, policy: str) -> None:
+    """4 KiB reads through read() (the ReadFile path) hit where the reference does, immediate
+    repeats included: a textbook policy counts a read that starts in the folio where the
+    previous one ended, which the kernel's policies skip (pos_same_folio)."""
+    trace = trace_for("zipf1.2", 64)
+    assert any(a == b for a, b in itertools.pairwise(trace)), "the trace has immediate repeats"
+    machine = make_machine(tmp_path, policy, 64, max(trace) + 1)
+    got = []
+    for key in trace:
+        _, stats = machine.files.read(FILE, key * PAGE_SIZE, PAGE_SIZE)
+        got.append(stats.pages_hit == 1)
+    want = REFERENCES[policy](trace, 64)
+    assert first_mismatch(got, want.hits) is None
+    assert resident(machine) == want.resident
+    check_machine(machine)
+
+
 # -- 2. kernel policies: sanity ----------------------------------------------------------
 
 

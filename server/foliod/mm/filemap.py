@@ -968,12 +968,13 @@ class PageCache(Writeback, Truncation):
         self, inode: Inode, f: int, ra: RaState, offset: int, end: int
     ) -> tuple[bytes, IoStats]:
         """read() of [offset, end) inside one cached folio without PG_readahead: all hits, the
-        folio accessed unless the previous read ended in it, one page straight from memory."""
+        folio accessed unless the previous read ended in it (under the kernel's policies), one
+        page straight from memory."""
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         nr_pages = last - first + 1
         store = self.folio_store
         head = store.index[f]
-        if not head <= ra.prev_index < head + (1 << store.order[f]):
+        if self.lru.textbook or not head <= ra.prev_index < head + (1 << store.order[f]):
             self.lru.mark_accessed(f, False)
         ra.prev_index = last  # note_read
         stats = IoStats(pages_hit=nr_pages)
@@ -1264,6 +1265,7 @@ class PageCache(Writeback, Truncation):
         state of the open file description read through)."""
         store = self.folio_store
         flags, order_of, index_of = store.flags, store.order, store.index
+        textbook = self.lru.textbook
         missed_before = stats.pages_missed
         index = first
         while index <= last:
@@ -1290,8 +1292,9 @@ class PageCache(Writeback, Truncation):
             else:
                 stats.pages_hit += pages
             # A read that starts in the folio where the previous one ended does not count as
-            # another access to it (filemap_read's pos_same_folio check).
-            if every_access or not (index == first and head <= ra.prev_index < end):
+            # another access to it (filemap_read's pos_same_folio check), under the kernel's
+            # policies; the textbook ones count every access.
+            if every_access or textbook or not (index == first and head <= ra.prev_index < end):
                 self.lru.mark_accessed(f, is_fresh)
             # Counted: reclaim may take it now (its data is in the file or written there first).
             self.busy.discard(f)

@@ -34,6 +34,10 @@ class ReclaimPolicy:
     """Base of the policies: page counts, nonresident age and the shared reclaim loop."""
 
     name: ClassVar[str] = ""
+    # A textbook policy (lru, fifo, clock) counts every access, as cache simulators do; the
+    # kernel's policies skip a read that starts in the folio where the previous one ended
+    # (filemap_read's pos_same_folio check).
+    textbook: ClassVar[bool] = False
 
     def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
         self.events = events

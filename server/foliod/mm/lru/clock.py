@@ -15,6 +15,7 @@ from foliod.mm.vmstat import VmEvent
 
 class Clock(OneList):
     name: ClassVar[str] = "clock"
+    textbook: ClassVar[bool] = True
 
     def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
         super().__init__(events, store)

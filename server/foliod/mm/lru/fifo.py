@@ -11,6 +11,7 @@ from foliod.mm.vmstat import VmEvent
 
 class Fifo(OneList):
     name: ClassVar[str] = "fifo"
+    textbook: ClassVar[bool] = True
 
     def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
         super().__init__(events, store)

@@ -20,6 +20,7 @@ from foliod.mm.vmstat import VmEvent
 
 class Lru(ReclaimPolicy):
     name: ClassVar[str] = "lru"
+    textbook: ClassVar[bool] = True
 
     def __init__(self, events: dict[VmEvent, int], store: FolioStore | None = None) -> None:
         super().__init__(events, store)
