@@ -117,6 +117,14 @@ class IoStats:
     device_seconds: float = 0.0
     throttle_seconds: float = 0.0
 
+    def add(self, other: IoStats) -> None:
+        """Adds another call's stats to these."""
+        self.pages_hit += other.pages_hit
+        self.pages_missed += other.pages_missed
+        self.pages_readahead += other.pages_readahead
+        self.device_seconds += other.device_seconds
+        self.throttle_seconds += other.throttle_seconds
+
 
 @dataclass(frozen=True, slots=True)
 class FileStat:
@@ -376,7 +384,7 @@ class Inode(ShadowEntries):
                 if leaf is not None:
                     a = start & XA_MASK
                     b = a + end - start
-                    if leaf[a:b].count(0) != b - a and max(leaf[a:b]) > 0:
+                    if max(leaf[a:b]) > 0:  # a folio; shadow entries are negative
                         return True
                 start = end
         big = self.big

@@ -87,10 +87,6 @@ class FolioStore:
         self.free_ids = array("i")
         self.nr_ids = 0
 
-    @property
-    def capacity(self) -> int:
-        return len(self.pfn)
-
     def __grow(self, need: int) -> None:
         """Makes room for need more ids past nr_ids."""
         size = len(self.pfn)
@@ -161,16 +157,11 @@ class FolioStore:
     def nr_live(self) -> int:
         return self.nr_ids - len(self.free_ids)
 
-    def nr_pages(self, f: int) -> int:
-        return 1 << self.order[f]
-
     # -- lists (include/linux/list.h) --------------------------------------------------------
 
     def new_list(self) -> int:
         """A new empty list: its head's id."""
-        head = self.new(0, 0)
-        self.mapping[head] = 0
-        return head
+        return self.new(0, 0)
 
     def list_add_tail(self, f: int, head: int) -> None:
         """f becomes the list's youngest."""
@@ -197,15 +188,9 @@ class FolioStore:
         prev[n] = p
 
     def list_move_tail(self, f: int, head: int) -> None:
-        prev, next_ = self.prev, self.next
-        p, n = prev[f], next_[f]
-        next_[p] = n
-        prev[n] = p
-        tail = prev[head]
-        next_[tail] = f
-        prev[f] = tail
-        next_[f] = head
-        prev[head] = f
+        """f becomes the list's youngest (off whatever list it was on)."""
+        self.list_del(f)
+        self.list_add_tail(f, head)
 
     def mover_to_tail(self, head: int) -> Callable[[int], None]:
         """list_move_tail(f, head) as a function of f alone, with the columns bound: what the
@@ -242,20 +227,6 @@ class FolioStore:
         while f != head:
             yield f
             f = next_[f]
-
-    # -- flags -------------------------------------------------------------------------------
-
-    def test(self, f: int, bit: int) -> bool:
-        return bool(self.flags[f] & bit)
-
-    def set(self, f: int, bit: int) -> None:
-        self.flags[f] |= bit
-
-    def clear(self, f: int, bit: int) -> None:
-        self.flags[f] &= ~bit
-
-    def folio(self, f: int, inodes: Any = None) -> CacheFolio:
-        return CacheFolio(self, f, inodes)
 
 
 class FlagBit:

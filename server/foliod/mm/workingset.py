@@ -83,7 +83,7 @@ class ShadowEntries:
             if leaf is not None:
                 a = start & XA_MASK
                 part = leaf[a : a + end - start]
-                if part.count(0) != len(part) and min(part) < 0:
+                if min(part) < 0:
                     found.extend(start + i for i, v in enumerate(part) if v < 0)
             start = end
         return found

@@ -222,11 +222,7 @@ class _Stretch:
         self.operations += operations
         self.accesses += accesses
         for target in (self.stats, self.read_stats) if read else (self.stats,):
-            target.pages_hit += stats.pages_hit
-            target.pages_missed += stats.pages_missed
-            target.pages_readahead += stats.pages_readahead
-            target.device_seconds += stats.device_seconds
-            target.throttle_seconds += stats.throttle_seconds
+            target.add(stats)
 
 
 def _io_stats(stats: IoStats) -> pb.IoStats:
