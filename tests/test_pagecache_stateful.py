@@ -637,7 +637,8 @@ def cold_file(
 
 
 def test_sequential_reads_lay_out_folios_as_the_readahead_windows_imply(tmp_path: Path) -> None:
-    """16 KiB reads through a 100-page file ramp the window 8, 16, 32 and the order 0, 2, 4, 5."""
+    """16 KiB reads through a 100-page file (Linux 6.18): windows of 8, 16, 24, 16, 32 pages at
+    orders 0, 2, 4, 4, 5, each async one ending on a boundary of its order."""
     m, data = cold_file(tmp_path, 100)
     fs = m.files
     seen = []
@@ -649,16 +650,18 @@ def test_sequential_reads_lay_out_folios_as_the_readahead_windows_imply(tmp_path
         seen.append((stats.pages_missed, stats.pages_hit, stats.pages_readahead))
     # Read 0 misses: sync window [0, 8), async_size 4, order 0, PG_readahead on page 4.
     # Read 1 hits page 4: async window [8, 24), order 2, marker 8.
-    # Read 2 hits page 8: window [24, 56), order min(4, ilog2(32)) = 4, marker 24.
-    # Read 6 hits page 24: window [56, 88), order min(6, 5) = 5, marker 56.
-    # Read 14 hits page 56: window [88, 120) cut at EOF (page 99), marker 88.
-    # Read 22 hits page 88: the next window starts past EOF and reads nothing.
+    # Read 2 hits page 8: 32 pages at order 4 would end at 56, cut to 48: [24, 48), marker 24.
+    # Read 6 hits page 24: order 6 aligned to ra_pages' 32: 48 + 32 cut to 64: [48, 64).
+    # Read 12 hits page 48: [64, 96) at order 5 (ilog2(32)), marker 64.
+    # Read 16 hits page 64: [96, 128) cut at EOF (page 99), marker 96.
+    # Read 24 hits page 96: the next window starts past EOF and reads nothing.
     expected = [(0, 4, 0)] * 25
     expected[0] = (4, 0, 4)
     expected[1] = (0, 4, 16)
-    expected[2] = (0, 4, 32)
-    expected[6] = (0, 4, 32)
-    expected[14] = (0, 4, 12)
+    expected[2] = (0, 4, 24)
+    expected[6] = (0, 4, 16)
+    expected[12] = (0, 4, 32)
+    expected[16] = (0, 4, 4)
     assert seen == expected
     layout = sorted((index, folio.order) for index, folio in fs.files["f"].folios.items())
     assert layout == [
@@ -667,19 +670,15 @@ def test_sequential_reads_lay_out_folios_as_the_readahead_windows_imply(tmp_path
         (12, 2),
         (16, 2),
         (20, 2),
-        # The order-4 window starts at 24, aligned to 8 only; 48 + 16 would pass its end (55).
+        # The order-4 window starts at 24, aligned to 8 only.
         (24, 3),
         (32, 4),
-        (48, 3),
-        # The order-5 window [56, 88): alignment and the window's end cut every folio.
-        (56, 3),
-        (64, 4),
-        (80, 3),
+        (48, 4),
+        (64, 5),
         # The last window stops at EOF: 96 + 4 pages reach page 99.
-        (88, 3),
         (96, 2),
     ]
-    assert fs.stat("f").folios_by_order == {0: 8, 2: 5, 3: 5, 4: 2}
+    assert fs.stat("f").folios_by_order == {0: 8, 2: 5, 3: 1, 4: 2, 5: 1}
     assert m.vmstat()["pgpgin"] == 100 * PAGE_SIZE // KIB
 
 

@@ -63,7 +63,9 @@ def test_next_window(cur: int, max_pages: int, expected: int) -> None:
 
 
 def test_sequential_read_window_sequence() -> None:
-    """16 KiB sequential reads of 100 pages: windows 8, 16, 32, 32, 32 at orders 0, 2, 4, 5, 5."""
+    """16 KiB sequential reads of 100 pages (Linux 6.18, worked by hand): windows 8, 16, 24,
+    16, 32, 32 pages at orders 0, 2, 4, 4, 5, 5. Each async window ends on a boundary of its
+    order (or of ra_pages, whichever is finer), which trims 32 to 24 and then 32 to 16."""
     ra = RaState()  # 32 pages = 128 KiB
     cache = Cached(set())
     eof = 99
@@ -78,25 +80,47 @@ def test_sequential_read_window_sequence() -> None:
     first = ra.sync(0, 4, cache, max_order=9)
     assert first == RaWindow(start=0, size=8, mark=4, order=0)
     assert read_window(first) == [(i, 0) for i in range(8)]
-    ra.note_read(3)
-    # Read 4..7 hits the marker on order-0 page 4: next window 16 at order 2.
+    ra.note_read(4 * 4096)
+    # Read 4..7 hits the marker on order-0 page 4: next window 16 at order 2, ending on 24 (a
+    # multiple of 4 already).
     second = ra.async_(4, 4, folio_order=0, cache=cache, max_order=9)
     assert second == RaWindow(start=8, size=16, mark=8, order=2)
     assert read_window(second) == [(8, 2), (12, 2), (16, 2), (20, 2)]
-    ra.note_read(7)
-    # Read 8..11 hits the marker on the order-2 folio at 8: window 32 at order 4; index 24 is
-    # only 8-aligned (order 3), 48 + 16 would pass the window's end (order 3).
+    ra.note_read(8 * 4096)
+    # Read 8..11 hits the marker on the order-2 folio at 8: window 32 at order 4 would end at
+    # 56; rounded down to a multiple of 16 it ends at 48 (24 pages). Index 24 is only 8-aligned.
     third = ra.async_(8, 4, folio_order=2, cache=cache, max_order=9)
-    assert third == RaWindow(start=24, size=32, mark=24, order=4)
-    assert read_window(third) == [(24, 3), (32, 4), (48, 3)]
-    # Reads of 12..23 hit without a marker; 24 carries the next one.
+    assert third == RaWindow(start=24, size=24, mark=24, order=4)
+    assert read_window(third) == [(24, 3), (32, 4)]
+    # Reads of 12..23 hit without a marker; 24 carries the next one. Order 4 + 2 = 6, aligned to
+    # ra_pages' 32 at most: 48 + 32 = 80 rounds down to 64, a window of 16 (ilog2: order 4).
     fourth = ra.async_(24, 4, folio_order=3, cache=cache, max_order=9)
-    assert fourth == RaWindow(start=56, size=32, mark=56, order=5)  # 4 + 2 capped by ilog2(32)
-    assert read_window(fourth) == [(56, 3), (64, 4), (80, 3)]
+    assert fourth == RaWindow(start=48, size=16, mark=48, order=4)
+    assert read_window(fourth) == [(48, 4)]
+    # 48 carries it on: 64 + 32 = 96 is aligned, order 8 capped by ilog2(32) to 5.
+    fifth = ra.async_(48, 4, folio_order=4, cache=cache, max_order=9)
+    assert fifth == RaWindow(start=64, size=32, mark=64, order=5)
+    assert read_window(fifth) == [(64, 5)]
     # The last window is cut at EOF (page 99): 96..99 is one order-2 folio.
-    fifth = ra.async_(56, 4, folio_order=3, cache=cache, max_order=9)
-    assert fifth == RaWindow(start=88, size=32, mark=88, order=5)
-    assert read_window(fifth) == [(88, 3), (96, 2)]
+    sixth = ra.async_(64, 4, folio_order=5, cache=cache, max_order=9)
+    assert sixth == RaWindow(start=96, size=32, mark=96, order=5)
+    assert read_window(sixth) == [(96, 2)]
+
+
+def test_sequential_reads_follow_the_end_of_the_last_read() -> None:
+    """prev_pos is the byte after the last one read: a read starting in that page or the next
+    is sequential (index - prev_index <= 1, unsigned), so skipping one page after a read that
+    ended on a page boundary still counts, and re-reading the last page does not."""
+    cache = Cached(set(range(8)))
+    ra = RaState()
+    ra.note_read(8 * 4096)  # read pages ..7, ended on a boundary: prev_index 8
+    assert ra.sequential(8) and ra.sequential(9)
+    assert not ra.sequential(7) and not ra.sequential(10)
+    ra.note_read(8 * 4096 + 100)  # ended inside page 8
+    assert ra.sequential(8) and ra.sequential(9) and not ra.sequential(10)
+    # A sequential miss starts an initial window there instead of reading alone.
+    assert ra.sync(9, 1, cache, max_order=9) == RaWindow(start=9, size=4, mark=10, order=0)
+    assert not RaState().sequential(0)  # nothing read yet
 
 
 def test_mapping_max_order_caps_the_folio_order() -> None:
@@ -114,7 +138,7 @@ def test_small_random_read_leaves_the_state_alone() -> None:
     ra = RaState()
     cache = Cached(set(range(8)))
     ra.sync(0, 4, cache, max_order=9)
-    ra.note_read(3)
+    ra.note_read(4 * 4096)
     before = (ra.start, ra.size, ra.async_size, ra.order)
     assert ra.sync(50, 1, cache, max_order=9) == RaWindow(start=50, size=1, mark=None, order=0)
     assert (ra.start, ra.size, ra.async_size, ra.order) == before

@@ -142,14 +142,12 @@ def _files_state(server: FoliodServer) -> dict[str, Any]:
                 inode.size,
                 sorted((i, f.order, f.readahead, f.dirty) for i, f in inode.folios.items()),
                 window(inode.ra),
-                inode.ra.prev_index,
+                inode.ra.prev_pos,
                 sorted(inode.handles),
             )
             for name, inode in fs.files.items()
         },
-        "handles": {
-            n: (h.inode.name, window(h.ra), h.ra.prev_index) for n, h in fs.handles.items()
-        },
+        "handles": {n: (h.inode.name, window(h.ra), h.ra.prev_pos) for n, h in fs.handles.items()},
         "reads": (fs.nr_read_hits, fs.nr_read_misses, fs.nr_read_ahead),
         "events": dict(server.machines.host.events),
     }

@@ -87,7 +87,7 @@ def snapshot(machine: Machine) -> dict[str, Any]:
             dict(inode.shadow_orders),
             inode.nr_pages,
             (inode.ra.start, inode.ra.size, inode.ra.async_size, inode.ra.order),
-            inode.ra.prev_index,
+            inode.ra.prev_pos,
         )
         for name, inode in cache.files.items()
     }
@@ -253,7 +253,7 @@ def read_snapshot(machine: Machine) -> dict[str, Any]:
     return {
         **snapshot(machine),
         "handles": {
-            n: (h.ra.start, h.ra.size, h.ra.async_size, h.ra.order, h.ra.prev_index)
+            n: (h.ra.start, h.ra.size, h.ra.async_size, h.ra.order, h.ra.prev_pos)
             for n, h in cache.handles.items()
         },
         "reads": (cache.nr_read_hits, cache.nr_read_misses, cache.nr_read_ahead),
@@ -304,4 +304,4 @@ def test_read_short_path_is_taken_for_hits_inside_a_folio(tmp_path: Path) -> Non
         assert (stats.pages_hit, stats.pages_missed, stats.pages_readahead) == (1, 0, 0)
     assert files.nr_read_hits == hits_before + 4
     assert machine.events[VmEvent.PGFAULT] == faults_before + 4
-    assert files.lookup("a").ra.prev_index == 15
+    assert files.lookup("a").ra.prev_pos == 15 * PAGE_SIZE + 60

@@ -75,6 +75,10 @@ XA_MEDIUM_ORDER = 2
 XA_BIG_ORDER = 8
 _MEDIUM_LEAF_SHIFT = XA_SHIFT + XA_MEDIUM_ORDER
 _MEDIUM_ALIGN = (1 << XA_MEDIUM_ORDER) - 1
+# The kernel's xarray node (XA_CHUNK_SHIFT 6): a folio of a lower order takes sibling slots in a
+# leaf node, one of this order or higher slots in a node above. Only next_miss's walk needs it.
+XA_NODE_ORDER = 6
+XA_CHUNK_SIZE = 1 << XA_NODE_ORDER
 
 
 class CacheAllocator(Protocol):
@@ -431,14 +435,41 @@ class Inode(ShadowEntries):
         return index - max_scan
 
     def next_miss(self, index: int, max_scan: int) -> int:
+        """page_cache_next_miss as the kernel's walk answers it. xas_next moves a slot offset
+        in a node of XA_CHUNK_SIZE slots along with the index; a walk that starts inside a
+        folio below XA_NODE_ORDER (its pages are sibling slots of one leaf node) is left by the
+        first load at the folio's head slot, the index where it was. Up to the end of that
+        node each index is then judged by the slot ``lag`` pages before it, and the miss found
+        is ``lag`` pages past the real one; at the node's end the walk is in step again.
+        (Measured on Linux 6.18: two interleaved readers on one file.)"""
         get, store = self.get, self.store
-        i = index
-        while i < index + max_scan:
+        f = get(index)
+        if f < 0:
+            return index
+        head = store.index[f]
+        if store.order[f] >= XA_NODE_ORDER or head == index:
+            return self.__next_hole(index + 1, index + max_scan)
+        lag = index - head
+        node_end = (head | (XA_CHUNK_SIZE - 1)) + 1
+        # Slots head + 1 .. node_end - 1, judged for the indices lag pages after them.
+        limit = min(node_end, head + max_scan)
+        hole = self.__next_hole(head + 1, limit)
+        if hole < limit:
+            return hole + lag
+        if limit < node_end:  # max_scan ran out first
+            return index + max_scan
+        # In step again at index node_end + lag, with what is left of max_scan.
+        return self.__next_hole(node_end + lag, index + max_scan)
+
+    def __next_hole(self, i: int, stop: int) -> int:
+        """The first uncached index in [i, stop); stop if there is none."""
+        get, store = self.get, self.store
+        while i < stop:
             f = get(i)
             if f < 0:
                 return i
             i = store.index[f] + (1 << store.order[f])
-        return index + max_scan
+        return stop
 
 
 class FolioMap(Mapping[int, CacheFolio]):
@@ -966,7 +997,7 @@ class PageCache(Writeback, Truncation):
         stats = IoStats()
         fresh: set[int] = set()
         try:
-            self.__read_folios(inode, first, last, fresh, stats, ra=ra)
+            self.__read_folios(inode, first, last, fresh, stats, ra=ra, end_pos=end)
             return self.__read_bytes(inode, offset, end - offset), stats
         finally:
             self.busy.clear()
@@ -982,9 +1013,9 @@ class PageCache(Writeback, Truncation):
         nr_pages = last - first + 1
         store = self.folio_store
         head = store.index[f]
-        if self.lru.textbook or not head <= ra.prev_index < head + (1 << store.order[f]):
+        if self.lru.textbook or not ra.read_last_in(head, head + (1 << store.order[f])):
             self.lru.mark_accessed(f, False)
-        ra.prev_index = last  # note_read
+        ra.prev_pos = end  # note_read
         stats = IoStats(pages_hit=nr_pages)
         self.events[VmEvent.PGFAULT] += nr_pages
         self.nr_read_hits += nr_pages
@@ -1041,7 +1072,14 @@ class PageCache(Writeback, Truncation):
                 fresh: set[int] = set()
                 for index in keys:
                     self.__read_folios(
-                        inode, index, index, fresh, stats, ra=inode.ra, every_access=True
+                        inode,
+                        index,
+                        index,
+                        fresh,
+                        stats,
+                        ra=inode.ra,
+                        end_pos=(index + 1) << PAGE_SHIFT,
+                        every_access=True,
                     )
                     fresh.clear()
                     self.busy.clear()
@@ -1084,7 +1122,9 @@ class PageCache(Writeback, Truncation):
         written = store.contents
         fresh: set[int] = set()
         hits = recycled = allocated = refaults = 0
-        prev = ra.prev_index
+        # The last page accessed here; NO_FOLIO until the first (ra.prev_pos is the byte after
+        # it, written back at the end and before read()'s path).
+        prev = NO_FOLIO
         last = NO_FOLIO  # the folio of the last hit
         try:
             for index in keys:
@@ -1194,13 +1234,24 @@ class PageCache(Writeback, Truncation):
                         prev = index
                         continue
                 # Anything else takes read()'s path.
-                ra.prev_index = prev
-                self.__read_folios(inode, index, index, fresh, stats, ra=ra, every_access=True)
+                if prev >= 0:
+                    ra.prev_pos = (prev + 1) << PAGE_SHIFT
+                self.__read_folios(
+                    inode,
+                    index,
+                    index,
+                    fresh,
+                    stats,
+                    ra=ra,
+                    end_pos=(index + 1) << PAGE_SHIFT,
+                    every_access=True,
+                )
                 fresh.clear()
                 self.busy.clear()
-                prev = ra.prev_index
+                prev = index
         finally:
-            ra.prev_index = prev
+            if prev >= 0:
+                ra.prev_pos = (prev + 1) << PAGE_SHIFT
             self.__count_replayed(
                 stats,
                 hits=hits,
@@ -1214,8 +1265,10 @@ class PageCache(Writeback, Truncation):
     @staticmethod
     def __reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:
         """A one-page miss at index is read alone (readahead brings nothing around it); first
-        brings ra.prev_index up to date, which the answer depends on."""
-        ra.prev_index = prev
+        brings ra.prev_pos up to date (prev is the last page accessed, NO_FOLIO for none since
+        ra.prev_pos was last written), which the answer depends on."""
+        if prev >= 0:
+            ra.prev_pos = (prev + 1) << PAGE_SHIFT
         return ra.reads_alone(index, 1, inode)
 
     def __move_recycled(self, f: int, inode: Inode, shadow: int) -> None:
@@ -1267,10 +1320,12 @@ class PageCache(Writeback, Truncation):
         stats: IoStats,
         *,
         ra: RaState,
+        end_pos: int,
         every_access: bool = False,
     ) -> None:
         """Reads pages [first, last] through the cache, taking readahead decisions with ra (the
-        state of the open file description read through)."""
+        state of the open file description read through); end_pos is the byte after the read's
+        last, which ra keeps as prev_pos."""
         store = self.folio_store
         flags, order_of, index_of = store.flags, store.order, store.index
         textbook = self.lru.textbook
@@ -1302,7 +1357,7 @@ class PageCache(Writeback, Truncation):
             # A read that starts in the folio where the previous one ended does not count as
             # another access to it (filemap_read's pos_same_folio check), under the kernel's
             # policies; the textbook ones count every access.
-            if every_access or textbook or not (index == first and head <= ra.prev_index < end):
+            if every_access or textbook or not (index == first and ra.read_last_in(head, end)):
                 self.lru.mark_accessed(f, is_fresh)
             # Counted: reclaim may take it now (its data is in the file or written there first).
             self.busy.discard(f)
@@ -1312,7 +1367,7 @@ class PageCache(Writeback, Truncation):
         stats.pages_readahead -= stats.pages_missed - missed_before
         self.events[VmEvent.PGFAULT] += last - first + 1
         self.events[VmEvent.PGMAJFAULT] += stats.pages_missed - missed_before
-        ra.note_read(last)
+        ra.note_read(end_pos)
 
     def __readahead(
         self,
@@ -1417,7 +1472,7 @@ class PageCache(Writeback, Truncation):
                 index += 1
         made: list[int] = []
         try:
-            self.__populate(inode, self.__write_layout(inode, first, last), made)
+            self.__populate(inode, self.__write_layout(inode, offset, end), made)
         except OutOfMemory:
             # Nothing was written yet: take the empty new folios back out.
             for f in made:
@@ -1458,22 +1513,32 @@ class PageCache(Writeback, Truncation):
         inode.size = max(inode.size, end)
         return stats
 
-    def __write_layout(self, inode: Inode, first: int, last: int) -> list[tuple[int, int]]:
-        """Folios for the uncached pages of a write: the largest aligned order up to the file's
-        maximum that fits inside the written range (base pages where the range is cached)."""
+    def __write_layout(self, inode: Inode, offset: int, end: int) -> list[tuple[int, int]]:
+        """Folios for the uncached pages of a write of [offset, end), as generic_perform_write
+        asks for them: each step writes up to the next boundary of the largest folio
+        (mapping_max_folio_size), and write_begin asks __filemap_get_folio for the order of that
+        many bytes (fgf_set_order: ilog2(bytes) - PAGE_SHIFT), lowered to the index's alignment
+        and then by one while a page of its range is cached (filemap_add_folio's -EEXIST). The
+        write goes on at the end of the folio; a cached folio is written through as it is."""
         store = self.folio_store
+        max_order = inode.max_order
+        chunk = PAGE_SIZE << max_order
         layout = []
-        index = first
-        while index <= last:
+        pos = offset
+        while pos < end:
+            index = pos >> PAGE_SHIFT
             f = inode.get(index)
             if f >= 0:
-                index = store.index[f] + (1 << store.order[f])
+                pos = min(end, (store.index[f] + (1 << store.order[f])) << PAGE_SHIFT)
                 continue
-            order = min(inode.max_order, (index & -index).bit_length() - 1 if index else 63)
-            while order and index + (1 << order) - 1 > last:
+            nbytes = min(chunk - (pos & (chunk - 1)), end - pos)
+            order = min(max(nbytes.bit_length() - 1 - PAGE_SHIFT, 0), max_order)
+            if index & ((1 << order) - 1):
+                order = (index & -index).bit_length() - 1
+            while order and inode.any_head_in(index + 1, index + (1 << order)):
                 order -= 1
             layout.append((index, order))
-            index += 1 << order
+            pos = min(pos + nbytes, (index + (1 << order)) << PAGE_SHIFT)
         return layout
 
     def __copy_in(

@@ -5,9 +5,16 @@ shared by reads by name) holds the current window: ``start``, ``size`` pages and
 ``async_size``, the tail of the window whose first folio carries PG_readahead; reading that folio
 starts the next window asynchronously. The window grows 4x while small and 2x up to the maximum
 (``ra_pages``, 32 pages = 128 KiB by default). A sync miss starts a window sized from the request
-and resets the folio order to 0; each async round raises it by 2, capped by the mapping's largest
-order and by ilog2(window), lowered per folio to keep the index aligned and inside EOF. A small
-random read is read as is and leaves the state alone.
+and resets the folio order to 0 (page_cache_sync_ra); each async round raises it by 2 and ends
+the window on a boundary of that order (page_cache_async_ra, so windows of 4 KiB reads go 4, 20,
+80, 320, 768 pages, not 4, 20, 84, 340, 852). page_cache_ra_order caps the order by the
+mapping's largest and by ilog2(window) and lowers it per folio to keep the index aligned and
+inside EOF. A small random read is read as is and leaves the state alone. ``prev_pos`` is the
+byte after the last one read (filemap_read's ra->prev_pos): a read is sequential when it starts
+in that page or the next, as the kernel's unsigned ``index - prev_index <= 1`` has it.
+
+This follows Linux 6.18 (mm/readahead.c, the folio order kept in file_ra_state since 6.16);
+``foliod-calibrate`` checks it against the live kernel page for page.
 
 The page cache answers two questions through CacheView (page_cache_prev_miss and
 page_cache_next_miss); everything else here is arithmetic, so the sequences can be pinned by
@@ -19,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from foliod.mm.page_alloc import PAGE_SHIFT
+
 DEFAULT_RA_PAGES = 32
-# Smallest window worth large folios (page_cache_ra_order's min_ra_size).
-_MIN_RA_SIZE_FOR_ORDER = 4
 # page_cache_prev_miss wrapped below index 0: the file is cached from its start (ULONG_MAX).
 NO_MISS_BEFORE_START = -1
 
@@ -76,7 +83,7 @@ class RaWindow:
 class RaState:
     """The readahead state of one open file description (struct file_ra_state)."""
 
-    __slots__ = ("async_size", "order", "prev_index", "ra_pages", "size", "start")
+    __slots__ = ("async_size", "order", "prev_pos", "ra_pages", "size", "start")
 
     def __init__(self, ra_pages: int = DEFAULT_RA_PAGES) -> None:
         self.ra_pages = ra_pages
@@ -84,15 +91,17 @@ class RaState:
         self.size = 0
         self.async_size = 0
         self.order = 0
-        # Index of the last page read; -1 before the first read (prev_pos = -1).
-        self.prev_index = -1
+        # The byte after the last one read; -1 before the first read.
+        self.prev_pos = -1
+
+    def sequential(self, index: int) -> bool:
+        """Whether a read at page index follows the last one: it starts in the page the last
+        read ended in or in the next (an unaligned or an aligned sequential read)."""
+        return self.prev_pos >= 0 and 0 <= index - (self.prev_pos >> PAGE_SHIFT) <= 1
 
     def __window(self, max_order: int) -> RaWindow:
         """The current window with its folio order capped (page_cache_ra_order)."""
-        if self.size < _MIN_RA_SIZE_FOR_ORDER:
-            self.order = 0
-        else:
-            self.order = min(self.order, max_order, self.size.bit_length() - 1)
+        self.order = min(self.order, max_order, self.size.bit_length() - 1)
         mark = self.start + self.size - self.async_size
         return RaWindow(self.start, self.size, mark if self.async_size else None, self.order)
 
@@ -102,7 +111,7 @@ class RaState:
         if not self.ra_pages:
             return True
         max_pages = max(self.ra_pages, req_count)
-        if not index or req_count > max_pages or 0 <= index - self.prev_index <= 1:
+        if not index or req_count > max_pages or self.sequential(index):
             return False
         return index - cache.prev_miss(index - 1, max_pages) - 1 <= req_count
 
@@ -112,7 +121,7 @@ class RaState:
             return RaWindow(index, req_count, None, 0)
         # ractl_max_pages, as if the device's io_pages allowed any oversized request.
         max_pages = max(self.ra_pages, req_count)
-        if not index or req_count > max_pages or 0 <= index - self.prev_index <= 1:
+        if not index or req_count > max_pages or self.sequential(index):
             self.start = index
             self.size = get_init_ra_size(req_count, max_pages)
             self.async_size = self.size - req_count if self.size > req_count else self.size >> 1
@@ -150,11 +159,24 @@ class RaState:
             self.size = get_next_ra_size(start - index + req_count, max_pages)
             self.async_size = self.size
         self.order += 2
+        # End the window on a boundary of the new order (or of max_pages, whichever is finer)
+        # unless that would leave nothing.
+        align = 1 << min(self.order, (max_pages & -max_pages).bit_length() - 1)
+        end = self.start + self.size
+        aligned_end = end & ~(align - 1)
+        if aligned_end > self.start:
+            self.size -= end - aligned_end
+        self.async_size = self.size
         return self.__window(max_order)
 
-    def note_read(self, last_index: int) -> None:
-        """Records the last page a read touched (filemap_read's ra->prev_pos)."""
-        self.prev_index = last_index
+    def note_read(self, end_pos: int) -> None:
+        """Records where a read ended: the byte after its last (filemap_read's ra->prev_pos)."""
+        self.prev_pos = end_pos
+
+    def read_last_in(self, head: int, end: int) -> bool:
+        """Whether the last read's last byte lies in pages [head, end): a read starting in
+        that folio does not mark it accessed again (filemap_read's pos_same_folio)."""
+        return head <= (self.prev_pos - 1) >> PAGE_SHIFT < end if self.prev_pos > 0 else False
 
 
 def ra_folio_layout(window: RaWindow, eof_index: int) -> list[tuple[int, int]]:

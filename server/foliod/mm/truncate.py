@@ -1,5 +1,6 @@
 """Truncation and dropping clean page cache (mm/truncate.c): folios past a new end of file
-go, a large folio straddling it is split, and drop_caches frees every clean folio.
+go, a large folio straddling it is split, POSIX_FADV_DONTNEED invalidates a range
+(mm/fadvise.c, mapping_try_invalidate) and drop_caches frees every clean folio.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Truncation:
         ) -> None: ...
 
         def folio_clear_dirty(self, inode: Inode, f: int) -> None: ...
+
+        def writeback(
+            self, name: str | None = None, start: int = 0, end: int | None = None
+        ) -> int: ...
 
     def truncate(self, name: str, size: int) -> None:
         """Sets the file's size: folios past the end go; a large folio straddling the new end
@@ -104,6 +109,42 @@ class Truncation:
                 store.flags[page] |= PG_REFERENCED
             if dirty:
                 self.folio_mark_dirty(inode, page, when, dirtied=False)
+
+    def fadvise_dontneed(self, name: str, offset: int, length: int) -> int:
+        """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the
+        file); returns pages freed. As mm/fadvise.c: dirty folios in the range are written back
+        (and, being under writeback then, stay); the full pages of the range are invalidated
+        (mapping_try_invalidate): clean folios lying wholly inside go, without leaving shadow
+        entries, and the shadow entries there are cleared. A partial page at either end stays."""
+        inode = self.lookup(name)
+        if offset < 0 or length < 0:
+            raise InvalidArgument(
+                f"offset and length must be >= 0, not {offset} and {length}", field="offset"
+            )
+        end_byte = offset + length - 1 if length else MAX_FILE_BYTES
+        store = self.folio_store
+        # Dirty folios are written back, and so under writeback when invalidation comes: they
+        # stay.
+        under_writeback = {f for f in store.dirtied_at if store.mapping[f] == inode.number}
+        self.writeback(name, offset, end_byte + 1)
+        first = -(-offset // PAGE_SIZE)
+        last = end_byte >> PAGE_SHIFT
+        if (end_byte + 1) % PAGE_SIZE and end_byte != inode.size - 1:
+            last -= 1  # the last page is partial: it stays
+        if last < first:
+            return 0
+        freed = 0
+        try:
+            for index, f in inode.heads():
+                nr = 1 << store.order[f]
+                inside = first <= index and index + nr - 1 <= last
+                if inside and f not in self.busy and f not in under_writeback:
+                    self._remove(inode, f, shadow=False)
+                    freed += nr
+        finally:
+            self.busy.clear()
+        inode.drop_shadows_in(first, last + 1)
+        return freed
 
     def drop_caches(self) -> int:
         """Frees every clean page cache folio (echo 1 > drop_caches); returns pages freed.

@@ -175,6 +175,19 @@ class ShadowEntries:
                 if head in orders:
                     self.__drop_large(head)
 
+    def drop_shadows_in(self, lo: int, hi: int) -> int:
+        """Removes the shadow entries lying wholly in pages [lo, hi) (invalidation's
+        clear_shadow_entry); returns how many."""
+        orders = self.shadow_orders
+        dropped = 0
+        for head in self.shadow_heads_in(lo, hi):
+            if head + (1 << orders.get(head, 0)) <= hi:
+                self.__shadow_pop(head)
+                if head in orders:
+                    self.__drop_large(head)
+                dropped += 1
+        return dropped
+
     def shadow_span(self, head: int) -> int:
         """Pages the shadow entry at head covers."""
         return 1 << self.shadow_orders.get(head, 0)
