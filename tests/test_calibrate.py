@@ -15,13 +15,14 @@ from foliod.calibrate import (
     KPF_COMPOUND_TAIL,
     PATTERNS,
     FoliodSide,
-    KernelSide,
     Step,
+    calibrate,
     can_read_frames,
     first_difference,
     folios_from_frames,
     kernel_record,
     main,
+    pattern_file_size,
     run_pattern,
 )
 
@@ -85,6 +86,44 @@ def test_the_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> No
     capsys.readouterr()
 
 
+def _foliod_run(pattern: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The foliod side alone through a pattern, set up as the fixture was recorded: the cached
+    page counts it goes through and its folios at the end."""
+    size = pattern_file_size(pattern, RECORDED["size_mib"] << 20)
+    with tempfile.TemporaryDirectory(prefix="foliod-calibrate-") as store:
+        side = FoliodSide(
+            Path(store),
+            size,
+            ra_pages=RECORDED["read_ahead_kb"] // 4,
+            max_order=RECORDED["max_order"],
+        )
+        counts: list[int] = []
+        for step in PATTERNS[pattern](size):
+            side.apply(step)
+            cached = len(side.snapshot(False).resident)
+            if not counts or counts[-1] != cached:
+                counts.append(cached)
+        folios = side.snapshot(True).folios
+    assert folios is not None
+    return counts, list(folios)
+
+
+@pytest.mark.parametrize("pattern", sorted(RECORDED["patterns"]))
+def test_foliod_goes_through_what_the_kernel_recorded(pattern: str) -> None:
+    """On every recorded pattern foliod's page cache passes through the same cached page counts
+    as Linux 6.18 did, step by step, and ends with the same folios at the same indices."""
+    expected = RECORDED["patterns"][pattern]
+    assert expected["reclaimed_outside"] == 0, "re-record: the kernel's run was disturbed"
+    counts, folios = _foliod_run(pattern)
+    assert folios == [tuple(f) for f in expected["folios"]]
+    assert counts == expected["windows"]
+
+
+def test_every_pattern_is_recorded() -> None:
+    """The fixture holds every pattern foliod-calibrate knows (re-record after adding one)."""
+    assert sorted(RECORDED["patterns"]) == sorted(PATTERNS)
+
+
 def _live_reason() -> str | None:
     if not can_read_frames():
         return "needs root and /proc/kpageflags (folio orders from pagemap and kpageflags)"
@@ -96,27 +135,51 @@ def _live_reason() -> str | None:
 
 
 @pytest.mark.skipif(_live_reason() is not None, reason=str(_live_reason()))
-@pytest.mark.parametrize("pattern", ["seq-4k", "seq-1m", "strided-64k", "writes"])
-def test_the_live_kernel_still_does_what_the_fixture_recorded(tmp_path: Path, pattern: str) -> None:
-    """On the kernel the fixture was recorded on, the same pattern gives the same folios at the
-    end, and goes through every window the fixture lists."""
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_the_live_kernel_and_foliod_agree_page_for_page(tmp_path: Path, pattern: str) -> None:
+    """On the kernel the fixture was recorded on, each pattern leaves the same pages cached on
+    both sides after every step and the same folios at the end; when nothing else reclaimed
+    the file's pages meanwhile, the kernel's folios are the fixture's."""
     size = RECORDED["size_mib"] << 20
     # On the work tree's filesystem (ext4, as recorded), not a tmpfs.
     with tempfile.TemporaryDirectory(dir=WORK, prefix=".calibrate-") as directory:
-        kernel = KernelSide(Path(directory), size, frames=True)
-        try:
-            foliod = FoliodSide(
-                tmp_path,
-                size,
-                ra_pages=RECORDED["read_ahead_kb"] // 4,
-                max_order=RECORDED["max_order"],
-            )
-            result = run_pattern(pattern, PATTERNS[pattern](size), kernel, foliod)
-        finally:
-            kernel.close()
-    expected = RECORDED["patterns"][pattern]
-    record = kernel_record(result)
-    assert record["folios"] == [tuple(f) for f in expected["folios"]]
-    windows = record["windows"]
-    assert isinstance(windows, list)
-    assert [w for w in windows if w in expected["windows"]] == expected["windows"]
+        (result,) = calibrate(
+            [pattern],
+            Path(directory),
+            size,
+            ra_pages=RECORDED["read_ahead_kb"] // 4,
+            max_order=RECORDED["max_order"],
+            frames=True,
+        )
+    assert result.first_divergent_step is None, result.rows
+    assert result.folios_compared and result.folios_agree
+    if not result.reclaimed_outside:
+        expected = RECORDED["patterns"][pattern]
+        assert kernel_record(result)["folios"] == [tuple(f) for f in expected["folios"]]
+
+
+class _ReclaimedFoliodSide(FoliodSide):
+    """A foliod side standing in for the kernel, whose page 2 something else reclaims after
+    the second step."""
+
+    steps = 0
+
+    def apply(self, step: Step) -> None:
+        super().apply(step)
+        self.steps += 1
+        if self.steps == 2:
+            self.evict(frozenset({2}))
+
+
+def test_pages_reclaimed_from_outside_are_evicted_on_the_foliod_side_too(tmp_path: Path) -> None:
+    """When the kernel's cache loses pages the pattern did not drop (DAMON's pageout here), the
+    foliod side evicts the same folios, so both go on from the same cache and agree; the run
+    says how many pages it lost."""
+    steps = [Step("read", 0, 4096), Step("read", 4096, 4096), Step("read", 8192, 4096)]
+    kernel = _ReclaimedFoliodSide(tmp_path / "k", 1 << 20, ra_pages=32, max_order=9)
+    foliod = FoliodSide(tmp_path / "f", 1 << 20, ra_pages=32, max_order=9)
+    result = run_pattern("test", steps, kernel, foliod)  # type: ignore[arg-type]
+    assert result.reclaimed_outside == 1
+    assert result.agrees
+    # Page 2 was read again by the third step (a miss on both sides).
+    assert 2 in foliod.snapshot(False).resident

@@ -39,6 +39,7 @@ import random
 import struct
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from foliod.mm import Machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
-from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
+from foliod.mm.folio_store import MAX_PAGECACHE_ORDER, PG_DIRTY
 from foliod.mm.page_alloc import PAGE_SIZE
 
 MIB = 1 << 20
@@ -56,11 +57,16 @@ PM_PRESENT = 1 << 63
 PM_PFN_MASK = (1 << 55) - 1
 MADV_RANDOM = 1
 FILE_NAME = "calibrate.dat"
+# cachestat(2) (Linux 6.5+), x86-64 and arm64 alike.
+SYS_CACHESTAT = 451
+# How long a step's readahead I/O may take to complete before the snapshot is taken anyway.
+SETTLE_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One access: a read or a write of `length` bytes at `offset`, through handle 0 or 1."""
+    """One access through handle 0 or 1: a read or a write of `length` bytes at `offset`, or
+    a drop (POSIX_FADV_DONTNEED) of that range."""
 
     op: str
     offset: int
@@ -116,6 +122,26 @@ def _writes(size: int) -> list[Step]:
     return [s for s in steps if s.offset + s.length <= size]
 
 
+def _reread_after_drop(size: int) -> list[Step]:
+    """The first half read in 64 KiB reads, a range in it dropped (its ends not page-aligned,
+    so a partial page stays at each), and the half read again in 4 KiB reads."""
+    half = size // 2
+    drop = Step("drop", MIB + 5000, half // 2)
+    return [*_sequential(half, 65536), drop, *_sequential(half, 4096)]
+
+
+def _odd_size(size: int) -> int:
+    """A file size that is no multiple of any folio's."""
+    return size - 2 * MIB - 12345
+
+
+def _write_over_cached(size: int) -> list[Step]:
+    """Pages read alone here and there, then one write across them: the write's folios shrink
+    around what is cached."""
+    reads = [Step("read", index * 4096, 4096) for index in range(512, 1536, 37)]
+    return [*reads, Step("write", 2 * MIB + 777, 3 * MIB)]
+
+
 PATTERNS: dict[str, Callable[[int], list[Step]]] = {
     "seq-4k": lambda size: _sequential(size, 4096),
     "seq-64k": lambda size: _sequential(size, 65536),
@@ -127,7 +153,21 @@ PATTERNS: dict[str, Callable[[int], list[Step]]] = {
     "interleaved-one-fd": lambda size: _interleaved(size, handles=False)[:2048],
     "interleaved-two-fds": lambda size: _interleaved(size, handles=True)[:2048],
     "writes": _writes,
+    "seq-5000": lambda size: _sequential(size // 4, 5000),
+    "stride-8k": lambda size: [Step("read", o, 4096) for o in range(0, size // 4, 8192)],
+    "reread-after-drop": _reread_after_drop,
+    # On a file of _odd_size: windows and folios trimmed at EOF.
+    "odd-eof": lambda size: _sequential(size, 65536),
+    "write-over-cached": _write_over_cached,
 }
+# Patterns run on a file of another size than --size-mib's.
+FILE_SIZES: dict[str, Callable[[int], int]] = {"odd-eof": _odd_size}
+
+
+def pattern_file_size(name: str, size: int) -> int:
+    """The size of the file a pattern runs on, for --size-mib's size."""
+    sized = FILE_SIZES.get(name)
+    return size if sized is None else sized(size)
 
 
 # -- the live kernel ----------------------------------------------------------------------------
@@ -148,7 +188,22 @@ class _Libc:
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.syscall.restype = ctypes.c_long
         self.libc = libc
+
+    def cachestat(self, fd: int) -> int | None:
+        """Pages of fd's file in the page cache, whether or not their read has completed
+        (cachestat(2)); None where the kernel has no cachestat."""
+        request = (ctypes.c_uint64 * 2)(0, 0)  # struct cachestat_range: the whole file
+        result = (ctypes.c_uint64 * 5)()  # struct cachestat: nr_cache first
+        done = self.libc.syscall(
+            ctypes.c_long(SYS_CACHESTAT),
+            ctypes.c_int(fd),
+            ctypes.byref(request),
+            ctypes.byref(result),
+            ctypes.c_uint(0),
+        )
+        return None if done != 0 else int(result[0])
 
     def map(self, fd: int, size: int) -> int:
         addr = self.libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -191,17 +246,29 @@ class KernelSide:
         fd = self.fds[step.handle]
         if step.op == "read":
             os.pread(fd, step.length, step.offset)
-        else:
+        elif step.op == "write":
             os.pwrite(fd, random.Random(step.offset).randbytes(step.length), step.offset)
+        else:
+            os.posix_fadvise(fd, step.offset, step.length, os.POSIX_FADV_DONTNEED)
 
     def snapshot(self, with_folios: bool) -> Snapshot:
+        """The cache after the last step, once the reads it started have completed: mincore
+        counts a page only when it is uptodate, and asynchronous readahead may still be in
+        flight when the read that started it returns; cachestat counts the pages added, so
+        the snapshot waits (up to SETTLE_SECONDS) until mincore sees them all."""
         size = max(self.size, os.fstat(self.fds[0]).st_size)
         addr = self.libc.map(self.map_fd, size)
         try:
-            vec = ctypes.create_string_buffer(size // PAGE_SIZE)
-            if self.libc.libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            resident = frozenset(i for i, b in enumerate(vec.raw) if b & 1)
+            vec = ctypes.create_string_buffer(-(-size // PAGE_SIZE))  # the last page may be partial
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while True:
+                cached = self.libc.cachestat(self.fds[0])
+                if self.libc.libc.mincore(addr, size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), "mincore failed")
+                resident = frozenset(i for i, b in enumerate(vec.raw) if b & 1)
+                if cached is None or len(resident) >= cached or time.monotonic() > deadline:
+                    break
+                time.sleep(0.0002)
             folios = self._folios(addr, size, resident) if with_folios and self.frames else None
         finally:
             self.libc.unmap(addr, size)
@@ -273,10 +340,31 @@ class FoliodSide:
         if step.op == "read":
             handle = self.handles[step.handle] or None
             files.read(FILE_NAME if handle is None else "", step.offset, step.length, handle)
-        else:
+        elif step.op == "write":
             data = random.Random(step.offset).randbytes(step.length)
-            for start in range(0, step.length, 2 * MIB):
-                files.write(FILE_NAME, step.offset + start, data[start : start + 2 * MIB])
+            # In pieces that end on 2 MiB boundaries of the file, as generic_perform_write
+            # takes a write (the largest folio's size at a time): the folios come out the same.
+            pos, end = step.offset, step.offset + step.length
+            while pos < end:
+                stop = min(end, (pos // (2 * MIB) + 1) * 2 * MIB)
+                files.write(FILE_NAME, pos, data[pos - step.offset : stop - step.offset])
+                pos = stop
+        else:
+            files.fadvise_dontneed(FILE_NAME, step.offset, step.length)
+
+    def evict(self, pages: frozenset[int]) -> None:
+        """Reclaims the folios holding pages (written back first if dirty), leaving shadow
+        entries, as the kernel's reclaim would."""
+        files = self.machine.files
+        inode = files.lookup(FILE_NAME)
+        store = files.folio_store
+        for index in sorted(pages):
+            f = inode.get(index)
+            if f < 0:
+                continue
+            if store.flags[f] & PG_DIRTY:
+                files.writeback_folio(f)
+            files.evict_folio(f)
 
     def snapshot(self, with_folios: bool) -> Snapshot:
         inode = self.machine.files.lookup(FILE_NAME)
@@ -314,6 +402,11 @@ class PatternResult:
     folios_agree: bool = True
     # The kernel's folios after the last step, (first page index, order): what fixtures keep.
     kernel_folios: list[tuple[int, int]] = field(default_factory=list)
+    # Pages the kernel's cache lost to something besides the pattern (DAMON's pageout, memory
+    # pressure), taken off the foliod side too.
+    reclaimed_outside: int = 0
+    # Runs it took (calibrate tries again when something else reclaimed pages).
+    attempts: int = 1
 
     @property
     def agrees(self) -> bool:
@@ -338,7 +431,17 @@ def run_pattern(
     for number, step in enumerate(steps):
         kernel.apply(step)
         foliod.apply(step)
-        k, f = kernel.snapshot(False).resident, foliod.snapshot(False).resident
+        k = kernel.snapshot(False).resident
+        gone = before_k - k
+        if step.op == "drop":
+            gone -= frozenset(
+                range(step.offset // PAGE_SIZE, -(-(step.offset + step.length) // PAGE_SIZE))
+            )
+        if gone:
+            # Reclaimed from outside: both sides go on from the same cache.
+            foliod.evict(gone)
+            result.reclaimed_outside += len(gone)
+        f = foliod.snapshot(False).resident
         if k != before_k or f != before_f:
             diff = first_difference(k, f)
             result.rows.append(Row(number, step.op, step.offset // PAGE_SIZE, len(k), len(f), diff))
@@ -363,17 +466,35 @@ def calibrate(
     ra_pages: int,
     max_order: int,
     frames: bool,
+    retries: int = 2,
 ) -> Iterator[PatternResult]:
-    """Runs each pattern on a fresh file on each side."""
+    """Runs each pattern on a fresh file on each side; a run during which something else
+    reclaimed the kernel's pages is tried again, up to retries times (the last run counts)."""
     for name in names:
-        steps = PATTERNS[name](size)
-        kernel = KernelSide(directory, size, frames=frames)
-        try:
-            with tempfile.TemporaryDirectory(prefix="foliod-calibrate-") as store:
-                foliod = FoliodSide(Path(store), size, ra_pages=ra_pages, max_order=max_order)
-                yield run_pattern(name, steps, kernel, foliod)
-        finally:
-            kernel.close()
+        attempts = 0
+        while True:
+            attempts += 1
+            result = _run_once(
+                name, directory, size, ra_pages=ra_pages, max_order=max_order, frames=frames
+            )
+            if not result.reclaimed_outside or attempts > retries:
+                break
+        result.attempts = attempts
+        yield result
+
+
+def _run_once(
+    name: str, directory: Path, size: int, *, ra_pages: int, max_order: int, frames: bool
+) -> PatternResult:
+    file_size = pattern_file_size(name, size)
+    steps = PATTERNS[name](file_size)
+    kernel = KernelSide(directory, file_size, frames=frames)
+    try:
+        with tempfile.TemporaryDirectory(prefix="foliod-calibrate-") as store:
+            foliod = FoliodSide(Path(store), file_size, ra_pages=ra_pages, max_order=max_order)
+            return run_pattern(name, steps, kernel, foliod)
+    finally:
+        kernel.close()
 
 
 def device_read_ahead_kb(directory: Path) -> int | None:
@@ -415,6 +536,30 @@ def _print(result: PatternResult, verbose: bool) -> None:
     )
     folios = "" if result.folios_agree else " (folios differ)"
     print(f"  {verdict}{where}{folios}")
+    if result.reclaimed_outside:
+        print(
+            f"  {result.reclaimed_outside} pages were reclaimed from the kernel's cache by "
+            "something else (see the warning above); foliod evicted them too"
+        )
+
+
+def outside_reclaimers() -> list[str]:
+    """What else may reclaim page cache here while a pattern runs: DAMON contexts with a
+    pageout scheme (the kernel's proactive reclaim; some virtual machines run one)."""
+    found = []
+    for kdamond in sorted(Path("/sys/kernel/mm/damon/admin/kdamonds").glob("[0-9]*")):
+        try:
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            for scheme in sorted(kdamond.glob("contexts/*/schemes/[0-9]*")):
+                if (scheme / "action").read_text().strip() == "pageout":
+                    age = (scheme / "access_pattern/age/min").read_text().strip()
+                    found.append(
+                        f"DAMON kdamond {kdamond.name} pageout (min age {age} aggregations)"
+                    )
+        except OSError:
+            continue
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -432,9 +577,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--record", type=Path, help="also write the kernel's results to this JSON file (a fixture)"
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="runs again a pattern during which something else reclaimed the file's pages",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.size_mib <= 1024 or not 0 <= args.max_order <= MAX_PAGECACHE_ORDER:
         parser.error(f"--size-mib 1..1024, --max-order 0..{MAX_PAGECACHE_ORDER}")
+    if not 0 <= args.retries <= 10:
+        parser.error("--retries 0..10")
     if not args.dir.is_dir():
         parser.error(f"--dir {args.dir} is not a directory")
     ra_kb = args.ra_kb if args.ra_kb is not None else device_read_ahead_kb(args.dir)
@@ -444,6 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not frames:
         print(
             "foliod-calibrate: not root (or no /proc/kpageflags): comparing residency only",
+            file=sys.stderr,
+        )
+    for reclaimer in outside_reclaimers():
+        print(
+            f"foliod-calibrate: warning: {reclaimer} may reclaim the file's pages mid-pattern; "
+            "pages it takes are evicted on the foliod side too",
             file=sys.stderr,
         )
     names = args.pattern or list(PATTERNS)
@@ -456,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ra_pages=ra_kb // 4,
         max_order=args.max_order,
         frames=frames,
+        retries=args.retries,
     ):
         agree &= result.agrees
         recorded[result.pattern] = kernel_record(result)
@@ -471,6 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_order": args.max_order,
             "size_mib": args.size_mib,
             "frames": frames,
+            "note": (
+                "windows: the kernel's cached page count after each step that changed it, "
+                "taken once the step's readahead I/O completed (cachestat); folios: after the "
+                "last step. reclaimed_outside: pages something else (DAMON pageout) took "
+                "mid-run; 0 means the run is the kernel's own behaviour throughout."
+            ),
             "patterns": recorded,
         }
         # One line per pattern: diffs of a re-recorded fixture stay readable.
@@ -490,7 +656,12 @@ def kernel_record(result: PatternResult) -> dict[str, object]:
     for row in result.rows:
         if not windows or windows[-1] != row.kernel_pages:
             windows.append(row.kernel_pages)
-    return {"steps": result.steps, "windows": windows, "folios": result.kernel_folios}
+    return {
+        "steps": result.steps,
+        "windows": windows,
+        "folios": result.kernel_folios,
+        "reclaimed_outside": result.reclaimed_outside,
+    }
 
 
 def filesystem_of(directory: Path) -> str:
