@@ -142,6 +142,15 @@ def _write_over_cached(size: int) -> list[Step]:
     return [*reads, Step("write", 2 * MIB + 777, 3 * MIB)]
 
 
+def _seq_after_random(size: int) -> list[Step]:
+    """Pages read alone here and there in the first quarter, then the first half read in 64 KiB
+    reads: windows meet cached pages and go on in base pages (page_cache_ra_order's fallback)."""
+    rng = random.Random(17)
+    pages = size // 4 // 4096
+    reads = [Step("read", rng.randrange(pages) * 4096, 4096) for _ in range(64)]
+    return [*reads, *_sequential(size // 2, 65536)]
+
+
 PATTERNS: dict[str, Callable[[int], list[Step]]] = {
     "seq-4k": lambda size: _sequential(size, 4096),
     "seq-64k": lambda size: _sequential(size, 65536),
@@ -159,6 +168,7 @@ PATTERNS: dict[str, Callable[[int], list[Step]]] = {
     # On a file of _odd_size: windows and folios trimmed at EOF.
     "odd-eof": lambda size: _sequential(size, 65536),
     "write-over-cached": _write_over_cached,
+    "seq-after-random": _seq_after_random,
 }
 # Patterns run on a file of another size than --size-mib's.
 FILE_SIZES: dict[str, Callable[[int], int]] = {"odd-eof": _odd_size}

@@ -887,6 +887,41 @@ class PageCache(Writeback, Truncation):
                 self.__populate_slot(inode, slot_index, slot_order, made)
         return made
 
+    def __populate_window(
+        self, inode: Inode, layout: list[tuple[int, int]], last: int, made: list[int]
+    ) -> None:
+        """Reads a window in as page_cache_ra_order does: the layout's folios in order, until one
+        meets a cached page (filemap_add_folio's -EEXIST) or cannot be had at its order; from
+        there to the window's last page, base pages wherever nothing is cached (the fallback to
+        do_page_cache_ra). Appends the new folios to made."""
+        if not layout:
+            return
+        get = inode.get
+        lo, (hi, hi_order) = layout[0][0], layout[-1]
+        span_empty = get(lo) < 0 and not inode.any_head_in(lo + 1, hi + (1 << hi_order))
+        if span_empty and self.capacity_pages is None and len(layout) > _BULK_MIN:
+            self.__populate_bulk(inode, layout, made)
+            return
+        order_of = self.folio_store.order
+        for index, order in layout:
+            if not span_empty and (
+                get(index) >= 0 or (order and inode.any_head_in(index + 1, index + (1 << order)))
+            ):
+                break
+            f = self.__alloc(order)
+            self._insert(inode, f, index)
+            made.append(f)
+            if order_of[f] < order:  # a base page: no folio of the order to be had
+                index += 1
+                break
+        else:
+            return
+        for i in range(index, last + 1):
+            if get(i) < 0:
+                f = self.__alloc(0)
+                self._insert(inode, f, i)
+                made.append(f)
+
     def __populate_slot(self, inode: Inode, index: int, order: int, made: list[int]) -> None:
         """Allocates and inserts the folio of one empty slot (base pages if a large folio
         cannot be had)."""
@@ -1383,8 +1418,9 @@ class PageCache(Writeback, Truncation):
         page the reader is waiting for (a sync window's first) must be had."""
         eof_index = (inode.size - 1) >> PAGE_SHIFT
         made: list[int] = []
+        last = min(eof_index, window.start + window.size - 1)
         try:
-            self.__populate(inode, ra_folio_layout(window, eof_index), made)
+            self.__populate_window(inode, ra_folio_layout(window, eof_index), last, made)
         except OutOfMemory:
             if required and inode.get(window.start) < 0:
                 self.__populate(inode, [(window.start, 0)], made)
