@@ -903,20 +903,20 @@ class PageCache(Writeback, Truncation):
             self.__populate_bulk(inode, layout, made)
             return
         order_of = self.folio_store.order
+        fallback = last + 1  # where base pages take over
         for index, order in layout:
             if not span_empty and (
                 get(index) >= 0 or (order and inode.any_head_in(index + 1, index + (1 << order)))
             ):
+                fallback = index
                 break
             f = self.__alloc(order)
             self._insert(inode, f, index)
             made.append(f)
             if order_of[f] < order:  # a base page: no folio of the order to be had
-                index += 1
+                fallback = index + 1
                 break
-        else:
-            return
-        for i in range(index, last + 1):
+        for i in range(fallback, last + 1):
             if get(i) < 0:
                 f = self.__alloc(0)
                 self._insert(inode, f, i)
