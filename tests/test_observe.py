@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
+from foliod.config import ConfigError, load_config
+from foliod.main import main as foliod_main
 from foliod.mm import DescriptorSizes, FolioKind
 from foliod.mm import kpageflags as kpf
 from foliod.mm.kpageflags import (
@@ -204,7 +207,7 @@ def test_unreadable_kpageflags_names_the_file_and_capability(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("builtins.open", denied)
-    with pytest.raises(ObserveUnavailable, match=r"/proc/kpageflags.*CAP_SYS_ADMIN"):
+    with pytest.raises(ObserveUnavailable, match=r"/proc/kpageflags.*uid 0.*CAP_DAC_READ_SEARCH"):
         kpf.check_readable()
 
 
@@ -238,6 +241,18 @@ def test_proc_parsers(tmp_path: Path) -> None:
     assert not kpf.detect_virtualization(cpuinfo, dmi).guest
 
 
+def test_memory_blocks_give_the_sections_with_ram(tmp_path: Path) -> None:
+    """Present memory blocks in sysfs are PFN ranges of block_size_bytes each; without the
+    directory there are none."""
+    root = tmp_path / "memory"
+    root.mkdir()
+    (root / "block_size_bytes").write_text("8000000\n")  # 128 MiB
+    for name in ("memory0", "memory2", "auto_online_blocks", "power", "uevent"):
+        (root / name).mkdir()
+    assert kpf.read_memory_blocks(root) == [(0, 32767), (65536, 98303)]
+    assert kpf.read_memory_blocks(tmp_path / "missing") is None
+
+
 def test_recorded_host_is_consistent() -> None:
     """The fixture measured here: its models follow from its folio counts."""
     data = json.loads(LIVE.read_text())
@@ -261,8 +276,24 @@ def test_recorded_host_is_consistent() -> None:
 # -- the live host -------------------------------------------------------------------------
 
 live = pytest.mark.skipif(
-    not kpf.readable(), reason="/proc/kpageflags is not readable (needs root or CAP_SYS_ADMIN)"
+    not kpf.readable(),
+    reason="/proc/kpageflags is not readable (needs uid 0 or CAP_DAC_READ_SEARCH)",
 )
+
+
+@live
+def test_memory_blocks_and_iomem_agree_on_this_host() -> None:
+    """Without CAP_SYS_ADMIN iomem hides its addresses and the scan takes the sections with RAM
+    from sysfs's memory blocks: on this host both give the same sections."""
+    iomem, blocks = kpf.read_ram_ranges(), kpf.read_memory_blocks()
+    if iomem is None or blocks is None:
+        pytest.skip("needs /proc/iomem's addresses and /sys/devices/system/memory")
+
+    def sections(ranges: list[tuple[int, int]]) -> set[int]:
+        step = kpf.SECTION_FRAMES
+        return {s for first, last in ranges for s in range(first // step, last // step + 1)}
+
+    assert sections(iomem) == sections(blocks)
 
 
 @live
@@ -323,8 +354,8 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kpf.HostObserv
     path = tmp_path / "kpageflags"
     path.write_bytes(frames(*words).tobytes())
 
-    def observe() -> kpf.HostObservation:
-        return kpf.observe_host(path)
+    def observe(**options: Any) -> kpf.HostObservation:
+        return kpf.observe_host(path, **options)
 
     monkeypatch.setattr("foliod.rpc.observe.check_readable", lambda: None)
     monkeypatch.setattr("foliod.rpc.observe.observe_host", observe)
@@ -334,9 +365,10 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kpf.HostObserv
 def test_observed_host_is_served_read_only(
     make_server: ServerFactory, synthetic: kpf.HostObservation
 ) -> None:
-    server = make_server(observe_host=True, observe_interval_seconds=0.0)
-    name = synthetic.name
-    assert name.startswith("real:")
+    server = make_server(
+        observe_host=True, observe_interval_seconds=0.0, observe_hostname="node-7.example"
+    )
+    name = "real:node-7.example"
     chan, stub = connect(server)
     with chan:
         memmap = stub.GetMemmap(pb.GetMemmapRequest(machine=name))
@@ -377,6 +409,55 @@ def test_observed_host_is_served_read_only(
     assert f'foliod_observed_host_info{{guest="{str(synthetic.virtualization.guest).lower()}"' in (
         text
     )
+
+
+def test_observe_only_serves_and_exports_the_real_host_alone(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
+) -> None:
+    """--observe-only: the real host is the default machine and the only one exported; the
+    simulated host and guests on it are FAILED_PRECONDITION."""
+    server = make_server(
+        observe_host=True,
+        observe_only=True,
+        observe_interval_seconds=0.0,
+        observe_hostname="n1",
+        ram=1 << 20,
+    )
+    chan, stub = connect(server)
+    with chan:
+        assert stub.GetMachine(pb.GetMachineRequest()).name == "real:n1"
+        assert stub.GetMemmap(pb.GetMemmapRequest()).machine == "real:n1"
+        for call in (
+            lambda: stub.GetMachine(pb.GetMachineRequest(machine="host")),
+            lambda: stub.Allocate(pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_ANON, count=1)),
+            lambda: stub.CreateGuest(
+                pb.CreateGuestRequest(name="g", ram_bytes=1 << 20, backing=pb.GUEST_BACKING_BASE)
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    machines = set(re.findall(r'foliod_ram_bytes\{machine="([^"]+)"\}', text))
+    assert machines == {"real:n1"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--observe-only"], "observe_only: it needs observe_host"),
+        (["--observe-host", "--observe-hostname", "bad name"], "not a host name"),
+        (["--observe-host", "--observe-hostname=-x"], "not a host name"),
+    ],
+)
+def test_bad_observe_options_are_start_up_errors(argv: list[str], message: str) -> None:
+    """Each bad observe option stops foliod before it starts: exit code 2 and a message naming
+    the option."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, environ={})
+    assert foliod_main(argv) == 2
 
 
 def test_start_up_fails_without_kpageflags(

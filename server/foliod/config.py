@@ -136,6 +136,18 @@ def parse_seconds(text: str | float) -> float:
     return value
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def parse_hostname(text: str) -> str:
+    """A host name for real:<hostname>: a Kubernetes node name or a DNS name; empty: this
+    host's."""
+    name = str(text).strip()
+    if name and not _HOSTNAME.fullmatch(name):
+        raise ValueError(f"not a host name: {text!r} (letters, digits, '.', '_', '-'; at most 253)")
+    return name
+
+
 def parse_device(text: str) -> str:
     name = str(text).strip().lower()
     if name not in DEVICE_PROFILES:
@@ -300,8 +312,21 @@ OPTIONS: tuple[Option, ...] = (
         "observe_host",
         parse_bool,
         "serve this real host read-only as machine real:<hostname>, scanned from "
-        "/proc/kpageflags (needs CAP_SYS_ADMIN)",
+        "/proc/kpageflags (needs uid 0, or CAP_DAC_READ_SEARCH)",
         switch=True,
+    ),
+    Option(
+        "observe_only",
+        parse_bool,
+        "with --observe-host: serve and export the real host alone, simulating nothing (the "
+        "lean exporter for every node)",
+        switch=True,
+    ),
+    Option(
+        "observe_hostname",
+        parse_hostname,
+        "the <hostname> of real:<hostname> (default: this host's name; in a pod, give the node's)",
+        "NAME",
     ),
     Option(
         "observe_interval_seconds",
@@ -399,6 +424,8 @@ class Config:
     debug_checks: bool = False
     observe_host: bool = False
     observe_interval_seconds: float = 60.0
+    observe_only: bool = False
+    observe_hostname: str = ""
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True
@@ -537,6 +564,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
         config.dirty_limits()
     except FoliodError as exc:
         raise ConfigError(f"{exc.field}: {exc.message}") from exc
+    if config.observe_only and not config.observe_host:
+        raise ConfigError("observe_only: it needs observe_host (there is nothing else to serve)")
     check_security(config)
     return config
 

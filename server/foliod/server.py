@@ -105,7 +105,7 @@ class FoliodServer:
         self.observer: HostObserver | None = None
         served: Machines = self.machines
         if config.observe_host:
-            self.observer = HostObserver(config.observe_interval_seconds, config.descriptor_sizes())
+            self.observer = HostObserver.from_config(config)
             served = ObservedMachines(self.machines, self.observer)
             self.registry.register(ObservedHostCollector(self.observer))
         self.registry.register(MachineCollector(served, self.guests))

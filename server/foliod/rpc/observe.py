@@ -8,6 +8,10 @@ through (GetMachine, GetBuddyInfo, GetMeminfo, GetMemmap, GetVmstat), which read
 attributes of it as of a simulated machine; every other lookup of that name (mutations, Submit
 batches, file and folio reads) is FAILED_PRECONDITION. The collector iterates it with the
 simulated machines, so every foliod_* family carries it under its own machine label.
+
+With --observe-only (the lean exporter a DaemonSet runs on every node) the observed machine is
+the only one: it is the default machine (an empty name), the collector exports nothing else,
+and naming the simulated host, or creating a guest on it, is FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from foliod.config import Config
 from foliod.mm import FailedPrecondition, Machine, Machines, Meminfo, Watermarks
 from foliod.mm.kpageflags import (
     HostObservation,
@@ -118,17 +123,31 @@ class HostObserver:
         interval_seconds: float,
         sizes: DescriptorSizes,
         scan: Callable[[], HostObservation] | None = None,
+        *,
+        hostname: str = "",
+        only: bool = False,
     ) -> None:
         if scan is None:
             check_readable()  # ObserveUnavailable names the file and the capability
         self.interval_seconds = interval_seconds
+        self.only = only
         self.sizes = sizes
-        self._scan = scan or observe_host
+        self._scan = scan or (lambda: observe_host(hostname=hostname))
         self.log = structlog.get_logger("foliod.observe")
         self.latest: ObservedMachine | None = None
         self.name = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="observe_host", daemon=True)
+
+    @classmethod
+    def from_config(cls, config: Config) -> HostObserver:
+        """The observer --observe-host and its companion options ask for."""
+        return cls(
+            config.observe_interval_seconds,
+            config.descriptor_sizes(),
+            hostname=config.observe_hostname,
+            only=config.observe_only,
+        )
 
     def scan_once(self) -> ObservedMachine:
         observation = self._scan()
@@ -188,6 +207,8 @@ class ObservedMachines(Machines):
 
     def get(self, name: str) -> Machine:
         observed = self.observer.latest
+        if self.observer.only and observed is not None and not name:
+            name = observed.name
         if observed is not None and name == observed.name:
             if not getattr(_reading, "on", False):
                 raise FailedPrecondition(
@@ -198,18 +219,36 @@ class ObservedMachines(Machines):
                 )
             # It quacks like a Machine for the read paths (see the module docstring).
             return cast(Machine, observed)
+        if self.observer.only:
+            raise _observe_only(name)
         return super().get(name)
 
     def __iter__(self) -> Iterator[Machine]:
-        machines: list[Machine] = list(self.by_name.values())
+        machines: list[Machine] = [] if self.observer.only else list(self.by_name.values())
         observed = self.observer.latest
         if observed is not None:
             machines.append(cast(Machine, observed))
         return iter(machines)
 
 
+def _observe_only(name: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"machine {name[:80]!r}: this server only observes its real host (foliod "
+        "--observe-only): it simulates no machine",
+        field="machine",
+    )
+
+
 class ObservingServicer(FoliodServicer):
     """FoliodServicer whose read RPCs also serve the observed machine."""
+
+    def CreateGuest(  # noqa: N802
+        self, request: pb.CreateGuestRequest, context: grpc.ServicerContext
+    ) -> pb.Guest:
+        observer = cast(ObservedMachines, self.machines).observer
+        if observer.only:
+            raise _observe_only(request.machine or "host")
+        return super().CreateGuest(request, context)
 
     def GetMachine(  # noqa: N802
         self, request: pb.GetMachineRequest, context: grpc.ServicerContext
