@@ -349,8 +349,8 @@ def test_services_select_pods_whose_ports_they_target(name: str) -> None:
         ("observer", "foliod-observer", _observer("observer")),
     ):
         policy = _find(kustomization, "NetworkPolicy", policy_name)
-        ports = {p["name"] for p in container["ports"]}
-        assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == ports
+        names = {p["name"] for p in container["ports"]}
+        assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == names
 
 
 def test_the_network_policy_admits_the_load_drivers() -> None:
