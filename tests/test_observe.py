@@ -18,6 +18,7 @@ from foliod.config import ConfigError, load_config
 from foliod.main import main as foliod_main
 from foliod.mm import DescriptorSizes, FolioKind
 from foliod.mm import kpageflags as kpf
+from foliod.mm.guest import BackingSpec
 from foliod.mm.kpageflags import (
     KPF_ANON,
     KPF_BUDDY,
@@ -41,6 +42,7 @@ from foliod.mm.kpageflags import (
     classify,
 )
 from foliod.mm.memmap import memmap_report
+from foliod.rpc.observe import ObservedGuest, ObservedMachine
 from foliod.v1 import foliod_pb2 as pb
 from tests.conftest import ServerFactory, connect
 
@@ -450,6 +452,15 @@ def test_observe_only_serves_and_exports_the_real_host_alone(
         (["--observe-only"], "observe_only: it needs observe_host"),
         (["--observe-host", "--observe-hostname", "bad name"], "not a host name"),
         (["--observe-host", "--observe-hostname=-x"], "not a host name"),
+        (["--observe-host", "--observe-backing", "mthp"], "not a backing: 'mthp'"),
+        (["--observe-host", "--observe-backing", "hugetlb"], "hugetlb_2m, hugetlb_1g"),
+        (["--observe-backing", "thp"], "observe_backing: it needs observe_host"),
+        (["--observe-host", "--observe-hvo", "true"], "HVO needs .* not none"),
+        (
+            ["--observe-host", "--observe-backing", "thp", "--observe-hvo", "1"],
+            "HVO needs observe_backing hugetlb_2m or hugetlb_1g, not thp",
+        ),
+        (["--observe-host", "--observe-hvo", "maybe"], "--observe-hvo: not a boolean"),
     ],
 )
 def test_bad_observe_options_are_start_up_errors(argv: list[str], message: str) -> None:
@@ -458,6 +469,118 @@ def test_bad_observe_options_are_start_up_errors(argv: list[str], message: str) 
     with pytest.raises(ConfigError, match=message):
         load_config(argv, environ={})
     assert foliod_main(argv) == 2
+
+
+def _observation(nr_frames: int, folios: dict[tuple[str, int], int]) -> kpf.HostObservation:
+    """A made-up observation: nr_frames present, the given folios, the rest free."""
+    scan = kpf.Scan(nr_frames=nr_frames)
+    used = sum(n << order for (_, order), n in folios.items())
+    scan.frames["free"] = nr_frames - used
+    scan.folios = dict(folios)
+    free = nr_frames - used
+    return kpf.HostObservation(
+        name="real:vm",
+        kernel="6.18",
+        scan=scan,
+        meminfo={},
+        buddyinfo={"node0/Normal": [free]},
+        vmstat={},
+        mthp={},
+        virtualization=kpf.Virtualization(True, True, "QEMU", "Standard PC"),
+        hvo=False,
+        taken_at=0.0,
+    )
+
+
+GIB16 = 16 << 18  # frames of a 16 GiB guest
+MIB = 1 << 20
+
+
+# The host side of a 16 GiB guest per model (struct_page, interim, memdesc), fully backed:
+# README's table of simulated guests, which tests/test_guests.py asserts through the API.
+HOST_SIDE = {
+    ("base", False): (256 * MIB, GIB16 * (32 + 80), GIB16 * (8 + 80)),
+    ("thp", False): (256 * MIB, 128 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    ("hugetlb_2m", False): (256 * MIB, 128 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    # HVO keeps one memmap page of a huge page's: struct page 1 of 8, interim 1 of 4, memdesc's
+    # single page stays.
+    ("hugetlb_2m", True): (32 * MIB, 32 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    # A 1 GiB page: one page of 4096 (struct page, 64 KiB in all), of 2048, of 512.
+    ("hugetlb_1g", True): (64 << 10, 16 * 4096 + 16 * 112, 16 * 4096 + 16 * 112),
+}
+
+
+@pytest.mark.parametrize(("backing", "hvo"), sorted(HOST_SIDE))
+def test_an_observed_guest_gets_the_simulated_guests_arithmetic(backing: str, hvo: bool) -> None:
+    """With a stated host backing, the observed host's duplication is Guest.duplication: the
+    guest side its scan's memory map, the host side what a simulated guest of that size and
+    backing pays when fully backed."""
+    observation = _observation(GIB16, {("anon", 0): 1000, ("file", 9): 10, ("slab", 0): 50})
+    machine = ObservedMachine(observation, DescriptorSizes())
+    guest = ObservedGuest(machine, BackingSpec.of(backing, hvo=hvo), DescriptorSizes())
+    duplication = guest.duplication()
+    assert [d.guest_memmap_bytes for d in duplication] == [m.total_bytes for m in machine.memmap()]
+    assert tuple(d.host_memmap_bytes for d in duplication) == HOST_SIDE[backing, hvo]
+    assert guest.backing.nr_backed_pages == GIB16
+
+
+def test_ballooned_memory_is_not_backed() -> None:
+    """Frames a balloon driver took are not backed by the host: a granule fewer per granule
+    the balloon holds."""
+    observation = _observation(GIB16, {("balloon", 0): 1024})
+    observation.scan.kind_frames["balloon"] = 1024
+    machine = ObservedMachine(observation, DescriptorSizes())
+    guest = ObservedGuest(machine, BackingSpec.of("hugetlb_2m"), DescriptorSizes())
+    assert guest.backing.nr_backed == GIB16 // 512 - 2
+
+
+def test_an_observed_guest_is_served_read_only(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
+) -> None:
+    """--observe-backing: GetGuest, ListGuests and the foliod_guest_* metrics show the observed
+    host as a guest; SetBalloon, ReportFreePages and DestroyGuest on it are
+    FAILED_PRECONDITION; simulated guests still work beside it."""
+    server = make_server(
+        observe_host=True,
+        observe_interval_seconds=0.0,
+        observe_hostname="vm1",
+        observe_backing="hugetlb_2m",
+        observe_hvo=True,
+    )
+    chan, stub = connect(server)
+    with chan:
+        guest = stub.GetGuest(pb.GetGuestRequest(name="real:vm1"))
+        assert (guest.backing, guest.hvo, guest.ram_bytes) == (
+            pb.GUEST_BACKING_HUGETLB_2M,
+            True,
+            34 * 4096,
+        )
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine="real:vm1"))
+        assert [d.guest_memmap_bytes for d in guest.duplication] == [
+            m.total_bytes for m in memmap.models
+        ]
+        # 34 frames: no 2 MiB granule, so the host side is the per-frame entries alone.
+        assert [d.host_memmap_bytes for d in guest.duplication] == [34 * 64, 34 * 32, 34 * 8]
+        stub.CreateGuest(
+            pb.CreateGuestRequest(name="g", ram_bytes=4 * MIB, backing=pb.GUEST_BACKING_BASE)
+        )
+        names = [g.name for g in stub.ListGuests(pb.ListGuestsRequest()).guests]
+        assert names == ["g", "real:vm1"]
+        for call in (
+            lambda: stub.SetBalloon(pb.SetBalloonRequest(name="real:vm1", size_bytes=4096)),
+            lambda: stub.ReportFreePages(pb.ReportFreePagesRequest(name="real:vm1")),
+            lambda: stub.DestroyGuest(pb.DestroyGuestRequest(name="real:vm1")),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        stub.DestroyGuest(pb.DestroyGuestRequest(name="g"))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert 'foliod_guest_memmap_duplicate_bytes{guest="real:vm1",model="struct_page"} 4352.0' in (
+        text
+    )
 
 
 def test_start_up_fails_without_kpageflags(

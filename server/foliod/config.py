@@ -20,6 +20,7 @@ from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule, check_fault_rules
 from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
+from foliod.mm.guest import BackingSpec
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.lru import POLICIES
 from foliod.mm.machine import validate_ram_bytes
@@ -145,6 +146,18 @@ def parse_hostname(text: str) -> str:
     name = str(text).strip()
     if name and not _HOSTNAME.fullmatch(name):
         raise ValueError(f"not a host name: {text!r} (letters, digits, '.', '_', '-'; at most 253)")
+    return name
+
+
+# Host backings an observed guest may state (the simulated guests' BackingSpec, mthp aside).
+OBSERVE_BACKINGS = ("base", "thp", "hugetlb_2m", "hugetlb_1g")
+
+
+def parse_observe_backing(text: str) -> str:
+    """What the observed host's own host backs its RAM with; empty: not stated."""
+    name = str(text).strip().lower()
+    if name and name not in OBSERVE_BACKINGS:
+        raise ValueError(f"not a backing: {text!r} ({', '.join(OBSERVE_BACKINGS)})")
     return name
 
 
@@ -323,6 +336,19 @@ OPTIONS: tuple[Option, ...] = (
         switch=True,
     ),
     Option(
+        "observe_backing",
+        parse_observe_backing,
+        "the observed host is a guest whose RAM its host backs with base pages, thp, "
+        "hugetlb_2m or hugetlb_1g: report the host side of the duplicated memory map",
+        "BACKING",
+    ),
+    Option(
+        "observe_hvo",
+        parse_bool,
+        "with a hugetlb --observe-backing: the host optimizes the HugeTLB pages' vmemmap (HVO)",
+        "BOOL",
+    ),
+    Option(
         "observe_hostname",
         parse_hostname,
         "the <hostname> of real:<hostname> (default: this host's name; in a pod, give the node's)",
@@ -425,6 +451,8 @@ class Config:
     observe_host: bool = False
     observe_interval_seconds: float = 60.0
     observe_only: bool = False
+    observe_backing: str = ""
+    observe_hvo: bool = False
     observe_hostname: str = ""
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
@@ -453,6 +481,12 @@ class Config:
 
     def descriptor_sizes(self) -> DescriptorSizes:
         return DescriptorSizes(**{f.name: getattr(self, f.name) for f in fields(DescriptorSizes)})
+
+    def observe_backing_spec(self) -> BackingSpec | None:
+        """The stated host backing of the observed guest, if any."""
+        if not self.observe_backing:
+            return None
+        return BackingSpec.of(self.observe_backing, hvo=self.observe_hvo)
 
     def dirty_limits(self) -> DirtyLimits:
         return DirtyLimits(self.dirty_background_ratio, self.dirty_ratio, self.dirty_expire_seconds)
@@ -566,6 +600,13 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
         raise ConfigError(f"{exc.field}: {exc.message}") from exc
     if config.observe_only and not config.observe_host:
         raise ConfigError("observe_only: it needs observe_host (there is nothing else to serve)")
+    if config.observe_backing and not config.observe_host:
+        raise ConfigError("observe_backing: it needs observe_host (it describes the observed host)")
+    if config.observe_hvo and not config.observe_backing.startswith("hugetlb"):
+        raise ConfigError(
+            "observe_hvo: HVO needs observe_backing hugetlb_2m or hugetlb_1g, not "
+            f"{config.observe_backing or 'none'}"
+        )
     check_security(config)
     return config
 

@@ -9,6 +9,13 @@ attributes of it as of a simulated machine; every other lookup of that name (mut
 batches, file and folio reads) is FAILED_PRECONDITION. The collector iterates it with the
 simulated machines, so every foliod_* family carries it under its own machine label.
 
+With --observe-backing (base, thp, hugetlb_2m, hugetlb_1g; --observe-hvo) the observed host is
+also a guest of a host foliod cannot see: ObservedGuest stands in for a Guest, and the host side
+of the duplicated memory map is Guest.duplication itself, the simulated guests' arithmetic, run
+on it. ObservedGuests adds it to the server's guests for GetGuest, ListGuests and the
+foliod_guest_* metrics; SetBalloon, ReportFreePages and DestroyGuest on it are
+FAILED_PRECONDITION.
+
 With --observe-only (the lean exporter a DaemonSet runs on every node) the observed machine is
 the only one: it is the default machine (an empty name), the collector exports nothing else,
 and naming the simulated host, or creating a guest on it, is FAILED_PRECONDITION.
@@ -29,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from foliod.config import Config
 from foliod.mm import FailedPrecondition, Machine, Machines, Meminfo, Watermarks
+from foliod.mm.guest import BackingSpec, Duplication, Guest, Guests
 from foliod.mm.kpageflags import (
     HostObservation,
     ObserveUnavailable,
@@ -39,7 +47,7 @@ from foliod.mm.kpageflags import (
 )
 from foliod.mm.memmap import DescriptorSizes, ModelCost
 from foliod.mm.mm_types import FolioKind
-from foliod.rpc.servicer import FoliodServicer
+from foliod.rpc.servicer import FoliodServicer, _guest_pb
 from foliod.v1 import foliod_pb2 as pb
 
 PAGE_SIZE = 4096
@@ -82,6 +90,8 @@ class ObservedMachine:
         nr_min, nr_low, nr_high, kbytes = read_watermarks()
         self.watermarks = Watermarks(nr_min, nr_low, nr_high, kbytes)
         self.nr_folios: dict[tuple[FolioKind, int], int] = obs.scan.folio_counts()
+        # Only its size is read (a guest's balloon): the frames balloon drivers took.
+        self.balloon = range(obs.scan.kind_frames.get("balloon", 0))
         self._memmap = obs.memmap(sizes)
         self.memcgs: dict[str, Any] = {}
         self.lru = _NoLru()
@@ -115,6 +125,52 @@ class ObservedMachine:
         return dict(self.observation.vmstat)
 
 
+class _UnobservedHost:
+    """The host of an observed guest: foliod sees neither its memory nor its lock."""
+
+    def __init__(self, sizes: DescriptorSizes, name: str) -> None:
+        self.sizes = sizes
+        self.name = name
+        self.lock = contextlib.nullcontext()
+
+
+class _StatedBacking:
+    """The observed guest's RAM as its host backs it: every granule, but those the guest's
+    balloon holds whole (free page reporting, which the guest side cannot see, is ignored:
+    an upper bound for lazy backings)."""
+
+    def __init__(self, machine: ObservedMachine, spec: BackingSpec) -> None:
+        self.nr_backed = (machine.nr_pages - len(machine.balloon)) >> spec.order
+        self.nr_backed_pages = self.nr_backed << spec.order
+
+
+class ObservedGuest:
+    """The observed host as the guest it is, with the host backing the user stated: the
+    attributes of a Guest that GetGuest, ListGuests and the metrics read."""
+
+    reporting = None
+    nr_ballooned_host_pages = 0
+    nr_reported_pages = 0
+    nr_reporting_batches = 0
+    nr_reported_blocks = 0
+
+    def __init__(self, machine: ObservedMachine, spec: BackingSpec, sizes: DescriptorSizes) -> None:
+        vendor = machine.observation.virtualization.sys_vendor or "unknown"
+        self.name = machine.name
+        self.machine = machine
+        self.spec = spec
+        self.host = _UnobservedHost(sizes, f"hypervisor:{vendor}")
+        self.backing = _StatedBacking(machine, spec)
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.machine.ram_bytes
+
+    def duplication(self) -> tuple[Duplication, ...]:
+        """Guest.duplication, the simulated guests' arithmetic, on this stand-in."""
+        return Guest.duplication(cast(Guest, self))
+
+
 class HostObserver:
     """Scans this host every interval on a daemon thread; latest is the newest result."""
 
@@ -126,11 +182,13 @@ class HostObserver:
         *,
         hostname: str = "",
         only: bool = False,
+        backing: BackingSpec | None = None,
     ) -> None:
         if scan is None:
             check_readable()  # ObserveUnavailable names the file and the capability
         self.interval_seconds = interval_seconds
         self.only = only
+        self.backing = backing
         self.sizes = sizes
         self._scan = scan or (lambda: observe_host(hostname=hostname))
         self.log = structlog.get_logger("foliod.observe")
@@ -147,7 +205,16 @@ class HostObserver:
             config.descriptor_sizes(),
             hostname=config.observe_hostname,
             only=config.observe_only,
+            backing=config.observe_backing_spec(),
         )
+
+    @property
+    def guest(self) -> ObservedGuest | None:
+        """The latest scan as a guest, when the user stated its host's backing."""
+        latest = self.latest
+        if latest is None or self.backing is None:
+            return None
+        return ObservedGuest(latest, self.backing, self.sizes)
 
     def scan_once(self) -> ObservedMachine:
         observation = self._scan()
@@ -231,6 +298,44 @@ class ObservedMachines(Machines):
         return iter(machines)
 
 
+class ObservedGuests(Guests):
+    """The server's guests plus the observed host as a guest (--observe-backing), read-only;
+    shares the server's guests."""
+
+    def __init__(self, guests: Guests, observer: HostObserver) -> None:
+        # No super().__init__: this is a view of guests, not a second set.
+        self.machines = guests.machines
+        self.new_machine = guests.new_machine
+        self.reporting = guests.reporting
+        self.clock = guests.clock
+        self.lock = guests.lock
+        self.by_name = guests.by_name
+        self.observer = observer
+
+    def get(self, name: str) -> Guest:
+        observed = self.observer.guest
+        if observed is not None and name == observed.name:
+            if not getattr(_reading, "on", False):
+                raise FailedPrecondition(
+                    f"guest {name!r} is an observed real host (foliod --observe-host): "
+                    "read-only; GetGuest and ListGuests show it, nothing else changes it",
+                    field="name",
+                )
+            return cast(Guest, observed)
+        return super().get(name)
+
+    def __iter__(self) -> Iterator[Guest]:
+        guests: list[Guest] = list(self.by_name.values())
+        observed = self.observer.guest
+        if observed is not None:
+            guests.append(cast(Guest, observed))
+        return iter(guests)
+
+    def destroy(self, name: str, *, delete_files: bool = False) -> int:
+        self.get(name)  # FailedPrecondition for the observed guest
+        return super().destroy(name, delete_files=delete_files)
+
+
 def _observe_only(name: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"machine {name[:80]!r}: this server only observes its real host (foliod "
@@ -241,6 +346,13 @@ def _observe_only(name: str) -> FailedPrecondition:
 
 class ObservingServicer(FoliodServicer):
     """FoliodServicer whose read RPCs also serve the observed machine."""
+
+    def _guest(self, guest: Guest) -> pb.Guest:
+        if isinstance(guest, ObservedGuest):
+            # Nothing to check: a scan, not a simulated machine.
+            with guest.machine.lock:
+                return _guest_pb(guest)
+        return super()._guest(guest)
 
     def CreateGuest(  # noqa: N802
         self, request: pb.CreateGuestRequest, context: grpc.ServicerContext
@@ -279,6 +391,12 @@ class ObservingServicer(FoliodServicer):
     ) -> pb.Vmstat:
         with reading_observed():
             return super().GetVmstat(request, context)
+
+    def GetGuest(  # noqa: N802
+        self, request: pb.GetGuestRequest, context: grpc.ServicerContext
+    ) -> pb.Guest:
+        with reading_observed():
+            return super().GetGuest(request, context)
 
 
 class ObservedHostCollector(Collector):
