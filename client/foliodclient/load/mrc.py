@@ -275,10 +275,15 @@ def local_server(state_dir: Path, point: Point) -> Iterator[str]:
 class _PointReplay(Replay):
     """The replay workload with its files made for one point (readahead, folio order)."""
 
-    def create(self, client: FoliodClient, point: Point) -> None:
+    def lay_out(self) -> ReplayColumns:
+        """Finds the files the trace touches and lays the trace over them, once a grid."""
         trace, size = self.cursor.trace, self.params.file_size_bytes
         for address, length in zip(trace.addresses, trace.sizes, strict=True):
             self.files.update(range(address // size, (address + length - 1) // size + 1))
+        return self.columns(DEVICE_PROFILES["nvme"])
+
+    def create(self, client: FoliodClient, point: Point) -> None:
+        size = self.params.file_size_bytes
         for index in sorted(self.files):
             name = self.file_name(index)
             with suppress(NotFound):
@@ -294,14 +299,15 @@ def page_keys(columns: ReplayColumns) -> Iterator[tuple[int, int]]:
             yield file, page
 
 
-def run_point(target: str, point: Point, workload: _PointReplay, timeout: float) -> PointResult:
+def run_point(
+    target: str, point: Point, workload: _PointReplay, columns: ReplayColumns, timeout: float
+) -> PointResult:
     """Replays the whole trace at one point on `target`, in order, in calls of at most
     CALL_ACCESSES page accesses; a failed call ends the point with its error."""
     result = PointResult(point.policy, point.nr_pages, point.readahead, point.max_order, target)
     with FoliodClient(target, timeout=timeout) as client:
         workload.create(client, point)
         try:
-            columns = workload.columns(DEVICE_PROFILES["nvme"])
             started = time.perf_counter()
             for start, end in calls(columns, CALL_ACCESSES):
                 totals = client.replay(
@@ -334,18 +340,27 @@ def run_point(target: str, point: Point, workload: _PointReplay, timeout: float)
 class Grid:
     """What every point shares: the trace and how its files are laid out."""
 
-    params: Params
+    workload: _PointReplay
+    columns: ReplayColumns
     timeout: float
     references: dict[tuple[str, int], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def workload(self) -> _PointReplay:
-        return _PointReplay(self.params)
+    @classmethod
+    def of(cls, params: Params, timeout: float) -> Grid:
+        workload = _PointReplay(params)
+        return cls(workload, workload.lay_out(), timeout)
 
-    def reference(self, point: Point, columns: ReplayColumns) -> int | None:
+    def run(self, target: str, point: Point) -> PointResult:
+        """One point on `target`, with the textbook twin's misses where they apply."""
+        result = run_point(target, point, self.workload, self.columns, self.timeout)
+        result.reference_misses = self.reference(point)
+        return result
+
+    def reference(self, point: Point) -> int | None:
         """The textbook twin's misses where foliod promises to equal them: a twin exists,
         readahead off, base pages and a trace of reads."""
-        twin = REFERENCES.get(point.policy)
+        twin, columns = REFERENCES.get(point.policy), self.columns
         if twin is None or point.readahead != "off" or point.max_order or any(columns.writes):
             return None
         key = (point.policy, point.nr_pages)
@@ -353,11 +368,6 @@ class Grid:
             if key not in self.references:
                 self.references[key] = twin(page_keys(columns), point.nr_pages)
             return self.references[key]
-
-
-def _finish(grid: Grid, point: Point, result: PointResult, workload: _PointReplay) -> PointResult:
-    result.reference_misses = grid.reference(point, workload.columns(DEVICE_PROFILES["nvme"]))
-    return result
 
 
 def _failed(point: Point, server: str, exc: Exception) -> PointResult:
@@ -371,14 +381,13 @@ def run_local(grid: Grid, points: Sequence[Point], jobs: int) -> list[PointResul
     with tempfile.TemporaryDirectory(prefix="foliod-mrc-") as tmp:
 
         def one(number: int, point: Point) -> PointResult:
-            workload = grid.workload()
             try:
                 with local_server(Path(tmp) / f"p{number}", point) as target:
-                    result = run_point(target, point, workload, grid.timeout)
+                    result = grid.run(target, point)
             except (CallError, RuntimeError) as exc:
                 return _failed(point, "local", exc)
             result.server = "local"
-            return _finish(grid, point, result, workload)
+            return result
 
         with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             return list(pool.map(one, range(len(points)), points))
@@ -400,13 +409,10 @@ def run_remote(
 
     def drain(address: str) -> None:
         for number in queues[address]:
-            point, workload = points[number], grid.workload()
             try:
-                result = run_point(address, point, workload, grid.timeout)
+                results[number] = grid.run(address, points[number])
             except CallError as exc:
-                results[number] = _failed(point, address, exc)
-                continue
-            results[number] = _finish(grid, point, result, workload)
+                results[number] = _failed(points[number], address, exc)
 
     with futures.ThreadPoolExecutor(max_workers=len(queues)) as pool:
         list(pool.map(drain, list(queues)))
@@ -536,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not len(trace):
         return _fail(f"{args.trace}: no requests in the trace", EXIT_BAD_TRACE)
     params = Params(file_size_bytes=file_size, prefix="mrc", trace=trace)
-    shared = Grid(params, args.timeout)
+    shared = Grid.of(params, args.timeout)
     jobs = args.jobs or os.cpu_count() or 1
     results = run_remote(shared, points, servers) if servers else run_local(shared, points, jobs)
     accesses = max((r.accesses for r in results), default=0)
