@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -530,6 +530,9 @@ def detect_virtualization(
 class HostObservation:
     """One observation of a real host: the scan and what /proc said around it."""
 
+    # Where the scan's frames and folios come from (foliod.mm.meminfo has the other source).
+    source: ClassVar[str] = "kpageflags"
+
     name: str
     kernel: str
     scan: Scan
@@ -540,6 +543,23 @@ class HostObservation:
     virtualization: Virtualization
     hvo: bool
     taken_at: float
+
+    @classmethod
+    def taken(cls, scan: Scan, meminfo: dict[str, int], *, hostname: str = "") -> Self:
+        """An observation of this host, named real:<hostname> (default: this host's name), made
+        of scan, meminfo and the rest of /proc and /sys read now (none of it privileged)."""
+        return cls(
+            name=f"real:{hostname or socket.gethostname()}",
+            kernel=platform.release(),
+            scan=scan,
+            meminfo=meminfo,
+            buddyinfo=read_buddyinfo(),
+            vmstat=read_vmstat(),
+            mthp=read_mthp_stats(),
+            virtualization=detect_virtualization(),
+            hvo=hugetlb_vmemmap_optimized(),
+            taken_at=time.time(),
+        )
 
     @property
     def free_frames(self) -> int:
@@ -567,6 +587,7 @@ class HostObservation:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
             "kernel": self.kernel,
             "virtualization": self.virtualization.__dict__,
             "hugetlb_vmemmap_optimized": self.hvo,
@@ -597,18 +618,7 @@ def observe_host(
     check_readable(path)
     ram_ranges = read_ram_ranges() or read_memory_blocks()
     scan = scan_kpageflags(path, chunk_frames, between_chunks=between_chunks, ram_ranges=ram_ranges)
-    return HostObservation(
-        name=f"real:{hostname or socket.gethostname()}",
-        kernel=platform.release(),
-        scan=scan,
-        meminfo=read_meminfo(),
-        buddyinfo=read_buddyinfo(),
-        vmstat=read_vmstat(),
-        mthp=read_mthp_stats(),
-        virtualization=detect_virtualization(),
-        hvo=hugetlb_vmemmap_optimized(),
-        taken_at=time.time(),
-    )
+    return HostObservation.taken(scan, read_meminfo(), hostname=hostname)
 
 
 def readable() -> bool:
