@@ -41,6 +41,7 @@ from foliod.mm.kpageflags import (
     ObserveUnavailable,
     classify,
 )
+from foliod.mm.meminfo import MeminfoEstimate, estimate_host
 from foliod.mm.memmap import memmap_report
 from foliod.rpc.observe import ObservedGuest, ObservedMachine
 from foliod.v1 import foliod_pb2 as pb
@@ -48,6 +49,8 @@ from tests.conftest import ServerFactory, connect
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LIVE = FIXTURES / "observe-linux-6.18.json"
+# A hand-written /proc/meminfo: a 2 MiB HugeTLB default plus one 1 GiB page, THPs of each kind.
+MEMINFO = FIXTURES / "meminfo-estimate.txt"
 
 
 def flags(*bits: int) -> int:
@@ -581,6 +584,77 @@ def test_an_observed_guest_is_served_read_only(
     assert 'foliod_guest_memmap_duplicate_bytes{guest="real:vm1",model="struct_page"} 4352.0' in (
         text
     )
+
+
+def _read_fixture(path: Path) -> dict[str, int]:
+    """A meminfo file's fields, in bytes (kB) or counts (HugePages_*), read here on their own."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        number, *unit = value.split()
+        values[name] = int(number) * (1024 if unit == ["kB"] else 1)
+    return values
+
+
+def _estimated_folios(meminfo: dict[str, int]) -> dict[tuple[FolioKind, int], int]:
+    """The folios README's rules take from meminfo: PMD-size THPs and HugeTLB pages at their
+    order, everything else at order 0 (the fixture's HugeTLB default is 2 MiB, the rest 1 GiB)."""
+    page, pmd = 4096, 512 * 4096
+    assert meminfo["Hugepagesize"] == 2 << 20
+    anon_thp = meminfo["AnonHugePages"] // pmd
+    file_thp = (meminfo["FileHugePages"] + meminfo["ShmemHugePages"]) // pmd
+    huge_1g = (meminfo["Hugetlb"] - meminfo["HugePages_Total"] * (2 << 20)) // (1 << 30)
+    return {
+        (FolioKind.HUGETLB, 9): meminfo["HugePages_Total"],
+        (FolioKind.HUGETLB, 18): huge_1g,
+        (FolioKind.ANON, 9): anon_thp,
+        (FolioKind.ANON, 0): meminfo["AnonPages"] // page - anon_thp * 512,
+        (FolioKind.FILE, 9): file_thp,
+        (FolioKind.FILE, 0): (meminfo["Cached"] + meminfo["Buffers"]) // page - file_thp * 512,
+        (FolioKind.SLAB, 0): meminfo["Slab"] // page,
+        (FolioKind.PAGETABLE, 0): meminfo["PageTables"] // page,
+        (FolioKind.BALLOON, 0): meminfo["Balloon"] // page,
+    }
+
+
+def test_meminfo_estimate_follows_the_file() -> None:
+    """The estimate's frames, free frames and folios are the meminfo file's fields by the
+    documented rules; the rest of MemTotal is kind other, with no descriptor."""
+    meminfo = _read_fixture(MEMINFO)
+    estimate = estimate_host(MEMINFO, hostname="n1")
+    assert isinstance(estimate, MeminfoEstimate)
+    assert (estimate.name, estimate.source) == ("real:n1", "meminfo-estimate")
+    scan = estimate.scan
+    expected = _estimated_folios(meminfo)
+    assert all(expected.values())  # the fixture exercises every rule
+    assert scan.folio_counts() == expected
+    assert scan.present_frames == meminfo["MemTotal"] // 4096
+    assert estimate.free_frames == scan.frames["free"] == meminfo["MemFree"] // 4096
+    used = sum(n << order for (_, order), n in expected.items())
+    assert scan.kind_frames["other"] == scan.present_frames - estimate.free_frames - used
+    assert scan.thp_frames == {
+        "anon": expected[FolioKind.ANON, 9] * 512,
+        "file": expected[FolioKind.FILE, 9] * 512,
+    }
+    assert sum(scan.frames.values()) == scan.present_frames
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read .*meminfo: No such file"),
+        ("MemFree: 4 kB\n", "is not /proc/meminfo: no MemTotal"),
+        ("MemTotal: lots kB\n", "is not /proc/meminfo: invalid literal"),
+    ],
+)
+def test_a_bad_meminfo_is_named(tmp_path: Path, text: str | None, message: str) -> None:
+    """A meminfo file that is missing, lacks MemTotal or is not meminfo: ObserveUnavailable
+    naming it."""
+    path = tmp_path / "meminfo"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ObserveUnavailable, match=message):
+        estimate_host(path)
 
 
 def test_start_up_fails_without_kpageflags(
