@@ -45,6 +45,8 @@ from foliod.mm.meminfo import MeminfoEstimate, estimate_host
 from foliod.mm.memmap import memmap_report
 from foliod.rpc.observe import ObservedGuest, ObservedMachine
 from foliod.v1 import foliod_pb2 as pb
+from foliodclient import FoliodClient
+from foliodclient.cli import render_memmap
 from tests.conftest import ServerFactory, connect
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -359,12 +361,8 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kpf.HostObserv
     path = tmp_path / "kpageflags"
     path.write_bytes(frames(*words).tobytes())
 
-    def observe(**options: Any) -> kpf.HostObservation:
-        return kpf.observe_host(path, **options)
-
-    monkeypatch.setattr("foliod.rpc.observe.check_readable", lambda: None)
-    monkeypatch.setattr("foliod.rpc.observe.observe_host", observe)
-    return observe()
+    monkeypatch.setattr("foliod.rpc.observe.KPAGEFLAGS", path)
+    return kpf.observe_host(path)
 
 
 def test_observed_host_is_served_read_only(
@@ -464,6 +462,12 @@ def test_observe_only_serves_and_exports_the_real_host_alone(
             "HVO needs observe_backing hugetlb_2m or hugetlb_1g, not thp",
         ),
         (["--observe-host", "--observe-hvo", "maybe"], "--observe-hvo: not a boolean"),
+        (
+            ["--observe-host", "--observe-fallback", "kpageflags"],
+            r"--observe-fallback: not a fallback: 'kpageflags' \(meminfo or none\)",
+        ),
+        (["--observe-host", "--observe-fallback", "meminfo,none"], "not a fallback"),
+        (["--observe-fallback", "meminfo"], "observe_fallback: it needs observe_host"),
     ],
 )
 def test_bad_observe_options_are_start_up_errors(argv: list[str], message: str) -> None:
@@ -586,6 +590,25 @@ def test_an_observed_guest_is_served_read_only(
     )
 
 
+def _unreadable(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Points the observer at a kpageflags file it cannot read (missing, or permission
+    denied); returns the pattern of the start-up error that gives."""
+    path = tmp_path / "kpageflags"
+    if how == "denied":
+        path.write_bytes(bytes(8))
+
+        def denied(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        # Only kpageflags.py's open: the meminfo file and the rest of /proc still read.
+        monkeypatch.setattr(kpf, "open", denied, raising=False)
+        pattern = f"cannot read {re.escape(str(path))}: permission denied.*CAP_DAC_READ_SEARCH"
+    else:
+        pattern = f"{re.escape(str(path))} does not exist"
+    monkeypatch.setattr("foliod.rpc.observe.KPAGEFLAGS", path)
+    return pattern
+
+
 def _read_fixture(path: Path) -> dict[str, int]:
     """A meminfo file's fields, in bytes (kB) or counts (HugePages_*), read here on their own."""
     values = {}
@@ -615,6 +638,13 @@ def _estimated_folios(meminfo: dict[str, int]) -> dict[tuple[FolioKind, int], in
         (FolioKind.PAGETABLE, 0): meminfo["PageTables"] // page,
         (FolioKind.BALLOON, 0): meminfo["Balloon"] // page,
     }
+
+
+def _descriptor_bytes(kind: FolioKind, order: int) -> int:
+    """A folio's own descriptor under interim and memdesc, at the default sizes."""
+    if kind in (FolioKind.SLAB, FolioKind.PAGETABLE):
+        return 64
+    return 112 if order else 80
 
 
 def test_meminfo_estimate_follows_the_file() -> None:
@@ -657,15 +687,85 @@ def test_a_bad_meminfo_is_named(tmp_path: Path, text: str | None, message: str) 
         estimate_host(path)
 
 
-def test_start_up_fails_without_kpageflags(
-    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("how", ["missing", "denied"])
+def test_unreadable_kpageflags_stops_start_up_or_falls_back_on_meminfo(
+    make_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    def denied() -> None:
-        raise ObserveUnavailable("cannot read /proc/kpageflags: ... CAP_SYS_ADMIN")
-
-    monkeypatch.setattr("foliod.rpc.observe.check_readable", denied)
-    with pytest.raises(ObserveUnavailable, match="CAP_SYS_ADMIN"):
+    """Without a fallback foliod does not start, naming the file, the capability and the
+    fallback; with --observe-fallback meminfo it serves the meminfo file's estimate, labelled
+    source="meminfo-estimate" in GetMemmap and on /metrics."""
+    pattern = _unreadable(how, tmp_path, monkeypatch)
+    monkeypatch.setattr("foliod.rpc.observe.MEMINFO", MEMINFO)
+    with pytest.raises(ObserveUnavailable, match=f"{pattern}.*--observe-fallback meminfo"):
         make_server(observe_host=True)
+
+    server = make_server(
+        observe_host=True,
+        observe_fallback="meminfo",
+        observe_interval_seconds=0.0,
+        observe_hostname="n1",
+    )
+    meminfo = _read_fixture(MEMINFO)
+    nr_frames, nr_free = meminfo["MemTotal"] // 4096, meminfo["MemFree"] // 4096
+    folios = _estimated_folios(meminfo)
+    descriptors = sum(n * _descriptor_bytes(kind, order) for (kind, order), n in folios.items())
+    chan, stub = connect(server)
+    with chan:
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine="real:n1"))
+        assert memmap.source == "meminfo-estimate"
+        assert memmap.ram_bytes == nr_frames * 4096
+        assert {(f.kind, f.order): f.folios for f in memmap.folios} == {
+            (pb.FolioKind.Value(f"FOLIO_KIND_{kind.name}"), order): n
+            for (kind, order), n in folios.items()
+        }
+        models = {m.model: m for m in memmap.models}
+        struct_page, memdesc = models[pb.MEMMAP_MODEL_STRUCT_PAGE], models[pb.MEMMAP_MODEL_MEMDESC]
+        assert struct_page.total_bytes == nr_frames * 64
+        assert struct_page.free_memory_bytes == nr_free * 64
+        assert memdesc.total_bytes == nr_frames * 8 + descriptors
+        assert stub.GetMachine(pb.GetMachineRequest(machine="real:n1")).nr_pages == nr_frames
+        real = stub.GetMeminfo(pb.GetMeminfoRequest(machine="real:n1"))
+        assert real.mem_total_bytes == meminfo["MemTotal"]
+        # A simulated machine has no source.
+        assert stub.GetMemmap(pb.GetMemmapRequest()).source == ""
+    with FoliodClient(f"127.0.0.1:{server.grpc_port}", timeout=10, machine="real:n1") as client:
+        title = render_memmap(client.get_memmap()).splitlines()[0]
+    assert title.startswith("memory map of real:n1 (meminfo-estimate): ")
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    (labels,) = re.findall(r"foliod_observed_host_info\{([^}]*)\}", text)
+    assert 'machine="real:n1"' in labels
+    assert 'source="meminfo-estimate"' in labels
+    (value,) = re.findall(
+        r'foliod_memmap_bytes\{machine="real:n1",model="struct_page"\} (\S+)', text
+    )
+    assert float(value) == nr_frames * 64
+
+
+def test_the_fallback_needs_a_readable_meminfo(
+    make_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With neither kpageflags nor meminfo readable the fallback cannot start either, and says
+    which file it could not read."""
+    _unreadable("missing", tmp_path, monkeypatch)
+    missing = tmp_path / "meminfo"
+    monkeypatch.setattr("foliod.rpc.observe.MEMINFO", missing)
+    with pytest.raises(ObserveUnavailable, match=f"cannot read {re.escape(str(missing))}"):
+        make_server(observe_host=True, observe_fallback="meminfo")
+
+
+def test_kpageflags_scans_are_labelled_kpageflags(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
+) -> None:
+    """A readable kpageflags is scanned, fallback or not, and labelled so."""
+    server = make_server(
+        observe_host=True, observe_fallback="meminfo", observe_interval_seconds=0.0
+    )
+    chan, stub = connect(server)
+    with chan:
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine=synthetic.name))
+        assert (memmap.source, memmap.ram_bytes) == ("kpageflags", 34 * 4096)
 
 
 @live

@@ -161,6 +161,20 @@ def parse_observe_backing(text: str) -> str:
     return name
 
 
+# What the observer serves when /proc/kpageflags cannot be read; empty: nothing (exit 1).
+OBSERVE_FALLBACKS = ("meminfo",)
+
+
+def parse_observe_fallback(text: str) -> str:
+    """The observer's fallback when kpageflags cannot be read: meminfo, or none."""
+    name = str(text).strip().lower()
+    if name == "none":
+        return ""
+    if name and name not in OBSERVE_FALLBACKS:
+        raise ValueError(f"not a fallback: {text!r} ({', '.join(OBSERVE_FALLBACKS)} or none)")
+    return name
+
+
 def parse_device(text: str) -> str:
     name = str(text).strip().lower()
     if name not in DEVICE_PROFILES:
@@ -349,6 +363,13 @@ OPTIONS: tuple[Option, ...] = (
         "BOOL",
     ),
     Option(
+        "observe_fallback",
+        parse_observe_fallback,
+        "with --observe-host, when /proc/kpageflags cannot be read: meminfo serves an estimate "
+        "from /proc/meminfo alone (labelled source=meminfo-estimate) instead of not starting",
+        "NAME",
+    ),
+    Option(
         "observe_hostname",
         parse_hostname,
         "the <hostname> of real:<hostname> (default: this host's name; in a pod, give the node's)",
@@ -453,6 +474,7 @@ class Config:
     observe_only: bool = False
     observe_backing: str = ""
     observe_hvo: bool = False
+    observe_fallback: str = ""
     observe_hostname: str = ""
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
@@ -602,6 +624,10 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
         raise ConfigError("observe_only: it needs observe_host (there is nothing else to serve)")
     if config.observe_backing and not config.observe_host:
         raise ConfigError("observe_backing: it needs observe_host (it describes the observed host)")
+    if config.observe_fallback and not config.observe_host:
+        raise ConfigError(
+            "observe_fallback: it needs observe_host (it is what the observer falls back on)"
+        )
     if config.observe_hvo and not config.observe_backing.startswith("hugetlb"):
         raise ConfigError(
             "observe_hvo: HVO needs observe_backing hugetlb_2m or hugetlb_1g, not "

@@ -19,11 +19,17 @@ FAILED_PRECONDITION.
 With --observe-only (the lean exporter a DaemonSet runs on every node) the observed machine is
 the only one: it is the default machine (an empty name), the collector exports nothing else,
 and naming the simulated host, or creating a guest on it, is FAILED_PRECONDITION.
+
+When kpageflags cannot be read foliod does not start (ObserveUnavailable names the file and the
+capability), unless --observe-fallback meminfo: then every scan is an estimate from
+/proc/meminfo alone (foliod.mm.meminfo), served the same way and labelled as one: GetMemmap's
+source and foliod_observed_host_info's source label say "meminfo-estimate", not "kpageflags".
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +44,7 @@ from foliod.config import Config
 from foliod.mm import FailedPrecondition, Machine, Machines, Meminfo, Watermarks
 from foliod.mm.guest import BackingSpec, Duplication, Guest, Guests
 from foliod.mm.kpageflags import (
+    KPAGEFLAGS,
     HostObservation,
     ObserveUnavailable,
     buddy_totals,
@@ -45,6 +52,7 @@ from foliod.mm.kpageflags import (
     observe_host,
     read_watermarks,
 )
+from foliod.mm.meminfo import MEMINFO, estimate_host
 from foliod.mm.memmap import DescriptorSizes, ModelCost
 from foliod.mm.mm_types import FolioKind
 from foliod.rpc.servicer import FoliodServicer, _guest_pb
@@ -82,6 +90,7 @@ class ObservedMachine:
         obs = observation
         self.observation = obs
         self.name = obs.name
+        self.source = obs.source
         self.lock = threading.Lock()
         self.nr_pages = obs.scan.present_frames
         self.ram_bytes = self.nr_pages * PAGE_SIZE
@@ -171,6 +180,26 @@ class ObservedGuest:
         return Guest.duplication(cast(Guest, self))
 
 
+def host_scanner(hostname: str = "", fallback: str = "") -> Callable[[], HostObservation]:
+    """How this host is scanned: from KPAGEFLAGS when it can be read; if not, with fallback
+    "meminfo" estimated from MEMINFO alone, else ObserveUnavailable naming the file and the
+    capability."""
+    kpageflags, meminfo = KPAGEFLAGS, MEMINFO
+    try:
+        check_readable(kpageflags)
+    except ObserveUnavailable as exc:
+        if fallback != "meminfo":
+            raise ObserveUnavailable(
+                f"{exc}; or start with --observe-fallback meminfo to serve an estimate from "
+                f"{meminfo} alone"
+            ) from exc
+        structlog.get_logger("foliod.observe").warning(
+            "kpageflags unreadable: estimating from meminfo", error=str(exc), meminfo=str(meminfo)
+        )
+        return functools.partial(estimate_host, meminfo, hostname=hostname)
+    return functools.partial(observe_host, kpageflags, hostname=hostname)
+
+
 class HostObserver:
     """Scans this host every interval on a daemon thread; latest is the newest result."""
 
@@ -178,19 +207,16 @@ class HostObserver:
         self,
         interval_seconds: float,
         sizes: DescriptorSizes,
-        scan: Callable[[], HostObservation] | None = None,
+        scan: Callable[[], HostObservation],
         *,
-        hostname: str = "",
         only: bool = False,
         backing: BackingSpec | None = None,
     ) -> None:
-        if scan is None:
-            check_readable()  # ObserveUnavailable names the file and the capability
         self.interval_seconds = interval_seconds
         self.only = only
         self.backing = backing
         self.sizes = sizes
-        self._scan = scan or (lambda: observe_host(hostname=hostname))
+        self._scan = scan
         self.log = structlog.get_logger("foliod.observe")
         self.latest: ObservedMachine | None = None
         self.name = ""
@@ -203,7 +229,7 @@ class HostObserver:
         return cls(
             config.observe_interval_seconds,
             config.descriptor_sizes(),
-            hostname=config.observe_hostname,
+            host_scanner(config.observe_hostname, config.observe_fallback),
             only=config.observe_only,
             backing=config.observe_backing_spec(),
         )
@@ -224,6 +250,7 @@ class HostObserver:
         self.log.info(
             "host scanned",
             machine=machine.name,
+            source=machine.source,
             seconds=round(scan.seconds, 3),
             frames=scan.frames,
             guest=observation.virtualization.guest,
@@ -384,7 +411,11 @@ class ObservingServicer(FoliodServicer):
         self, request: pb.GetMemmapRequest, context: grpc.ServicerContext
     ) -> pb.MemmapReport:
         with reading_observed():
-            return super().GetMemmap(request, context)
+            report = super().GetMemmap(request, context)
+        observed = cast(ObservedMachines, self.machines).observer.latest
+        if observed is not None and report.machine == observed.name:
+            report.source = observed.source
+        return report
 
     def GetVmstat(  # noqa: N802
         self, request: pb.GetVmstatRequest, context: grpc.ServicerContext
@@ -400,7 +431,8 @@ class ObservingServicer(FoliodServicer):
 
 
 class ObservedHostCollector(Collector):
-    """foliod_observed_host_info (kernel, virtualization) and the last scan's duration."""
+    """foliod_observed_host_info (kernel, virtualization, the scan's source) and the last
+    scan's duration."""
 
     def __init__(self, observer: HostObserver) -> None:
         self._observer = observer
@@ -416,7 +448,8 @@ class ObservedHostCollector(Collector):
         virt = obs.virtualization
         info = InfoMetricFamily(
             "foliod_observed_host",
-            "The observed real host: kernel and whether it is a virtual machine.",
+            "The observed real host: kernel, whether it is a virtual machine, and what its "
+            "figures come from (source: kpageflags, or meminfo-estimate).",
             labels=["machine"],
         )
         info.add_metric(
@@ -427,12 +460,13 @@ class ObservedHostCollector(Collector):
                 "hypervisor_flag": str(virt.hypervisor_flag).lower(),
                 "sys_vendor": virt.sys_vendor,
                 "hugetlb_vmemmap_optimized": str(obs.hvo).lower(),
+                "source": obs.source,
             },
         )
         yield info
         seconds = GaugeMetricFamily(
             "foliod_observe_scan_seconds",
-            "Duration of the last /proc/kpageflags scan.",
+            "Duration of the last scan (of /proc/kpageflags; of /proc/meminfo for an estimate).",
             labels=["machine"],
         )
         seconds.add_metric([obs.name], obs.scan.seconds)
