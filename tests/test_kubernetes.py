@@ -8,41 +8,50 @@ fields fail); the Prometheus Operator's ServiceMonitor and PrometheusRule are no
 schemas and are checked structurally. Then the references between objects: Service target
 ports, mounted Secrets and ConfigMaps, FOLIOD_* variables (foliod's own config loader must
 accept each overlay's environment), probes, resources and the generated rules and dashboard.
+The fleet observer (observer/, a DaemonSet in both overlays) is checked for what it needs: every
+node, the least privilege that reads /proc/kpageflags, its scrape, and a live run of its
+configuration where this host's kpageflags is readable.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from cryptography import x509
 
 from foliod.config import OPTIONS, ConfigError, load_config, parse_size
+from foliod.mm.kpageflags import readable
 from foliod.rpc.auth import FOLIOD_SERVICE, OPEN_SERVICES, token_digest
+from foliod.v1 import foliod_pb2 as pb
+from foliod.v1 import foliod_pb2_grpc
 
-from .conftest import ServerFactory
+from .conftest import ServerFactory, ServerProcess
 from .test_security import _issue, _write
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30"
-KUSTOMIZATIONS = ("base", "load", "overlays/dev", "overlays/production")
+KUSTOMIZATIONS = ("base", "load", "observer", "overlays/dev", "overlays/production")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 POD_OWNERS = {"StatefulSet", "Deployment", "Job", "DaemonSet"}
 # Kustomization keys the renderer implements; any other fails the test instead of being ignored.
 KNOWN_KEYS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
 # Environment variables of the pods that are not foliod options.
-OTHER_ENV = {"POD_NAME", "HOME"}
+OTHER_ENV = {"POD_NAME", "HOME", "NODE_NAME"}
 
 
 # -- a minimal kustomize ----------------------------------------------------------------------
@@ -99,10 +108,12 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for patch in kustomization.get("patches", []):
         target = patch["target"]
         assert set(target) <= {"kind", "name"}, target
+        # kustomize matches a target's kind and name as anchored regular expressions.
         matched = [
             d
             for d in documents
-            if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
+            if re.fullmatch(target["kind"], d["kind"])
+            and re.fullmatch(target["name"], d["metadata"]["name"])
         ]
         assert matched, f"{directory}: patch target {target} matches nothing"
         for document in matched:
@@ -146,6 +157,13 @@ def _foliod(name: str) -> dict[str, Any]:
     container: dict[str, Any] = _find(name, "StatefulSet", "foliod")["spec"]["template"]["spec"][
         "containers"
     ][0]
+    return container
+
+
+def _observer(name: str) -> dict[str, Any]:
+    container: dict[str, Any] = _find(name, "DaemonSet", "foliod-observer")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
     return container
 
 
@@ -225,6 +243,15 @@ def test_the_base_holds_what_the_issue_asks_for() -> None:
         assert {_key(d) for d in RENDERED[name]} >= kinds
         assert all(d["metadata"]["namespace"] for d in RENDERED[name])
     assert {_key(d) for d in RENDERED["overlays/dev"]} >= load
+    observer = {_key(d) for d in RENDERED["observer"]}
+    assert observer == {
+        ("DaemonSet", "foliod-observer"),
+        ("Service", "foliod-observer"),
+        ("ServiceMonitor", "foliod-observer"),
+        ("NetworkPolicy", "foliod-observer"),
+    }
+    for name in DEPLOYABLE:
+        assert {_key(d) for d in RENDERED[name]} >= observer
 
 
 def test_the_prometheus_operator_objects_are_well_formed() -> None:
@@ -243,10 +270,16 @@ def test_the_prometheus_operator_objects_are_well_formed() -> None:
                     assert rule["expr"]
                     assert ("record" in rule) != ("alert" in rule)
             continue
-        service = _find(name, "Service", "foliod-metrics")
-        assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-        # The rules and the dashboard select job="foliod".
-        assert service["metadata"]["labels"][spec["jobLabel"]] == "foliod"
+        (service,) = [
+            d
+            for d in RENDERED[name]
+            if d["kind"] == "Service"
+            and spec["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+        ]
+        # The simulator's rules and dashboard select job="foliod"; the fleet rules select
+        # observed hosts by foliod_observed_host_info, and the observers are their own job.
+        job = {"foliod": "foliod", "foliod-observer": "foliod-observer"}
+        assert service["metadata"]["labels"][spec["jobLabel"]] == job[document["metadata"]["name"]]
         ports = {p["name"] for p in service["spec"]["ports"]}
         for endpoint in spec["endpoints"]:
             assert endpoint["port"] in ports
@@ -311,9 +344,13 @@ def test_services_select_pods_whose_ports_they_target(name: str) -> None:
                 assert any(p[field] == target for p in ports), (name, service["metadata"], port)
                 matched = next(p for p in ports if p[field] == target)
                 assert matched["containerPort"] == port["port"]
-    policy = _find("base", "NetworkPolicy", "foliod")
-    server_ports = {p["name"] for p in _foliod("base")["ports"]}
-    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == server_ports
+    for kustomization, policy_name, container in (
+        ("base", "foliod", _foliod("base")),
+        ("observer", "foliod-observer", _observer("observer")),
+    ):
+        policy = _find(kustomization, "NetworkPolicy", policy_name)
+        names = {p["name"] for p in container["ports"]}
+        assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == names
 
 
 def test_the_network_policy_admits_the_load_drivers() -> None:
@@ -413,18 +450,21 @@ def test_the_base_alone_is_refused_as_insecure() -> None:
 @pytest.mark.parametrize("name", ("base", *DEPLOYABLE))
 def test_probes_ask_the_health_service_about_foliod(name: str) -> None:
     assert "grpc.health.v1.Health" in OPEN_SERVICES  # so a probe needs no token
-    container = _foliod(name)
-    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = container[probe_name]
-        if "grpc" in probe:
-            assert probe["grpc"] == {"port": 50051, "service": FOLIOD_SERVICE}
-        else:
-            script = probe["exec"]["command"][-1]
-            assert f"service='{FOLIOD_SERVICE}'" in script
-            assert "127.0.0.1:50051" in script
-    # The kubelet's gRPC probe speaks plaintext only.
-    tls = "FOLIOD_TLS_CERT" in _environment(name)
-    assert tls == ("exec" in container["readinessProbe"])
+    containers = [_foliod(name)]
+    if name != "base":
+        containers.append(_observer(name))
+    for container in containers:
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[probe_name]
+            if "grpc" in probe:
+                assert probe["grpc"] == {"port": 50051, "service": FOLIOD_SERVICE}
+            else:
+                script = probe["exec"]["command"][-1]
+                assert f"service='{FOLIOD_SERVICE}'" in script
+                assert "127.0.0.1:50051" in script
+        # The kubelet's gRPC probe speaks plaintext only.
+        tls = any(env["name"] == "FOLIOD_TLS_CERT" for env in container["env"])
+        assert tls == ("exec" in container["readinessProbe"])
 
 
 def test_the_tls_exec_probe_works_against_a_tls_server(
@@ -492,7 +532,10 @@ def test_resources_are_sized_from_the_benchmarks(name: str) -> None:
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_pods_run_unprivileged_on_a_read_only_root(name: str) -> None:
+    """Every pod but the observer (next test) runs as uid 10001 without capabilities."""
     for document in RENDERED[name]:
+        if _key(document) == ("DaemonSet", "foliod-observer"):
+            continue
         for spec in _pod_specs(document):
             assert spec["securityContext"]["runAsNonRoot"] is True
             assert spec["securityContext"]["runAsUser"] == 10001
@@ -507,3 +550,120 @@ def test_pods_run_unprivileged_on_a_read_only_root(name: str) -> None:
     claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
     mounts = {m["name"]: m["mountPath"] for m in _foliod("base")["volumeMounts"]}
     assert mounts["state"] == "/var/lib/foliod" and "state" in claims
+
+
+# -- the fleet observer -------------------------------------------------------------------------
+
+
+def _observer_environment(name: str) -> dict[str, str]:
+    """The observer's FOLIOD_* variables as the kubelet sets them: $(NODE_NAME) expanded (to
+    node-1), a Secret's value stood in by a well-formed one."""
+    environ = {"NODE_NAME": "node-1"}
+    for env in _observer(name)["env"]:
+        if env["name"] == "NODE_NAME":
+            assert env["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+            continue
+        value = env.get("value", "0" * 64)
+        environ[env["name"]] = re.sub(r"\$\((\w+)\)", lambda m: environ[m.group(1)], value)
+    return environ
+
+
+@pytest.mark.parametrize("name", ("observer", *DEPLOYABLE))
+def test_the_observer_runs_on_every_node_with_the_least_privilege(name: str) -> None:
+    """uid 0 (kpageflags is root's, mode 0400) with every capability dropped, no privilege
+    escalation, a read-only root, RuntimeDefault seccomp; no host namespaces or host paths;
+    tolerates every taint and selects no nodes."""
+    daemonset = _find(name, "DaemonSet", "foliod-observer")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert "nodeSelector" not in spec and "affinity" not in spec
+    for field in ("hostPID", "hostIPC", "hostNetwork"):
+        assert not spec.get(field), field
+    assert all("hostPath" not in volume for volume in spec["volumes"])
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsUser"] == 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    context = container["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert not context.get("privileged")
+    assert context["runAsUser"] == 0
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/tmp", "/var/lib/foliod"} <= mounts
+
+
+@pytest.mark.parametrize("name", DEPLOYABLE)
+def test_foliod_accepts_the_observers_configuration(name: str) -> None:
+    """Each overlay's observer observes only, names its machine after the node, and is secured
+    like the server (production) or opted out (dev)."""
+    config = load_config([], _observer_environment(name))
+    assert config.observe_host and config.observe_only
+    assert config.observe_hostname == "node-1"
+    assert config.listen == "0.0.0.0:50051" and config.metrics_listen == "0.0.0.0:9464"
+    assert config.insecure == (name == "overlays/dev")
+    if name == "overlays/production":
+        assert config.tls_cert is not None and config.tokens is not None
+        assert config.metrics_tls_cert is not None and config.metrics_token_sha256
+        assert "exec" in _observer(name)["readinessProbe"]
+    with pytest.raises(ConfigError, match="refusing to listen"):
+        load_config([], _observer_environment("observer"))
+
+
+def test_the_observer_is_scraped_by_annotations_and_its_service_monitor() -> None:
+    """The pod's scrape annotations name its metrics port; the ServiceMonitor selects the
+    observer Service's metrics port; production drops the annotations (its /metrics needs the
+    bearer token, which annotations cannot give) and scrapes over HTTPS."""
+    template = _find("observer", "DaemonSet", "foliod-observer")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    ports = {p["name"]: p["containerPort"] for p in _observer("observer")["ports"]}
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    service = _find("observer", "Service", "foliod-observer")
+    assert service["spec"]["clusterIP"] == "None"
+    monitor = _find("observer", "ServiceMonitor", "foliod-observer")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    production = _find("overlays/production", "DaemonSet", "foliod-observer")
+    assert "annotations" not in production["spec"]["template"]["metadata"]
+    (endpoint,) = _find("overlays/production", "ServiceMonitor", "foliod-observer")["spec"][
+        "endpoints"
+    ]
+    assert endpoint["scheme"] == "https" and endpoint["authorization"]["type"] == "Bearer"
+
+
+# Measured (README, Observing a real host): an observer holds 72 MB, 81 MB at a scan's peak
+# (2 MiB chunks: the same whatever the node's RAM).
+OBSERVER_PEAK_BYTES = 81_536 * 1024
+
+
+@pytest.mark.parametrize("name", ("observer", *DEPLOYABLE))
+def test_the_observers_resources_cover_the_measured_peak(name: str) -> None:
+    resources = _observer(name)["resources"]
+    request = _quantity(resources["requests"]["memory"])
+    assert request >= OBSERVER_PEAK_BYTES * 3 // 2
+    assert _quantity(resources["limits"]["memory"]) >= 2 * request
+    assert parse_size(_observer_environment(name)["FOLIOD_RAM"]) == 1 << 20
+
+
+@pytest.mark.skipif(not readable(), reason="/proc/kpageflags is not readable (needs uid 0)")
+def test_the_observers_configuration_observes_this_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """foliod started with the dev overlay's observer environment (addresses on loopback)
+    serves this host as real:node-1 and nothing else, on /metrics too."""
+    for key, value in _observer_environment("overlays/dev").items():
+        monkeypatch.setenv(key, value)
+    process = ServerProcess(tmp_path, "--observe-interval-seconds", "0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+            stub = foliod_pb2_grpc.FoliodStub(channel)
+            assert stub.GetMachine(pb.GetMachineRequest(), timeout=30).name == "real:node-1"
+        url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+        assert set(re.findall(r'foliod_ram_bytes\{machine="([^"]+)"\}', text)) == {"real:node-1"}
+        assert "foliod_observed_host_info{" in text
+    finally:
+        process.kill()

@@ -4,7 +4,9 @@ promtool checks the scrape configuration and the rules and unit-tests the alerts
 dashboard, its provisioning, the compose file and the Dockerfile are checked for consistency;
 then a real Prometheus, started with the repository's scrape configuration retargeted at a
 foliod running a workload (the host and two guests), evaluates every dashboard query and every
-rule through its HTTP API.
+rule through its HTTP API. Two fleet observers (foliod --observe-host --observe-only, as the
+DaemonSet runs it, named real:n1 and real:n2) are scraped too where this host's /proc/kpageflags
+is readable, so the fleet's rules and panels are evaluated against real scans.
 Without Prometheus installed the tests that need it skip, unless FOLIOD_REQUIRE_PROMETHEUS=1
 (set by .ci/run) makes them fail.
 """
@@ -34,6 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from foliod.config import ConfigError, load_config
+from foliod.mm.kpageflags import readable as kpageflags_readable
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
@@ -53,6 +56,10 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 
 REQUIRE_PROMETHEUS = "FOLIOD_REQUIRE_PROMETHEUS"
 JOB = "foliod"
+# The fleet observers' job, as the ServiceMonitor in deploy/kubernetes/observer names it.
+OBSERVER_JOB = "foliod-observer"
+OBSERVED = ("n1", "n2")
+FLEET_GROUP = "foliod-fleet"
 MIB = 1 << 20
 # What Grafana substitutes into the dashboard's queries, here for the host.
 GRAFANA_VARIABLES = {"machine": "host", "__rate_interval": "1m", "__interval": "15s"}
@@ -210,6 +217,9 @@ def test_rules_are_named_and_annotated_for_operators() -> None:
         "machine:foliod_pagecache_hit:ratio_rate5m",
         "machine:foliod_reclaim_stolen_pages:rate5m",
         "machine:foliod_written_bytes:rate5m",
+        "fleet_model:foliod_observed_memmap_bytes:sum",
+        "fleet:foliod_observed_memmap_memdesc_saving:bytes",
+        "machine:foliod_observed_memmap_memdesc_saving:topk10",
     } <= records
     assert {
         "FoliodDown",
@@ -217,6 +227,8 @@ def test_rules_are_named_and_annotated_for_operators() -> None:
         "FoliodDirectReclaimStalls",
         "FoliodWritebackErrors",
         "FoliodDirtyAboveLimit",
+        "FoliodObserverDown",
+        "FoliodObservedHostStale",
     } <= set(alerts)
 
 
@@ -482,9 +494,13 @@ class LiveFoliod:
 
     def scrape(self) -> list[Metric]:
         """The metric families of one scrape of /metrics."""
-        url = f"http://127.0.0.1:{self.process.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            return list(text_string_to_metric_families(response.read().decode()))
+        return _scrape(self.process)
+
+
+def _scrape(process: ServerProcess) -> list[Metric]:
+    url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        return list(text_string_to_metric_families(response.read().decode()))
 
 
 @pytest.fixture(scope="module")
@@ -507,15 +523,22 @@ def foliod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFoliod]:
         process.kill()
 
 
-def test_dashboard_and_rules_use_only_metrics_foliod_exports(foliod: LiveFoliod) -> None:
+def test_dashboard_and_rules_use_only_metrics_foliod_exports(
+    foliod: LiveFoliod, observers: list[ServerProcess]
+) -> None:
     """Every metric name in a dashboard query, the machine variable and the rules is in a live
-    scrape (or is Prometheus's own `up`)."""
+    scrape of foliod or an observer (or is Prometheus's own `up`)."""
     exported = {s.name for family in foliod.scrape() for s in family.samples} | PROMETHEUS_SERIES
+    for process in observers:
+        exported |= {s.name for family in _scrape(process) for s in family.samples}
     recorded = {rule["record"] for rule in _rules() if "record" in rule}
     (variable,) = [v for v in _dashboard()["templating"]["list"] if v["name"] == "machine"]
     selector = re.fullmatch(r"label_values\((.+), machine\)", variable["query"]["query"])
     assert selector
     unknown = {}
+    if not observers:
+        # Without an observer its families are not in a scrape: only docs/metrics.md says them.
+        exported |= set(re.findall(r"`(foliod_observe\w+)`", METRICS_DOC.read_text()))
     for where, expr in [
         *_dashboard_queries(),
         ("machine variable", selector.group(1)),
@@ -564,12 +587,19 @@ def _free_port() -> int:
 class Prometheus:
     """A Prometheus process on a loopback port with its own storage, and its query API."""
 
-    def __init__(self, binary: str, workdir: Path, metrics_port: int) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, metrics_port: int, observer_ports: tuple[int, ...] = ()
+    ) -> None:
         config = _yaml(SCRAPE_CONFIG)
         config["global"].update(scrape_interval="1s", evaluation_interval="1s")
         config["rule_files"] = [str(SCRAPE_CONFIG.parent / name) for name in config["rule_files"]]
         (job,) = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
         job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+        if observer_ports:
+            targets = [f"127.0.0.1:{port}" for port in observer_ports]
+            config["scrape_configs"].append(
+                {"job_name": OBSERVER_JOB, "static_configs": [{"targets": targets}]}
+            )
         config_file = workdir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config))
         self.port = _free_port()
@@ -650,18 +680,71 @@ def _vmstat(stub: foliod_pb2_grpc.FoliodStub) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
+def observers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    """Two fleet observers of this host (real:n1, real:n2; one scan each, so their values hold
+    still), or none where /proc/kpageflags is not readable (FOLIOD_REQUIRE_PROMETHEUS=1 makes
+    that a failure: CI runs as root)."""
+    if not kpageflags_readable():
+        if os.environ.get(REQUIRE_PROMETHEUS) == "1":
+            pytest.fail(f"/proc/kpageflags is not readable, and {REQUIRE_PROMETHEUS}=1 needs it")
+        yield []
+        return
+    started: list[ServerProcess] = []
+    try:
+        for name in OBSERVED:
+            started.append(
+                ServerProcess(
+                    tmp_path_factory.mktemp(f"observer-{name}"),
+                    *("--observe-host", "--observe-only", "--observe-hostname", name),
+                    *("--observe-interval-seconds", "0", "--ram", "1MiB"),
+                )
+            )
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+
+
+def _fleet(rule_or_title: str, observers: list[ServerProcess]) -> bool:
+    """Whether a rule or panel is about the fleet and there is no fleet to show."""
+    fleet = {r.get("record") or r["alert"] for g in _yaml(RULES)["groups"] for r in g["rules"]
+             if g["name"] == FLEET_GROUP}  # fmt: skip
+    fleet |= {p["title"] for p in _panels(_dashboard()) if _uses_fleet(p)}
+    return not observers and rule_or_title in fleet
+
+
+def _uses_fleet(panel: dict[str, Any]) -> bool:
+    return any(
+        "foliod_observed" in target["expr"] or "fleet" in target["expr"]
+        for target in panel.get("targets", [])
+    )
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    foliod: LiveFoliod, tmp_path_factory: pytest.TempPathFactory
+    foliod: LiveFoliod,
+    observers: list[ServerProcess],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
-    """Prometheus scraping foliod every second: it has seen the first round of the workload,
-    then a second one, so every rate has samples from before and after."""
+    """Prometheus scraping foliod and the observers every second: it has seen the first round
+    of the workload, then a second one, so every rate has samples from before and after."""
     binary = _tool("prometheus")
-    server = Prometheus(binary, tmp_path_factory.mktemp("prometheus"), foliod.process.metrics_port)
+    server = Prometheus(
+        binary,
+        tmp_path_factory.mktemp("prometheus"),
+        foliod.process.metrics_port,
+        tuple(process.metrics_port for process in observers),
+    )
     try:
         server.wait_until("Prometheus ready", server.is_ready, PROMETHEUS_READY_TIMEOUT_S)
         server.wait_until(
             "a first scrape of foliod",
             lambda: bool(server.query('foliod_ram_bytes{machine="host"}')),
+            PROMETHEUS_DATA_TIMEOUT_S,
+        )
+        server.wait_until(
+            "a first scrape of every observer",
+            lambda: len(server.query("foliod_observed_host_info")) == len(observers),
             PROMETHEUS_DATA_TIMEOUT_S,
         )
         foliod.workload.run()
@@ -686,46 +769,57 @@ def prometheus(
         server.stop()
 
 
-def test_every_dashboard_query_returns_data(prometheus: Prometheus) -> None:
-    """Each dashboard query, filled in for the host, returns data from a real Prometheus."""
+def test_every_dashboard_query_returns_data(
+    prometheus: Prometheus, observers: list[ServerProcess]
+) -> None:
+    """Each dashboard query, filled in for the host, returns data from a real Prometheus (the
+    fleet's with observers only)."""
     empty = []
     for title, expr in _dashboard_queries():
         query = grafana_substitute(expr)
-        if not prometheus.query(query):
+        if not prometheus.query(query) and not _fleet(title, observers):
             empty.append((title, query))
     assert not empty
 
 
 def test_machine_variable_lists_the_guests_and_their_panels_have_data(
-    prometheus: Prometheus,
+    prometheus: Prometheus, observers: list[ServerProcess]
 ) -> None:
-    """The machine variable's query offers the host and every guest, and each dashboard query,
-    filled in for a guest, returns data too."""
+    """The machine variable's query offers the host, every guest and every observed host, and
+    each dashboard query, filled in for a guest, returns data too."""
     (variable,) = [v for v in _dashboard()["templating"]["list"] if v["name"] == "machine"]
     selector = re.fullmatch(r"label_values\((.+), machine\)", variable["query"]["query"])
     assert selector
     machines = {sample["metric"]["machine"] for sample in prometheus.query(selector.group(1))}
-    assert machines == {"host", *(guest.name for guest in GUESTS)}
+    observed = {f"real:{name}" for name in OBSERVED} if observers else set()
+    assert machines == {"host", *(guest.name for guest in GUESTS), *observed}
     empty = []
     for guest in GUESTS:
         for title, expr in _dashboard_queries():
             query = grafana_substitute(expr.replace("$machine", guest.name))
-            if not prometheus.query(query):
+            if not prometheus.query(query) and not _fleet(title, observers):
                 empty.append((guest.name, title, query))
     assert not empty
 
 
-def test_every_rule_evaluates_and_records(prometheus: Prometheus) -> None:
-    """Every rule expression is valid PromQL; recording rules return data and Prometheus
-    records them; the alerts this workload provokes (out of memory, writeback error) fire."""
+def test_every_rule_evaluates_and_records(
+    prometheus: Prometheus, observers: list[ServerProcess]
+) -> None:
+    """Every rule expression is valid PromQL; recording rules return data (the fleet's with
+    observers only) and Prometheus records them; the alerts this workload provokes (out of
+    memory, writeback error) fire, and no observer is down or stale."""
     rules = _rules()
     empty = []
     for rule in rules:
         result = prometheus.query(rule["expr"])  # raises on invalid PromQL
-        if "record" in rule and not result:
+        if "record" in rule and not result and not _fleet(rule["record"], observers):
             empty.append(rule["record"])
     assert not empty
-    recorded = [rule["record"] for rule in rules if "record" in rule]
+    recorded = [
+        rule["record"]
+        for rule in rules
+        if "record" in rule and not _fleet(rule["record"], observers)
+    ]
     prometheus.wait_until(
         "every recording rule recorded",
         lambda: all(prometheus.query(name) for name in recorded),
@@ -735,6 +829,8 @@ def test_every_rule_evaluates_and_records(prometheus: Prometheus) -> None:
     assert prometheus.query(alerts["FoliodOutOfMemory"])
     assert prometheus.query(alerts["FoliodWritebackErrors"])
     assert not prometheus.query(alerts["FoliodDown"])
+    assert not prometheus.query(alerts["FoliodObserverDown"])
+    assert not prometheus.query(alerts["FoliodObservedHostStale"])
 
 
 def test_prometheus_values_match_the_api(foliod: LiveFoliod, prometheus: Prometheus) -> None:
@@ -834,3 +930,47 @@ def test_prometheus_guest_values_match_the_api(foliod: LiveFoliod, prometheus: P
         ),
         PROMETHEUS_DATA_TIMEOUT_S,
     )
+
+
+def test_prometheus_fleet_values_match_the_observers(
+    prometheus: Prometheus, observers: list[ServerProcess]
+) -> None:
+    """The fleet's recorded sums are the observers' GetMemmap and GetMachine summed; the saving
+    per host and the top hosts are struct page minus memdesc per observer."""
+    if not observers:
+        pytest.skip("no observers: /proc/kpageflags is not readable here")
+    totals: dict[str, float] = {model: 0 for model in MODELS}
+    ram = 0
+    savings = {}
+    for process, name in zip(observers, OBSERVED, strict=True):
+        with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+            stub = foliod_pb2_grpc.FoliodStub(channel)
+            report = stub.GetMemmap(pb.GetMemmapRequest(), timeout=30)
+        assert report.machine == f"real:{name}"
+        ram += report.ram_bytes
+        by_model = dict(zip(MODELS, (m.total_bytes for m in report.models), strict=True))
+        for model in MODELS:
+            totals[model] += by_model[model]
+        savings[report.machine] = by_model["struct_page"] - by_model["memdesc"]
+    expected = {
+        "fleet:foliod_observed_hosts:count": len(OBSERVED),
+        "fleet:foliod_observed_ram_bytes:sum": ram,
+        "fleet:foliod_observed_memmap_memdesc_saving:bytes": sum(savings.values()),
+        **{
+            f'fleet_model:foliod_observed_memmap_bytes:sum{{model="{model}"}}': total
+            for model, total in totals.items()
+        },
+        **{
+            f'machine:foliod_observed_memmap_memdesc_saving:topk10{{machine="{machine}"}}': value
+            for machine, value in savings.items()
+        },
+    }
+
+    def fleet_matches() -> bool:
+        return all(prometheus.query(query) for query in expected) and all(
+            prometheus.value(query) == value for query, value in expected.items()
+        )
+
+    prometheus.wait_until("fleet records equal the observers'", fleet_matches, 60)
+    ratio = prometheus.value('fleet_model:foliod_observed_memmap_bytes:ratio_ram{model="memdesc"}')
+    assert ratio == pytest.approx(totals["memdesc"] / ram, rel=1e-12)

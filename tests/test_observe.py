@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -13,8 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
+from foliod.config import ConfigError, load_config
+from foliod.main import main as foliod_main
 from foliod.mm import DescriptorSizes, FolioKind
 from foliod.mm import kpageflags as kpf
+from foliod.mm.guest import BackingSpec
 from foliod.mm.kpageflags import (
     KPF_ANON,
     KPF_BUDDY,
@@ -37,12 +41,18 @@ from foliod.mm.kpageflags import (
     ObserveUnavailable,
     classify,
 )
+from foliod.mm.meminfo import MeminfoEstimate, estimate_host
 from foliod.mm.memmap import memmap_report
+from foliod.rpc.observe import ObservedGuest, ObservedMachine
 from foliod.v1 import foliod_pb2 as pb
+from foliodclient import FoliodClient
+from foliodclient.cli import render_memmap
 from tests.conftest import ServerFactory, connect
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LIVE = FIXTURES / "observe-linux-6.18.json"
+# A hand-written /proc/meminfo: a 2 MiB HugeTLB default plus one 1 GiB page, THPs of each kind.
+MEMINFO = FIXTURES / "meminfo-estimate.txt"
 
 
 def flags(*bits: int) -> int:
@@ -204,7 +214,7 @@ def test_unreadable_kpageflags_names_the_file_and_capability(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("builtins.open", denied)
-    with pytest.raises(ObserveUnavailable, match=r"/proc/kpageflags.*CAP_SYS_ADMIN"):
+    with pytest.raises(ObserveUnavailable, match=r"/proc/kpageflags.*uid 0.*CAP_DAC_READ_SEARCH"):
         kpf.check_readable()
 
 
@@ -238,6 +248,18 @@ def test_proc_parsers(tmp_path: Path) -> None:
     assert not kpf.detect_virtualization(cpuinfo, dmi).guest
 
 
+def test_memory_blocks_give_the_sections_with_ram(tmp_path: Path) -> None:
+    """Present memory blocks in sysfs are PFN ranges of block_size_bytes each; without the
+    directory there are none."""
+    root = tmp_path / "memory"
+    root.mkdir()
+    (root / "block_size_bytes").write_text("8000000\n")  # 128 MiB
+    for name in ("memory0", "memory2", "auto_online_blocks", "power", "uevent"):
+        (root / name).mkdir()
+    assert kpf.read_memory_blocks(root) == [(0, 32767), (65536, 98303)]
+    assert kpf.read_memory_blocks(tmp_path / "missing") is None
+
+
 def test_recorded_host_is_consistent() -> None:
     """The fixture measured here: its models follow from its folio counts."""
     data = json.loads(LIVE.read_text())
@@ -261,8 +283,24 @@ def test_recorded_host_is_consistent() -> None:
 # -- the live host -------------------------------------------------------------------------
 
 live = pytest.mark.skipif(
-    not kpf.readable(), reason="/proc/kpageflags is not readable (needs root or CAP_SYS_ADMIN)"
+    not kpf.readable(),
+    reason="/proc/kpageflags is not readable (needs uid 0 or CAP_DAC_READ_SEARCH)",
 )
+
+
+@live
+def test_memory_blocks_and_iomem_agree_on_this_host() -> None:
+    """Without CAP_SYS_ADMIN iomem hides its addresses and the scan takes the sections with RAM
+    from sysfs's memory blocks: on this host both give the same sections."""
+    iomem, blocks = kpf.read_ram_ranges(), kpf.read_memory_blocks()
+    if iomem is None or blocks is None:
+        pytest.skip("needs /proc/iomem's addresses and /sys/devices/system/memory")
+
+    def sections(ranges: list[tuple[int, int]]) -> set[int]:
+        step = kpf.SECTION_FRAMES
+        return {s for first, last in ranges for s in range(first // step, last // step + 1)}
+
+    assert sections(iomem) == sections(blocks)
 
 
 @live
@@ -323,20 +361,17 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kpf.HostObserv
     path = tmp_path / "kpageflags"
     path.write_bytes(frames(*words).tobytes())
 
-    def observe() -> kpf.HostObservation:
-        return kpf.observe_host(path)
-
-    monkeypatch.setattr("foliod.rpc.observe.check_readable", lambda: None)
-    monkeypatch.setattr("foliod.rpc.observe.observe_host", observe)
-    return observe()
+    monkeypatch.setattr("foliod.rpc.observe.KPAGEFLAGS", path)
+    return kpf.observe_host(path)
 
 
 def test_observed_host_is_served_read_only(
     make_server: ServerFactory, synthetic: kpf.HostObservation
 ) -> None:
-    server = make_server(observe_host=True, observe_interval_seconds=0.0)
-    name = synthetic.name
-    assert name.startswith("real:")
+    server = make_server(
+        observe_host=True, observe_interval_seconds=0.0, observe_hostname="node-7.example"
+    )
+    name = "real:node-7.example"
     chan, stub = connect(server)
     with chan:
         memmap = stub.GetMemmap(pb.GetMemmapRequest(machine=name))
@@ -379,15 +414,358 @@ def test_observed_host_is_served_read_only(
     )
 
 
-def test_start_up_fails_without_kpageflags(
-    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+def test_observe_only_serves_and_exports_the_real_host_alone(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
 ) -> None:
-    def denied() -> None:
-        raise ObserveUnavailable("cannot read /proc/kpageflags: ... CAP_SYS_ADMIN")
+    """--observe-only: the real host is the default machine and the only one exported; the
+    simulated host and guests on it are FAILED_PRECONDITION."""
+    server = make_server(
+        observe_host=True,
+        observe_only=True,
+        observe_interval_seconds=0.0,
+        observe_hostname="n1",
+        ram=1 << 20,
+    )
+    chan, stub = connect(server)
+    with chan:
+        assert stub.GetMachine(pb.GetMachineRequest()).name == "real:n1"
+        assert stub.GetMemmap(pb.GetMemmapRequest()).machine == "real:n1"
+        for call in (
+            lambda: stub.GetMachine(pb.GetMachineRequest(machine="host")),
+            lambda: stub.Allocate(pb.AllocateRequest(owner="a", kind=pb.FOLIO_KIND_ANON, count=1)),
+            lambda: stub.CreateGuest(
+                pb.CreateGuestRequest(name="g", ram_bytes=1 << 20, backing=pb.GUEST_BACKING_BASE)
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    machines = set(re.findall(r'foliod_ram_bytes\{machine="([^"]+)"\}', text))
+    assert machines == {"real:n1"}
 
-    monkeypatch.setattr("foliod.rpc.observe.check_readable", denied)
-    with pytest.raises(ObserveUnavailable, match="CAP_SYS_ADMIN"):
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--observe-only"], "observe_only: it needs observe_host"),
+        (["--observe-host", "--observe-hostname", "bad name"], "not a host name"),
+        (["--observe-host", "--observe-hostname=-x"], "not a host name"),
+        (["--observe-host", "--observe-backing", "mthp"], "not a backing: 'mthp'"),
+        (["--observe-host", "--observe-backing", "hugetlb"], "hugetlb_2m, hugetlb_1g"),
+        (["--observe-backing", "thp"], "observe_backing: it needs observe_host"),
+        (["--observe-host", "--observe-hvo", "true"], "HVO needs .* not none"),
+        (
+            ["--observe-host", "--observe-backing", "thp", "--observe-hvo", "1"],
+            "HVO needs observe_backing hugetlb_2m or hugetlb_1g, not thp",
+        ),
+        (["--observe-host", "--observe-hvo", "maybe"], "--observe-hvo: not a boolean"),
+        (
+            ["--observe-host", "--observe-fallback", "kpageflags"],
+            r"--observe-fallback: not a fallback: 'kpageflags' \(meminfo or none\)",
+        ),
+        (["--observe-host", "--observe-fallback", "meminfo,none"], "not a fallback"),
+        (["--observe-fallback", "meminfo"], "observe_fallback: it needs observe_host"),
+    ],
+)
+def test_bad_observe_options_are_start_up_errors(argv: list[str], message: str) -> None:
+    """Each bad observe option stops foliod before it starts: exit code 2 and a message naming
+    the option."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, environ={})
+    assert foliod_main(argv) == 2
+
+
+def _observation(nr_frames: int, folios: dict[tuple[str, int], int]) -> kpf.HostObservation:
+    """A made-up observation: nr_frames present, the given folios, the rest free."""
+    scan = kpf.Scan(nr_frames=nr_frames)
+    used = sum(n << order for (_, order), n in folios.items())
+    scan.frames["free"] = nr_frames - used
+    scan.folios = dict(folios)
+    free = nr_frames - used
+    return kpf.HostObservation(
+        name="real:vm",
+        kernel="6.18",
+        scan=scan,
+        meminfo={},
+        buddyinfo={"node0/Normal": [free]},
+        vmstat={},
+        mthp={},
+        virtualization=kpf.Virtualization(True, True, "QEMU", "Standard PC"),
+        hvo=False,
+        taken_at=0.0,
+    )
+
+
+GIB16 = 16 << 18  # frames of a 16 GiB guest
+MIB = 1 << 20
+
+
+# The host side of a 16 GiB guest per model (struct_page, interim, memdesc), fully backed:
+# README's table of simulated guests, which tests/test_guests.py asserts through the API.
+HOST_SIDE = {
+    ("base", False): (256 * MIB, GIB16 * (32 + 80), GIB16 * (8 + 80)),
+    ("thp", False): (256 * MIB, 128 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    ("hugetlb_2m", False): (256 * MIB, 128 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    # HVO keeps one memmap page of a huge page's: struct page 1 of 8, interim 1 of 4, memdesc's
+    # single page stays.
+    ("hugetlb_2m", True): (32 * MIB, 32 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
+    # A 1 GiB page: one page of 4096 (struct page, 64 KiB in all), of 2048, of 512.
+    ("hugetlb_1g", True): (64 << 10, 16 * 4096 + 16 * 112, 16 * 4096 + 16 * 112),
+}
+
+
+@pytest.mark.parametrize(("backing", "hvo"), sorted(HOST_SIDE))
+def test_an_observed_guest_gets_the_simulated_guests_arithmetic(backing: str, hvo: bool) -> None:
+    """With a stated host backing, the observed host's duplication is Guest.duplication: the
+    guest side its scan's memory map, the host side what a simulated guest of that size and
+    backing pays when fully backed."""
+    observation = _observation(GIB16, {("anon", 0): 1000, ("file", 9): 10, ("slab", 0): 50})
+    machine = ObservedMachine(observation, DescriptorSizes())
+    guest = ObservedGuest(machine, BackingSpec.of(backing, hvo=hvo), DescriptorSizes())
+    duplication = guest.duplication()
+    assert [d.guest_memmap_bytes for d in duplication] == [m.total_bytes for m in machine.memmap()]
+    assert tuple(d.host_memmap_bytes for d in duplication) == HOST_SIDE[backing, hvo]
+    assert guest.backing.nr_backed_pages == GIB16
+
+
+def test_ballooned_memory_is_not_backed() -> None:
+    """Frames a balloon driver took are not backed by the host: a granule fewer per granule
+    the balloon holds."""
+    observation = _observation(GIB16, {("balloon", 0): 1024})
+    observation.scan.kind_frames["balloon"] = 1024
+    machine = ObservedMachine(observation, DescriptorSizes())
+    guest = ObservedGuest(machine, BackingSpec.of("hugetlb_2m"), DescriptorSizes())
+    assert guest.backing.nr_backed == GIB16 // 512 - 2
+
+
+def test_an_observed_guest_is_served_read_only(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
+) -> None:
+    """--observe-backing: GetGuest, ListGuests and the foliod_guest_* metrics show the observed
+    host as a guest; SetBalloon, ReportFreePages and DestroyGuest on it are
+    FAILED_PRECONDITION; simulated guests still work beside it."""
+    server = make_server(
+        observe_host=True,
+        observe_interval_seconds=0.0,
+        observe_hostname="vm1",
+        observe_backing="hugetlb_2m",
+        observe_hvo=True,
+    )
+    chan, stub = connect(server)
+    with chan:
+        guest = stub.GetGuest(pb.GetGuestRequest(name="real:vm1"))
+        assert (guest.backing, guest.hvo, guest.ram_bytes) == (
+            pb.GUEST_BACKING_HUGETLB_2M,
+            True,
+            34 * 4096,
+        )
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine="real:vm1"))
+        assert [d.guest_memmap_bytes for d in guest.duplication] == [
+            m.total_bytes for m in memmap.models
+        ]
+        # 34 frames: no 2 MiB granule, so the host side is the per-frame entries alone.
+        assert [d.host_memmap_bytes for d in guest.duplication] == [34 * 64, 34 * 32, 34 * 8]
+        stub.CreateGuest(
+            pb.CreateGuestRequest(name="g", ram_bytes=4 * MIB, backing=pb.GUEST_BACKING_BASE)
+        )
+        names = [g.name for g in stub.ListGuests(pb.ListGuestsRequest()).guests]
+        assert names == ["g", "real:vm1"]
+        for call in (
+            lambda: stub.SetBalloon(pb.SetBalloonRequest(name="real:vm1", size_bytes=4096)),
+            lambda: stub.ReportFreePages(pb.ReportFreePagesRequest(name="real:vm1")),
+            lambda: stub.DestroyGuest(pb.DestroyGuestRequest(name="real:vm1")),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        stub.DestroyGuest(pb.DestroyGuestRequest(name="g"))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert 'foliod_guest_memmap_duplicate_bytes{guest="real:vm1",model="struct_page"} 4352.0' in (
+        text
+    )
+
+
+def _unreadable(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Points the observer at a kpageflags file it cannot read (missing, or permission
+    denied); returns the pattern of the start-up error that gives."""
+    path = tmp_path / "kpageflags"
+    if how == "denied":
+        path.write_bytes(bytes(8))
+
+        def denied(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        # Only kpageflags.py's open: the meminfo file and the rest of /proc still read.
+        monkeypatch.setattr(kpf, "open", denied, raising=False)
+        pattern = f"cannot read {re.escape(str(path))}: permission denied.*CAP_DAC_READ_SEARCH"
+    else:
+        pattern = f"{re.escape(str(path))} does not exist"
+    monkeypatch.setattr("foliod.rpc.observe.KPAGEFLAGS", path)
+    return pattern
+
+
+def _read_fixture(path: Path) -> dict[str, int]:
+    """A meminfo file's fields, in bytes (kB) or counts (HugePages_*), read here on their own."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        number, *unit = value.split()
+        values[name] = int(number) * (1024 if unit == ["kB"] else 1)
+    return values
+
+
+def _estimated_folios(meminfo: dict[str, int]) -> dict[tuple[FolioKind, int], int]:
+    """The folios README's rules take from meminfo: PMD-size THPs and HugeTLB pages at their
+    order, everything else at order 0 (the fixture's HugeTLB default is 2 MiB, the rest 1 GiB)."""
+    page, pmd = 4096, 512 * 4096
+    assert meminfo["Hugepagesize"] == 2 << 20
+    anon_thp = meminfo["AnonHugePages"] // pmd
+    file_thp = (meminfo["FileHugePages"] + meminfo["ShmemHugePages"]) // pmd
+    huge_1g = (meminfo["Hugetlb"] - meminfo["HugePages_Total"] * (2 << 20)) // (1 << 30)
+    return {
+        (FolioKind.HUGETLB, 9): meminfo["HugePages_Total"],
+        (FolioKind.HUGETLB, 18): huge_1g,
+        (FolioKind.ANON, 9): anon_thp,
+        (FolioKind.ANON, 0): meminfo["AnonPages"] // page - anon_thp * 512,
+        (FolioKind.FILE, 9): file_thp,
+        (FolioKind.FILE, 0): (meminfo["Cached"] + meminfo["Buffers"]) // page - file_thp * 512,
+        (FolioKind.SLAB, 0): meminfo["Slab"] // page,
+        (FolioKind.PAGETABLE, 0): meminfo["PageTables"] // page,
+        (FolioKind.BALLOON, 0): meminfo["Balloon"] // page,
+    }
+
+
+def _descriptor_bytes(kind: FolioKind, order: int) -> int:
+    """A folio's own descriptor under interim and memdesc, at the default sizes."""
+    if kind in (FolioKind.SLAB, FolioKind.PAGETABLE):
+        return 64
+    return 112 if order else 80
+
+
+def test_meminfo_estimate_follows_the_file() -> None:
+    """The estimate's frames, free frames and folios are the meminfo file's fields by the
+    documented rules; the rest of MemTotal is kind other, with no descriptor."""
+    meminfo = _read_fixture(MEMINFO)
+    estimate = estimate_host(MEMINFO, hostname="n1")
+    assert isinstance(estimate, MeminfoEstimate)
+    assert (estimate.name, estimate.source) == ("real:n1", "meminfo-estimate")
+    scan = estimate.scan
+    expected = _estimated_folios(meminfo)
+    assert all(expected.values())  # the fixture exercises every rule
+    assert scan.folio_counts() == expected
+    assert scan.present_frames == meminfo["MemTotal"] // 4096
+    assert estimate.free_frames == scan.frames["free"] == meminfo["MemFree"] // 4096
+    used = sum(n << order for (_, order), n in expected.items())
+    assert scan.kind_frames["other"] == scan.present_frames - estimate.free_frames - used
+    assert scan.thp_frames == {
+        "anon": expected[FolioKind.ANON, 9] * 512,
+        "file": expected[FolioKind.FILE, 9] * 512,
+    }
+    assert sum(scan.frames.values()) == scan.present_frames
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read .*meminfo: No such file"),
+        ("MemFree: 4 kB\n", "is not /proc/meminfo: no MemTotal"),
+        ("MemTotal: lots kB\n", "is not /proc/meminfo: invalid literal"),
+    ],
+)
+def test_a_bad_meminfo_is_named(tmp_path: Path, text: str | None, message: str) -> None:
+    """A meminfo file that is missing, lacks MemTotal or is not meminfo: ObserveUnavailable
+    naming it."""
+    path = tmp_path / "meminfo"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ObserveUnavailable, match=message):
+        estimate_host(path)
+
+
+@pytest.mark.parametrize("how", ["missing", "denied"])
+def test_unreadable_kpageflags_stops_start_up_or_falls_back_on_meminfo(
+    make_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Without a fallback foliod does not start, naming the file, the capability and the
+    fallback; with --observe-fallback meminfo it serves the meminfo file's estimate, labelled
+    source="meminfo-estimate" in GetMemmap and on /metrics."""
+    pattern = _unreadable(how, tmp_path, monkeypatch)
+    monkeypatch.setattr("foliod.rpc.observe.MEMINFO", MEMINFO)
+    with pytest.raises(ObserveUnavailable, match=f"{pattern}.*--observe-fallback meminfo"):
         make_server(observe_host=True)
+
+    server = make_server(
+        observe_host=True,
+        observe_fallback="meminfo",
+        observe_interval_seconds=0.0,
+        observe_hostname="n1",
+    )
+    meminfo = _read_fixture(MEMINFO)
+    nr_frames, nr_free = meminfo["MemTotal"] // 4096, meminfo["MemFree"] // 4096
+    folios = _estimated_folios(meminfo)
+    descriptors = sum(n * _descriptor_bytes(kind, order) for (kind, order), n in folios.items())
+    chan, stub = connect(server)
+    with chan:
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine="real:n1"))
+        assert memmap.source == "meminfo-estimate"
+        assert memmap.ram_bytes == nr_frames * 4096
+        assert {(f.kind, f.order): f.folios for f in memmap.folios} == {
+            (pb.FolioKind.Value(f"FOLIO_KIND_{kind.name}"), order): n
+            for (kind, order), n in folios.items()
+        }
+        models = {m.model: m for m in memmap.models}
+        struct_page, memdesc = models[pb.MEMMAP_MODEL_STRUCT_PAGE], models[pb.MEMMAP_MODEL_MEMDESC]
+        assert struct_page.total_bytes == nr_frames * 64
+        assert struct_page.free_memory_bytes == nr_free * 64
+        assert memdesc.total_bytes == nr_frames * 8 + descriptors
+        assert stub.GetMachine(pb.GetMachineRequest(machine="real:n1")).nr_pages == nr_frames
+        real = stub.GetMeminfo(pb.GetMeminfoRequest(machine="real:n1"))
+        assert real.mem_total_bytes == meminfo["MemTotal"]
+        # A simulated machine has no source.
+        assert stub.GetMemmap(pb.GetMemmapRequest()).source == ""
+    with FoliodClient(f"127.0.0.1:{server.grpc_port}", timeout=10, machine="real:n1") as client:
+        title = render_memmap(client.get_memmap()).splitlines()[0]
+    assert title.startswith("memory map of real:n1 (meminfo-estimate): ")
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    (labels,) = re.findall(r"foliod_observed_host_info\{([^}]*)\}", text)
+    assert 'machine="real:n1"' in labels
+    assert 'source="meminfo-estimate"' in labels
+    (value,) = re.findall(
+        r'foliod_memmap_bytes\{machine="real:n1",model="struct_page"\} (\S+)', text
+    )
+    assert float(value) == nr_frames * 64
+
+
+def test_the_fallback_needs_a_readable_meminfo(
+    make_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With neither kpageflags nor meminfo readable the fallback cannot start either, and says
+    which file it could not read."""
+    _unreadable("missing", tmp_path, monkeypatch)
+    missing = tmp_path / "meminfo"
+    monkeypatch.setattr("foliod.rpc.observe.MEMINFO", missing)
+    with pytest.raises(ObserveUnavailable, match=f"cannot read {re.escape(str(missing))}"):
+        make_server(observe_host=True, observe_fallback="meminfo")
+
+
+def test_kpageflags_scans_are_labelled_kpageflags(
+    make_server: ServerFactory, synthetic: kpf.HostObservation
+) -> None:
+    """A readable kpageflags is scanned, fallback or not, and labelled so."""
+    server = make_server(
+        observe_host=True, observe_fallback="meminfo", observe_interval_seconds=0.0
+    )
+    chan, stub = connect(server)
+    with chan:
+        memmap = stub.GetMemmap(pb.GetMemmapRequest(machine=synthetic.name))
+        assert (memmap.source, memmap.ram_bytes) == ("kpageflags", 34 * 4096)
 
 
 @live

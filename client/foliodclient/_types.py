@@ -145,6 +145,8 @@ class MemmapReport:
     ram_bytes: int
     models: tuple[ModelReport, ...]
     folios: tuple[FolioCount, ...]
+    # An observed real host's: "kpageflags" or "meminfo-estimate"; empty when simulated.
+    source: str
 
 
 @dataclass(frozen=True, slots=True)

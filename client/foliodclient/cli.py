@@ -240,7 +240,11 @@ def render_memmap(report: MemmapReport) -> str:
         rows.append([f"  {kind}", *cells])
     rows.append(["  free memory", *(iec(m.free_memory_bytes) for m in models)])
     pages = report.ram_bytes // PAGE_SIZE
-    title = f"memory map of {report.machine}: {iec(report.ram_bytes)} of RAM, {pages} frames\n\n"
+    source = f" ({report.source})" if report.source else ""
+    title = (
+        f"memory map of {report.machine}{source}: {iec(report.ram_bytes)} of RAM, "
+        f"{pages} frames\n\n"
+    )
     return title + table(header, [row + [""] * (len(header) - len(row)) for row in rows])
 
 

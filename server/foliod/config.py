@@ -20,6 +20,7 @@ from foliod import __version__
 from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule, check_fault_rules
 from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
+from foliod.mm.guest import BackingSpec
 from foliod.mm.huge_memory import size_kb_to_order
 from foliod.mm.lru import POLICIES
 from foliod.mm.machine import validate_ram_bytes
@@ -134,6 +135,44 @@ def parse_seconds(text: str | float) -> float:
     if not 0 <= value <= 3600:
         raise ValueError(f"must be 0 to 3600 seconds, not {value}")
     return value
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def parse_hostname(text: str) -> str:
+    """A host name for real:<hostname>: a Kubernetes node name or a DNS name; empty: this
+    host's."""
+    name = str(text).strip()
+    if name and not _HOSTNAME.fullmatch(name):
+        raise ValueError(f"not a host name: {text!r} (letters, digits, '.', '_', '-'; at most 253)")
+    return name
+
+
+# Host backings an observed guest may state (the simulated guests' BackingSpec, mthp aside).
+OBSERVE_BACKINGS = ("base", "thp", "hugetlb_2m", "hugetlb_1g")
+
+
+def parse_observe_backing(text: str) -> str:
+    """What the observed host's own host backs its RAM with; empty: not stated."""
+    name = str(text).strip().lower()
+    if name and name not in OBSERVE_BACKINGS:
+        raise ValueError(f"not a backing: {text!r} ({', '.join(OBSERVE_BACKINGS)})")
+    return name
+
+
+# What the observer serves when /proc/kpageflags cannot be read; empty: nothing (exit 1).
+OBSERVE_FALLBACKS = ("meminfo",)
+
+
+def parse_observe_fallback(text: str) -> str:
+    """The observer's fallback when kpageflags cannot be read: meminfo, or none."""
+    name = str(text).strip().lower()
+    if name == "none":
+        return ""
+    if name and name not in OBSERVE_FALLBACKS:
+        raise ValueError(f"not a fallback: {text!r} ({', '.join(OBSERVE_FALLBACKS)} or none)")
+    return name
 
 
 def parse_device(text: str) -> str:
@@ -300,8 +339,41 @@ OPTIONS: tuple[Option, ...] = (
         "observe_host",
         parse_bool,
         "serve this real host read-only as machine real:<hostname>, scanned from "
-        "/proc/kpageflags (needs CAP_SYS_ADMIN)",
+        "/proc/kpageflags (needs uid 0, or CAP_DAC_READ_SEARCH)",
         switch=True,
+    ),
+    Option(
+        "observe_only",
+        parse_bool,
+        "with --observe-host: serve and export the real host alone, simulating nothing (the "
+        "lean exporter for every node)",
+        switch=True,
+    ),
+    Option(
+        "observe_backing",
+        parse_observe_backing,
+        "the observed host is a guest whose RAM its host backs with base pages, thp, "
+        "hugetlb_2m or hugetlb_1g: report the host side of the duplicated memory map",
+        "BACKING",
+    ),
+    Option(
+        "observe_hvo",
+        parse_bool,
+        "with a hugetlb --observe-backing: the host optimizes the HugeTLB pages' vmemmap (HVO)",
+        "BOOL",
+    ),
+    Option(
+        "observe_fallback",
+        parse_observe_fallback,
+        "with --observe-host, when /proc/kpageflags cannot be read: meminfo serves an estimate "
+        "from /proc/meminfo alone (labelled source=meminfo-estimate) instead of not starting",
+        "NAME",
+    ),
+    Option(
+        "observe_hostname",
+        parse_hostname,
+        "the <hostname> of real:<hostname> (default: this host's name; in a pod, give the node's)",
+        "NAME",
     ),
     Option(
         "observe_interval_seconds",
@@ -399,6 +471,11 @@ class Config:
     debug_checks: bool = False
     observe_host: bool = False
     observe_interval_seconds: float = 60.0
+    observe_only: bool = False
+    observe_backing: str = ""
+    observe_hvo: bool = False
+    observe_fallback: str = ""
+    observe_hostname: str = ""
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True
@@ -426,6 +503,12 @@ class Config:
 
     def descriptor_sizes(self) -> DescriptorSizes:
         return DescriptorSizes(**{f.name: getattr(self, f.name) for f in fields(DescriptorSizes)})
+
+    def observe_backing_spec(self) -> BackingSpec | None:
+        """The stated host backing of the observed guest, if any."""
+        if not self.observe_backing:
+            return None
+        return BackingSpec.of(self.observe_backing, hvo=self.observe_hvo)
 
     def dirty_limits(self) -> DirtyLimits:
         return DirtyLimits(self.dirty_background_ratio, self.dirty_ratio, self.dirty_expire_seconds)
@@ -537,6 +620,19 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
         config.dirty_limits()
     except FoliodError as exc:
         raise ConfigError(f"{exc.field}: {exc.message}") from exc
+    if config.observe_only and not config.observe_host:
+        raise ConfigError("observe_only: it needs observe_host (there is nothing else to serve)")
+    if config.observe_backing and not config.observe_host:
+        raise ConfigError("observe_backing: it needs observe_host (it describes the observed host)")
+    if config.observe_fallback and not config.observe_host:
+        raise ConfigError(
+            "observe_fallback: it needs observe_host (it is what the observer falls back on)"
+        )
+    if config.observe_hvo and not config.observe_backing.startswith("hugetlb"):
+        raise ConfigError(
+            "observe_hvo: HVO needs observe_backing hugetlb_2m or hugetlb_1g, not "
+            f"{config.observe_backing or 'none'}"
+        )
     check_security(config)
     return config
 

@@ -27,6 +27,7 @@ from foliod.rpc.interceptors import AccessLog, CallReporter, ObservingIntercepto
 from foliod.rpc.metrics import GrpcServerMetrics, MachineCollector
 from foliod.rpc.observe import (
     HostObserver,
+    ObservedGuests,
     ObservedHostCollector,
     ObservedMachines,
     ObservingServicer,
@@ -104,11 +105,13 @@ class FoliodServer:
         # --observe-host: the servicer and the collector also see the real host, read-only.
         self.observer: HostObserver | None = None
         served: Machines = self.machines
+        served_guests: Guests = self.guests
         if config.observe_host:
-            self.observer = HostObserver(config.observe_interval_seconds, config.descriptor_sizes())
+            self.observer = HostObserver.from_config(config)
             served = ObservedMachines(self.machines, self.observer)
+            served_guests = ObservedGuests(self.guests, self.observer)
             self.registry.register(ObservedHostCollector(self.observer))
-        self.registry.register(MachineCollector(served, self.guests))
+        self.registry.register(MachineCollector(served, served_guests))
         self.calls = CallReporter()
         self.calls.observers = (AccessLog(), GrpcServerMetrics(self.registry, self.calls))
         options = [
@@ -153,7 +156,7 @@ class FoliodServer:
         )
         self.servicer = (FoliodServicer if self.observer is None else ObservingServicer)(
             served,
-            self.guests,
+            served_guests,
             debug_checks=config.debug_checks,
             max_streams=config.max_streams,
             outcomes=self.outcomes,

@@ -5,7 +5,8 @@
 The package's modules: workloads (what each worker sends, by name), traces (text, CSV and
 oracleGeneral readers and their mapping onto files), histogram (log-bucketed latencies),
 runner (open-loop schedule, workers, unary and batched submission), progress (the terminal
-line), report (JSON, text and the HTML page) and cli (the command line).
+line), report (JSON, text and the HTML page), cli (the command line), mrc (``foliod-load mrc``,
+miss-ratio curves over a grid of servers) and reference (textbook LRU, FIFO and CLOCK).
 """
 
 from foliodclient.load.histogram import Histogram

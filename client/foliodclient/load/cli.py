@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         prog="foliod-load",
         description="Drives a foliod server with a workload or a trace and reports throughput, "
         "latency percentiles, hit ratio, device time and the memory map before and after.",
-        epilog=f"workloads:\n{workloads}",
+        epilog=f"workloads:\n{workloads}\n\nmiss-ratio curves: foliod-load mrc --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("workload", choices=sorted(WORKLOADS), metavar="WORKLOAD", help="see below")
@@ -212,6 +212,11 @@ def _failures(failures: Sequence[tuple[str, CallError]]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mrc"]:
+        from foliodclient.load import mrc  # noqa: PLC0415 -- its own command line
+
+        return mrc.main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
     _check_usage(p, args)

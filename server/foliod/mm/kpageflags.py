@@ -5,7 +5,9 @@ kernel-page-flags.h (bit numbers), include/linux/kernel-page-flags.h (KPF_RESERV
 fs/proc/page.c (stable_page_flags: which flag is set on which page of a folio), mm/page_alloc.c
 (free blocks), tools/mm/page-types.c (the kernel's own reader).
 
-/proc/kpageflags is one little-endian u64 per PFN, readable with CAP_SYS_ADMIN. It is read in
+/proc/kpageflags is one little-endian u64 per PFN, a root-owned file of mode 0400 (fs/proc/page.c,
+no capability check of its own): uid 0 reads it with no capability at all, any other uid needs
+CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE); CAP_SYS_ADMIN alone does not do (measured). It is read in
 chunks of CHUNK_FRAMES (2 MiB each), so memory stays bounded whatever the host's size; every
 chunk is classified with numpy and the GIL is given up between chunks.
 
@@ -44,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -323,8 +325,9 @@ def check_readable(path: Path = KPAGEFLAGS) -> None:
         ) from None
     except PermissionError:
         raise ObserveUnavailable(
-            f"cannot read {path}: permission denied; it needs root or CAP_SYS_ADMIN "
-            "(e.g. `setcap cap_sys_admin+ep` or a container with that capability)"
+            f"cannot read {path}: permission denied; the file is root's, mode 0400: run as "
+            "uid 0 (no capability needed) or give this uid CAP_DAC_READ_SEARCH "
+            "(CAP_SYS_ADMIN does not help)"
         ) from None
     except OSError as exc:
         raise ObserveUnavailable(f"cannot read {path}: {exc.strerror}") from None
@@ -387,6 +390,24 @@ def read_ram_ranges(path: Path = Path("/proc/iomem")) -> list[tuple[int, int]] |
     if not ranges or all(last == 0 for _, last in ranges):
         return None
     return ranges
+
+
+def read_memory_blocks(
+    root: Path = Path("/sys/devices/system/memory"),
+) -> list[tuple[int, int]] | None:
+    """PFN ranges (first, last) of the present memory blocks in sysfs (drivers/base/memory.c;
+    block_size_bytes is a multiple of the section size), readable without privileges, unlike
+    /proc/iomem's addresses (CAP_SYS_ADMIN); None without memory hotplug's sysfs."""
+    try:
+        block_frames = int((root / "block_size_bytes").read_text().strip(), 16) // PAGE_SIZE
+        ids = sorted(
+            int(entry.name.removeprefix("memory"))
+            for entry in root.iterdir()
+            if entry.name.removeprefix("memory").isdigit()
+        )
+    except (OSError, ValueError):
+        return None
+    return [(i * block_frames, (i + 1) * block_frames - 1) for i in ids] or None
 
 
 def read_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
@@ -509,6 +530,9 @@ def detect_virtualization(
 class HostObservation:
     """One observation of a real host: the scan and what /proc said around it."""
 
+    # Where the scan's frames and folios come from (foliod.mm.meminfo has the other source).
+    source: ClassVar[str] = "kpageflags"
+
     name: str
     kernel: str
     scan: Scan
@@ -519,6 +543,23 @@ class HostObservation:
     virtualization: Virtualization
     hvo: bool
     taken_at: float
+
+    @classmethod
+    def taken(cls, scan: Scan, meminfo: dict[str, int], *, hostname: str = "") -> Self:
+        """An observation of this host, named real:<hostname> (default: this host's name), made
+        of scan, meminfo and the rest of /proc and /sys read now (none of it privileged)."""
+        return cls(
+            name=f"real:{hostname or socket.gethostname()}",
+            kernel=platform.release(),
+            scan=scan,
+            meminfo=meminfo,
+            buddyinfo=read_buddyinfo(),
+            vmstat=read_vmstat(),
+            mthp=read_mthp_stats(),
+            virtualization=detect_virtualization(),
+            hvo=hugetlb_vmemmap_optimized(),
+            taken_at=time.time(),
+        )
 
     @property
     def free_frames(self) -> int:
@@ -546,6 +587,7 @@ class HostObservation:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
             "kernel": self.kernel,
             "virtualization": self.virtualization.__dict__,
             "hugetlb_vmemmap_optimized": self.hvo,
@@ -566,26 +608,17 @@ class HostObservation:
 def observe_host(
     path: Path = KPAGEFLAGS,
     *,
+    hostname: str = "",
     chunk_frames: int = CHUNK_FRAMES,
     between_chunks: Callable[[], None] | None = None,
 ) -> HostObservation:
-    """Scans this host; raises ObserveUnavailable if kpageflags cannot be read."""
+    """Scans this host, named real:<hostname> (default: this host's name); raises
+    ObserveUnavailable if kpageflags cannot be read. Sections without RAM come from /proc/iomem,
+    or from the memory blocks in sysfs when iomem hides its addresses (no CAP_SYS_ADMIN)."""
     check_readable(path)
-    scan = scan_kpageflags(
-        path, chunk_frames, between_chunks=between_chunks, ram_ranges=read_ram_ranges()
-    )
-    return HostObservation(
-        name=f"real:{socket.gethostname()}",
-        kernel=platform.release(),
-        scan=scan,
-        meminfo=read_meminfo(),
-        buddyinfo=read_buddyinfo(),
-        vmstat=read_vmstat(),
-        mthp=read_mthp_stats(),
-        virtualization=detect_virtualization(),
-        hvo=hugetlb_vmemmap_optimized(),
-        taken_at=time.time(),
-    )
+    ram_ranges = read_ram_ranges() or read_memory_blocks()
+    scan = scan_kpageflags(path, chunk_frames, between_chunks=between_chunks, ram_ranges=ram_ranges)
+    return HostObservation.taken(scan, read_meminfo(), hostname=hostname)
 
 
 def readable() -> bool:

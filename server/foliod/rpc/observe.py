@@ -8,11 +8,28 @@ through (GetMachine, GetBuddyInfo, GetMeminfo, GetMemmap, GetVmstat), which read
 attributes of it as of a simulated machine; every other lookup of that name (mutations, Submit
 batches, file and folio reads) is FAILED_PRECONDITION. The collector iterates it with the
 simulated machines, so every foliod_* family carries it under its own machine label.
+
+With --observe-backing (base, thp, hugetlb_2m, hugetlb_1g; --observe-hvo) the observed host is
+also a guest of a host foliod cannot see: ObservedGuest stands in for a Guest, and the host side
+of the duplicated memory map is Guest.duplication itself, the simulated guests' arithmetic, run
+on it. ObservedGuests adds it to the server's guests for GetGuest, ListGuests and the
+foliod_guest_* metrics; SetBalloon, ReportFreePages and DestroyGuest on it are
+FAILED_PRECONDITION.
+
+With --observe-only (the lean exporter a DaemonSet runs on every node) the observed machine is
+the only one: it is the default machine (an empty name), the collector exports nothing else,
+and naming the simulated host, or creating a guest on it, is FAILED_PRECONDITION.
+
+When kpageflags cannot be read foliod does not start (ObserveUnavailable names the file and the
+capability), unless --observe-fallback meminfo: then every scan is an estimate from
+/proc/meminfo alone (foliod.mm.meminfo), served the same way and labelled as one: GetMemmap's
+source and foliod_observed_host_info's source label say "meminfo-estimate", not "kpageflags".
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,8 +40,11 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from foliod.config import Config
 from foliod.mm import FailedPrecondition, Machine, Machines, Meminfo, Watermarks
+from foliod.mm.guest import BackingSpec, Duplication, Guest, Guests
 from foliod.mm.kpageflags import (
+    KPAGEFLAGS,
     HostObservation,
     ObserveUnavailable,
     buddy_totals,
@@ -32,9 +52,10 @@ from foliod.mm.kpageflags import (
     observe_host,
     read_watermarks,
 )
+from foliod.mm.meminfo import MEMINFO, estimate_host
 from foliod.mm.memmap import DescriptorSizes, ModelCost
 from foliod.mm.mm_types import FolioKind
-from foliod.rpc.servicer import FoliodServicer
+from foliod.rpc.servicer import FoliodServicer, _guest_pb
 from foliod.v1 import foliod_pb2 as pb
 
 PAGE_SIZE = 4096
@@ -69,6 +90,7 @@ class ObservedMachine:
         obs = observation
         self.observation = obs
         self.name = obs.name
+        self.source = obs.source
         self.lock = threading.Lock()
         self.nr_pages = obs.scan.present_frames
         self.ram_bytes = self.nr_pages * PAGE_SIZE
@@ -77,6 +99,8 @@ class ObservedMachine:
         nr_min, nr_low, nr_high, kbytes = read_watermarks()
         self.watermarks = Watermarks(nr_min, nr_low, nr_high, kbytes)
         self.nr_folios: dict[tuple[FolioKind, int], int] = obs.scan.folio_counts()
+        # Only its size is read (a guest's balloon): the frames balloon drivers took.
+        self.balloon = range(obs.scan.kind_frames.get("balloon", 0))
         self._memmap = obs.memmap(sizes)
         self.memcgs: dict[str, Any] = {}
         self.lru = _NoLru()
@@ -110,6 +134,72 @@ class ObservedMachine:
         return dict(self.observation.vmstat)
 
 
+class _UnobservedHost:
+    """The host of an observed guest: foliod sees neither its memory nor its lock."""
+
+    def __init__(self, sizes: DescriptorSizes, name: str) -> None:
+        self.sizes = sizes
+        self.name = name
+        self.lock = contextlib.nullcontext()
+
+
+class _StatedBacking:
+    """The observed guest's RAM as its host backs it: every granule, but those the guest's
+    balloon holds whole (free page reporting, which the guest side cannot see, is ignored:
+    an upper bound for lazy backings)."""
+
+    def __init__(self, machine: ObservedMachine, spec: BackingSpec) -> None:
+        self.nr_backed = (machine.nr_pages - len(machine.balloon)) >> spec.order
+        self.nr_backed_pages = self.nr_backed << spec.order
+
+
+class ObservedGuest:
+    """The observed host as the guest it is, with the host backing the user stated: the
+    attributes of a Guest that GetGuest, ListGuests and the metrics read."""
+
+    reporting = None
+    nr_ballooned_host_pages = 0
+    nr_reported_pages = 0
+    nr_reporting_batches = 0
+    nr_reported_blocks = 0
+
+    def __init__(self, machine: ObservedMachine, spec: BackingSpec, sizes: DescriptorSizes) -> None:
+        vendor = machine.observation.virtualization.sys_vendor or "unknown"
+        self.name = machine.name
+        self.machine = machine
+        self.spec = spec
+        self.host = _UnobservedHost(sizes, f"hypervisor:{vendor}")
+        self.backing = _StatedBacking(machine, spec)
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.machine.ram_bytes
+
+    def duplication(self) -> tuple[Duplication, ...]:
+        """Guest.duplication, the simulated guests' arithmetic, on this stand-in."""
+        return Guest.duplication(cast(Guest, self))
+
+
+def host_scanner(hostname: str = "", fallback: str = "") -> Callable[[], HostObservation]:
+    """How this host is scanned: from KPAGEFLAGS when it can be read; if not, with fallback
+    "meminfo" estimated from MEMINFO alone, else ObserveUnavailable naming the file and the
+    capability."""
+    kpageflags, meminfo = KPAGEFLAGS, MEMINFO
+    try:
+        check_readable(kpageflags)
+    except ObserveUnavailable as exc:
+        if fallback != "meminfo":
+            raise ObserveUnavailable(
+                f"{exc}; or start with --observe-fallback meminfo to serve an estimate from "
+                f"{meminfo} alone"
+            ) from exc
+        structlog.get_logger("foliod.observe").warning(
+            "kpageflags unreadable: estimating from meminfo", error=str(exc), meminfo=str(meminfo)
+        )
+        return functools.partial(estimate_host, meminfo, hostname=hostname)
+    return functools.partial(observe_host, kpageflags, hostname=hostname)
+
+
 class HostObserver:
     """Scans this host every interval on a daemon thread; latest is the newest result."""
 
@@ -117,18 +207,40 @@ class HostObserver:
         self,
         interval_seconds: float,
         sizes: DescriptorSizes,
-        scan: Callable[[], HostObservation] | None = None,
+        scan: Callable[[], HostObservation],
+        *,
+        only: bool = False,
+        backing: BackingSpec | None = None,
     ) -> None:
-        if scan is None:
-            check_readable()  # ObserveUnavailable names the file and the capability
         self.interval_seconds = interval_seconds
+        self.only = only
+        self.backing = backing
         self.sizes = sizes
-        self._scan = scan or observe_host
+        self._scan = scan
         self.log = structlog.get_logger("foliod.observe")
         self.latest: ObservedMachine | None = None
         self.name = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="observe_host", daemon=True)
+
+    @classmethod
+    def from_config(cls, config: Config) -> HostObserver:
+        """The observer --observe-host and its companion options ask for."""
+        return cls(
+            config.observe_interval_seconds,
+            config.descriptor_sizes(),
+            host_scanner(config.observe_hostname, config.observe_fallback),
+            only=config.observe_only,
+            backing=config.observe_backing_spec(),
+        )
+
+    @property
+    def guest(self) -> ObservedGuest | None:
+        """The latest scan as a guest, when the user stated its host's backing."""
+        latest = self.latest
+        if latest is None or self.backing is None:
+            return None
+        return ObservedGuest(latest, self.backing, self.sizes)
 
     def scan_once(self) -> ObservedMachine:
         observation = self._scan()
@@ -138,6 +250,7 @@ class HostObserver:
         self.log.info(
             "host scanned",
             machine=machine.name,
+            source=machine.source,
             seconds=round(scan.seconds, 3),
             frames=scan.frames,
             guest=observation.virtualization.guest,
@@ -188,6 +301,8 @@ class ObservedMachines(Machines):
 
     def get(self, name: str) -> Machine:
         observed = self.observer.latest
+        if self.observer.only and observed is not None and not name:
+            name = observed.name
         if observed is not None and name == observed.name:
             if not getattr(_reading, "on", False):
                 raise FailedPrecondition(
@@ -198,18 +313,81 @@ class ObservedMachines(Machines):
                 )
             # It quacks like a Machine for the read paths (see the module docstring).
             return cast(Machine, observed)
+        if self.observer.only:
+            raise _observe_only(name)
         return super().get(name)
 
     def __iter__(self) -> Iterator[Machine]:
-        machines: list[Machine] = list(self.by_name.values())
+        machines: list[Machine] = [] if self.observer.only else list(self.by_name.values())
         observed = self.observer.latest
         if observed is not None:
             machines.append(cast(Machine, observed))
         return iter(machines)
 
 
+class ObservedGuests(Guests):
+    """The server's guests plus the observed host as a guest (--observe-backing), read-only;
+    shares the server's guests."""
+
+    def __init__(self, guests: Guests, observer: HostObserver) -> None:
+        # No super().__init__: this is a view of guests, not a second set.
+        self.machines = guests.machines
+        self.new_machine = guests.new_machine
+        self.reporting = guests.reporting
+        self.clock = guests.clock
+        self.lock = guests.lock
+        self.by_name = guests.by_name
+        self.observer = observer
+
+    def get(self, name: str) -> Guest:
+        observed = self.observer.guest
+        if observed is not None and name == observed.name:
+            if not getattr(_reading, "on", False):
+                raise FailedPrecondition(
+                    f"guest {name!r} is an observed real host (foliod --observe-host): "
+                    "read-only; GetGuest and ListGuests show it, nothing else changes it",
+                    field="name",
+                )
+            return cast(Guest, observed)
+        return super().get(name)
+
+    def __iter__(self) -> Iterator[Guest]:
+        guests: list[Guest] = list(self.by_name.values())
+        observed = self.observer.guest
+        if observed is not None:
+            guests.append(cast(Guest, observed))
+        return iter(guests)
+
+    def destroy(self, name: str, *, delete_files: bool = False) -> int:
+        self.get(name)  # FailedPrecondition for the observed guest
+        return super().destroy(name, delete_files=delete_files)
+
+
+def _observe_only(name: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"machine {name[:80]!r}: this server only observes its real host (foliod "
+        "--observe-only): it simulates no machine",
+        field="machine",
+    )
+
+
 class ObservingServicer(FoliodServicer):
     """FoliodServicer whose read RPCs also serve the observed machine."""
+
+    def _guest(self, guest: Guest) -> pb.Guest:
+        if isinstance(guest, ObservedGuest):
+            # Nothing to check: a scan, not a simulated machine.
+            with guest.machine.lock:
+                return _guest_pb(guest)
+        return super()._guest(guest)
+
+    def CreateGuest(  # noqa: N802
+        self, request: pb.CreateGuestRequest, context: grpc.ServicerContext
+    ) -> pb.Guest:
+        observer = cast(ObservedMachines, self.machines).observer
+        if observer.only:
+            raise _observe_only(request.machine or "host")
+        return super().CreateGuest(request, context)
 
     def GetMachine(  # noqa: N802
         self, request: pb.GetMachineRequest, context: grpc.ServicerContext
@@ -233,7 +411,11 @@ class ObservingServicer(FoliodServicer):
         self, request: pb.GetMemmapRequest, context: grpc.ServicerContext
     ) -> pb.MemmapReport:
         with reading_observed():
-            return super().GetMemmap(request, context)
+            report = super().GetMemmap(request, context)
+        observed = cast(ObservedMachines, self.machines).observer.latest
+        if observed is not None and report.machine == observed.name:
+            report.source = observed.source
+        return report
 
     def GetVmstat(  # noqa: N802
         self, request: pb.GetVmstatRequest, context: grpc.ServicerContext
@@ -241,9 +423,16 @@ class ObservingServicer(FoliodServicer):
         with reading_observed():
             return super().GetVmstat(request, context)
 
+    def GetGuest(  # noqa: N802
+        self, request: pb.GetGuestRequest, context: grpc.ServicerContext
+    ) -> pb.Guest:
+        with reading_observed():
+            return super().GetGuest(request, context)
+
 
 class ObservedHostCollector(Collector):
-    """foliod_observed_host_info (kernel, virtualization) and the last scan's duration."""
+    """foliod_observed_host_info (kernel, virtualization, the scan's source) and the last
+    scan's duration."""
 
     def __init__(self, observer: HostObserver) -> None:
         self._observer = observer
@@ -259,7 +448,8 @@ class ObservedHostCollector(Collector):
         virt = obs.virtualization
         info = InfoMetricFamily(
             "foliod_observed_host",
-            "The observed real host: kernel and whether it is a virtual machine.",
+            "The observed real host: kernel, whether it is a virtual machine, and what its "
+            "figures come from (source: kpageflags, or meminfo-estimate).",
             labels=["machine"],
         )
         info.add_metric(
@@ -270,12 +460,13 @@ class ObservedHostCollector(Collector):
                 "hypervisor_flag": str(virt.hypervisor_flag).lower(),
                 "sys_vendor": virt.sys_vendor,
                 "hugetlb_vmemmap_optimized": str(obs.hvo).lower(),
+                "source": obs.source,
             },
         )
         yield info
         seconds = GaugeMetricFamily(
             "foliod_observe_scan_seconds",
-            "Duration of the last /proc/kpageflags scan.",
+            "Duration of the last scan (of /proc/kpageflags; of /proc/meminfo for an estimate).",
             labels=["machine"],
         )
         seconds.add_metric([obs.name], obs.scan.seconds)

@@ -985,8 +985,14 @@ class MemmapReport(_message.Message):
     RAM_BYTES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     FOLIOS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     machine: _builtins.str
     ram_bytes: _builtins.int
+    source: _builtins.str
+    """What an observed real host's figures come from (foliod --observe-host): "kpageflags"
+    (every frame classified), or "meminfo-estimate" (--observe-fallback meminfo: /proc/meminfo
+    alone, folio orders unknown but PMD-size THPs and HugeTLB). Empty for a simulated machine.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelReport]:
         """One entry per model, in the order struct_page, interim, memdesc."""
@@ -1002,10 +1008,11 @@ class MemmapReport(_message.Message):
         ram_bytes: _builtins.int = ...,
         models: _abc.Iterable[Global___ModelReport] | None = ...,
         folios: _abc.Iterable[Global___FolioCount] | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["folios", b"folios", "machine", b"machine", "models", b"models", "ram_bytes", b"ram_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folios", b"folios", "machine", b"machine", "models", b"models", "ram_bytes", b"ram_bytes", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
