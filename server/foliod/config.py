@@ -309,6 +309,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds between scans of the real host (0: scan once at start)",
         "S",
     ),
+    # Issue 13 part 3 (snapshots).
+    Option(
+        "boot_from",
+        parse_path,
+        "boot the host from a snapshot file (foliodctl snapshot): its free blocks and folios "
+        "at their frames; --ram must hold it",
+        "FILE",
+    ),
     Option("thp_enabled", parse_thp, "top-level THP knob: always, madvise, never", "SETTING"),
     Option("mthp", parse_mthp, "per-size mTHP knobs, e.g. 64kB=always,2048kB=inherit", "LIST"),
     Option(
@@ -399,6 +407,7 @@ class Config:
     debug_checks: bool = False
     observe_host: bool = False
     observe_interval_seconds: float = 60.0
+    boot_from: Path | None = None
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True
@@ -449,6 +458,7 @@ _PATH_OPTIONS = (
     "metrics_tls_cert",
     "metrics_tls_key",
     "metrics_client_ca",
+    "boot_from",
 )
 
 
