@@ -318,6 +318,12 @@ def test_snapshot_and_boot_through_the_api(make_server: ServerFactory, tmp_path:
         assert guest.ram_bytes == 64 * MIB
         assert _views(client, "copy") == expected
         assert guest.backed_bytes > 0
+        # The booted guest snapshots to the same runs; its host, with the guest's backing, too.
+        again, first = snap.decode(client.snapshot_machine("copy").data), snap.decode(info.data)
+        for column in ("kind", "order", "count", "flags", "free_pos"):
+            assert np.array_equal(getattr(again, column), getattr(first, column)), column
+        host = snap.decode(client.snapshot_machine("").data)
+        assert host.frames_by_kind()["anon"] == guest.backed_bytes // 4096
         with pytest.raises(ClientOutOfMemory, match="covers 16384 frames"):
             client.boot_guest("small", path, 32 * MIB)
         assert [g.name for g in client.list_guests().guests] == ["copy"]

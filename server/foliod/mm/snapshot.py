@@ -206,7 +206,7 @@ def _bad(what: str) -> InvalidArgument:
     return InvalidArgument(f"not a valid foliod snapshot: {what}", field="snapshot")
 
 
-def decode(data: bytes | IO[bytes]) -> Snapshot:
+def decode(data: bytes | bytearray | IO[bytes]) -> Snapshot:
     """Reads and checks a snapshot file; InvalidArgument (field "snapshot") naming what is
     wrong with a truncated, corrupt or foreign one."""
     source: IO[bytes] = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data

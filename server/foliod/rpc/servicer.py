@@ -588,7 +588,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             settings, data = receive_snapshot(request_iterator)
         finally:
             self._streams.release()
-        snapshot = decode_snapshot(bytes(data))  # checked whole before anything is created
+        snapshot = decode_snapshot(data)  # checked whole before anything is created
         return self._create_guest(settings, snapshot)
 
     # -- batched submission ----------------------------------------------------------------
