@@ -146,13 +146,17 @@ def test_public_api_is_sorted_and_importable() -> None:
 
 def test_every_rpc_has_a_method_on_both_clients() -> None:
     """Each unary RPC of foliod.v1.Foliod is a snake_case method of the sync and the async
-    client; the streaming Submit is open_submission, the client-streaming Replay replay."""
+    client; the streaming Submit is open_submission, the client-streaming Replay replay, the
+    snapshot streams snapshot_machine and boot_guest."""
     service = pb.DESCRIPTOR.services_by_name["Foliod"]
     table = {rpc.method for rpc in vars(_calls).values() if isinstance(rpc, _calls.Rpc)}
     streaming = {m.name for m in service.methods if m.client_streaming or m.server_streaming}
-    assert streaming == {"Submit", "Replay"}
+    assert streaming == {"Submit", "Replay", "SnapshotMachine", "BootGuest"}
     assert callable(FoliodClient.open_submission) and callable(AsyncFoliodClient.open_submission)
     assert callable(FoliodClient.replay) and callable(AsyncFoliodClient.replay)
+    for name in ("snapshot_machine", "boot_guest"):
+        assert callable(getattr(FoliodClient, name))
+        assert asyncio.iscoroutinefunction(getattr(AsyncFoliodClient, name)), name
     for method in service.methods:
         if method.name in streaming:
             continue

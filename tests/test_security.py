@@ -251,6 +251,14 @@ def _call_code(channel: grpc.Channel, method: Any, token: str) -> grpc.StatusCod
             )
             for _ in call(iter(()), timeout=10, metadata=metadata):
                 pass
+        elif method.server_streaming:
+            stream = channel.unary_stream(
+                name,
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString,
+            )
+            for _ in stream(request_type(), timeout=10, metadata=metadata):
+                pass
         else:
             unary = channel.unary_unary(
                 name,

@@ -54,6 +54,8 @@ from foliodclient._types import (
     ReplayResult,
     ReplayTotals,
     ReportResult,
+    Snapshot,
+    SnapshotInfo,
     ThpPolicy,
     Watermarks,
 )
@@ -138,6 +140,8 @@ __all__ = [
     "ReplayTotals",
     "ReportResult",
     "RetryPolicy",
+    "Snapshot",
+    "SnapshotInfo",
     "Submission",
     "TenantLimit",
     "ThpPolicy",

@@ -7,8 +7,10 @@ method, so arguments, requests and results are written once for both.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from google.protobuf.message import Message
@@ -36,6 +38,8 @@ from foliodclient._types import (
     MemmapReport,
     ReleaseResult,
     ReportResult,
+    Snapshot,
+    SnapshotInfo,
     ThpPolicy,
 )
 
@@ -488,3 +492,64 @@ def report_free_pages(name: str, **options: Unpack[CallOptions]) -> Call[ReportR
 def check_health(service: str = "", **options: Unpack[CallOptions]) -> Call[str]:
     """grpc.health.v1 status of a service ("" for the server): "SERVING", "NOT_SERVING", ..."""
     return Call(CHECK_HEALTH, health_pb2.HealthCheckRequest(service=service), **options)
+
+
+# Snapshots (SnapshotMachine, BootGuest): bytes of the file per message, and the time a
+# snapshot call gets beyond the client's timeout (a real host's scan takes a second or two,
+# a large simulated machine's walk longer).
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+SNAPSHOT_EXTRA_SECONDS = 120.0
+
+
+def snapshot_timeout(client_timeout: float | None, timeout: float | None) -> float | None:
+    """A snapshot call's deadline: `timeout` if given, else the client's plus
+    SNAPSHOT_EXTRA_SECONDS (None: no deadline, as the client has none)."""
+    if timeout is not None:
+        return timeout
+    return None if client_timeout is None else client_timeout + SNAPSHOT_EXTRA_SECONDS
+
+
+def snapshot_from_chunks(chunks: Iterable[pb.SnapshotChunk]) -> Snapshot:
+    """A SnapshotMachine reply: the first chunk's summary and every chunk's bytes."""
+    info: SnapshotInfo | None = None
+    data = bytearray()
+    for chunk in chunks:
+        if info is None:
+            info = into(SnapshotInfo)(chunk.info)
+        data += chunk.data
+    if info is None:
+        raise ValueError("SnapshotMachine ended without a chunk")
+    return Snapshot(info, bytes(data))
+
+
+def snapshot_bytes(snapshot: bytes | str | os.PathLike[str]) -> bytes:
+    """A snapshot file's bytes, given as such or as its path."""
+    return snapshot if isinstance(snapshot, bytes) else Path(snapshot).read_bytes()
+
+
+def boot_guest_chunks(
+    name: str,
+    snapshot: bytes,
+    ram_bytes: int = 0,
+    backing: Backing | str = Backing.BASE,
+    *,
+    machine: str = "",
+    mthp_size_kb: int = 0,
+    hvo: bool = False,
+    free_page_reporting: bool | None = None,
+) -> Iterator[pb.BootGuestChunk]:
+    """BootGuest's stream: the guest's settings, then the file in SNAPSHOT_CHUNK_BYTES pieces."""
+    guest = pb.CreateGuestRequest(
+        machine=machine,
+        name=name,
+        ram_bytes=ram_bytes,
+        backing=enum_to_pb(Backing(backing)),
+        mthp_size_kb=mthp_size_kb,
+        hvo=hvo,
+        free_page_reporting=free_page_reporting,
+    )
+    for start in range(0, max(len(snapshot), 1), SNAPSHOT_CHUNK_BYTES):
+        data = snapshot[start : start + SNAPSHOT_CHUNK_BYTES]
+        yield (
+            pb.BootGuestChunk(guest=guest, data=data) if not start else pb.BootGuestChunk(data=data)
+        )

@@ -21,12 +21,14 @@ from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
 from foliod import __version__
+from foliod.mm.guest import Backing
+from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
 from foliodclient._batch import AsyncSubmission, Submission
 from foliodclient._calls import FOLIOD, HEALTH, IDEMPOTENCY_KEY, Call
 from foliodclient._convert import from_message
-from foliodclient._types import ReplayResult
+from foliodclient._types import Guest, ReplayResult, Snapshot
 from foliodclient.errors import error_from_rpc
 
 P = ParamSpec("P")
@@ -310,6 +312,61 @@ class FoliodClient(_ClientBase[grpc.Channel]):
             raise error_from_rpc(exc) from exc
         return from_message(ReplayResult, reply)
 
+    def snapshot_machine(
+        self, machine: str | None = None, *, timeout: float | None = None
+    ) -> Snapshot:
+        """A machine's snapshot ("": the client's machine; the observed real host is read
+        afresh from its /proc/kpageflags): its summary and the file's bytes. `timeout` bounds
+        the call (None: the client's timeout plus SNAPSHOT_EXTRA_SECONDS)."""
+        request = pb.SnapshotMachineRequest(machine=self.machine if machine is None else machine)
+        try:
+            chunks = self._stubs[FOLIOD].SnapshotMachine(
+                request,
+                timeout=_calls.snapshot_timeout(self.timeout, timeout),
+                metadata=self._connection.metadata,
+            )
+            return _calls.snapshot_from_chunks(chunks)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def boot_guest(
+        self,
+        name: str,
+        snapshot: bytes | str | os.PathLike[str],
+        ram_bytes: int = 0,
+        backing: Backing | str = Backing.BASE,
+        *,
+        mthp_size_kb: int = 0,
+        hvo: bool = False,
+        free_page_reporting: bool | None = None,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> Guest:
+        """Creates a guest booted from a snapshot (its bytes, or the path of its file): the
+        snapshot's free blocks and folios at the same frames, held by owners imported:<kind>.
+        `ram_bytes` 0 is the snapshot's size; the rest as create_guest. InvalidArgument for a
+        file that is not a valid snapshot, OutOfMemory for one larger than `ram_bytes` or a
+        guest the host cannot back; nothing is created then. Never retried."""
+        chunks = _calls.boot_guest_chunks(
+            name,
+            _calls.snapshot_bytes(snapshot),
+            ram_bytes,
+            backing,
+            machine=self.machine if machine is None else machine,
+            mthp_size_kb=mthp_size_kb,
+            hvo=hvo,
+            free_page_reporting=free_page_reporting,
+        )
+        try:
+            reply = self._stubs[FOLIOD].BootGuest(
+                chunks,
+                timeout=_calls.snapshot_timeout(self.timeout, timeout),
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(Guest, reply)
+
     allocate = _sync(_calls.allocate)
     free = _sync(_calls.free)
     release_owner = _sync(_calls.release_owner)
@@ -428,6 +485,55 @@ class AsyncFoliodClient(_ClientBase[aio.Channel]):
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return from_message(ReplayResult, reply)
+
+    async def snapshot_machine(
+        self, machine: str | None = None, *, timeout: float | None = None
+    ) -> Snapshot:
+        """As FoliodClient.snapshot_machine: a machine's snapshot."""
+        request = pb.SnapshotMachineRequest(machine=self.machine if machine is None else machine)
+        try:
+            call = self._stubs[FOLIOD].SnapshotMachine(
+                request,
+                timeout=_calls.snapshot_timeout(self.timeout, timeout),
+                metadata=self._connection.metadata,
+            )
+            return _calls.snapshot_from_chunks([chunk async for chunk in call])
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    async def boot_guest(
+        self,
+        name: str,
+        snapshot: bytes | str | os.PathLike[str],
+        ram_bytes: int = 0,
+        backing: Backing | str = Backing.BASE,
+        *,
+        mthp_size_kb: int = 0,
+        hvo: bool = False,
+        free_page_reporting: bool | None = None,
+        machine: str | None = None,
+        timeout: float | None = None,
+    ) -> Guest:
+        """As FoliodClient.boot_guest: a guest booted from a snapshot."""
+        chunks = _calls.boot_guest_chunks(
+            name,
+            _calls.snapshot_bytes(snapshot),
+            ram_bytes,
+            backing,
+            machine=self.machine if machine is None else machine,
+            mthp_size_kb=mthp_size_kb,
+            hvo=hvo,
+            free_page_reporting=free_page_reporting,
+        )
+        try:
+            reply = await self._stubs[FOLIOD].BootGuest(
+                chunks,
+                timeout=_calls.snapshot_timeout(self.timeout, timeout),
+                metadata=self._connection.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return from_message(Guest, reply)
 
     allocate = _async(_calls.allocate)
     free = _async(_calls.free)

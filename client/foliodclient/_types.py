@@ -6,8 +6,10 @@ type hints here alone. Sizes are ``*_bytes`` or ``nr_*`` (4 KiB pages), as in th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from foliod.mm import FolioKind, MemmapModel, ThpSetting
 from foliod.mm.guest import Backing
@@ -323,3 +325,31 @@ class ReportResult:
     blocks: int
     host_freed_bytes: int
     guest: Guest
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """What a snapshot file holds: its source ("simulated" or "kpageflags"), machine, frames,
+    free pages, runs, size, and folios by "kind:order"."""
+
+    source: str
+    machine: str
+    hostname: str
+    kernel: str
+    nr_frames: int
+    nr_free_pages: int
+    nr_runs: int
+    size_bytes: int
+    folios: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A machine's snapshot: its summary and the file's bytes (save them with write_to)."""
+
+    info: SnapshotInfo
+    data: bytes
+
+    def write_to(self, path: str | os.PathLike[str]) -> int:
+        """Writes the file; returns its size in bytes."""
+        return Path(path).write_bytes(self.data)

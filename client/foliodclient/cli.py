@@ -491,6 +491,33 @@ def cmd_guests_create(client: FoliodClient, args: argparse.Namespace) -> Output:
     return Output(guest, render_guest(guest))
 
 
+def cmd_guests_boot(client: FoliodClient, args: argparse.Namespace) -> Output:
+    guest = client.boot_guest(
+        args.name,
+        args.file,
+        args.size,
+        args.backing,
+        mthp_size_kb=args.mthp_size_kb,
+        hvo=args.hvo,
+        free_page_reporting=args.free_page_reporting,
+    )
+    return Output(guest, render_guest(guest))
+
+
+def cmd_snapshot(client: FoliodClient, args: argparse.Namespace) -> Output:
+    snapshot = client.snapshot_machine(args.target)
+    snapshot.write_to(args.output)
+    info = snapshot.info
+    folios = sum(info.folios.values())
+    text = (
+        f"{args.output}: {info.size_bytes} bytes ({iec(info.size_bytes)}), snapshot of "
+        f"{info.machine} ({info.source}{', ' + info.kernel if info.kernel else ''}): "
+        f"{info.nr_frames} frames ({iec(info.nr_frames * PAGE_SIZE)}), "
+        f"{info.nr_free_pages} free, {folios} folios, {info.nr_runs} runs\n"
+    )
+    return Output(info, text)
+
+
 def cmd_guests_ls(client: FoliodClient, args: argparse.Namespace) -> Output:
     listing = client.list_guests()
     header = ["name", "RAM", "backing", "backed", "balloon", *(str(m) for m in MemmapModel)]
@@ -671,6 +698,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="return free guest memory to the host (default: on for base, mthp and thp "
         "guests, off for hugetlb ones)",
     )
+    boot = add(
+        guest_commands,
+        "boot",
+        cmd_guests_boot,
+        "create a guest booted from a snapshot file (foliodctl snapshot)",
+    )
+    boot.add_argument("name")
+    boot.add_argument("file", help="snapshot file")
+    boot.add_argument(
+        "--size", type=size_arg, default=0, help="guest RAM (default: the snapshot's)"
+    )
+    boot.add_argument(
+        "--backing", choices=[str(b) for b in Backing], default="base", help="default base"
+    )
+    boot.add_argument(
+        "--mthp-size-kb", type=count_arg, default=0, help="mthp backing: folio size in kB"
+    )
+    boot.add_argument("--hvo", action="store_true", help="hugetlb: vmemmap optimization")
+    boot.add_argument(
+        "--free-page-reporting",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="return free guest memory to the host (default as for create)",
+    )
     add(guest_commands, "ls", cmd_guests_ls, "list guests and their memmap duplication")
     add(guest_commands, "show", cmd_guests_show, "a guest's details").add_argument("name")
     destroy = add(guest_commands, "destroy", cmd_guests_destroy, "destroy a guest")
@@ -683,6 +734,21 @@ def build_parser() -> argparse.ArgumentParser:
         "name"
     )
 
+    snapshot = add(
+        commands,
+        "snapshot",
+        cmd_snapshot,
+        "save a machine's layout (free blocks, folios at their frames) to a file",
+    )
+    snapshot.add_argument(
+        "target",
+        nargs="?",
+        default=None,
+        metavar="MACHINE",
+        help="machine to snapshot (default: --machine, the host); real:<hostname> for the "
+        "observed real host",
+    )
+    snapshot.add_argument("-o", "--output", required=True, help="file to write")
     alloc = add(commands, "alloc", cmd_alloc, "allocate folios for an owner")
     alloc.add_argument("owner")
     alloc.add_argument("kind", choices=[str(k) for k in FolioKind])

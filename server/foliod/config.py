@@ -381,6 +381,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds between scans of the real host (0: scan once at start)",
         "S",
     ),
+    # Issue 13 part 3 (snapshots).
+    Option(
+        "boot_from",
+        parse_path,
+        "boot the host from a snapshot file (foliodctl snapshot): its free blocks and folios "
+        "at their frames; --ram must hold it",
+        "FILE",
+    ),
     Option("thp_enabled", parse_thp, "top-level THP knob: always, madvise, never", "SETTING"),
     Option("mthp", parse_mthp, "per-size mTHP knobs, e.g. 64kB=always,2048kB=inherit", "LIST"),
     Option(
@@ -476,6 +484,7 @@ class Config:
     observe_hvo: bool = False
     observe_fallback: str = ""
     observe_hostname: str = ""
+    boot_from: Path | None = None
     thp_enabled: ThpSetting = ThpSetting.ALWAYS
     mthp: dict[int, ThpSetting] = field(default_factory=dict)
     thp_deposit_pgtable: bool = True
@@ -532,6 +541,7 @@ _PATH_OPTIONS = (
     "metrics_tls_cert",
     "metrics_tls_key",
     "metrics_client_ca",
+    "boot_from",
 )
 
 

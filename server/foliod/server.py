@@ -6,6 +6,7 @@ import dataclasses
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import structlog
@@ -16,10 +17,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from foliod.config import Config
-from foliod.mm import HOST, Machine, Machines, ThpPolicy
+from foliod.mm import HOST, FoliodError, Machine, Machines, ThpPolicy
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
 from foliod.mm.guest import Guests, ReportingConfig
 from foliod.mm.huge_memory import size_kb_to_order
+from foliod.mm.snapshot import boot
+from foliod.mm.snapshot import read_file as read_snapshot
 from foliod.rpc.auth import AuthInterceptor, TokenFile
 from foliod.rpc.exporter import MetricsEndpoint, TlsFiles
 from foliod.rpc.idempotency import IdempotencyInterceptor, OutcomeCache
@@ -58,7 +61,21 @@ def worker_pool(config: Config) -> WorkerPool:
 
 
 def build_host(config: Config) -> Machine:
-    return build_machine(config, HOST, config.ram)
+    host = build_machine(config, HOST, config.ram)
+    if config.boot_from is not None:
+        boot_host(host, config.boot_from)
+    return host
+
+
+def boot_host(host: Machine, path: Path) -> None:
+    """--boot-from: the host starts from a snapshot file; ValueError (foliod does not start)
+    naming the file when it cannot be read, is not a valid snapshot or does not fit."""
+    try:
+        boot(read_snapshot(path), host)
+    except OSError as exc:
+        raise ValueError(f"--boot-from {path}: {exc.strerror or exc}") from exc
+    except FoliodError as exc:
+        raise ValueError(f"--boot-from {path}: {exc.message}") from exc
 
 
 def build_machine(config: Config, name: str, ram_bytes: int) -> Machine:

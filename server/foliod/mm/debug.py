@@ -93,6 +93,8 @@ def check_machine(machine: Machine) -> None:
     balloon = machine.balloon
     _require(len(np.unique(balloon)) == len(balloon), "a frame is in the balloon twice")
     spans.extend((pfn, 1, "balloon page") for pfn in balloon.tolist())
+    # Frames a snapshot withheld (foliod.mm.snapshot): first pfn, kind, order, count.
+    spans.extend((int(r[0]), int(r[3]) << int(r[2]), "withheld run") for r in machine.withheld)
     hvo: dict[int, int] = {}
     has_hvo = (recs.flags & HVO) != 0
     _require(

@@ -45,6 +45,7 @@ from foliod.mm.machine import (
 from foliod.mm.memmap import MemmapModel, hvo_freed_bytes
 from foliod.mm.mm_types import FolioKind
 from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PUD_ORDER
+from foliod.mm.snapshot import Snapshot, boot, check_fits, used_frames
 from foliod.mm.vmstat import VmEvent
 
 # A guest's name doubles as a directory name and, prefixed, as its host owner's name.
@@ -489,11 +490,14 @@ class Guests:
         hvo: bool = False,
         on: str = "",
         free_page_reporting: bool | None = None,
+        snapshot: Snapshot | None = None,
     ) -> Guest:
         """Creates a guest on the host (``on``: the machine to host it, empty for the host).
         Free page reporting is on by default for lazily backed guests and off for HugeTLB ones
         (their pages are reserved for the guest). Too big for what the host can back:
-        OutOfMemory, and nothing changes."""
+        OutOfMemory, and nothing changes. With a snapshot the guest boots from it (ram_bytes
+        0: the snapshot's size, rounded up to the backing's granule) and the host backs every
+        frame the snapshot does not leave free (holes aside) at once."""
         with self.lock:
             parent = self.machines.get(on)
             if parent is not self.machines.host:
@@ -504,8 +508,12 @@ class Guests:
                 )
             self.__check_name(name)
             spec = BackingSpec.of(backing, mthp_size_kb=mthp_size_kb, hvo=hvo)
-            nr_pages = validate_ram_bytes(ram_bytes)
             granule_bytes = PAGE_SIZE << spec.order
+            if snapshot is not None and not ram_bytes:
+                ram_bytes = -(-snapshot.nr_frames * PAGE_SIZE // granule_bytes) * granule_bytes
+            nr_pages = validate_ram_bytes(ram_bytes)
+            if snapshot is not None:
+                check_fits(snapshot, nr_pages, name)
             if ram_bytes % granule_bytes:
                 raise InvalidArgument(
                     f"a {spec.backing} guest's RAM must be a multiple of {granule_bytes} bytes, "
@@ -521,6 +529,10 @@ class Guests:
                         ram.back(np.arange(ram.nr_granules, dtype=np.int64))
                     machine = self.new_machine(name, ram_bytes)
                     machine.tenant_limits = host.tenant_limits  # one set of limits per server
+                    if snapshot is not None:
+                        boot(snapshot, machine)
+                        if spec.lazy:
+                            ram.back(_granules(snapshot, spec.order))
                 except Exception:
                     ram.detach()  # nothing of the guest stays on the host
                     raise
@@ -593,3 +605,16 @@ class Guests:
             if run is not None:
                 runs.append((guest, run))
         return runs
+
+
+def _granules(snapshot: Snapshot, shift: int) -> npt.NDArray[np.int64]:
+    """The backing granules (of 2^shift frames) holding any frame a snapshot uses, ascending."""
+    starts, frames = used_frames(snapshot)
+    if not len(starts):
+        return np.empty(0, np.int64)
+    first, last = starts >> shift, (starts + frames - 1) >> shift
+    spans = last - first + 1
+    offset = np.arange(int(spans.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(spans) - spans, spans
+    )
+    return np.unique(np.repeat(first, spans) + offset)

@@ -288,6 +288,11 @@ class Machine:
         # Frames of the pages the balloon driver holds (a guest's, handed back to its host),
         # oldest first.
         self.balloon: Int64Array = np.empty(0, np.int64)
+        # Frames a snapshot booted this machine with that are neither free nor in a folio
+        # (zero, other, reserved, hole runs): rows of first pfn, run kind code, order, count
+        # (foliod.mm.snapshot); holes have no per-frame descriptor in the memory map.
+        self.withheld: Int64Array = np.empty((0, 4), np.int64)
+        self.nr_hole_pages = 0
         self.clock = clock
         policy = POLICIES.get(reclaim_policy)
         if policy is None:
@@ -1117,7 +1122,7 @@ class Machine:
 
     def memmap(self) -> tuple[ModelCost, ...]:
         return memmap_report(
-            self.nr_pages,
+            self.nr_pages - self.nr_hole_pages,
             self.zone.nr_free,
             self.nr_folios,
             self.sizes,
@@ -1177,7 +1182,7 @@ class Machine:
             slab_bytes=self.nr_pages_of(FolioKind.SLAB) << PAGE_SHIFT,
             page_tables_bytes=self.nr_pages_of(FolioKind.PAGETABLE) << PAGE_SHIFT,
             hugetlb_bytes=self.nr_pages_of(FolioKind.HUGETLB) << PAGE_SHIFT,
-            memmap_bytes=self.nr_pages * self.sizes.struct_page_bytes,
+            memmap_bytes=(self.nr_pages - self.nr_hole_pages) * self.sizes.struct_page_bytes,
             cached_bytes=(self.page_cache.nr_pages if self.page_cache else 0) << PAGE_SHIFT,
             dirty_bytes=(self.page_cache.nr_dirty if self.page_cache else 0) << PAGE_SHIFT,
             active_file_bytes=self.lru.nr_active << PAGE_SHIFT,

@@ -99,6 +99,13 @@ class Zone:
                 self.free_area[order][pfn] = None
         self.nr_free += end - start
 
+    def load_free_lists(self, lists: list[list[int]]) -> None:
+        """Replaces the free lists: lists[order] holds its blocks from the list's tail to its
+        head (the last is allocated first), as a snapshot recorded them. The caller checked
+        they are aligned, disjoint and unmerged."""
+        self.free_area = [dict.fromkeys(blocks) for blocks in lists]
+        self.nr_free = sum(len(blocks) << order for order, blocks in enumerate(lists))
+
     def watermark_ok(self, order: int) -> bool:
         """Whether a 2^order allocation leaves free memory above the min watermark."""
         return self.nr_free - (1 << order) + 1 > self.watermarks.nr_min

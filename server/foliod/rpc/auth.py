@@ -101,7 +101,8 @@ _WORKLOAD = (
     "Replay",
 )
 # Host-wide knobs and guests: they change what every tenant sees. Reclaim is one: it evicts
-# anyone's page cache (a tenant's own is reclaimed by its memory limit, memcontrol).
+# anyone's page cache (a tenant's own is reclaimed by its memory limit, memcontrol). A snapshot
+# shows where every tenant's folios lie.
 _ADMIN = (
     "SetThpPolicy",
     "Reclaim",
@@ -111,6 +112,8 @@ _ADMIN = (
     "DestroyGuest",
     "SetBalloon",
     "ReportFreePages",
+    "SnapshotMachine",
+    "BootGuest",
 )
 _ALL_ROLES = frozenset(Role)
 # Full method name -> the roles that may call it.

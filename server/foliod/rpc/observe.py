@@ -55,7 +55,8 @@ from foliod.mm.kpageflags import (
 from foliod.mm.meminfo import MEMINFO, estimate_host
 from foliod.mm.memmap import DescriptorSizes, ModelCost
 from foliod.mm.mm_types import FolioKind
-from foliod.rpc.servicer import FoliodServicer, _guest_pb
+from foliod.mm.snapshot import snapshot_host
+from foliod.rpc.servicer import FoliodServicer, _guest_pb, snapshot_chunks
 from foliod.v1 import foliod_pb2 as pb
 
 PAGE_SIZE = 4096
@@ -428,6 +429,18 @@ class ObservingServicer(FoliodServicer):
     ) -> pb.Guest:
         with reading_observed():
             return super().GetGuest(request, context)
+    def SnapshotMachine(  # noqa: N802
+        self, request: pb.SnapshotMachineRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SnapshotChunk]:
+        observer = cast(ObservedMachines, self.machines).observer
+        if not request.machine or request.machine != observer.name:
+            return super().SnapshotMachine(request, context)
+        try:
+            # A fresh scan of its own (the observer keeps counts, not the layout); no lock.
+            snapshot = snapshot_host()
+        except ObserveUnavailable as exc:
+            raise FailedPrecondition(str(exc), field="machine") from None
+        return snapshot_chunks(snapshot)
 
 
 class ObservedHostCollector(Collector):

@@ -27,6 +27,8 @@ from foliod.mm.folio_table import OwnedFolio
 from foliod.mm.guest import Backing, Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb, size_kb_to_order
 from foliod.mm.page_alloc import MAX_PAGE_ORDER
+from foliod.mm.snapshot import MAX_SNAPSHOT_BYTES, Snapshot, snapshot_machine
+from foliod.mm.snapshot import decode as decode_snapshot
 from foliod.rpc.auth import current_identity
 from foliod.rpc.batch import submit_batch
 from foliod.rpc.idempotency import OutcomeCache, submit_once
@@ -485,6 +487,11 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def CreateGuest(
         self, request: pb.CreateGuestRequest, context: grpc.ServicerContext
     ) -> pb.Guest:
+        return self._create_guest(request)
+
+    def _create_guest(
+        self, request: pb.CreateGuestRequest, snapshot: Snapshot | None = None
+    ) -> pb.Guest:
         backing = _BACKING_FROM_PB.get(request.backing)
         if backing is None:
             raise InvalidArgument(
@@ -500,6 +507,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             free_page_reporting=(
                 request.free_page_reporting if request.HasField("free_page_reporting") else None
             ),
+            snapshot=snapshot,
         )
         return self._guest(guest)
 
@@ -559,6 +567,30 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             guest=self._guest(guest),
         )
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def SnapshotMachine(
+        self, request: pb.SnapshotMachineRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SnapshotChunk]:
+        # The walk holds the machine's lock; compressing the file does not.
+        return snapshot_chunks(self._read(request.machine, snapshot_machine))
+
+    def BootGuest(
+        self, request_iterator: Iterator[pb.BootGuestChunk], context: grpc.ServicerContext
+    ) -> pb.Guest:
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} Submit, Replay and BootGuest streams are open, the most "
+                "this server allows (each holds a worker thread; see --workers)",
+            )
+        try:
+            settings, data = receive_snapshot(request_iterator)
+        finally:
+            self._streams.release()
+        snapshot = decode_snapshot(data)  # checked whole before anything is created
+        return self._create_guest(settings, snapshot)
+
     # -- batched submission ----------------------------------------------------------------
 
     def Submit(
@@ -610,6 +642,59 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
         ns = self._ns()
         names = [ns.file(name) for name in trace.names]
         return self._change(trace.machine, lambda m: run_replay(m, names, trace))
+
+
+# Bytes of the snapshot file per SnapshotChunk.
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+
+
+def snapshot_chunks(snapshot: Snapshot) -> Iterator[pb.SnapshotChunk]:
+    """A snapshot's file in chunks, its summary in the first."""
+    data = snapshot.encode()
+    header = snapshot.header()
+    info = pb.SnapshotInfo(
+        source=header.get("source", ""),
+        machine=header.get("machine", ""),
+        hostname=header.get("hostname", ""),
+        kernel=header.get("kernel", ""),
+        nr_frames=snapshot.nr_frames,
+        nr_free_pages=header["nr_free_pages"],
+        nr_runs=header["nr_runs"],
+        size_bytes=len(data),
+        folios=header["folios"],
+    )
+    for start in range(0, len(data), SNAPSHOT_CHUNK_BYTES):
+        chunk = data[start : start + SNAPSHOT_CHUNK_BYTES]
+        yield pb.SnapshotChunk(info=info, data=chunk) if not start else pb.SnapshotChunk(data=chunk)
+
+
+def receive_snapshot(
+    chunks: Iterator[pb.BootGuestChunk],
+) -> tuple[pb.CreateGuestRequest, bytearray]:
+    """BootGuest's stream: the guest's settings from the first chunk and the file's bytes,
+    refused past MAX_SNAPSHOT_BYTES."""
+    settings: pb.CreateGuestRequest | None = None
+    data = bytearray()
+    for number, chunk in enumerate(chunks, 1):
+        if number == 1:
+            if not chunk.HasField("guest"):
+                raise InvalidArgument("the first chunk must carry the guest", field="guest")
+            settings = chunk.guest
+        elif chunk.HasField("guest"):
+            raise InvalidArgument(
+                f"chunk {number} carries a guest: only the first may", field="guest"
+            )
+        if len(data) + len(chunk.data) > MAX_SNAPSHOT_BYTES:
+            raise InvalidArgument(
+                f"the snapshot passes {MAX_SNAPSHOT_BYTES} bytes at chunk {number}",
+                field="data",
+            )
+        data += chunk.data
+    if settings is None:
+        raise InvalidArgument("an empty stream: no guest and no snapshot", field="guest")
+    if not data:
+        raise InvalidArgument("the stream carries no snapshot bytes", field="data")
+    return settings, data
 
 
 def _duplication_pb(

@@ -2377,6 +2377,150 @@ class ListGuestsRequest(_message.Message):
 Global___ListGuestsRequest: _TypeAlias = ListGuestsRequest  # noqa: Y015
 
 @_typing.final
+class SnapshotMachineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    """The machine to snapshot: empty for the host, a guest's name, or the observed real host."""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotMachineRequest: _TypeAlias = SnapshotMachineRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotInfo(_message.Message):
+    """What a snapshot file holds (its JSON header, in short)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FoliosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    KERNEL_FIELD_NUMBER: _builtins.int
+    NR_FRAMES_FIELD_NUMBER: _builtins.int
+    NR_FREE_PAGES_FIELD_NUMBER: _builtins.int
+    NR_RUNS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    FOLIOS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """"simulated" or "kpageflags"."""
+    machine: _builtins.str
+    hostname: _builtins.str
+    kernel: _builtins.str
+    """The real host's kernel release; empty for a simulated machine."""
+    nr_frames: _builtins.int
+    nr_free_pages: _builtins.int
+    nr_runs: _builtins.int
+    """Runs of equal units (free blocks, folios, withheld frames) that tile the frames."""
+    size_bytes: _builtins.int
+    """Bytes of the whole file."""
+    @_builtins.property
+    def folios(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Folios by "kind:order" (kinds anon, file, slab, pagetable, hugetlb, balloon, zero, other)."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        machine: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        kernel: _builtins.str = ...,
+        nr_frames: _builtins.int = ...,
+        nr_free_pages: _builtins.int = ...,
+        nr_runs: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        folios: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folios", b"folios", "hostname", b"hostname", "kernel", b"kernel", "machine", b"machine", "nr_frames", b"nr_frames", "nr_free_pages", b"nr_free_pages", "nr_runs", b"nr_runs", "size_bytes", b"size_bytes", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotInfo: _TypeAlias = SnapshotInfo  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the file."""
+    @_builtins.property
+    def info(self) -> Global___SnapshotInfo:
+        """First chunk only."""
+
+    def __init__(
+        self,
+        *,
+        info: Global___SnapshotInfo | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class BootGuestChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GUEST_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the snapshot file."""
+    @_builtins.property
+    def guest(self) -> Global___CreateGuestRequest:
+        """First chunk only: the guest to create (its machine, name, backing, ...)."""
+
+    def __init__(
+        self,
+        *,
+        guest: Global___CreateGuestRequest | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "guest", b"guest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootGuestChunk: _TypeAlias = BootGuestChunk  # noqa: Y015
+
+@_typing.final
 class ListGuestsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

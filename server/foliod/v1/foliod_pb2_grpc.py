@@ -204,6 +204,16 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
                 _registered_method=True)
+        self.SnapshotMachine = channel.unary_stream(
+                '/foliod.v1.Foliod/SnapshotMachine',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.SnapshotMachineRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.BootGuest = channel.stream_unary(
+                '/foliod.v1.Foliod/BootGuest',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.BootGuestChunk.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
+                _registered_method=True)
         self.Submit = channel.stream_stream(
                 '/foliod.v1.Foliod/Submit',
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.SubmitRequest.SerializeToString,
@@ -458,6 +468,28 @@ class FoliodServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotMachine(self, request, context):
+        """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
+        kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+        host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
+        at most 1 MiB; the first also carries its summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BootGuest(self, request_iterator, context):
+        """Creates a guest booted from a snapshot: the same free blocks and the same folios at the
+        same frames, held by owners imported:<kind>. The first message carries the guest's
+        settings (ram_bytes 0: the snapshot's size); every message may carry bytes of the file,
+        at most 256 MiB in all. A truncated, corrupt or foreign file is INVALID_ARGUMENT naming
+        what is wrong; a snapshot larger than ram_bytes is RESOURCE_EXHAUSTED; nothing is created
+        either way. Admin; counts against --max-streams while the client sends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Submit(self, request_iterator, context):
         """Batched submission, in the spirit of io_uring: the client sends batches of operations on
         one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
@@ -659,6 +691,16 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.ReportFreePages,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.SerializeToString,
+            ),
+            'SnapshotMachine': grpc.unary_stream_rpc_method_handler(
+                    servicer.SnapshotMachine,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.SnapshotMachineRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'BootGuest': grpc.stream_unary_rpc_method_handler(
+                    servicer.BootGuest,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.BootGuestChunk.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.Guest.SerializeToString,
             ),
             'Submit': grpc.stream_stream_rpc_method_handler(
                     servicer.Submit,
@@ -1589,6 +1631,60 @@ class Foliod:
             '/foliod.v1.Foliod/ReportFreePages',
             foliod_dot_v1_dot_foliod__pb2.ReportFreePagesRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.ReportFreePagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotMachine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/foliod.v1.Foliod/SnapshotMachine',
+            foliod_dot_v1_dot_foliod__pb2.SnapshotMachineRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BootGuest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/foliod.v1.Foliod/BootGuest',
+            foliod_dot_v1_dot_foliod__pb2.BootGuestChunk.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.Guest.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,20 @@ class FoliodStub:
     """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
     ReportFreePages: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]
     """Runs a guest's free page reporting now, without waiting for its delay."""
+    SnapshotMachine: _grpc.UnaryStreamMultiCallable[_foliod_pb2.SnapshotMachineRequest, _foliod_pb2.SnapshotChunk]
+    """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
+    kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+    host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
+    at most 1 MiB; the first also carries its summary.
+    """
+    BootGuest: _grpc.StreamUnaryMultiCallable[_foliod_pb2.BootGuestChunk, _foliod_pb2.Guest]
+    """Creates a guest booted from a snapshot: the same free blocks and the same folios at the
+    same frames, held by owners imported:<kind>. The first message carries the guest's
+    settings (ram_bytes 0: the snapshot's size); every message may carry bytes of the file,
+    at most 256 MiB in all. A truncated, corrupt or foreign file is INVALID_ARGUMENT naming
+    what is wrong; a snapshot larger than ram_bytes is RESOURCE_EXHAUSTED; nothing is created
+    either way. Admin; counts against --max-streams while the client sends.
+    """
     Submit: _grpc.StreamStreamMultiCallable[_foliod_pb2.SubmitRequest, _foliod_pb2.SubmitResponse]
     """Batched submission, in the spirit of io_uring: the client sends batches of operations on
     one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
@@ -211,6 +225,20 @@ class FoliodAsyncStub(FoliodStub):
     """Inflates or deflates a guest's balloon to a target size (virtio-balloon)."""
     ReportFreePages: _aio.UnaryUnaryMultiCallable[_foliod_pb2.ReportFreePagesRequest, _foliod_pb2.ReportFreePagesResponse]  # type: ignore[assignment]
     """Runs a guest's free page reporting now, without waiting for its delay."""
+    SnapshotMachine: _aio.UnaryStreamMultiCallable[_foliod_pb2.SnapshotMachineRequest, _foliod_pb2.SnapshotChunk]  # type: ignore[assignment]
+    """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
+    kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+    host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
+    at most 1 MiB; the first also carries its summary.
+    """
+    BootGuest: _aio.StreamUnaryMultiCallable[_foliod_pb2.BootGuestChunk, _foliod_pb2.Guest]  # type: ignore[assignment]
+    """Creates a guest booted from a snapshot: the same free blocks and the same folios at the
+    same frames, held by owners imported:<kind>. The first message carries the guest's
+    settings (ram_bytes 0: the snapshot's size); every message may carry bytes of the file,
+    at most 256 MiB in all. A truncated, corrupt or foreign file is INVALID_ARGUMENT naming
+    what is wrong; a snapshot larger than ram_bytes is RESOURCE_EXHAUSTED; nothing is created
+    either way. Admin; counts against --max-streams while the client sends.
+    """
     Submit: _aio.StreamStreamMultiCallable[_foliod_pb2.SubmitRequest, _foliod_pb2.SubmitResponse]  # type: ignore[assignment]
     """Batched submission, in the spirit of io_uring: the client sends batches of operations on
     one stream and gets one SubmitResponse per batch, in the order sent. Each batch applies
@@ -510,6 +538,32 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.ReportFreePagesResponse, _abc.Awaitable[_foliod_pb2.ReportFreePagesResponse]]:
         """Runs a guest's free page reporting now, without waiting for its delay."""
+
+    @_abc_1.abstractmethod
+    def SnapshotMachine(
+        self,
+        request: _foliod_pb2.SnapshotMachineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_foliod_pb2.SnapshotChunk], _abc.AsyncIterator[_foliod_pb2.SnapshotChunk]]:
+        """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
+        kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+        host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
+        at most 1 MiB; the first also carries its summary.
+        """
+
+    @_abc_1.abstractmethod
+    def BootGuest(
+        self,
+        request_iterator: _MaybeAsyncIterator[_foliod_pb2.BootGuestChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.Guest, _abc.Awaitable[_foliod_pb2.Guest]]:
+        """Creates a guest booted from a snapshot: the same free blocks and the same folios at the
+        same frames, held by owners imported:<kind>. The first message carries the guest's
+        settings (ram_bytes 0: the snapshot's size); every message may carry bytes of the file,
+        at most 256 MiB in all. A truncated, corrupt or foreign file is INVALID_ARGUMENT naming
+        what is wrong; a snapshot larger than ram_bytes is RESOURCE_EXHAUSTED; nothing is created
+        either way. Admin; counts against --max-streams while the client sends.
+        """
 
     @_abc_1.abstractmethod
     def Submit(
