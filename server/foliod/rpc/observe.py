@@ -429,6 +429,7 @@ class ObservingServicer(FoliodServicer):
     ) -> pb.Guest:
         with reading_observed():
             return super().GetGuest(request, context)
+
     def SnapshotMachine(  # noqa: N802
         self, request: pb.SnapshotMachineRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SnapshotChunk]:
