@@ -1157,6 +1157,12 @@ class PageCache(Writeback, Truncation):
         written = store.contents
         fresh: set[int] = set()
         hits = recycled = allocated = refaults = 0
+        # Kept in locals while the loop runs: whether the cache is at its capacity (only a
+        # new folio or read()'s path changes that here), and for the plain policies, whose
+        # age tokens only this loop hands out, the nonresident age (written back before
+        # anything else may evict: a new frame, read()'s path, and at the end).
+        full = self.nr_pages == capacity
+        age = lru.nonresident_age
         # The last page accessed here; NO_FOLIO until the first (ra.prev_pos is the byte after
         # it, written back at the end and before read()'s path).
         prev = NO_FOLIO
@@ -1182,7 +1188,7 @@ class PageCache(Writeback, Truncation):
                         prev = index
                         continue
                 elif not ra_pages or self.__reads_alone(ra, prev, index, inode):
-                    if self.nr_pages == capacity:
+                    if full:
                         if ordered is not None:
                             victim = next(iter(ordered), -1)
                         elif queue >= 0:
@@ -1202,7 +1208,10 @@ class PageCache(Writeback, Truncation):
                         else:
                             # Policies with requeue (lru, fifo) keep no state in the folio;
                             # ReclaimPolicy.shadow of a base page, where theirs is that one.
-                            if age_tokens:
+                            if plain:
+                                age += 1
+                                token = age
+                            elif age_tokens:
                                 token = lru.nonresident_age = lru.nonresident_age + 1
                             else:
                                 token = stamp(victim)
@@ -1257,6 +1266,8 @@ class PageCache(Writeback, Truncation):
                         continue
                     if self.nr_pages < capacity or capacity < 0:
                         # Room for a new folio: allocated and read in alone.
+                        if plain:
+                            lru.nonresident_age = age
                         try:
                             pfn = self.allocator.alloc_cache_folio(0)
                         except OutOfMemory:  # read()'s readahead tries the page twice
@@ -1267,8 +1278,12 @@ class PageCache(Writeback, Truncation):
                         lru.mark_accessed(f, True)
                         allocated += 1
                         prev = index
+                        full = self.nr_pages == capacity
+                        age = lru.nonresident_age
                         continue
                 # Anything else takes read()'s path.
+                if plain:
+                    lru.nonresident_age = age
                 if prev >= 0:
                     ra.prev_pos = (prev + 1) << PAGE_SHIFT
                 self.__read_folios(
@@ -1284,7 +1299,11 @@ class PageCache(Writeback, Truncation):
                 fresh.clear()
                 self.busy.clear()
                 prev = index
+                full = self.nr_pages == capacity
+                age = lru.nonresident_age
         finally:
+            if plain:
+                lru.nonresident_age = age
             if prev >= 0:
                 ra.prev_pos = (prev + 1) << PAGE_SHIFT
             self.__count_replayed(

@@ -114,7 +114,7 @@ class ShadowEntries:
         # only base-page entries can be there.
         large_here = index >> MAX_PAGECACHE_ORDER in self.large_shadow_blocks
         shadow = self.__shadow_pop(index)
-        start = index
+        start = index + 1  # index itself was just looked at
         if shadow is not None:
             order = self.__drop_large(index) if large_here and index in self.shadow_orders else 0
             if 1 << order >= nr_pages:  # the entry covers the range: nothing else is inside
