@@ -7,6 +7,7 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from queue import Queue
 from typing import Any
 
@@ -440,10 +441,13 @@ def _twin_state(stub: foliod_pb2_grpc.FoliodStub) -> tuple[Any, ...]:
     )
 
 
-def test_a_batch_does_what_the_same_unary_calls_do(make_server: ServerFactory) -> None:
+def test_a_batch_does_what_the_same_unary_calls_do(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
     """Any batch gives the results and the state that its operations give one by one as unary
     calls on a twin server."""
-    batched_server, unary_server = make_server(), make_server()
+    batched_server = make_server()
+    unary_server = make_server(state_dir=tmp_path / "twin")  # a server per state directory
     twin_chan, twin = connect(unary_server)
     with FoliodClient(_target(batched_server), timeout=10) as client, twin_chan:
         for name in ("a", "b"):

@@ -328,7 +328,7 @@ def test_foliod_refuses_to_start_exposed(tmp_path: Path) -> None:
     assert lines[0].startswith("foliod: refusing to listen on 0.0.0.0:0")
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline

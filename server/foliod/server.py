@@ -38,6 +38,7 @@ from foliod.rpc.observe import (
 from foliod.rpc.pool import WorkerPool
 from foliod.rpc.servicer import FoliodServicer
 from foliod.rpc.tls import CertificateFiles
+from foliod.state_lock import StateDirLock
 from foliod.v1 import foliod_pb2, foliod_pb2_grpc
 
 SERVICE_NAME = foliod_pb2.DESCRIPTOR.services_by_name["Foliod"].full_name
@@ -105,6 +106,15 @@ class FoliodServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = structlog.get_logger("foliod")
+        # Before anything reads or writes the state directory; released by stop().
+        self.state_lock = StateDirLock(config.state_dir)
+        try:
+            self._build(config)
+        except BaseException:
+            self.state_lock.release()
+            raise
+
+    def _build(self, config: Config) -> None:
         self.machines = Machines(build_host(config))
         self.guests = Guests(
             self.machines,
@@ -298,6 +308,7 @@ class FoliodServer:
                     written += machine.page_cache.sync()
                     machine.page_cache.store.close()
         self.log.info("synced", nr_pages=written)
+        self.state_lock.release()
         if self._metrics is not None:
             self._metrics.stop()
         self.log.info("stopped")

@@ -1,0 +1,71 @@
+"""One server per state directory: a second one on the same directory refuses to start, naming
+the holder, and the directory is free again once the first stops or is killed."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from foliod.server import FoliodServer
+from foliod.state_lock import StateDirInUse, StateDirLock
+from tests.conftest import ServerFactory, ServerProcess
+
+
+def test_a_second_lock_on_one_directory_is_refused_until_released(tmp_path: Path) -> None:
+    """The lock names the holder's pid; released, the directory can be taken again."""
+    first = StateDirLock(tmp_path / "state")
+    with pytest.raises(StateDirInUse, match=r"in use by another foliod \(pid \d+\)"):
+        StateDirLock(tmp_path / "state")
+    first.release()
+    first.release()  # a second release does nothing
+    StateDirLock(tmp_path / "state").release()
+
+
+def test_an_in_process_server_holds_its_state_directory(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A second server on a running server's directory fails at construction and leaves the
+    first one serving; after stop() the directory takes a new server."""
+    running = make_server()
+    config = running.config
+    with pytest.raises(StateDirInUse, match=str(config.state_dir)):
+        FoliodServer(config)
+    assert running.machines.get("") is not None
+    running.stop(0)
+    again = FoliodServer(dataclasses.replace(config))
+    again.start()
+    again.stop(0)
+
+
+def test_a_second_process_exits_and_a_killed_one_leaves_the_directory_free(
+    spawn: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """foliod on a directory another foliod holds exits 1 with an error naming it; once the
+    holder is killed with SIGKILL (no clean-up at all), the directory takes a new server."""
+    holder = spawn()
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "foliod.main",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path / "var"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert "in use by another foliod" in second.stderr
+    assert f"pid {holder.proc.pid}" in second.stderr
+    holder.kill()
+    replacement = spawn()
+    assert replacement.proc.poll() is None
