@@ -145,12 +145,20 @@ def test_reclaim_and_drop_caches(stub: Stub) -> None:
 
 
 def test_truncate_splits_a_straddling_large_folio(stub: Stub) -> None:
-    """Truncating into a 2 MiB folio splits it: the kept part stays cached as base pages."""
+    """Truncating into a clean 2 MiB folio splits it as Linux 6.18 does: the page holding the
+    new end alone, the kept rest in buddy pieces (an order-2 folio and page 4 here); a dirty
+    one cannot be split and stays whole."""
+    stub.CreateFile(pb.CreateFileRequest(name="d"))
+    _write(stub, "d", 0, b"q" * (2 * MIB))
+    stat = stub.TruncateFile(pb.TruncateFileRequest(name="d", size_bytes=5 * 4096 + 10))
+    assert dict(stat.folios_by_order) == {9: 1}
+    assert _vmstat(stub)["thp_split_page"] == 0
     stub.CreateFile(pb.CreateFileRequest(name="t"))
     _write(stub, "t", 0, b"q" * (2 * MIB))
+    stub.Writeback(pb.WritebackRequest(name="t"))
     stat = stub.TruncateFile(pb.TruncateFileRequest(name="t", size_bytes=5 * 4096 + 10))
     assert stat.size_bytes == 5 * 4096 + 10
-    assert dict(stat.folios_by_order) == {0: 6}
+    assert dict(stat.folios_by_order) == {2: 1, 0: 2}
     assert _vmstat(stub)["thp_split_page"] == 1
     stub.TruncateFile(pb.TruncateFileRequest(name="t", size_bytes=8 * 4096))
     data = _read(stub, "t", 5 * 4096, 3 * 4096).data

@@ -38,6 +38,7 @@ from foliod.mm.filemap import IoStats, PageCache
 from foliod.mm.lru import POLICIES
 from foliod.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 from foliod.mm.page_writeback import DirtyLimits
+from foliod.mm.truncate import folio_split_pieces
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -1019,7 +1020,10 @@ def test_a_refault_after_eviction_counts_workingset_refault_file(tmp_path: Path)
 def test_truncate_into_a_large_folio_splits_it_and_zeroes_the_tail(
     tmp_path: Path, synced: bool
 ) -> None:
-    """Truncating into the middle of a 2 MiB folio splits it; grown again, the tail reads zeros."""
+    """Truncating into the middle of a clean 2 MiB folio splits it as Linux 6.18 does (the page
+    holding the new end alone, the rest in buddy pieces: order 8 at 0, page 256); a dirty one
+    cannot be split and stays whole (both measured on the live kernel, see the calibration
+    pattern truncate-split). Grown again, the tail reads zeros."""
     m = new_machine(tmp_path, Clock(), 16 * MIB)
     fs = m.files
     fs.create("f", max_order=9)
@@ -1030,11 +1034,11 @@ def test_truncate_into_a_large_folio_splits_it_and_zeroes_the_tail(
         fs.sync()
     cut = MIB + 100
     fs.truncate("f", cut)
-    assert m.vmstat()["thp_split_page"] == 1
+    assert m.vmstat()["thp_split_page"] == (1 if synced else 0)
     stat = fs.stat("f")
     assert stat.size_bytes == cut
-    assert stat.folios_by_order == {0: 257}
-    assert stat.nr_dirty == (0 if synced else 257)
+    assert stat.folios_by_order == ({8: 1, 0: 1} if synced else {9: 1})
+    assert stat.nr_dirty == (0 if synced else 512)
     check_machine(m)
     assert read_all(fs, "f") == data[:cut]
     fs.truncate("f", 2 * MIB)
@@ -1043,6 +1047,28 @@ def test_truncate_into_a_large_folio_splits_it_and_zeroes_the_tail(
     m.drop_caches()
     assert read_all(fs, "f") == data[:cut] + bytes(2 * MIB - cut)
     assert (tmp_path / "store" / "f").read_bytes() == data[:cut] + bytes(2 * MIB - cut)
+
+
+@pytest.mark.parametrize(
+    ("order", "at", "pieces"),
+    [
+        (9, 257, [(0, 8), (256, 0), (257, 0), (258, 1), (260, 2), (264, 3), (272, 4), (288, 5),
+                  (320, 6), (384, 7)]),
+        (2, 3, [(0, 1), (2, 0), (3, 0)]),
+        (3, 0, [(0, 0), (1, 0), (2, 1), (4, 2)]),
+        (1, 1, [(0, 0), (1, 0)]),
+    ],
+)  # fmt: skip
+def test_a_non_uniform_split_leaves_buddy_pieces(
+    order: int, at: int, pieces: list[tuple[int, int]]
+) -> None:
+    """folio_split at a page: the half without it stays whole at each level, so the pieces
+    tile the folio, each aligned to its order, with the page alone."""
+    got = folio_split_pieces(0, order, at)
+    assert got == pieces
+    assert sum(1 << o for _, o in got) == 1 << order
+    assert all(start % (1 << o) == 0 for start, o in got)
+    assert (at, 0) in got
 
 
 # -- names -----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from foliod.mm import Machine
 from foliod.mm.backing_dev import DEVICE_PROFILES, BackingStore
@@ -65,8 +66,9 @@ SETTLE_SECONDS = 0.5
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One access through handle 0 or 1: a read or a write of `length` bytes at `offset`, or
-    a drop (POSIX_FADV_DONTNEED) of that range."""
+    """One access through handle 0 or 1: a read or a write of `length` bytes at `offset`, a
+    drop (POSIX_FADV_DONTNEED) of that range, a truncate of the file to `offset` bytes, or an
+    fsync."""
 
     op: str
     offset: int
@@ -142,6 +144,24 @@ def _write_over_cached(size: int) -> list[Step]:
     return [*reads, Step("write", 2 * MIB + 777, 3 * MIB)]
 
 
+def _truncate_split(size: int) -> list[Step]:
+    """The first 4 MiB written (two order-9 folios) and synced, then cut shorter and shorter
+    inside them: each cut splits the clean folio holding the new end as
+    truncate_inode_partial_folio does; then the first 2 MiB written again and cut: a dirty
+    folio's split fails and it stays whole."""
+    cuts = (3 * MIB + 4096 * 5 + 1, 3 * MIB - 1, 2 * MIB + 12289)
+    return [
+        Step("write", 0, 4 * MIB),
+        Step("fsync", 0, 0),
+        *(Step("truncate", cut, 0) for cut in cuts),
+        Step("write", 0, 2 * MIB),
+        Step("truncate", MIB + 5000, 0),
+        Step("fsync", 0, 0),
+        Step("truncate", MIB - 1, 0),
+        Step("truncate", 12345, 0),
+    ]
+
+
 def _seq_after_random(size: int) -> list[Step]:
     """Pages read alone here and there in the first quarter, then the first half read in 64 KiB
     reads: windows meet cached pages and go on in base pages (page_cache_ra_order's fallback)."""
@@ -169,6 +189,7 @@ PATTERNS: dict[str, Callable[[int], list[Step]]] = {
     "odd-eof": lambda size: _sequential(size, 65536),
     "write-over-cached": _write_over_cached,
     "seq-after-random": _seq_after_random,
+    "truncate-split": _truncate_split,
 }
 # Patterns run on a file of another size than --size-mib's.
 FILE_SIZES: dict[str, Callable[[int], int]] = {"odd-eof": _odd_size}
@@ -258,8 +279,12 @@ class KernelSide:
             os.pread(fd, step.length, step.offset)
         elif step.op == "write":
             os.pwrite(fd, random.Random(step.offset).randbytes(step.length), step.offset)
-        else:
+        elif step.op == "drop":
             os.posix_fadvise(fd, step.offset, step.length, os.POSIX_FADV_DONTNEED)
+        elif step.op == "fsync":
+            os.fsync(fd)
+        else:
+            os.ftruncate(fd, step.offset)
 
     def snapshot(self, with_folios: bool) -> Snapshot:
         """The cache after the last step, once the reads it started have completed: mincore
@@ -293,7 +318,9 @@ class KernelSide:
             open("/proc/self/pagemap", "rb", buffering=0) as pagemap,
             open("/proc/kpageflags", "rb", buffering=0) as kpageflags,
         ):
-            for index in sorted(resident):
+            # Pages past the end of the file fault with SIGBUS when touched: none is cached.
+            in_file = -(-os.fstat(self.map_fd).st_size // PAGE_SIZE)
+            for index in sorted(i for i in resident if i < in_file):
                 ctypes.string_at(addr + index * PAGE_SIZE, 1)  # maps it; no I/O: it is cached
                 pagemap.seek((addr // PAGE_SIZE + index) * 8)
                 (entry,) = struct.unpack("<Q", pagemap.read(8))
@@ -303,7 +330,31 @@ class KernelSide:
                 kpageflags.seek(pfn * 8)
                 (flags,) = struct.unpack("<Q", kpageflags.read(8))
                 frames[index] = (pfn, flags)
-        return folios_from_frames(frames)
+            folios = folios_from_frames(frames)
+            # A folio reaching past the end of the file (a dirty one truncated) has tails
+            # that cannot be touched: its size comes from the frames after its head.
+            last = max((i for i in frames if i + 1 == in_file), default=None)
+            if last is not None and folios:
+                head, order = folios[-1]
+                pfn, flags = frames[head]
+                if flags & KPF_COMPOUND_HEAD and head + (1 << order) == in_file:
+                    nr = compound_nr_pages(kpageflags, pfn)
+                    folios = (*folios[:-1], (head, nr.bit_length() - 1))
+        return folios
+
+
+def compound_nr_pages(kpageflags: BinaryIO, head_pfn: int) -> int:
+    """Pages of the compound page whose head frame is head_pfn: the head and the tail frames
+    right after it, read from /proc/kpageflags."""
+    limit = 1 << MAX_PAGECACHE_ORDER
+    kpageflags.seek((head_pfn + 1) * 8)
+    raw = kpageflags.read(8 * (limit - 1))
+    nr = 1
+    for (flags,) in struct.iter_unpack("<Q", raw):
+        if not flags & KPF_COMPOUND_TAIL:
+            break
+        nr += 1
+    return nr
 
 
 def folios_from_frames(frames: dict[int, tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -359,8 +410,12 @@ class FoliodSide:
                 stop = min(end, (pos // (2 * MIB) + 1) * 2 * MIB)
                 files.write(FILE_NAME, pos, data[pos - step.offset : stop - step.offset])
                 pos = stop
-        else:
+        elif step.op == "drop":
             files.fadvise_dontneed(FILE_NAME, step.offset, step.length)
+        elif step.op == "fsync":
+            files.writeback(FILE_NAME)
+        else:
+            files.truncate(FILE_NAME, step.offset)
 
     def evict(self, pages: frozenset[int]) -> None:
         """Reclaims the folios holding pages (written back first if dirty), leaving shadow
@@ -447,6 +502,8 @@ def run_pattern(
             gone -= frozenset(
                 range(step.offset // PAGE_SIZE, -(-(step.offset + step.length) // PAGE_SIZE))
             )
+        elif step.op == "truncate":
+            gone = frozenset(i for i in gone if i < -(-step.offset // PAGE_SIZE))
         if gone:
             # Reclaimed from outside: both sides go on from the same cache.
             foliod.evict(gone)

@@ -17,7 +17,7 @@ cached.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,8 +99,9 @@ class CacheAllocator(Protocol):
         """free_cache_folio of each in turn, in fewer steps."""
         ...
 
-    def split_cache_folio(self, pfn: int, order: int) -> None:
-        """The folio of order at pfn becomes base pages over the same frames (accounting)."""
+    def split_cache_folio(self, pfn: int, order: int, into: Sequence[int] = ()) -> None:
+        """The folio of order at pfn becomes folios of the orders into (in address order;
+        base pages when empty) over the same frames (accounting)."""
         ...
 
     def recycle_cache_frames(self, nr: int) -> None:

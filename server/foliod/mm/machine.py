@@ -504,11 +504,15 @@ class Machine:
         self.__account(FolioKind.FILE, order, count)
         return cast(list[int], pfns.tolist())
 
-    def split_cache_folio(self, pfn: int, order: int) -> None:
-        """CacheAllocator: a large page cache folio becomes base-page folios over the same
-        frames, allocating nothing (split_huge_page); the caller places or frees each one."""
+    def split_cache_folio(self, pfn: int, order: int, into: Sequence[int] = ()) -> None:
+        """CacheAllocator: a large page cache folio becomes folios of the orders into (base
+        pages when empty) over the same frames, allocating nothing (split_huge_page, or
+        folio_split's buddy pieces); the caller places or frees each one."""
         self.__account(FolioKind.FILE, order, -1)
-        self.__account(FolioKind.FILE, 0, 1 << order)
+        if not into:
+            self.__account(FolioKind.FILE, 0, 1 << order)
+        for piece in into:
+            self.__account(FolioKind.FILE, piece, 1)
         if order == HPAGE_PMD_ORDER:
             self.events[VmEvent.THP_SPLIT_PAGE] += 1
 

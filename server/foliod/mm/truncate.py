@@ -20,6 +20,23 @@ if TYPE_CHECKING:
 MAX_FILE_BYTES = 1 << 44
 
 
+def folio_split_pieces(head: int, order: int, at: int) -> list[tuple[int, int]]:
+    """(first index, order) of the folios a non-uniform split of the folio of order at head
+    leaves (folio_split, __split_unmapped_folio with split_at): each half not holding page at
+    stays whole, the other is split again, down to page at alone. In address order."""
+    pieces = []
+    lo = head
+    for piece_order in range(order - 1, -1, -1):
+        mid = lo + (1 << piece_order)
+        if at < mid:
+            pieces.append((mid, piece_order))
+        else:
+            pieces.append((lo, piece_order))
+            lo = mid
+    pieces.append((lo, 0))
+    return sorted(pieces)
+
+
 class Truncation:
     """The truncation half of the page cache (PageCache)."""
 
@@ -52,8 +69,9 @@ class Truncation:
         ) -> int: ...
 
     def truncate(self, name: str, size: int) -> None:
-        """Sets the file's size: folios past the end go; a large folio straddling the new end
-        is split and its pages past the end freed; the last page's tail reads as zeros."""
+        """Sets the file's size: folios past the end go; a clean large folio straddling the new
+        end is split (non-uniformly, see __split_tail) and the pieces past the end freed, a
+        dirty one stays whole (its split fails); the last page's tail reads as zeros."""
         inode = self.lookup(name)
         if not 0 <= size <= MAX_FILE_BYTES:
             raise InvalidArgument(f"size must be 0..{MAX_FILE_BYTES}, not {size}", field="size")
@@ -64,7 +82,13 @@ class Truncation:
                 if index >= keep:
                     self._remove(inode, f, shadow=False)
                 elif index + (1 << store.order[f]) > keep:
-                    self.__split_tail(inode, f, keep)
+                    if store.flags[f] & PG_DIRTY:
+                        # Its private data (the dirty blocks) cannot be released, so the
+                        # split fails and the folio stays whole, past the new end too
+                        # (truncate_inode_partial_folio: zeroed there, not split).
+                        self.__forget_past(f, keep - index)
+                    else:
+                        self.__split_tail(inode, f, size >> PAGE_SHIFT, keep)
         finally:
             self.busy.clear()
         inode.drop_shadows_from(keep)
@@ -77,9 +101,20 @@ class Truncation:
         inode.size = size
         self.store.truncate(inode.name, size)
 
-    def __split_tail(self, inode: Inode, f: int, keep: int) -> None:
-        """Splits a large folio in place into base pages and frees those at or past page keep;
-        the kept pages keep their data and flags. Allocates nothing."""
+    def __forget_past(self, f: int, nr_kept: int) -> None:
+        """The written pages of folio f from its page nr_kept on read as zeros now."""
+        contents = self.folio_store.contents.get(f)
+        if contents:
+            for i in [i for i in contents if i >= nr_kept]:
+                del contents[i]
+
+    def __split_tail(self, inode: Inode, f: int, split_at: int, keep: int) -> None:
+        """Splits a large folio straddling the new end in place, as truncate_inode_partial_folio
+        does in Linux 6.18 (try_folio_split: a non-uniform split): the page split_at (the one
+        holding the new end) becomes a base page and the rest buddy pieces as large as
+        possible; pieces at or past page keep are freed, the others keep their data and
+        flags. A 2 MiB folio cut at 1 MiB + 5000 bytes leaves an order-8 folio and pages 256
+        and 257. Allocates nothing."""
         store = self.folio_store
         contents = store.contents.get(f) or {}
         bits = store.flags[f]
@@ -96,19 +131,22 @@ class Truncation:
         if dirty:
             self.folio_clear_dirty(inode, f)
         store.release(f)
-        self.allocator.split_cache_folio(pfn, order)
-        for i in range(nr):
-            if index + i >= keep:
-                self.allocator.free_cache_folio(pfn + i, 0)
+        pieces = folio_split_pieces(index, order, split_at)
+        self.allocator.split_cache_folio(pfn, order, [o for _, o in pieces])
+        for start, piece_order in pieces:
+            offset, size = start - index, 1 << piece_order
+            if start >= keep:
+                self.allocator.free_cache_folio(pfn + offset, piece_order)
                 continue
-            page = store.new(pfn + i, 0)
-            self._insert(inode, page, index + i)
-            if i in contents:
-                store.contents[page] = {0: contents[i]}
+            piece = store.new(pfn + offset, piece_order)
+            self._insert(inode, piece, start)
+            written = {i - offset: page for i, page in contents.items() if 0 <= i - offset < size}
+            if written:
+                store.contents[piece] = written
             if referenced:
-                store.flags[page] |= PG_REFERENCED
+                store.flags[piece] |= PG_REFERENCED
             if dirty:
-                self.folio_mark_dirty(inode, page, when, dirtied=False)
+                self.folio_mark_dirty(inode, piece, when, dirtied=False)
 
     def fadvise_dontneed(self, name: str, offset: int, length: int) -> int:
         """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the
