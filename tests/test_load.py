@@ -616,7 +616,8 @@ def test_trace_formats_as_they_ship(tmp_path: Path) -> None:
         ("start.csv", "op,lbn,size\nR,x,4096\n", "start.csv:2: column 2 (start)"),
         ("size.csv", "time,op,lbn,size\n1,R,0,0\n", "size.csv:2: column 4 (size)"),
         ("bad.csv.gz", b"not gzip at all", "bad.csv.gz: Not a gzipped file"),
-        ("t.oracleGeneral.zst", b"\x28\xb5\x2f\xfd", "needs the zstandard package"),
+        ("t.oracleGeneral.zst", b"\x28\xb5\x2f\xfd", "t.oracleGeneral.zst: truncated"),
+        ("t.csv.zst", b"R,0,4096\n", "t.csv.zst: not zstd data"),
     ],
 )
 def test_malformed_shipped_traces_name_line_and_column(

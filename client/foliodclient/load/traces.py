@@ -43,6 +43,8 @@ from typing import IO
 PAGE_SIZE = 4096
 SECTOR_SIZE = 512
 ORACLE_RECORD = struct.Struct("<IQIq")
+# Compressed bytes a .zst stream reads at a time (its output is what they decompress to).
+ZSTD_READ_BYTES = 1 << 16
 FORMATS = ("text", "csv", "oracle")
 
 _SUFFIXES = {
@@ -114,7 +116,7 @@ def detect_format(path: Path) -> str:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes, decompressed when it ends in .gz or .zst."""
+    """The file's bytes, decompressed as a stream when it ends in .gz or .zst."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
         return typing.cast(IO[bytes], gzip.open(path, "rb"))
@@ -123,12 +125,68 @@ def _open_binary(path: Path) -> IO[bytes]:
             zstandard = importlib.import_module("zstandard")
         except ImportError as exc:
             raise TraceError(
-                f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
-                "or decompress it first (zstd -d)"
+                f"{path}: reading .zst needs the zstandard package: pip install 'foliod[zstd]' "
+                "(or decompress it first: zstd -d)"
             ) from exc
-        stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return stream
+        return io.BufferedReader(_ZstdStream(path, zstandard), ZSTD_READ_BYTES)
     return path.open("rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame after frame, ZSTD_READ_BYTES of input at a time;
+    TraceError when the data is not zstd or the file ends inside a frame (zstandard's own
+    stream reader takes a cut-off frame for the end of the file)."""
+
+    def __init__(self, path: Path, zstandard: typing.Any) -> None:
+        super().__init__()
+        self._path = path
+        self._raw = path.open("rb")
+        self._zstandard = zstandard
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._consumed = 0
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: typing.Any) -> int:
+        while not self._out:
+            data = self._raw.read(ZSTD_READ_BYTES)
+            if not data:
+                if self._in_frame:
+                    raise TraceError(
+                        f"{self._path}: truncated: the zstd data ends inside a frame, after "
+                        f"{self._consumed:,} compressed bytes"
+                    )
+                return 0
+            self._consumed += len(data)
+            self._out = memoryview(self._feed(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        """Decompresses `data`, starting a new frame wherever one ends."""
+        out: list[bytes] = []
+        while data:
+            self._in_frame = True
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstandard.ZstdError as exc:
+                raise TraceError(f"{self._path}: not zstd data, or corrupt: {exc}") from exc
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _open_text(path: Path, newline: str | None = None) -> IO[str]:
