@@ -4,12 +4,15 @@ good files and malformed ones, each written to disk by the test."""
 from __future__ import annotations
 
 import gzip
+import random
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from foliodclient.load.reference import REFERENCES
 from foliodclient.load.traces import TraceError, load_trace, write_oracle
 
 
@@ -60,3 +63,125 @@ def test_gz_and_zst_read_the_same(tmp_path: Path) -> None:
     (tmp_path / "a.csv.zst").write_bytes(zst(text.encode()))
     traces = [load_trace(tmp_path / name) for name in ("a.csv", "a.csv.gz", "a.csv.zst")]
     assert len({(tuple(t.writes), tuple(t.addresses), tuple(t.sizes)) for t in traces}) == 1
+
+
+# libCacheSim's oracleGeneral.
+
+
+def test_oracle_general_record_layout(tmp_path: Path) -> None:
+    """Records are <uint32 clock_time, uint64 obj_id, uint32 obj_size, int64 next_access_vtime>,
+    24 bytes little-endian, as libCacheSim's oracleGeneralBin.h reads them."""
+    path = tmp_path / "w.oracleGeneral"
+    record = (
+        (7).to_bytes(4, "little")
+        + (2**64 - 1).to_bytes(8, "little")
+        + (3).to_bytes(4, "little")
+        + (-1).to_bytes(8, "little", signed=True)
+    )
+    path.write_bytes(record + record)
+    trace = load_trace(path, object_size="bytes")
+    assert list(trace.addresses) == [0, 0] and list(trace.sizes) == [3, 3]
+
+
+def test_oracle_general_objects_as_pages(tmp_path: Path) -> None:
+    """By default the n-th new object is page n and every request one page (libCacheSim's
+    --ignore-obj-size); size-0 requests are skipped and counted; the limit counts requests."""
+    path = tmp_path / "w.oracleGeneral"
+    write_oracle(
+        path, [(1, 10**12, 512, 2), (2, 3, 0, -1), (3, 5, 1 << 20, -1), (4, 10**12, 9, -1)]
+    )
+    trace = load_trace(path)
+    assert trace.format == "oracleGeneral"
+    assert list(trace.addresses) == [0, 4096, 0] and list(trace.sizes) == [4096] * 3
+    assert list(trace.writes) == [0, 0, 0] and trace.skipped == 1
+    assert len(load_trace(path, limit=2)) == 2
+
+
+def test_oracle_general_objects_over_their_size(tmp_path: Path) -> None:
+    """With object_size "bytes" an object takes the pages its largest request needs, so a
+    later, larger request of it never reaches the next object."""
+    path = tmp_path / "w.oracleGeneral"
+    write_oracle(path, [(1, 7, 100, -1), (2, 8, 4096, -1), (3, 7, 5000, -1)])
+    trace = load_trace(path, object_size="bytes")
+    assert list(trace.addresses) == [0, 8192, 0]
+    assert list(trace.sizes) == [100, 4096, 5000]
+
+
+@pytest.mark.parametrize(
+    "name", ["w.oracleGeneral", "w.oracleGeneral.zst", "w.oracleGeneral.bin", "x.bin.gz"]
+)
+def test_oracle_general_recognised_by_name(tmp_path: Path, name: str) -> None:
+    """.oracleGeneral, .bin, an oracleGeneral part and a compressed copy are all oracleGeneral."""
+    plain = tmp_path / "plain"
+    write_oracle(plain, [(1, 1, 4096, -1)])
+    data = plain.read_bytes()
+    path = tmp_path / name
+    if name.endswith(".zst"):
+        data = zst(data)
+    elif name.endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    assert load_trace(path).format == "oracleGeneral"
+    assert load_trace(plain, "oracle").format == "oracleGeneral"
+
+
+@pytest.mark.parametrize(
+    ("records", "tail", "message"),
+    [
+        (3, b"\x01" * 10, "record 4 (byte 72) is truncated: 10 of 24 bytes"),
+        (0, b"\x01" * 23, "record 1 (byte 0) is truncated: 23 of 24 bytes"),
+        (
+            2,
+            (1).to_bytes(4, "little") * 4 + (-5).to_bytes(8, "little", signed=True),
+            "record 3 (byte 48): field 4 (next_access_vtime) must be -1 or >= 0, not -5",
+        ),
+    ],
+    ids=["truncated", "short", "bad-vtime"],
+)
+def test_malformed_oracle_general_names_the_record(
+    tmp_path: Path, records: int, tail: bytes, message: str
+) -> None:
+    """A cut-off record or a field no oracleGeneral writer makes names the record and its byte,
+    plain and inside a .zst."""
+    plain = tmp_path / "bad.oracleGeneral"
+    write_oracle(plain, [(i, i, 4096, -1) for i in range(records)])
+    plain.write_bytes(plain.read_bytes() + tail)
+    packed = tmp_path / "bad.oracleGeneral.zst"
+    packed.write_bytes(zst(plain.read_bytes()))
+    for path in (plain, packed):
+        with pytest.raises(TraceError, match=re.escape(f"{path}: {message}")):
+            load_trace(path)
+
+
+def test_only_size_zero_requests_is_no_trace(tmp_path: Path) -> None:
+    """A trace whose requests all have obj_size 0 says it has none, and why."""
+    path = tmp_path / "zero.oracleGeneral"
+    write_oracle(path, [(1, 1, 0, -1), (2, 2, 0, -1)])
+    with pytest.raises(TraceError, match=r"no requests \(2 of obj_size 0, skipped\)"):
+        load_trace(path)
+
+
+@pytest.mark.parametrize("policy", sorted(REFERENCES))
+def test_oracle_general_misses_match_libcachesim(tmp_path: Path, policy: str) -> None:
+    """A page per object, the textbook twins miss as libCacheSim's LRU, FIFO and Clock do
+    with --ignore-obj-size on the same file (when the libcachesim package is installed)."""
+    libcachesim = pytest.importorskip("libcachesim")
+    rng = random.Random(15)
+    path = tmp_path / "skew.oracleGeneral"
+    write_oracle(
+        path,
+        [
+            (i, int(rng.paretovariate(0.8)) % 5000, rng.choice([0, 512, 4096]), -1)
+            for i in range(20_000)
+        ],
+    )
+    keys = [address // 4096 for address in load_trace(path).addresses]
+    caches = {"clock": libcachesim.Clock, "fifo": libcachesim.FIFO, "lru": libcachesim.LRU}
+    for nr_pages in (64, 512):
+        reader = libcachesim.TraceReader(
+            str(path),
+            libcachesim.TraceType.ORACLE_GENERAL_TRACE,
+            libcachesim.ReaderInitParam(ignore_obj_size=True),
+        )
+        miss_ratio, _ = caches[policy](nr_pages).process_trace(reader)
+        assert round(miss_ratio * len(keys)) == REFERENCES[policy](keys, nr_pages)

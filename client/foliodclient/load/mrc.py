@@ -39,7 +39,13 @@ from foliodclient.cli import EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError, NotFound
 from foliodclient.load.reference import REFERENCES
 from foliodclient.load.replay import CALL_ACCESSES, calls
-from foliodclient.load.traces import FORMATS, TraceError, load_trace
+from foliodclient.load.traces import (
+    FORMAT_ALIASES,
+    FORMATS,
+    OBJECT_SIZES,
+    TraceError,
+    load_trace,
+)
 from foliodclient.load.workloads import PAGE_SHIFT, Params, Replay, ReplayColumns
 
 EXIT_USAGE = 2
@@ -187,8 +193,17 @@ def parser() -> argparse.ArgumentParser:
         "twin's misses for lru, fifo and clock.",
     )
     p.add_argument("--trace", type=Path, required=True, help="trace file (as foliod-load replay)")
-    p.add_argument("--trace-format", choices=FORMATS, help="default: from the suffix")
+    p.add_argument(
+        "--trace-format", choices=[*FORMATS, *FORMAT_ALIASES], help="default: from the suffix"
+    )
     p.add_argument("--trace-limit", type=int, help="requests to read at most")
+    p.add_argument(
+        "--trace-object-size",
+        choices=OBJECT_SIZES,
+        default="page",
+        help="oracleGeneral objects: one page each, as libCacheSim's --ignore-obj-size "
+        "(default), or their obj_size in whole pages",
+    )
     p.add_argument("--policies", default="lru", help="comma-separated reclaim policies")
     p.add_argument("--sizes", required=True, help="cache sizes: pages (1024) or sizes (4MiB)")
     p.add_argument("--readahead", default="off", help="on, off or on,off (default off)")
@@ -536,7 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.html is not None and importlib.util.find_spec("matplotlib") is None:
         return _fail("--html needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
     try:
-        trace = load_trace(args.trace, args.trace_format, limit=args.trace_limit)
+        trace = load_trace(
+            args.trace,
+            args.trace_format,
+            limit=args.trace_limit,
+            object_size=args.trace_object_size,
+        )
     except TraceError as exc:
         return _fail(str(exc), EXIT_BAD_TRACE)
     if not len(trace):
