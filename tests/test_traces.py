@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from foliod.server import FoliodServer
+from foliodclient.load.cli import main
+from foliodclient.load.mrc import main as mrc_main
 from foliodclient.load.reference import REFERENCES
 from foliodclient.load.traces import TraceError, load_trace, write_oracle
+from tests.test_load import load
 
 
 def zst(data: bytes, frames: int = 1) -> bytes:
@@ -185,3 +189,119 @@ def test_oracle_general_misses_match_libcachesim(tmp_path: Path, policy: str) ->
         )
         miss_ratio, _ = caches[policy](nr_pages).process_trace(reader)
         assert round(miss_ratio * len(keys)) == REFERENCES[policy](keys, nr_pages)
+
+
+# MSR Cambridge block traces.
+
+MSR_ROWS = (
+    "128166372003061629,wdev,0,Read,3221225472,4096,1537\n"
+    "128166372016382155,wdev,0,Write,2147483648,512,68\n"
+    "128166372026382245,wdev,0,read,3221229568,8192,1000\n"
+)
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("hm_0.csv", None), ("hm_0.trace", "msr")])
+def test_msr_by_layout_or_by_name(tmp_path: Path, name: str, fmt: str | None) -> None:
+    """An MSR Cambridge file reads as msr from its first row's layout, or as told."""
+    path = tmp_path / name
+    path.write_text(MSR_ROWS)
+    trace = load_trace(path, fmt)
+    assert trace.format == "msr"
+    assert list(trace.writes) == [0, 1, 0]
+    assert list(trace.addresses) == [3221225472, 2147483648, 3221229568]
+    assert list(trace.sizes) == [4096, 512, 8192]
+    assert len(load_trace(path, fmt, limit=2)) == 2
+
+
+def test_msr_volumes_never_share_pages(tmp_path: Path) -> None:
+    """Rows of another Hostname or DiskNumber go to addresses of their own, 2^44 apart."""
+    path = tmp_path / "mixed.csv.gz"
+    rows = (
+        "1,hm,0,Read,0,4096,5\n2,hm,1,Read,0,4096,5\n3,src,0,Write,0,4096,5\n4,hm,0,Read,0,4096,5\n"
+    )
+    path.write_bytes(gzip.compress(rows.encode()))
+    assert list(load_trace(path).addresses) == [0, 1 << 44, 2 << 44, 0]
+
+
+def test_csv_with_seven_columns_is_not_msr_without_its_layout(tmp_path: Path) -> None:
+    """A headerless op,sector,size file is still csv; an msr row later on is a csv error."""
+    path = tmp_path / "t.csv"
+    path.write_text("R,0,4096\n1,wdev,0,Read,0,4096,5\n")
+    with pytest.raises(TraceError, match=r"t\.csv:2: column 1 \(op\)"):
+        load_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("1,wdev,0,Read,0,4096", "expected the 7 columns of an MSR Cambridge trace"),
+        ("x,wdev,0,Read,0,4096,5", "column 1 (Timestamp) must be an integer >= 0, not 'x'"),
+        ("1,wdev,-1,Read,0,4096,5", "column 3 (DiskNumber) must be an integer >= 0"),
+        ("1,wdev,0,Trim,0,4096,5", "column 4 (Type) must be Read or Write, not 'Trim'"),
+        ("1,wdev,0,Read,0x10,4096,5", "column 5 (Offset) must be an integer from 0"),
+        (f"1,wdev,0,Read,{1 << 44},4096,5", "column 5 (Offset) must be an integer from 0"),
+        ("1,wdev,0,Write,0,0,5", "column 6 (Size) must be an integer > 0 (bytes), not '0'"),
+        ("1,wdev,0,Read,0,4096,", "column 7 (ResponseTime) must be an integer >= 0"),
+    ],
+)
+def test_malformed_msr_names_line_and_column(tmp_path: Path, row: str, message: str) -> None:
+    """A bad MSR row names the file, its line and the column, sniffed or told."""
+    path = tmp_path / "bad.csv"
+    path.write_text(MSR_ROWS + "\n" + row + "\n")
+    with pytest.raises(TraceError, match=re.escape(f"{path}:5: {message}")):
+        load_trace(path)
+    with pytest.raises(TraceError, match=re.escape(f"{path}:5: {message}")):
+        load_trace(path, "msr")
+
+
+def test_msr_told_of_a_file_with_a_header(tmp_path: Path) -> None:
+    """--trace-format msr on a CSV with a header names the first line."""
+    path = tmp_path / "h.csv"
+    path.write_text("op,lbn,size\nR,0,4096\n")
+    with pytest.raises(TraceError, match=re.escape(f"{path}:1: expected the 7 columns")):
+        load_trace(path, "msr")
+
+
+# Through foliod-load.
+
+
+def test_replay_msr_and_oracle_general_zst_end_to_end(
+    server: FoliodServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """foliod-load replays an MSR file and an oracleGeneral.zst, in order, with their ops."""
+    msr = tmp_path / "wdev_0.csv"
+    msr.write_text(MSR_ROWS)
+    data = load(server, capsys, "replay", "--trace", str(msr))
+    assert data["config"]["trace_format"] == "msr" and data["ops_by_kind"] == {
+        "read": 2,
+        "write": 1,
+    }
+    assert data["bytes_written"] == 512
+    plain = tmp_path / "w.oracleGeneral"
+    write_oracle(plain, [(i, i % 10, 4096, -1) for i in range(100)])
+    packed = tmp_path / "w.oracleGeneral.zst"
+    packed.write_bytes(zst(plain.read_bytes()))
+    data = load(server, capsys, "replay", "--trace", str(packed))
+    assert data["config"]["trace_format"] == "oracleGeneral" and data["ops"] == 100
+    assert data["cache"]["pages_missed"] <= 10
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("t.oracleGeneral", b"\x00" * 25, [], "t.oracleGeneral: record 2 (byte 24) is truncated"),
+        ("t.csv", b"1,wdev,0,Read,0,4096,5\n1,wdev,0,Trim,0,1,1\n", [], "t.csv:2: column 4"),
+        ("t.log", b"R,0,4096\n", ["--trace-format", "msr"], "t.log:1: expected the 7"),
+    ],
+)
+def test_foliod_load_exits_3_naming_the_place(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, case: tuple[str, bytes, list[str], str]
+) -> None:
+    """replay and mrc exit 3 on a malformed trace, naming the file and where, before any RPC."""
+    name, content, argv, message = case
+    path = tmp_path / name
+    path.write_bytes(content)
+    rc = main(["replay", "--trace", str(path), *argv, "--server", "127.0.0.1:1", "--no-progress"])
+    assert rc == 3 and message in capsys.readouterr().err
+    rc = mrc_main(["--trace", str(path), *argv, "--sizes", "8"])
+    assert rc == 3 and message in capsys.readouterr().err

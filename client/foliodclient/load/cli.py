@@ -314,7 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if params.distribution == "zipf":
         extra["zipf_alpha"] = params.zipf_alpha
     if loaded is not None:
-        extra.update(trace=loaded.path, trace_format=loaded.format, trace_requests=len(loaded))
+        extra.update(
+            trace=loaded.path,
+            trace_format=loaded.format,
+            trace_requests=len(loaded),
+            trace_skipped=loaded.skipped,
+        )
     data = report.build(result, extra)
     rec = result.recorder
     if rec.ops and rec.errors == rec.ops:

@@ -16,6 +16,12 @@ crosses a file's end, or is larger than one read or write may be, is split.
   ``offset`` (bytes) or ``sector``/``block``/``lba``/``lbn`` (512-byte sectors), and ``size``
   (or ``bytes``, ``length``). libCacheSim's cloudPhysicsIO.csv (``version,time,op,size,lbn``,
   SCSI opcodes) reads as it ships.
+- msr: MSR Cambridge block traces (SNIA IOTTA), CSV without a header:
+  ``Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime``, Type Read or Write,
+  Offset and Size in bytes (Timestamp and ResponseTime, in 100 ns units, are checked and not
+  used: a replay runs as fast as the server goes). A .csv whose first row has this layout
+  is read as msr. Each volume (Hostname, DiskNumber) has addresses of its own, so a file
+  of several volumes never maps two of them onto one page.
 - oracleGeneral: libCacheSim's binary format (traceReader/customizedReader/oracle/
   oracleGeneralBin.h), little-endian 24-byte records ``<uint32 clock_time, uint64 obj_id,
   uint32 obj_size, int64 next_access_vtime>`` (-1: not requested again). Every request is a
@@ -52,7 +58,11 @@ ORACLE_RECORD = struct.Struct("<IQIq")
 ZSTD_READ_BYTES = 1 << 16
 # oracleGeneral records unpacked at a time.
 ORACLE_READ_RECORDS = 1 << 14
-FORMATS = ("text", "csv", "oracleGeneral")
+FORMATS = ("text", "csv", "msr", "oracleGeneral")
+# MSR Cambridge block traces (SNIA IOTTA): CSV rows without a header; Timestamp in 100 ns
+# units since 1601 (Windows FILETIME), Offset and Size in bytes, ResponseTime in 100 ns units.
+MSR_COLUMNS = ("Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size", "ResponseTime")
+MSR_VOLUME_BYTES = 1 << 44
 # Names --trace-format also takes: the one this reader had before libCacheSim's.
 FORMAT_ALIASES = {"oracle": "oracleGeneral"}
 # How an oracleGeneral object becomes pages: one page each, as libCacheSim compares with
@@ -222,6 +232,7 @@ def load_trace(
     readers: dict[str, Callable[[Path, Trace, int | None], None]] = {
         "text": _read_text,
         "csv": _read_csv,
+        "msr": _read_msr,
         "oracleGeneral": _read_oracle_pages if object_size == "page" else _read_oracle_bytes,
     }
     if fmt not in readers:
@@ -278,6 +289,7 @@ def _csv_columns(header: list[str], path: Path) -> tuple[int, int, int, int]:
 
 
 def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
+    """A CSV block trace; a first data row in MSR Cambridge's layout makes it one."""
     with _open_text(path, newline="") as stream:
         rows = csv.reader(stream)
         columns = (0, 1, 2, SECTOR_SIZE)
@@ -285,6 +297,10 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
             lineno = rows.line_num
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
+            if not len(trace) and _looks_msr(row):
+                trace.format = "msr"
+                _read_msr_rows(path, trace, limit, rows, row)
+                return
             if lineno == 1 and any(cell.strip().lower() in _START_COLUMNS for cell in row):
                 columns = _csv_columns(row, path)
                 continue
@@ -312,6 +328,72 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
                     f"not {row[size_at]!r}"
                 )
             trace.append(write, start * unit, size)
+
+
+def _looks_msr(row: list[str]) -> bool:
+    """Whether a row has MSR Cambridge's seven columns: integers where they go, Read/Write."""
+    return (
+        len(row) == len(MSR_COLUMNS)
+        and row[3].strip().lower() in ("read", "write")
+        and all(row[i].strip().isdigit() for i in (0, 2, 4, 5, 6))
+    )
+
+
+def _read_msr(path: Path, trace: Trace, limit: int | None) -> None:
+    with _open_text(path, newline="") as stream:
+        _read_msr_rows(path, trace, limit, csv.reader(stream))
+
+
+def _read_msr_rows(
+    path: Path,
+    trace: Trace,
+    limit: int | None,
+    rows: typing.Any,
+    first: list[str] | None = None,
+) -> None:
+    """MSR Cambridge rows (MSR_COLUMNS, no header; `first` already read from `rows`). Each
+    volume (Hostname, DiskNumber) gets MSR_VOLUME_BYTES of addresses of its own, the n-th
+    seen from n x MSR_VOLUME_BYTES, so two volumes' requests never share a page."""
+    volumes: dict[tuple[str, str], int] = {}
+    pending = [first] if first is not None else []
+    while True:
+        row = pending.pop() if pending else next(rows, None)
+        if row is None:
+            return
+        lineno = rows.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if _full(trace, limit):
+            return
+        if len(row) != len(MSR_COLUMNS):
+            raise TraceError(
+                f"{path}:{lineno}: expected the {len(MSR_COLUMNS)} columns of an MSR Cambridge "
+                f"trace ({','.join(MSR_COLUMNS)}), got {len(row)}: {','.join(row)!r}"
+            )
+        for column in (0, 2, 6):
+            if _integer(row[column]) < 0:
+                raise TraceError(
+                    f"{path}:{lineno}: column {column + 1} ({MSR_COLUMNS[column]}) must be an "
+                    f"integer >= 0, not {row[column]!r}"
+                )
+        kind = row[3].strip().lower()
+        if kind not in ("read", "write"):
+            raise TraceError(
+                f"{path}:{lineno}: column 4 (Type) must be Read or Write, not {row[3]!r}"
+            )
+        offset = _integer(row[4])
+        if not 0 <= offset < MSR_VOLUME_BYTES:
+            raise TraceError(
+                f"{path}:{lineno}: column 5 (Offset) must be an integer from 0 to "
+                f"{MSR_VOLUME_BYTES - 1} (bytes), not {row[4]!r}"
+            )
+        size = _integer(row[5])
+        if size <= 0:
+            raise TraceError(
+                f"{path}:{lineno}: column 6 (Size) must be an integer > 0 (bytes), not {row[5]!r}"
+            )
+        volume = volumes.setdefault((row[1].strip(), row[2].strip()), len(volumes))
+        trace.append(kind == "write", volume * MSR_VOLUME_BYTES + offset, size)
 
 
 def _integer(text: str) -> int:
