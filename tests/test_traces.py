@@ -59,6 +59,27 @@ def test_zst_without_zstandard_names_the_extra(
         load_trace(path)
 
 
+@pytest.mark.parametrize(
+    ("name", "cut", "message"),
+    [
+        ("t.oracleGeneral.gz", -6, "t.oracleGeneral.gz: Compressed file ended"),
+        ("t.oracleGeneral.zst", -6, "t.oracleGeneral.zst: truncated"),
+        ("t.oracleGeneral.zst", 40, "t.oracleGeneral.zst: truncated"),
+    ],
+)
+def test_truncated_compressed_oracle_general(
+    tmp_path: Path, name: str, cut: int, message: str
+) -> None:
+    """A compressed oracleGeneral cut short fails naming the file, whatever the cut."""
+    plain = tmp_path / "plain"
+    write_oracle(plain, [(i, i * 7919 % 1000, 512, -1) for i in range(20_000)])
+    packed = gzip.compress(plain.read_bytes()) if name.endswith(".gz") else zst(plain.read_bytes())
+    path = tmp_path / name
+    path.write_bytes(packed[:cut])
+    with pytest.raises(TraceError, match=re.escape(message)):
+        load_trace(path)
+
+
 def test_gz_and_zst_read_the_same(tmp_path: Path) -> None:
     """The same CSV plain, gzipped and zstd-compressed gives the same requests."""
     text = "op,lbn,size\nR,0,4096\nW,8,512\n"
