@@ -1,4 +1,4 @@
-"""Trace files for replay: page-key text, CSV block traces and libCacheSim's oracleGeneral.
+"""Trace files for replay: page-key text, CSV and MSR block traces, libCacheSim's oracleGeneral.
 
 Every format is read whole into one Trace (three flat arrays: write flag, byte address, size)
 before the run starts, so a malformed line fails the run before it touches the server. The
@@ -95,7 +95,8 @@ _START_COLUMNS = {
 
 
 class TraceError(ValueError):
-    """A trace file cannot be read: where (path and line or byte) and why."""
+    """A trace file cannot be read: where (path, and line and column or record and field) and
+    why."""
 
 
 @dataclass(slots=True)
