@@ -345,13 +345,21 @@ def test_replay_csv_trace(
 def test_replay_oracle_general_trace(
     server: FoliodServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """oracleGeneral objects are placed once, page aligned; a re-read object hits."""
+    """oracleGeneral objects are a page each, or with --trace-object-size bytes placed once,
+    page aligned over their size; size-0 requests are skipped; a re-read object hits."""
     trace = tmp_path / "w.oracleGeneral"
     write_oracle(trace, [(1, 7, 10000, 3), (2, 9, 100, -1), (3, 7, 10000, -1), (4, 5, 0, -1)])
     loaded = load_trace(trace)
-    assert list(loaded.addresses) == [0, 12288, 0, 16384]
+    assert list(loaded.addresses) == [0, 4096, 0] and set(loaded.sizes) == {4096}
+    assert loaded.skipped == 1
+    assert list(load_trace(trace, object_size="bytes").addresses) == [0, 12288, 0]
     data = load(server, capsys, "replay", "--trace", str(trace), "-c", "1")
-    assert data["ops"] == 4 and data["bytes_read"] == 10000 + 100 + 10000 + 1
+    assert data["ops"] == 3 and data["bytes_read"] == 3 * 4096
+    assert data["cache"]["pages_hit"] >= 1
+    data = load(
+        server, capsys, "replay", "--trace", str(trace), "--trace-object-size", "bytes", "-c", "1"
+    )
+    assert data["ops"] == 3 and data["bytes_read"] == 10000 + 100 + 10000
     assert data["cache"]["pages_hit"] >= 3
 
 
@@ -369,7 +377,7 @@ def test_split_at_file_ends_and_io_limit() -> None:
         ("bad.csv", "R,0,4096\nX,8,4096\n", "bad.csv:2: column 1 (op) must be R or W"),
         ("short.csv", "R,0\n", "short.csv:1: expected op,sector,size"),
         ("nosize.csv", "op,lba,when\nR,0,1\n", "the header has no size column"),
-        ("bad.bin", b"\x00" * 30, "truncated record at byte 24"),
+        ("bad.bin", b"\x00" * 30, "bad.bin: record 2 (byte 24) is truncated: 6 of 24 bytes"),
         ("empty.txt", "# nothing\n", "the trace has no requests"),
         ("trace.xyz", "1\n", "cannot tell the trace format"),
     ],
@@ -616,7 +624,8 @@ def test_trace_formats_as_they_ship(tmp_path: Path) -> None:
         ("start.csv", "op,lbn,size\nR,x,4096\n", "start.csv:2: column 2 (start)"),
         ("size.csv", "time,op,lbn,size\n1,R,0,0\n", "size.csv:2: column 4 (size)"),
         ("bad.csv.gz", b"not gzip at all", "bad.csv.gz: Not a gzipped file"),
-        ("t.oracleGeneral.zst", b"\x28\xb5\x2f\xfd", "needs the zstandard package"),
+        ("t.oracleGeneral.zst", b"\x28\xb5\x2f\xfd", "t.oracleGeneral.zst: truncated"),
+        ("t.csv.zst", b"R,0,4096\n", "t.csv.zst: not zstd data"),
     ],
 )
 def test_malformed_shipped_traces_name_line_and_column(

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from foliodclient.load import mrc as mrc_module
 from foliodclient.load.cli import main
 from foliodclient.load.reference import REFERENCES as CLIENT_REFERENCES
+from foliodclient.load.traces import load_trace, write_oracle
 from tests.conftest import ServerFactory
 from tests.test_replay_rpc import REFERENCES
 
@@ -151,3 +153,41 @@ def test_mrc_missing_or_malformed_trace(capsys: pytest.CaptureFixture[str], tmp_
     bad.write_text("1\nx\n")
     assert main(["mrc", "--trace", str(bad), "--sizes", "16"]) == 3
     assert "bad.txt:2" in capsys.readouterr().err
+
+
+def test_mrc_libcachesim_column_where_its_twins_run(
+    make_server: ServerFactory,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the libcachesim package the table and JSON carry libCacheSim's LRU/FIFO/Clock
+    misses (equal to foliod's and the textbook's on a zstd oracleGeneral trace, a page an
+    object); without it the column is left out and the field is null."""
+    pytest.importorskip("libcachesim")
+    zstandard = pytest.importorskip("zstandard")
+    rng = random.Random(5)
+    plain = tmp_path / "w.oracleGeneral"
+    objects = [int(rng.paretovariate(1.0)) % 400 * 7919 for _ in range(1500)]
+    write_oracle(plain, [(i, obj, 4096, -1) for i, obj in enumerate(objects)])
+    trace = tmp_path / "w.oracleGeneral.zst"
+    trace.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    keys = [address // 4096 for address in load_trace(trace).addresses]
+    server = make_server(reclaim_policy="lru", cache_capacity=64 * 4096)
+    argv = [
+        "--trace",
+        str(trace),
+        "--sizes",
+        "64",
+        "--server",
+        f"lru:64@127.0.0.1:{server.grpc_port}",
+    ]
+    data = mrc(capsys, *argv)
+    check_textbook(data, keys)
+    (point,) = data["points"]
+    assert point["libcachesim_misses"] == point["pages_missed"]
+    assert "libCacheSim" in data["table"].splitlines()[1]
+    monkeypatch.setattr(mrc_module, "libcachesim_available", lambda: False)
+    data = mrc(capsys, *argv)
+    assert data["points"][0]["libcachesim_misses"] is None
+    assert "libCacheSim" not in data["table"]

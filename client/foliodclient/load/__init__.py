@@ -2,7 +2,7 @@
 
     foliod-load rand-read --zipf-alpha 1.1 --concurrency 8 --duration 30 --report out/
 
-The package's modules: workloads (what each worker sends, by name), traces (text, CSV and
+The package's modules: workloads (what each worker sends, by name), traces (text, CSV, MSR and
 oracleGeneral readers and their mapping onto files), histogram (log-bucketed latencies),
 runner (open-loop schedule, workers, unary and batched submission), progress (the terminal
 line), report (JSON, text and the HTML page), cli (the command line), mrc (``foliod-load mrc``,

@@ -33,7 +33,13 @@ from foliodclient.load import report
 from foliodclient.load.progress import Progress
 from foliodclient.load.replay import run_replay
 from foliodclient.load.runner import RunConfig, RunFailed, RunResult, run
-from foliodclient.load.traces import FORMATS, TraceError, load_trace
+from foliodclient.load.traces import (
+    FORMAT_ALIASES,
+    FORMATS,
+    OBJECT_SIZES,
+    TraceError,
+    load_trace,
+)
 from foliodclient.load.workloads import WORKLOADS, Params, Replay
 
 EXIT_OPS_FAILED = 1
@@ -139,8 +145,19 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--prefix", default="load", help="names of files, owners and guests")
     trace = p.add_argument_group("trace replay (workload replay)")
     trace.add_argument("--trace", type=Path, help="trace file")
-    trace.add_argument("--trace-format", choices=FORMATS, help="default: from the suffix")
+    trace.add_argument(
+        "--trace-format",
+        choices=[*FORMATS, *FORMAT_ALIASES],
+        help="default: from the suffix",
+    )
     trace.add_argument("--trace-limit", type=_positive(int), help="requests to read at most")
+    trace.add_argument(
+        "--trace-object-size",
+        choices=OBJECT_SIZES,
+        default="page",
+        help="oracleGeneral objects: one page each, as libCacheSim's --ignore-obj-size "
+        "(default), or their obj_size in whole pages",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the report as one JSON object")
     out.add_argument("--report", type=Path, metavar="DIR", help="write DIR/index.html and JSON")
@@ -225,7 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = None
     if args.trace is not None:
         try:
-            loaded = load_trace(args.trace, args.trace_format, limit=args.trace_limit)
+            loaded = load_trace(
+                args.trace,
+                args.trace_format,
+                limit=args.trace_limit,
+                object_size=args.trace_object_size,
+            )
         except TraceError as exc:
             return _fail(str(exc), EXIT_BAD_TRACE)
     duration = args.duration
@@ -292,7 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if params.distribution == "zipf":
         extra["zipf_alpha"] = params.zipf_alpha
     if loaded is not None:
-        extra.update(trace=loaded.path, trace_format=loaded.format, trace_requests=len(loaded))
+        extra.update(
+            trace=loaded.path,
+            trace_format=loaded.format,
+            trace_requests=len(loaded),
+            trace_skipped=loaded.skipped,
+        )
     data = report.build(result, extra)
     rec = result.recorder
     if rec.ops and rec.errors == rec.ops:

@@ -37,9 +37,20 @@ from foliod.mm.lru import POLICIES
 from foliodclient._client import DEFAULT_TIMEOUT_SECONDS, FoliodClient
 from foliodclient.cli import EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError, NotFound
-from foliodclient.load.reference import REFERENCES
+from foliodclient.load.reference import (
+    LIBCACHESIM,
+    REFERENCES,
+    libcachesim_available,
+    libcachesim_misses,
+)
 from foliodclient.load.replay import CALL_ACCESSES, calls
-from foliodclient.load.traces import FORMATS, TraceError, load_trace
+from foliodclient.load.traces import (
+    FORMAT_ALIASES,
+    FORMATS,
+    OBJECT_SIZES,
+    TraceError,
+    load_trace,
+)
 from foliodclient.load.workloads import PAGE_SHIFT, Params, Replay, ReplayColumns
 
 EXIT_USAGE = 2
@@ -48,6 +59,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 # Readahead window of a file with readahead on: foliod's default (ra_pages unset).
 READAHEAD = {"on": None, "off": 0}
 MAX_FOLIO_ORDER = 9
+# A (file, page) as one libCacheSim object id: file << PAGE_KEY_BITS | page.
+PAGE_KEY_BITS = 40
 SERVER_START_SECONDS = 30.0
 
 
@@ -64,7 +77,8 @@ class Point:
 @dataclass(slots=True)
 class PointResult:
     """What the trace did at one point; reference_misses is the textbook twin's count (None
-    when the policy has none, or the point is not one where foliod promises to equal it)."""
+    when the policy has none, or the point is not one where foliod promises to equal it), and
+    libcachesim_misses libCacheSim's twin's at the same points (None too without libcachesim)."""
 
     policy: str
     nr_pages: int
@@ -81,6 +95,7 @@ class PointResult:
     elapsed_seconds: float = 0.0
     memmap_bytes: dict[str, int] = field(default_factory=dict)
     reference_misses: int | None = None
+    libcachesim_misses: int | None = None
     error: str = ""
 
     @property
@@ -187,8 +202,17 @@ def parser() -> argparse.ArgumentParser:
         "twin's misses for lru, fifo and clock.",
     )
     p.add_argument("--trace", type=Path, required=True, help="trace file (as foliod-load replay)")
-    p.add_argument("--trace-format", choices=FORMATS, help="default: from the suffix")
+    p.add_argument(
+        "--trace-format", choices=[*FORMATS, *FORMAT_ALIASES], help="default: from the suffix"
+    )
     p.add_argument("--trace-limit", type=int, help="requests to read at most")
+    p.add_argument(
+        "--trace-object-size",
+        choices=OBJECT_SIZES,
+        default="page",
+        help="oracleGeneral objects: one page each, as libCacheSim's --ignore-obj-size "
+        "(default), or their obj_size in whole pages",
+    )
     p.add_argument("--policies", default="lru", help="comma-separated reclaim policies")
     p.add_argument("--sizes", required=True, help="cache sizes: pages (1024) or sizes (4MiB)")
     p.add_argument("--readahead", default="off", help="on, off or on,off (default off)")
@@ -344,17 +368,20 @@ class Grid:
     columns: ReplayColumns
     timeout: float
     references: dict[tuple[str, int], int] = field(default_factory=dict)
+    libcachesim: dict[tuple[str, int], int] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def of(cls, params: Params, timeout: float) -> Grid:
         workload = _PointReplay(params)
-        return cls(workload, workload.lay_out(), timeout)
+        libcachesim: dict[tuple[str, int], int] | None = {} if libcachesim_available() else None
+        return cls(workload, workload.lay_out(), timeout, libcachesim=libcachesim)
 
     def run(self, target: str, point: Point) -> PointResult:
         """One point on `target`, with the textbook twin's misses where they apply."""
         result = run_point(target, point, self.workload, self.columns, self.timeout)
         result.reference_misses = self.reference(point)
+        result.libcachesim_misses = self.libcachesim_reference(point)
         return result
 
     def reference(self, point: Point) -> int | None:
@@ -368,6 +395,20 @@ class Grid:
             if key not in self.references:
                 self.references[key] = twin(page_keys(columns), point.nr_pages)
             return self.references[key]
+
+    def libcachesim_reference(self, point: Point) -> int | None:
+        """libCacheSim's twin's misses at the points of reference(), each page one object of
+        size 1 (--ignore-obj-size); None without the libcachesim package."""
+        if self.libcachesim is None or point.policy not in LIBCACHESIM:
+            return None
+        if self.reference(point) is None:
+            return None
+        key = (point.policy, point.nr_pages)
+        with self.lock:
+            if key not in self.libcachesim:
+                keys = ((file << PAGE_KEY_BITS) | page for file, page in page_keys(self.columns))
+                self.libcachesim[key] = libcachesim_misses(point.policy, keys, point.nr_pages)
+            return self.libcachesim[key]
 
 
 def _failed(point: Point, server: str, exc: Exception) -> PointResult:
@@ -424,18 +465,19 @@ def run_remote(
 
 def text(results: Sequence[PointResult], accesses: int) -> str:
     models = sorted({model for r in results for model in r.memmap_bytes})
-    header = ["policy", "pages", "ra", "order", "miss ratio", "misses", "reference", "device s"]
-    header += [f"{model} MiB" for model in models]
+    libcachesim = any(r.libcachesim_misses is not None for r in results)
+    header = ["policy", "pages", "ra", "order", "miss ratio", "misses", "reference"]
+    header += ["libCacheSim"] if libcachesim else []
+    header += ["device s", *(f"{model} MiB" for model in models)]
     rows = []
     for r in results:
-        reference = "-" if r.reference_misses is None else f"{r.reference_misses:,}"
-        if r.reference_misses is not None and r.reference_misses != r.pages_missed:
-            reference += " (differs)"
         row = [r.policy, f"{r.nr_pages:,}", r.readahead, str(r.max_order)]
         if r.error:
             row += [f"FAILED: {r.error}"]
         else:
-            row += [f"{r.miss_ratio:.4f}", f"{r.pages_missed:,}", reference]
+            row += [f"{r.miss_ratio:.4f}", f"{r.pages_missed:,}"]
+            row += [_compared(r.reference_misses, r.pages_missed)]
+            row += [_compared(r.libcachesim_misses, r.pages_missed)] if libcachesim else []
             row += [f"{r.device_seconds:.3f}"]
             row += [f"{r.memmap_bytes.get(m, 0) / 2**20:.2f}" for m in models]
         rows.append(row)
@@ -446,6 +488,13 @@ def text(results: Sequence[PointResult], accesses: int) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _compared(misses: int | None, foliod_misses: int) -> str:
+    """A twin's misses, marked where foliod's differ; - where there is no twin."""
+    if misses is None:
+        return "-"
+    return f"{misses:,}" + (" (differs)" if misses != foliod_misses else "")
 
 
 def write_html(data: dict[str, Any], path: Path) -> None:
@@ -536,7 +585,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.html is not None and importlib.util.find_spec("matplotlib") is None:
         return _fail("--html needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
     try:
-        trace = load_trace(args.trace, args.trace_format, limit=args.trace_limit)
+        trace = load_trace(
+            args.trace,
+            args.trace_format,
+            limit=args.trace_limit,
+            object_size=args.trace_object_size,
+        )
     except TraceError as exc:
         return _fail(str(exc), EXIT_BAD_TRACE)
     if not len(trace):

@@ -1,11 +1,17 @@
 """Textbook caches (LRU, FIFO, CLOCK) in process, independent of foliod: the reference miss
-counts foliod-load mrc prints beside the server's, registered by the reclaim policy they twin.
+counts foliod-load mrc prints beside the server's, registered by the reclaim policy they twin;
+and the same three from libCacheSim (its PyPI package, optional) where it is installed.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import struct
+import tempfile
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable
+from pathlib import Path
 
 
 def lru_misses(keys: Iterable[Hashable], nr_pages: int) -> int:
@@ -74,3 +80,35 @@ REFERENCES: dict[str, Callable[[Iterable[Hashable], int], int]] = {
     "fifo": fifo_misses,
     "lru": lru_misses,
 }
+
+
+# The reclaim policies with a libCacheSim twin, and the twin's class in its Python package.
+LIBCACHESIM = {"clock": "Clock", "fifo": "FIFO", "lru": "LRU"}
+_ORACLE_GENERAL = struct.Struct("<IQIq")
+
+
+def libcachesim_available() -> bool:
+    return importlib.util.find_spec("libcachesim") is not None
+
+
+def libcachesim_misses(policy: str, keys: Iterable[int], nr_pages: int) -> int:
+    """Misses of libCacheSim's twin of `policy` holding `nr_pages` keys, on `keys` written to a
+    temporary oracleGeneral file (size 1 each) and read by its own reader with
+    --ignore-obj-size, as its cachesim would run them. Needs the libcachesim package."""
+    libcachesim = importlib.import_module("libcachesim")
+    with tempfile.TemporaryDirectory(prefix="foliod-lcs-") as tmp:
+        path = Path(tmp) / "keys.oracleGeneral"
+        count = 0
+        with path.open("wb") as stream:
+            for count, key in enumerate(keys, 1):
+                stream.write(_ORACLE_GENERAL.pack(count, key, 1, -1))
+        if not count:
+            return 0
+        reader = libcachesim.TraceReader(
+            str(path),
+            libcachesim.TraceType.ORACLE_GENERAL_TRACE,
+            libcachesim.ReaderInitParam(ignore_obj_size=True),
+        )
+        cache = getattr(libcachesim, LIBCACHESIM[policy])(nr_pages)
+        miss_ratio, _ = cache.process_trace(reader)
+    return round(float(miss_ratio) * count)

@@ -1,4 +1,4 @@
-"""Trace files for replay: page-key text, CSV block traces and libCacheSim's oracleGeneral.
+"""Trace files for replay: page-key text, CSV and MSR block traces, libCacheSim's oracleGeneral.
 
 Every format is read whole into one Trace (three flat arrays: write flag, byte address, size)
 before the run starts, so a malformed line fails the run before it touches the server. The
@@ -16,14 +16,25 @@ crosses a file's end, or is larger than one read or write may be, is split.
   ``offset`` (bytes) or ``sector``/``block``/``lba``/``lbn`` (512-byte sectors), and ``size``
   (or ``bytes``, ``length``). libCacheSim's cloudPhysicsIO.csv (``version,time,op,size,lbn``,
   SCSI opcodes) reads as it ships.
-- oracle (oracleGeneral): little-endian 24-byte records ``<uint32 timestamp, uint64 obj_id,
-  uint32 obj_size, int64 next_access_vtime>``. Each object is placed once, at its first
-  request, after the previous new object (rounded up to 4 KiB pages; a size of 0 counts as one
-  page), so distinct objects never share a page; every request reads the whole object.
+- msr: MSR Cambridge block traces (SNIA IOTTA), CSV without a header:
+  ``Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime``, Type Read or Write,
+  Offset and Size in bytes (Timestamp and ResponseTime, in 100 ns units, are checked and not
+  used: a replay runs as fast as the server goes). A .csv whose first row has this layout
+  is read as msr. Each volume (Hostname, DiskNumber) has addresses of its own, so a file
+  of several volumes never maps two of them onto one page.
+- oracleGeneral: libCacheSim's binary format (traceReader/customizedReader/oracle/
+  oracleGeneralBin.h), little-endian 24-byte records ``<uint32 clock_time, uint64 obj_id,
+  uint32 obj_size, int64 next_access_vtime>`` (-1: not requested again). Every request is a
+  read; records of obj_size 0 are skipped, as libCacheSim's readers skip them. By default an
+  object is one 4 KiB page, the n-th object first requested page n: a cache of N pages holds
+  N objects, as libCacheSim counts with --ignore-obj-size, and lru, fifo and clock miss as
+  its LRU, FIFO and Clock do. With object_size "bytes" an object takes the whole pages its
+  largest obj_size needs, placed after the previous new object (so objects never share a
+  page), and a request reads obj_size bytes from its start.
 
-A ``.gz`` file is read through gzip, its format told by the suffix before ``.gz``
-(``trace.csv.gz``). ``.zst`` needs the ``zstandard`` package (libCacheSim's
-``.oracleGeneral.zst``); without it the error says so.
+A ``.gz`` file is read through gzip and a ``.zst`` one through the ``zstandard`` package (the
+``zstd`` extra), both as streams; the format is told by the suffix before (``trace.csv.gz``),
+and a name with an ``oracleGeneral`` part is oracleGeneral (``w.oracleGeneral.zst``).
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import io
 import struct
 import typing
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -43,14 +54,27 @@ from typing import IO
 PAGE_SIZE = 4096
 SECTOR_SIZE = 512
 ORACLE_RECORD = struct.Struct("<IQIq")
-FORMATS = ("text", "csv", "oracle")
+# Compressed bytes a .zst stream reads at a time (its output is what they decompress to).
+ZSTD_READ_BYTES = 1 << 16
+# oracleGeneral records unpacked at a time.
+ORACLE_READ_RECORDS = 1 << 14
+FORMATS = ("text", "csv", "msr", "oracleGeneral")
+# MSR Cambridge block traces (SNIA IOTTA): CSV rows without a header; Timestamp in 100 ns
+# units since 1601 (Windows FILETIME), Offset and Size in bytes, ResponseTime in 100 ns units.
+MSR_COLUMNS = ("Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size", "ResponseTime")
+MSR_VOLUME_BYTES = 1 << 44
+# Names --trace-format also takes: the one this reader had before libCacheSim's.
+FORMAT_ALIASES = {"oracle": "oracleGeneral"}
+# How an oracleGeneral object becomes pages: one page each, as libCacheSim compares with
+# --ignore-obj-size (a cache of N pages holds N objects), or its obj_size in whole pages.
+OBJECT_SIZES = ("page", "bytes")
 
 _SUFFIXES = {
     ".txt": "text",
     ".keys": "text",
     ".csv": "csv",
-    ".oraclegeneral": "oracle",
-    ".bin": "oracle",
+    ".oraclegeneral": "oracleGeneral",
+    ".bin": "oracleGeneral",
 }
 _OPS = {"r": False, "read": False, "w": True, "write": True}
 # SCSI opcodes: READ(6), READ(10), READ(12), READ(16) and the WRITEs of the same sizes.
@@ -71,7 +95,8 @@ _START_COLUMNS = {
 
 
 class TraceError(ValueError):
-    """A trace file cannot be read: where (path and line or byte) and why."""
+    """A trace file cannot be read: where (path, and line and column or record and field) and
+    why."""
 
 
 @dataclass(slots=True)
@@ -83,6 +108,9 @@ class Trace:
     writes: array[int] = field(default_factory=lambda: array("B"))
     addresses: array[int] = field(default_factory=lambda: array("Q"))
     sizes: array[int] = field(default_factory=lambda: array("Q"))
+    # Records read but not replayed: oracleGeneral requests of obj_size 0, which libCacheSim's
+    # readers skip too (ignore_size_zero_req).
+    skipped: int = 0
 
     def append(self, write: bool, address: int, size: int) -> None:
         self.writes.append(write)
@@ -99,12 +127,15 @@ class Trace:
 
 
 def detect_format(path: Path) -> str:
-    """The format a file's suffix names (the one before .gz or .zst); TraceError when it
-    names none."""
+    """The format a file's name tells: its suffix (the one before .gz or .zst), or an
+    ``oracleGeneral`` part anywhere in it (``w.oracleGeneral.sample10.zst``); TraceError when
+    it tells none."""
     suffix = path.suffix.lower()
     if suffix in _COMPRESSED:
         suffix = path.with_suffix("").suffix.lower()
     fmt = _SUFFIXES.get(suffix)
+    if fmt is None and "oraclegeneral" in path.name.lower().split("."):
+        fmt = "oracleGeneral"
     if fmt is None:
         raise TraceError(
             f"{path}: cannot tell the trace format from the suffix {suffix!r}; "
@@ -114,7 +145,7 @@ def detect_format(path: Path) -> str:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes, decompressed when it ends in .gz or .zst."""
+    """The file's bytes, decompressed as a stream when it ends in .gz or .zst."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
         return typing.cast(IO[bytes], gzip.open(path, "rb"))
@@ -123,22 +154,88 @@ def _open_binary(path: Path) -> IO[bytes]:
             zstandard = importlib.import_module("zstandard")
         except ImportError as exc:
             raise TraceError(
-                f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
-                "or decompress it first (zstd -d)"
+                f"{path}: reading .zst needs the zstandard package: pip install 'foliod[zstd]' "
+                "(or decompress it first: zstd -d)"
             ) from exc
-        stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return stream
+        return io.BufferedReader(_ZstdStream(path, zstandard), ZSTD_READ_BYTES)
     return path.open("rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame after frame, ZSTD_READ_BYTES of input at a time;
+    TraceError when the data is not zstd or the file ends inside a frame (zstandard's own
+    stream reader takes a cut-off frame for the end of the file)."""
+
+    def __init__(self, path: Path, zstandard: typing.Any) -> None:
+        super().__init__()
+        self._path = path
+        self._raw = path.open("rb")
+        self._zstandard = zstandard
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._consumed = 0
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: typing.Any) -> int:
+        while not self._out:
+            data = self._raw.read(ZSTD_READ_BYTES)
+            if not data:
+                if self._in_frame:
+                    raise TraceError(
+                        f"{self._path}: truncated: the zstd data ends inside a frame, after "
+                        f"{self._consumed:,} compressed bytes"
+                    )
+                return 0
+            self._consumed += len(data)
+            self._out = memoryview(self._feed(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        """Decompresses `data`, starting a new frame wherever one ends."""
+        out: list[bytes] = []
+        while data:
+            self._in_frame = True
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstandard.ZstdError as exc:
+                raise TraceError(f"{self._path}: not zstd data, or corrupt: {exc}") from exc
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _open_text(path: Path, newline: str | None = None) -> IO[str]:
     return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline=newline)
 
 
-def load_trace(path: Path, fmt: str | None = None, *, limit: int | None = None) -> Trace:
-    """Reads a whole trace (at most `limit` requests); TraceError names the first bad line."""
-    fmt = fmt or detect_format(path)
-    readers = {"text": _read_text, "csv": _read_csv, "oracle": _read_oracle}
+def load_trace(
+    path: Path, fmt: str | None = None, *, limit: int | None = None, object_size: str = "page"
+) -> Trace:
+    """Reads a whole trace (at most `limit` requests); TraceError names the first bad line or
+    record. `object_size` places oracleGeneral objects (OBJECT_SIZES)."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt) if fmt else detect_format(path)
+    if object_size not in OBJECT_SIZES:
+        raise TraceError(f"unknown object size {object_size!r} ({', '.join(OBJECT_SIZES)})")
+    readers: dict[str, Callable[[Path, Trace, int | None], None]] = {
+        "text": _read_text,
+        "csv": _read_csv,
+        "msr": _read_msr,
+        "oracleGeneral": _read_oracle_pages if object_size == "page" else _read_oracle_bytes,
+    }
     if fmt not in readers:
         raise TraceError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})")
     trace = Trace(str(path), fmt)
@@ -150,7 +247,8 @@ def load_trace(path: Path, fmt: str | None = None, *, limit: int | None = None) 
     except UnicodeDecodeError as exc:
         raise TraceError(f"{path}: not a text file ({exc.reason}); is it a binary trace?") from exc
     if not len(trace):
-        raise TraceError(f"{path}: the trace has no requests")
+        skipped = f" ({trace.skipped:,} of obj_size 0, skipped)" if trace.skipped else ""
+        raise TraceError(f"{path}: the trace has no requests{skipped}")
     return trace
 
 
@@ -192,6 +290,7 @@ def _csv_columns(header: list[str], path: Path) -> tuple[int, int, int, int]:
 
 
 def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
+    """A CSV block trace; a first data row in MSR Cambridge's layout makes it one."""
     with _open_text(path, newline="") as stream:
         rows = csv.reader(stream)
         columns = (0, 1, 2, SECTOR_SIZE)
@@ -199,6 +298,10 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
             lineno = rows.line_num
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
+            if not len(trace) and _looks_msr(row):
+                trace.format = "msr"
+                _read_msr_rows(path, trace, limit, rows, row)
+                return
             if lineno == 1 and any(cell.strip().lower() in _START_COLUMNS for cell in row):
                 columns = _csv_columns(row, path)
                 continue
@@ -228,6 +331,72 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
             trace.append(write, start * unit, size)
 
 
+def _looks_msr(row: list[str]) -> bool:
+    """Whether a row has MSR Cambridge's seven columns: integers where they go, Read/Write."""
+    return (
+        len(row) == len(MSR_COLUMNS)
+        and row[3].strip().lower() in ("read", "write")
+        and all(row[i].strip().isdigit() for i in (0, 2, 4, 5, 6))
+    )
+
+
+def _read_msr(path: Path, trace: Trace, limit: int | None) -> None:
+    with _open_text(path, newline="") as stream:
+        _read_msr_rows(path, trace, limit, csv.reader(stream))
+
+
+def _read_msr_rows(
+    path: Path,
+    trace: Trace,
+    limit: int | None,
+    rows: typing.Any,
+    first: list[str] | None = None,
+) -> None:
+    """MSR Cambridge rows (MSR_COLUMNS, no header; `first` already read from `rows`). Each
+    volume (Hostname, DiskNumber) gets MSR_VOLUME_BYTES of addresses of its own, the n-th
+    seen from n x MSR_VOLUME_BYTES, so two volumes' requests never share a page."""
+    volumes: dict[tuple[str, str], int] = {}
+    pending = [first] if first is not None else []
+    while True:
+        row = pending.pop() if pending else next(rows, None)
+        if row is None:
+            return
+        lineno = rows.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if _full(trace, limit):
+            return
+        if len(row) != len(MSR_COLUMNS):
+            raise TraceError(
+                f"{path}:{lineno}: expected the {len(MSR_COLUMNS)} columns of an MSR Cambridge "
+                f"trace ({','.join(MSR_COLUMNS)}), got {len(row)}: {','.join(row)!r}"
+            )
+        for column in (0, 2, 6):
+            if _integer(row[column]) < 0:
+                raise TraceError(
+                    f"{path}:{lineno}: column {column + 1} ({MSR_COLUMNS[column]}) must be an "
+                    f"integer >= 0, not {row[column]!r}"
+                )
+        kind = row[3].strip().lower()
+        if kind not in ("read", "write"):
+            raise TraceError(
+                f"{path}:{lineno}: column 4 (Type) must be Read or Write, not {row[3]!r}"
+            )
+        offset = _integer(row[4])
+        if not 0 <= offset < MSR_VOLUME_BYTES:
+            raise TraceError(
+                f"{path}:{lineno}: column 5 (Offset) must be an integer from 0 to "
+                f"{MSR_VOLUME_BYTES - 1} (bytes), not {row[4]!r}"
+            )
+        size = _integer(row[5])
+        if size <= 0:
+            raise TraceError(
+                f"{path}:{lineno}: column 6 (Size) must be an integer > 0 (bytes), not {row[5]!r}"
+            )
+        volume = volumes.setdefault((row[1].strip(), row[2].strip()), len(volumes))
+        trace.append(kind == "write", volume * MSR_VOLUME_BYTES + offset, size)
+
+
 def _integer(text: str) -> int:
     """The integer a CSV cell holds, -1 when it holds none."""
     try:
@@ -236,28 +405,75 @@ def _integer(text: str) -> int:
         return -1
 
 
-def _read_oracle(path: Path, trace: Trace, limit: int | None) -> None:
-    placed: dict[int, int] = {}
-    next_address = 0
+def _oracle_records(path: Path, limit: int | None) -> Iterator[tuple[int, int, int]]:
+    """(record number, obj_id, obj_size) of each oracleGeneral record, at most `limit` of
+    obj_size > 0, read ORACLE_READ_RECORDS at a time; TraceError names a bad record."""
+    kept = 0
+    number = 0
     with _open_binary(path) as stream:
-        offset = 0
-        while not _full(trace, limit):
-            record = stream.read(ORACLE_RECORD.size)
-            if not record:
+        while True:
+            chunk = stream.read(ORACLE_RECORD.size * ORACLE_READ_RECORDS)
+            if not chunk:
                 return
-            if len(record) < ORACLE_RECORD.size:
+            whole = len(chunk) - len(chunk) % ORACLE_RECORD.size
+            for _, obj_id, obj_size, next_access in ORACLE_RECORD.iter_unpack(chunk[:whole]):
+                number += 1
+                if next_access < -1:
+                    raise TraceError(
+                        f"{path}: record {number} (byte {(number - 1) * ORACLE_RECORD.size}): "
+                        f"field 4 (next_access_vtime) must be -1 or >= 0, not {next_access} "
+                        "(is it oracleGeneral, uncompressed?)"
+                    )
+                if limit is not None and kept >= limit:
+                    return
+                if obj_size:
+                    kept += 1
+                yield number, obj_id, obj_size
+            if whole < len(chunk):
                 raise TraceError(
-                    f"{path}: truncated record at byte {offset}: {len(record)} of "
-                    f"{ORACLE_RECORD.size} bytes (is it oracleGeneral, uncompressed?)"
+                    f"{path}: record {number + 1} (byte {number * ORACLE_RECORD.size}) is "
+                    f"truncated: {len(chunk) - whole} of {ORACLE_RECORD.size} bytes "
+                    "(is it oracleGeneral, uncompressed?)"
                 )
-            _, obj_id, obj_size, _ = ORACLE_RECORD.unpack(record)
-            size = max(obj_size, 1)
-            address = placed.get(obj_id)
-            if address is None:
-                address = placed[obj_id] = next_address
-                next_address += -(-size // PAGE_SIZE) * PAGE_SIZE
-            trace.append(False, address, size)
-            offset += ORACLE_RECORD.size
+
+
+def _read_oracle_pages(path: Path, trace: Trace, limit: int | None) -> None:
+    """One 4 KiB page an object, in the order objects are first requested."""
+    pages: dict[int, int] = {}
+    append = trace.addresses.append
+    for _, obj_id, obj_size in _oracle_records(path, limit):
+        if not obj_size:
+            trace.skipped += 1
+            continue
+        page = pages.get(obj_id)
+        if page is None:
+            page = pages[obj_id] = len(pages)
+        append(page * PAGE_SIZE)
+    trace.writes = array("B", bytes(len(trace.addresses)))
+    trace.sizes = array("Q", [PAGE_SIZE]) * len(trace.addresses)
+
+
+def _read_oracle_bytes(path: Path, trace: Trace, limit: int | None) -> None:
+    """Each object over whole pages, as many as its largest obj_size needs, placed after the
+    previous new object, in the order objects are first requested; a request reads
+    obj_size bytes from the object's start."""
+    ids = array("Q")
+    largest: dict[int, int] = {}
+    for _, obj_id, obj_size in _oracle_records(path, limit):
+        if not obj_size:
+            trace.skipped += 1
+            continue
+        ids.append(obj_id)
+        trace.sizes.append(obj_size)
+        if obj_size > largest.get(obj_id, 0):
+            largest[obj_id] = obj_size
+    placed: dict[int, int] = {}
+    address = 0
+    for obj_id, obj_size in largest.items():
+        placed[obj_id] = address
+        address += -(-obj_size // PAGE_SIZE) * PAGE_SIZE
+    trace.addresses.extend(placed[obj_id] for obj_id in ids)
+    trace.writes = array("B", bytes(len(ids)))
 
 
 def split(address: int, size: int, file_size: int, max_io: int) -> Iterator[tuple[int, int, int]]:

@@ -483,7 +483,7 @@ class Replay(Workload):
     file_size_bytes named <prefix>/trace/f<N>; every file a request touches is created first."""
 
     name = "replay"
-    description = "replay --trace FILE (text page keys, CSV block trace, oracleGeneral)"
+    description = "replay --trace FILE (text page keys, CSV or MSR block trace, oracleGeneral)"
 
     def __init__(self, params: Params) -> None:
         if params.trace is None:
