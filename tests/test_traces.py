@@ -234,6 +234,16 @@ def test_msr_by_layout_or_by_name(tmp_path: Path, name: str, fmt: str | None) ->
     assert len(load_trace(path, fmt, limit=2)) == 2
 
 
+def test_csv_given_by_the_user_is_read_as_csv(tmp_path: Path) -> None:
+    """--trace-format csv is taken at its word: an MSR-looking first row is then a csv error
+    naming its line, not a switch to msr (which only a format told by the name allows)."""
+    path = tmp_path / "hm_0.csv"
+    path.write_text(MSR_ROWS)
+    with pytest.raises(TraceError, match=r"hm_0.csv:1: column 1 \(op\) must be R or W"):
+        load_trace(path, "csv")
+    assert load_trace(path).format == "msr"
+
+
 def test_msr_volumes_never_share_pages(tmp_path: Path) -> None:
     """Rows of another Hostname or DiskNumber go to addresses of their own, 2^44 apart."""
     path = tmp_path / "mixed.csv.gz"

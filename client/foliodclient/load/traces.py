@@ -40,6 +40,7 @@ and a name with an ``oracleGeneral`` part is oracleGeneral (``w.oracleGeneral.zs
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import importlib
 import io
@@ -227,12 +228,14 @@ def load_trace(
 ) -> Trace:
     """Reads a whole trace (at most `limit` requests); TraceError names the first bad line or
     record. `object_size` places oracleGeneral objects (OBJECT_SIZES)."""
+    # An MSR trace named .csv is read as one unless the user said csv.
+    sniff_msr = not fmt
     fmt = FORMAT_ALIASES.get(fmt, fmt) if fmt else detect_format(path)
     if object_size not in OBJECT_SIZES:
         raise TraceError(f"unknown object size {object_size!r} ({', '.join(OBJECT_SIZES)})")
     readers: dict[str, Callable[[Path, Trace, int | None], None]] = {
         "text": _read_text,
-        "csv": _read_csv,
+        "csv": functools.partial(_read_csv, sniff_msr=sniff_msr),
         "msr": _read_msr,
         "oracleGeneral": _read_oracle_pages if object_size == "page" else _read_oracle_bytes,
     }
@@ -289,8 +292,9 @@ def _csv_columns(header: list[str], path: Path) -> tuple[int, int, int, int]:
     return find(_OP_COLUMNS, "op"), start, find(_SIZE_COLUMNS, "size"), _START_COLUMNS[names[start]]
 
 
-def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
-    """A CSV block trace; a first data row in MSR Cambridge's layout makes it one."""
+def _read_csv(path: Path, trace: Trace, limit: int | None, *, sniff_msr: bool = True) -> None:
+    """A CSV block trace; with sniff_msr (the format told by the name, not given), a first
+    data row in MSR Cambridge's layout makes it one."""
     with _open_text(path, newline="") as stream:
         rows = csv.reader(stream)
         columns = (0, 1, 2, SECTOR_SIZE)
@@ -298,7 +302,7 @@ def _read_csv(path: Path, trace: Trace, limit: int | None) -> None:
             lineno = rows.line_num
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            if not len(trace) and _looks_msr(row):
+            if sniff_msr and not len(trace) and _looks_msr(row):
                 trace.format = "msr"
                 _read_msr_rows(path, trace, limit, rows, row)
                 return
