@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliod.api import DEVICE_PROFILES
 from foliodclient._client import FoliodClient
 from foliodclient._types import ReplayTotals
 from foliodclient.errors import CallError

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-PAGE_SIZE = 4096
+from foliod.api import PAGE_SIZE
+
 SECTOR_SIZE = 512
 ORACLE_RECORD = struct.Struct("<IQIq")
 FORMATS = ("text", "csv", "oracle")
