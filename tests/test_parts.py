@@ -83,9 +83,9 @@ def test_api_public_names_are_pinned() -> None:
     assert foliod.api.__all__ == sorted(foliod.api.__all__, key=lambda n: (not n.isupper(), n))
     assert set(foliod.api.__all__) == {
         "DEFAULT_ADDRESS", "DEVICE_PROFILES", "ERROR_DOMAIN", "MAX_BATCH_OPS",
-        "MAX_BATCH_PAYLOAD_BYTES", "MAX_IO_BYTES", "PAGE_SHIFT", "PAGE_SIZE", "RECLAIM_POLICIES",
-        "STATUS_CODE_NAMES", "Backing", "DeviceModel", "FolioKind", "MemmapModel", "Reason",
-        "ThpSetting", "__version__", "parse_size",
+        "MAX_BATCH_PAYLOAD_BYTES", "MAX_IO_BYTES", "MAX_REPLAY_ACCESSES", "PAGE_SHIFT",
+        "PAGE_SIZE", "RECLAIM_POLICIES", "STATUS_CODE_NAMES", "Backing", "DeviceModel",
+        "FolioKind", "MemmapModel", "Reason", "ThpSetting", "__version__", "parse_size",
     }  # fmt: skip
 
 

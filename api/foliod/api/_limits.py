@@ -11,6 +11,9 @@ MAX_IO_BYTES = 2 << 20
 # Operations one Submit batch may hold, and the bytes its writes may carry together.
 MAX_BATCH_OPS = 4096
 MAX_BATCH_PAYLOAD_BYTES = 2 << 20
+# Page accesses one Replay call may carry: bounds what a call holds (about 8 bytes an access
+# while it is parsed, as page keys in lists) and how long it holds the machine.
+MAX_REPLAY_ACCESSES = 16 << 20
 # Where foliod listens and its clients connect unless told otherwise.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
