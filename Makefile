@@ -11,13 +11,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Stamps record which extras are installed; they are rebuilt when pyproject.toml changes.
-$(VENV)/.installed-run: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+# The three parts, each installable on its own: the API (api/), the server (.) and the client
+# (client/). Stamps record which extras are installed; they are rebuilt when a pyproject changes.
+PARTS := pyproject.toml api/pyproject.toml client/pyproject.toml
+
+$(VENV)/.installed-run: $(PARTS) | $(PY)
+	$(PY) -m pip install --quiet -e ./api -e . -e ./client
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: $(PARTS) | $(PY)
+	$(PY) -m pip install --quiet -e ./api -e '.[test]' -e './client[load,locust]'
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
@@ -28,8 +31,8 @@ test: check
 check: $(VENV)/.installed-test lint typecheck pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff format --check server client tests
-	$(BIN)/ruff check server client tests
+	$(BIN)/ruff format --check api server client tests
+	$(BIN)/ruff check api server client tests
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -42,14 +45,14 @@ test-fast: $(VENV)/.installed-test lint typecheck
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 fmt: $(VENV)/.installed-test
-	$(BIN)/ruff format server client tests
-	$(BIN)/ruff check --fix server client tests
+	$(BIN)/ruff format api server client tests
+	$(BIN)/ruff check --fix api server client tests
 
 # Regenerates the committed Python code of the API; tests/test_structure.py fails when it is stale.
 proto: $(VENV)/.installed-test
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iproto \
-	  --python_out=server --grpc_python_out=server \
-	  --mypy_out=server --mypy_grpc_out=server $(PROTO)
+	  --python_out=api --grpc_python_out=api \
+	  --mypy_out=api --mypy_grpc_out=api $(PROTO)
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/bench.py $(BENCH_ARGS)

@@ -579,7 +579,7 @@ def test_a_backing_file_swapped_for_a_symlink_is_not_followed(
 ) -> None:
     """A backing file replaced by a symbolic link to a file outside the store: truncate is
     FAILED_PRECONDITION and the outside file keeps its bytes; the client raises its
-    UnsafeStorePath, which is the core's class."""
+    UnsafeStorePath, with the core's reason."""
     store = tmp_path / "var" / "files" / "host"
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
@@ -592,6 +592,6 @@ def test_a_backing_file_swapped_for_a_symlink_is_not_followed(
         pytest.raises(foliodclient.UnsafeStorePath) as refused,
     ):
         client.truncate_file("top", 0)
-    assert isinstance(refused.value, UnsafeStorePath)
+    assert refused.value.reason == UnsafeStorePath.reason
     assert refused.value.metadata["errno"] == "ELOOP" and refused.value.metadata["name"] == "top"
     assert victim.read_bytes() == b"keep me"

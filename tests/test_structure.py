@@ -83,7 +83,7 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
         "foliod_pb2_grpc.py",
         "foliod_pb2_grpc.pyi",
     ]
-    committed = ROOT / "server" / "foliod" / "v1"
+    committed = ROOT / "api" / "foliod" / "v1"
     for name in generated:
         assert filecmp.cmp(tmp_path / "foliod" / "v1" / name, committed / name, shallow=False), (
             f"{name} is stale: run `make proto`"

@@ -55,7 +55,7 @@ def test_zst_without_zstandard_names_the_extra(
     monkeypatch.setitem(sys.modules, "zstandard", None)
     path = tmp_path / "t.oracleGeneral.zst"
     path.write_bytes(b"\x28\xb5\x2f\xfd")
-    with pytest.raises(TraceError, match=r"pip install 'foliod\[zstd\]'"):
+    with pytest.raises(TraceError, match=r"pip install 'foliod-client\[zstd\]'"):
         load_trace(path)
 
 

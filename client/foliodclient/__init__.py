@@ -16,8 +16,7 @@ Batches of reads, writes, fsyncs, allocations and frees go over one stream:
 `foliodctl` (foliodclient.cli) is the command line built on it.
 """
 
-from foliod.mm import FolioKind, MemmapModel, ThpSetting
-from foliod.mm.guest import Backing
+from foliod.api import Backing, FolioKind, MemmapModel, ThpSetting
 from foliodclient._batch import (
     AsyncSubmission,
     Batch,

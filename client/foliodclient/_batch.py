@@ -29,8 +29,7 @@ from typing import Any, ClassVar, Final, Self
 import grpc
 from grpc import aio
 
-from foliod.mm import FolioKind
-from foliod.rpc.batch import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES
+from foliod.api import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES, FolioKind
 from foliod.v1 import foliod_pb2 as pb
 from foliodclient import errors
 from foliodclient._convert import enum_to_pb

@@ -16,8 +16,7 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
-from foliod.mm import FolioKind, ThpSetting
-from foliod.mm.guest import Backing
+from foliod.api import Backing, FolioKind, ThpSetting
 from foliod.v1 import foliod_pb2 as pb
 from foliodclient._convert import enum_to_pb, into, to_fields
 from foliodclient._types import (

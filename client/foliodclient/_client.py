@@ -20,8 +20,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2_grpc
 
-from foliod import __version__
-from foliod.mm.guest import Backing
+from foliod.api import DEFAULT_ADDRESS, Backing, __version__
 from foliod.v1 import foliod_pb2 as pb
 from foliod.v1 import foliod_pb2_grpc
 from foliodclient import _calls
@@ -35,7 +34,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 C = TypeVar("C", grpc.Channel, aio.Channel)
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = DEFAULT_ADDRESS
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
 

@@ -18,8 +18,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from foliod.mm import FolioKind, MemmapModel, ThpSetting
-from foliod.mm.guest import Backing
+from foliod.api import Backing, FolioKind, MemmapModel, ThpSetting
 from foliod.v1 import foliod_pb2 as pb
 
 D = TypeVar("D")

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from foliod.mm import FolioKind, MemmapModel, ThpSetting
-from foliod.mm.guest import Backing
+from foliod.api import Backing, FolioKind, MemmapModel, ThpSetting
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,15 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from foliod import __version__
-from foliod.config import parse_size
-from foliod.mm import MAX_IO_BYTES, PAGE_SIZE, FolioKind, MemmapModel
-from foliod.mm.guest import Backing
+from foliod.api import (
+    MAX_IO_BYTES,
+    PAGE_SIZE,
+    Backing,
+    FolioKind,
+    MemmapModel,
+    __version__,
+    parse_size,
+)
 from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, FoliodClient
 from foliodclient._types import Duplication, FileStat, Guest, IoStats, MemmapReport
 from foliodclient.errors import AlreadyExists, CallError, RemoteError

@@ -1,38 +1,38 @@
-"""Maps a failed call's status back to the core's error tree (foliod.mm.errors).
+"""The errors a failed call raises, keyed by the google.rpc.ErrorInfo reason the server sends.
 
-Every class here is also the core class of the same name, so ``except foliod.mm.NotFound`` and
-``except foliodclient.NotFound`` both catch a remote UnknownFile:
+The client's own tree: one class per foliod.api.Reason, named and nested as the server's core
+names its errors, so ``except foliodclient.NotFound`` catches a remote UnknownFile:
 
-    foliod.mm.FoliodError
-    └── CallError                  a failed call: code, message, field, metadata, details
-        ├── InvalidArgument        INVALID_ARGUMENT
-        ├── NotFound               NOT_FOUND
-        │   ├── UnknownMachine
-        │   ├── UnknownOwner
-        │   ├── UnknownFolio
-        │   ├── UnknownFile
-        │   ├── UnknownFileHandle
-        │   └── UnknownGuest
-        ├── AlreadyExists          ALREADY_EXISTS
-        ├── FailedPrecondition     FAILED_PRECONDITION
-        │   ├── FolioAlreadyFreed
-        │   ├── FileHandleClosed
-        │   ├── GuestNesting
-        │   └── UnsafeStorePath
-        ├── OutOfRange             OUT_OF_RANGE
-        ├── WritebackFailed        DATA_LOSS
-        ├── OutOfMemory            RESOURCE_EXHAUSTED
-        │   ├── AddressSpaceExhausted
-        │   └── TenantLimit        a tenant's memory.max, files or open handles
-        └── RemoteError            no foliod domain error in the status
-            ├── Unavailable        UNAVAILABLE: no server, or it is shutting down
-            ├── DeadlineExceeded   DEADLINE_EXCEEDED: the call's deadline passed
-            ├── Unauthenticated    UNAUTHENTICATED
-            └── PermissionDenied   PERMISSION_DENIED
+    CallError                      a failed call: code, message, reason, field, metadata, details
+    ├── InvalidArgument            INVALID_ARGUMENT
+    ├── NotFound                   NOT_FOUND
+    │   ├── UnknownMachine
+    │   ├── UnknownOwner
+    │   ├── UnknownFolio
+    │   ├── UnknownFile
+    │   ├── UnknownFileHandle
+    │   └── UnknownGuest
+    ├── AlreadyExists              ALREADY_EXISTS
+    ├── FailedPrecondition         FAILED_PRECONDITION
+    │   ├── FolioAlreadyFreed
+    │   ├── FileHandleClosed
+    │   ├── GuestNesting
+    │   └── UnsafeStorePath
+    ├── OutOfRange                 OUT_OF_RANGE
+    ├── WritebackFailed            DATA_LOSS
+    ├── OutOfMemory                RESOURCE_EXHAUSTED
+    │   ├── AddressSpaceExhausted
+    │   └── TenantLimit            a tenant's memory.max, files or open handles
+    └── RemoteError                no foliod domain error in the status
+        ├── Unavailable            UNAVAILABLE: no server, or it is shutting down
+        ├── DeadlineExceeded       DEADLINE_EXCEEDED: the call's deadline passed
+        ├── Unauthenticated        UNAUTHENTICATED
+        └── PermissionDenied       PERMISSION_DENIED
 
-The domain class comes from the ErrorInfo reason the server attached; a status without foliod
-details takes the RemoteError class of its code. The code's name is also kept in
-``metadata["grpc_code"]``.
+The class comes from the ErrorInfo reason the server attached (domain foliod.api.ERROR_DOMAIN);
+a reason this client does not know (a newer server) takes the most general class of its code,
+and a status without foliod details the RemoteError class of its code. The code's name is also
+kept in ``metadata["grpc_code"]``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from foliod.mm import errors
-from foliod.rpc.status import ERROR_DOMAIN, STATUS_CODES
+from foliod.api import ERROR_DOMAIN, STATUS_CODE_NAMES, Reason
 
 # google.rpc detail types the client unpacks, by type name; any other stays a packed Any.
 _DETAIL_TYPES: dict[str, type[Message]] = {
@@ -61,8 +60,11 @@ _DETAIL_TYPES: dict[str, type[Message]] = {
 }
 
 
-class CallError(errors.FoliodError):
-    """A call failed: its status code, message and google.rpc details."""
+class CallError(Exception):
+    """A call failed: its status code, message and google.rpc details, and the request field
+    at fault (empty when no single field is)."""
+
+    reason: str = Reason.FOLIOD_ERROR
 
     def __init__(
         self,
@@ -73,7 +75,10 @@ class CallError(errors.FoliodError):
         field: str = "",
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, field=field, metadata=metadata)
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.metadata: dict[str, str] = dict(metadata or {})
         self.code = code
         self.details = tuple(details)
 
@@ -81,82 +86,120 @@ class CallError(errors.FoliodError):
         return f"{self.code.name}: {self.message}"
 
 
-class InvalidArgument(CallError, errors.InvalidArgument):
+class InvalidArgument(CallError):
     """A request value is malformed or outside the values the field accepts."""
 
+    reason = Reason.INVALID_ARGUMENT
 
-class NotFound(CallError, errors.NotFound):
+
+class NotFound(CallError):
     """A named object (machine, owner, folio, file, handle, guest) does not exist."""
 
+    reason = Reason.NOT_FOUND
 
-class UnknownMachine(NotFound, errors.UnknownMachine):
+
+class UnknownMachine(NotFound):
     """No machine has the requested name."""
 
+    reason = Reason.UNKNOWN_MACHINE
 
-class UnknownOwner(NotFound, errors.UnknownOwner):
+
+class UnknownOwner(NotFound):
     """No owner (address space) has the requested name on the machine."""
 
+    reason = Reason.UNKNOWN_OWNER
 
-class UnknownFolio(NotFound, errors.UnknownFolio):
+
+class UnknownFolio(NotFound):
     """No folio was ever allocated with the requested handle on the machine."""
 
+    reason = Reason.UNKNOWN_FOLIO
 
-class UnknownFile(NotFound, errors.UnknownFile):
+
+class UnknownFile(NotFound):
     """No file has the requested name on the machine."""
 
+    reason = Reason.UNKNOWN_FILE
 
-class UnknownFileHandle(NotFound, errors.UnknownFileHandle):
+
+class UnknownFileHandle(NotFound):
     """No file handle with that number was ever opened on the machine."""
 
+    reason = Reason.UNKNOWN_FILE_HANDLE
 
-class UnknownGuest(NotFound, errors.UnknownGuest):
+
+class UnknownGuest(NotFound):
     """No guest has the requested name."""
 
+    reason = Reason.UNKNOWN_GUEST
 
-class AlreadyExists(CallError, errors.AlreadyExists):
+
+class AlreadyExists(CallError):
     """The object to create exists already."""
 
+    reason = Reason.ALREADY_EXISTS
 
-class FailedPrecondition(CallError, errors.FailedPrecondition):
+
+class FailedPrecondition(CallError):
     """The request is well formed but the machine's state does not allow it."""
 
+    reason = Reason.FAILED_PRECONDITION
 
-class FolioAlreadyFreed(FailedPrecondition, errors.FolioAlreadyFreed):
+
+class FolioAlreadyFreed(FailedPrecondition):
     """The handle named a folio that has been freed (a double free)."""
 
+    reason = Reason.FOLIO_ALREADY_FREED
 
-class FileHandleClosed(FailedPrecondition, errors.FileHandleClosed):
+
+class FileHandleClosed(FailedPrecondition):
     """The file handle was closed, or its file deleted."""
 
+    reason = Reason.FILE_HANDLE_CLOSED
 
-class GuestNesting(FailedPrecondition, errors.GuestNesting):
+
+class GuestNesting(FailedPrecondition):
     """A guest was asked to host a guest; guests nest one level only."""
 
+    reason = Reason.GUEST_NESTING
 
-class UnsafeStorePath(FailedPrecondition, errors.UnsafeStorePath):
+
+class UnsafeStorePath(FailedPrecondition):
     """A directory on a file's path in the server's store is a symbolic link or not a
     directory; the server follows no link out of its store."""
 
+    reason = Reason.UNSAFE_STORE_PATH
 
-class OutOfRange(CallError, errors.OutOfRange):
+
+class OutOfRange(CallError):
     """An offset or length reaches past the end of the object it addresses."""
 
+    reason = Reason.OUT_OF_RANGE
 
-class WritebackFailed(CallError, errors.WritebackFailed):
+
+class WritebackFailed(CallError):
     """fsync found a writeback error recorded since the handle last checked (errseq)."""
 
+    reason = Reason.WRITEBACK_FAILED
 
-class OutOfMemory(CallError, errors.OutOfMemory):
+
+class OutOfMemory(CallError):
     """The allocator cannot serve the request, even after reclaim."""
 
+    reason = Reason.OUT_OF_MEMORY
 
-class AddressSpaceExhausted(OutOfMemory, errors.AddressSpaceExhausted):
+
+class AddressSpaceExhausted(OutOfMemory):
     """An owner's virtual address space has no room for the mapping."""
 
+    reason = Reason.ADDRESS_SPACE_EXHAUSTED
 
-class TenantLimit(OutOfMemory, errors.TenantLimit):
+
+class TenantLimit(OutOfMemory):
     """The caller's tenant is at its memory.max (after reclaiming its own page cache), or holds
     as many files or open handles as it may."""
+
+    reason = Reason.TENANT_LIMIT
 
 
 class RemoteError(CallError):
@@ -199,11 +242,11 @@ _BY_REASON: dict[str, type[CallError]] = {
     cls.reason: cls for cls in _subclasses(CallError) if not issubclass(cls, RemoteError)
 }
 
-
-# A foliod error whose reason this client does not know (a newer server) maps by its code.
-_BY_DOMAIN_CODE: dict[grpc.StatusCode, type[CallError]] = {
-    code: _BY_REASON[core.reason] for core, code in STATUS_CODES.items()
-}
+# A foliod error whose reason this client does not know (a newer server) maps by its code, to
+# the most general class sent with it (parents come before their subclasses here).
+_BY_DOMAIN_CODE: dict[grpc.StatusCode, type[CallError]] = {}
+for _cls in _BY_REASON.values():
+    _BY_DOMAIN_CODE.setdefault(grpc.StatusCode[STATUS_CODE_NAMES[Reason(_cls.reason)]], _cls)
 
 
 def _unpack(status_details: Sequence[any_pb2.Any]) -> list[Message]:

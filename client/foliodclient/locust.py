@@ -35,6 +35,7 @@ from grpc.experimental import gevent as grpc_gevent
 from locust.env import Environment
 from locust.exception import LocustError, RescheduleTask
 
+from foliod.api import PAGE_SIZE
 from foliodclient._calls import Call
 from foliodclient._client import DEFAULT_TIMEOUT_SECONDS, FoliodClient, RetryPolicy
 from foliodclient.errors import CallError
@@ -50,8 +51,6 @@ T = TypeVar("T")
 # meanwhile. grpc requires it after monkey-patching and before the first channel is created:
 # hence here, at import, before any user (and so any channel) exists.
 grpc_gevent.init_gevent()
-
-PAGE_BYTES = 4096
 
 
 class RequestFailure(Exception):
@@ -175,7 +174,7 @@ class FoliodPageCacheUser(FoliodUser):
     wait_time = locust.between(0.005, 0.05)
     file_bytes: ClassVar[int] = 1 << 20
     max_order: ClassVar[int | None] = None
-    io_bytes: ClassVar[int] = PAGE_BYTES
+    io_bytes: ClassVar[int] = PAGE_SIZE
 
     def on_start(self) -> None:
         self.file_name = f"locust-{uuid.uuid4().hex}"
@@ -198,8 +197,8 @@ class FoliodPageCacheUser(FoliodUser):
         super().on_stop()
 
     def _offset(self) -> int:
-        pages = max((self.file_bytes - self.io_bytes) // PAGE_BYTES, 0)
-        return self.rng.randint(0, pages) * PAGE_BYTES
+        pages = max((self.file_bytes - self.io_bytes) // PAGE_SIZE, 0)
+        return self.rng.randint(0, pages) * PAGE_SIZE
 
     def _data(self, size_bytes: int) -> bytes:
         return self.rng.randbytes(size_bytes)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from foliod import __version__
+from foliod.api import DEFAULT_ADDRESS, __version__
+from foliod.api import parse_size as parse_size  # noqa: PLC0414 -- re-exported
 from foliod.mm import MAX_PAGE_ORDER, DescriptorSizes, FoliodError, ThpSetting
 from foliod.mm.backing_dev import DEVICE_PROFILES, FaultRule, check_fault_rules
 from foliod.mm.folio_store import MAX_PAGECACHE_ORDER
@@ -27,28 +28,10 @@ from foliod.mm.machine import validate_ram_bytes
 from foliod.mm.page_writeback import DirtyLimits
 
 ENV_PREFIX = "FOLIOD_"
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and its source."""
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "4GiB", "512M" (binary), "1GB" (decimal) or a plain number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    match = _SIZE.fullmatch(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 4GiB, 512MiB, 1TiB, 4096)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -453,7 +436,7 @@ _SIZES = DescriptorSizes()
 class Config:
     """The effective configuration of one server."""
 
-    listen: str = "127.0.0.1:50051"
+    listen: str = DEFAULT_ADDRESS
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

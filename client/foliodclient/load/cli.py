@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from foliod.config import parse_size
-from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliod.api import DEVICE_PROFILES, parse_size
 from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS
 from foliodclient.cli import EXIT_CODES, EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError
@@ -238,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check_usage(p, args)
     if args.report is not None and importlib.util.find_spec("matplotlib") is None:
-        return _fail("--report needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
+        return _fail("--report needs matplotlib: pip install 'foliod-client[load]'", EXIT_FAILURE)
     loaded = None
     if args.trace is not None:
         try:

@@ -31,9 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foliod.config import parse_size
-from foliod.mm.backing_dev import DEVICE_PROFILES
-from foliod.mm.lru import POLICIES
+from foliod.api import DEVICE_PROFILES, PAGE_SHIFT, PAGE_SIZE, RECLAIM_POLICIES, parse_size
 from foliodclient._client import DEFAULT_TIMEOUT_SECONDS, FoliodClient
 from foliodclient.cli import EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError, NotFound
@@ -51,11 +49,10 @@ from foliodclient.load.traces import (
     TraceError,
     load_trace,
 )
-from foliodclient.load.workloads import PAGE_SHIFT, Params, Replay, ReplayColumns
+from foliodclient.load.workloads import Params, Replay, ReplayColumns
 
 EXIT_USAGE = 2
 EXIT_BAD_TRACE = 3
-PAGE_SIZE = 1 << PAGE_SHIFT
 # Readahead window of a file with readahead on: foliod's default (ra_pages unset).
 READAHEAD = {"on": None, "off": 0}
 MAX_FOLIO_ORDER = 9
@@ -117,11 +114,11 @@ class UsageError(ValueError):
 
 def parse_policies(text: str) -> list[str]:
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in POLICIES]
+    unknown = [name for name in names if name not in RECLAIM_POLICIES]
     if unknown or not names:
         raise UsageError(
             f"--policies: not a reclaim policy: {', '.join(unknown) or repr(text)} "
-            f"(choose from {', '.join(sorted(POLICIES))})"
+            f"(choose from {', '.join(sorted(RECLAIM_POLICIES))})"
         )
     return list(dict.fromkeys(names))
 
@@ -583,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     if args.html is not None and importlib.util.find_spec("matplotlib") is None:
-        return _fail("--html needs matplotlib: pip install 'foliod[load]'", EXIT_FAILURE)
+        return _fail("--html needs matplotlib: pip install 'foliod-client[load]'", EXIT_FAILURE)
     try:
         trace = load_trace(
             args.trace,

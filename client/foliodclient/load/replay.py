@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from foliod.mm.backing_dev import DEVICE_PROFILES
+from foliod.api import DEVICE_PROFILES, MAX_REPLAY_ACCESSES
 from foliodclient._client import FoliodClient
 from foliodclient._types import ReplayTotals
 from foliodclient.errors import CallError
@@ -27,9 +27,9 @@ from foliodclient.load.runner import (
 )
 from foliodclient.load.workloads import Replay, ReplayColumns
 
-# Page accesses a Replay call carries at most (the server takes 16M): a call holds the
-# machine's lock while it runs, so calls of about a second leave room for other clients.
-CALL_ACCESSES = 1 << 20
+# Page accesses a Replay call carries at most (the server takes MAX_REPLAY_ACCESSES): a call
+# holds the machine's lock while it runs, so calls of about a second leave room for others.
+CALL_ACCESSES = min(1 << 20, MAX_REPLAY_ACCESSES)
 # Points of the timeline: the series asks for one interval per 1/TIMELINE_POINTS of the trace.
 TIMELINE_POINTS = 100
 

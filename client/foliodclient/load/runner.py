@@ -20,14 +20,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from foliod.mm.backing_dev import DEVICE_PROFILES, DeviceModel
+from foliod.api import DEFAULT_ADDRESS, DEVICE_PROFILES, PAGE_SIZE, DeviceModel
 from foliodclient import Batch, BatchResult, OpResult, Submission
 from foliodclient._client import AsyncFoliodClient, FoliodClient
 from foliodclient._types import Allocation, BuddyInfo, FileRead, FileWrite, MemmapReport
 from foliodclient.errors import CallError
 from foliodclient.load.histogram import Histogram
 from foliodclient.load.progress import Progress
-from foliodclient.load.traces import PAGE_SIZE
 from foliodclient.load.workloads import BATCHABLE, Op, OpKind, Outcome, Stream, Workload
 
 Clock = Callable[[], float]
@@ -38,7 +37,7 @@ NS_PER_SECOND = 1_000_000_000
 class RunConfig:
     """How to drive the server: connection, workers, submission mode, and how long."""
 
-    target: str = "127.0.0.1:50051"
+    target: str = DEFAULT_ADDRESS
     timeout_seconds: float | None = 10.0
     machine: str = ""
     concurrency: int = 4

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-PAGE_SIZE = 4096
+from foliod.api import PAGE_SIZE
+
 SECTOR_SIZE = 512
 ORACLE_RECORD = struct.Struct("<IQIq")
 # Compressed bytes a .zst stream reads at a time (its output is what they decompress to).
@@ -155,8 +156,8 @@ def _open_binary(path: Path) -> IO[bytes]:
             zstandard = importlib.import_module("zstandard")
         except ImportError as exc:
             raise TraceError(
-                f"{path}: reading .zst needs the zstandard package: pip install 'foliod[zstd]' "
-                "(or decompress it first: zstd -d)"
+                f"{path}: reading .zst needs the zstandard package: "
+                "pip install 'foliod-client[zstd]' (or decompress it first: zstd -d)"
             ) from exc
         return io.BufferedReader(_ZstdStream(path, zstandard), ZSTD_READ_BYTES)
     return path.open("rb")

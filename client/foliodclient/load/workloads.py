@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from foliod.mm import MAX_IO_BYTES
-from foliod.mm.backing_dev import DeviceModel
+from foliod.api import MAX_IO_BYTES, PAGE_SHIFT, PAGE_SIZE, DeviceModel
 from foliodclient._calls import CallOptions
 from foliodclient._client import FoliodClient
 from foliodclient._types import IoStats
 from foliodclient.errors import NotFound
-from foliodclient.load.traces import PAGE_SIZE, Trace, split
-
-PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+from foliodclient.load.traces import Trace, split
 
 MAX_ORDER = 10
 

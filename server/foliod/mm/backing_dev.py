@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from foliod.api import DEVICE_PROFILES as DEVICE_PROFILES  # noqa: PLC0414 -- re-exported
+from foliod.api import DeviceModel as DeviceModel  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import InvalidArgument, UnsafeStorePath
 from foliod.mm.page_alloc import PAGE_SIZE
 
@@ -42,30 +44,6 @@ _FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 # What opening a component without following it fails with when a symbolic link stands there
 # (ELOOP), or a file where a directory should be (ENOTDIR).
 _UNSAFE_ERRNOS = frozenset((errno.ELOOP, errno.ENOTDIR))
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceModel:
-    """Per-request latency and bandwidth of the simulated device."""
-
-    name: str
-    read_latency_s: float
-    write_latency_s: float
-    read_bytes_per_s: float
-    write_bytes_per_s: float
-
-    def read_seconds(self, nr_bytes: int) -> float:
-        return self.read_latency_s + nr_bytes / self.read_bytes_per_s
-
-    def write_seconds(self, nr_bytes: int) -> float:
-        return self.write_latency_s + nr_bytes / self.write_bytes_per_s
-
-
-# A datacenter NVMe SSD and a 7200 rpm disk; figures are typical datasheet values [estimate].
-DEVICE_PROFILES = {
-    "nvme": DeviceModel("nvme", 80e-6, 20e-6, 3.0e9, 2.0e9),
-    "hdd": DeviceModel("hdd", 8e-3, 8e-3, 180e6, 160e6),
-}
 
 
 FAULT_ERRNOS = {"": 0, "EIO": errno.EIO, "ENOSPC": errno.ENOSPC}

@@ -22,18 +22,20 @@
         └── TenantLimit            a tenant's memory.max (or file or handle limit) is reached
 
 Every error names the request field at fault (``field``, empty when no single field is) and has
-a stable ``reason`` string that travels to clients in google.rpc.ErrorInfo.
+a stable ``reason`` (foliod.api.Reason) that travels to clients in google.rpc.ErrorInfo.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from foliod.api import Reason
+
 
 class FoliodError(Exception):
     """Base of every error the core raises on purpose."""
 
-    reason = "FOLIOD_ERROR"
+    reason = Reason.FOLIOD_ERROR
 
     def __init__(self, message: str, *, field: str = "", metadata: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -45,104 +47,104 @@ class FoliodError(Exception):
 class InvalidArgument(FoliodError):
     """A request value is malformed or outside the values the field accepts."""
 
-    reason = "INVALID_ARGUMENT"
+    reason = Reason.INVALID_ARGUMENT
 
 
 class NotFound(FoliodError):
     """A named object (machine, owner, folio) does not exist."""
 
-    reason = "NOT_FOUND"
+    reason = Reason.NOT_FOUND
 
 
 class UnknownMachine(NotFound):
     """No machine has the requested name."""
 
-    reason = "UNKNOWN_MACHINE"
+    reason = Reason.UNKNOWN_MACHINE
 
 
 class UnknownOwner(NotFound):
     """No owner (address space) has the requested name on the machine."""
 
-    reason = "UNKNOWN_OWNER"
+    reason = Reason.UNKNOWN_OWNER
 
 
 class UnknownFolio(NotFound):
     """No folio was ever allocated with the requested handle on the machine."""
 
-    reason = "UNKNOWN_FOLIO"
+    reason = Reason.UNKNOWN_FOLIO
 
 
 class FailedPrecondition(FoliodError):
     """The request is well formed but the machine's state does not allow it."""
 
-    reason = "FAILED_PRECONDITION"
+    reason = Reason.FAILED_PRECONDITION
 
 
 class FolioAlreadyFreed(FailedPrecondition):
     """The handle named a folio that has been freed (a double free)."""
 
-    reason = "FOLIO_ALREADY_FREED"
+    reason = Reason.FOLIO_ALREADY_FREED
 
 
 class OutOfRange(FoliodError):
     """An offset or length reaches past the end of the object it addresses."""
 
-    reason = "OUT_OF_RANGE"
+    reason = Reason.OUT_OF_RANGE
 
 
 class OutOfMemory(FoliodError):
     """The buddy allocator has no block of the requested order above the min watermark."""
 
-    reason = "OUT_OF_MEMORY"
+    reason = Reason.OUT_OF_MEMORY
 
 
 class AddressSpaceExhausted(OutOfMemory):
     """An owner's virtual address space has no room for the mapping (mmap's ENOMEM)."""
 
-    reason = "ADDRESS_SPACE_EXHAUSTED"
+    reason = Reason.ADDRESS_SPACE_EXHAUSTED
 
 
 class TenantLimit(OutOfMemory):
     """A tenant's memory cgroup cannot take the charge even after reclaiming its own page cache
     (memory.max), or the tenant holds as many files or open handles as it may."""
 
-    reason = "TENANT_LIMIT"
+    reason = Reason.TENANT_LIMIT
 
 
 class UnknownFile(NotFound):
     """No file has the requested name on the machine."""
 
-    reason = "UNKNOWN_FILE"
+    reason = Reason.UNKNOWN_FILE
 
 
 class UnknownGuest(NotFound):
     """No guest has the requested name."""
 
-    reason = "UNKNOWN_GUEST"
+    reason = Reason.UNKNOWN_GUEST
 
 
 class GuestNesting(FailedPrecondition):
     """A guest was asked to host a guest; foliod nests one level only."""
 
-    reason = "GUEST_NESTING"
+    reason = Reason.GUEST_NESTING
 
 
 class UnknownFileHandle(NotFound):
     """No file handle with that number was ever opened on the machine."""
 
-    reason = "UNKNOWN_FILE_HANDLE"
+    reason = Reason.UNKNOWN_FILE_HANDLE
 
 
 class AlreadyExists(FoliodError):
     """The object to create exists already."""
 
-    reason = "ALREADY_EXISTS"
+    reason = Reason.ALREADY_EXISTS
 
 
 class FileHandleClosed(FailedPrecondition):
     """The file handle was closed, or its file deleted."""
 
-    reason = "FILE_HANDLE_CLOSED"
+    reason = Reason.FILE_HANDLE_CLOSED
 
 
 class UnsafeStorePath(FailedPrecondition):
@@ -150,10 +152,10 @@ class UnsafeStorePath(FailedPrecondition):
     directory where one should be (replaced after foliod made it): foliod follows no link, so
     nothing outside the store is touched."""
 
-    reason = "UNSAFE_STORE_PATH"
+    reason = Reason.UNSAFE_STORE_PATH
 
 
 class WritebackFailed(FoliodError):
     """fsync found a writeback error recorded since the handle last checked (errseq)."""
 
-    reason = "WRITEBACK_FAILED"
+    reason = Reason.WRITEBACK_FAILED

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from foliod.api import MAX_IO_BYTES as MAX_IO_BYTES  # noqa: PLC0414 -- re-exported
 from foliod.mm.backing_dev import BackingStore, check_file_name
 from foliod.mm.errors import (
     AlreadyExists,
@@ -61,8 +62,6 @@ from foliod.mm.vmstat import VmEvent
 from foliod.mm.workingset import ShadowEntries
 
 MAX_RA_PAGES = 1 << 16
-# Largest read or write of one call.
-MAX_IO_BYTES = 2 << 20
 _KIB_PER_PAGE = PAGE_SIZE >> 10
 # Orders with per-CPU free lists: up to PAGE_ALLOC_COSTLY_ORDER, and the PMD (THP) order.
 _PCP_ORDERS = frozenset((0, 1, 2, 3, HPAGE_PMD_ORDER))

@@ -17,7 +17,6 @@ does for huge pages; the guest faults a dropped granule back in when it uses a f
 
 from __future__ import annotations
 
-import enum
 import re
 import shutil
 import threading
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from foliod.api import Backing as Backing  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import (
     AlreadyExists,
     GuestNesting,
@@ -50,16 +50,6 @@ from foliod.mm.vmstat import VmEvent
 
 # A guest's name doubles as a directory name and, prefixed, as its host owner's name.
 _GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,57}")
-
-
-class Backing(enum.StrEnum):
-    """What host memory a guest's RAM is made of."""
-
-    BASE = "base"
-    MTHP = "mthp"
-    THP = "thp"
-    HUGETLB_2M = "hugetlb_2m"
-    HUGETLB_1G = "hugetlb_1g"
 
 
 _MTHP_ORDERS = tuple(o for o in ANON_ORDERS if 0 < o < HPAGE_PMD_ORDER)

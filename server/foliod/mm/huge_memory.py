@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Mapping
 
+from foliod.api import ThpSetting as ThpSetting  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import InvalidArgument
 from foliod.mm.page_alloc import PAGE_SIZE
 from foliod.mm.vmstat import MthpStat
@@ -14,15 +14,6 @@ HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
 # THP_ORDERS_ALL_ANON on x86-64: orders 2..PMD_ORDER (order 1 is never used for anon memory).
 ANON_MTHP_ORDERS = tuple(range(2, HPAGE_PMD_ORDER + 1))
 ANON_ORDERS = (0, *ANON_MTHP_ORDERS)
-
-
-class ThpSetting(enum.StrEnum):
-    """The values of a THP "enabled" knob."""
-
-    ALWAYS = "always"
-    INHERIT = "inherit"
-    MADVISE = "madvise"
-    NEVER = "never"
 
 
 def order_to_size_kb(order: int) -> int:

@@ -18,14 +18,9 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from foliod.api import MemmapModel as MemmapModel  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import InvalidArgument
 from foliod.mm.mm_types import FolioKind
-
-
-class MemmapModel(enum.StrEnum):
-    STRUCT_PAGE = "struct_page"
-    INTERIM = "interim"
-    MEMDESC = "memdesc"
 
 
 class Descriptor(enum.StrEnum):

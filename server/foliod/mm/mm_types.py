@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-
+from foliod.api import FolioKind as FolioKind  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import OutOfRange
 from foliod.mm.page_alloc import PAGE_SIZE
-
-
-class FolioKind(enum.StrEnum):
-    """What an allocation is used for; mirrors the memdesc types."""
-
-    ANON = "anon"
-    FILE = "file"
-    SLAB = "slab"
-    PAGETABLE = "pagetable"
-    HUGETLB = "hugetlb"
-    # Pages a guest's balloon driver took to hand back to its host (virtio_balloon).
-    BALLOON = "balloon"
 
 
 class Folio:

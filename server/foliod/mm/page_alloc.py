@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from foliod.api import PAGE_SHIFT as PAGE_SHIFT  # noqa: PLC0414 -- re-exported
+from foliod.api import PAGE_SIZE as PAGE_SIZE  # noqa: PLC0414 -- re-exported
+
 PfnArray = npt.NDArray[np.int64]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_PAGE_ORDER = 10
 NR_PAGE_ORDERS = MAX_PAGE_ORDER + 1
 PAGE_ALLOC_COSTLY_ORDER = 3

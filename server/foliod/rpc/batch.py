@@ -15,15 +15,13 @@ from __future__ import annotations
 import structlog
 from google.rpc import code_pb2
 
+from foliod.api import MAX_BATCH_OPS as MAX_BATCH_OPS  # noqa: PLC0414 -- re-exported
+from foliod.api import MAX_BATCH_PAYLOAD_BYTES as MAX_BATCH_PAYLOAD_BYTES  # noqa: PLC0414 -- re-exported
 from foliod.mm import FoliodError, FolioKind, InvalidArgument, Machines, check_machine
 from foliod.mm.filemap import IoStats
 from foliod.rpc.status import BAD_REQUEST_CODES, status_code_of
 from foliod.rpc.tenancy import WHOLE, Namespace
 from foliod.v1 import foliod_pb2 as pb
-
-MAX_BATCH_OPS = 4096
-# Write data plus requested read lengths: what a batch may move, either way.
-MAX_BATCH_PAYLOAD_BYTES = 2 << 20
 
 READ = pb.OP_CODE_READ
 WRITE = pb.OP_CODE_WRITE

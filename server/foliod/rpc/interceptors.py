@@ -201,18 +201,33 @@ def _cut_short_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
-# grpc's mark of an RPC the client ended (grpc._server._CANCELLED in grpcio 1.85, which
-# pyproject pins); None if a later grpcio renames it, and then only the public checks run.
-_CLIENT_CANCELLED = getattr(importlib.import_module("grpc._server"), "_CANCELLED", None)
+def _client_cancelled_mark() -> object | None:
+    """grpc's mark on a call's state that the client ended it (grpc._server._CANCELLED, a
+    string in every grpcio 1.x so far), or None when this grpcio has no such mark.
+
+    The only private grpc API foliod reads, and only behind this check: the public API tells
+    whether a call is active, not, once it is over, whether the client ended it, and a stream's
+    handler can see its requests end (the client's cancel arrives as the end of the requests)
+    before grpc has processed the cancel. Without the mark the public checks still run (a
+    request iterator that raised, is_active, time_remaining); only that race then reports OK."""
+    try:
+        server = importlib.import_module("grpc._server")
+    except ImportError:
+        return None
+    mark = getattr(server, "_CANCELLED", None)
+    return mark if isinstance(mark, str) else None
+
+
+_CLIENT_CANCELLED = _client_cancelled_mark()
 
 
 def _ended_by_client(context: grpc.ServicerContext) -> bool:
-    """Whether the client cancelled the call, or its deadline did, as grpc recorded when the
-    call closed. The public API tells only while the call is active, and a stream's handler
-    can see its requests end (the client's cancel arrives as the end of the requests) before
-    grpc has processed the cancel."""
+    """Whether grpc recorded, when the call closed, that its client cancelled it (or its
+    deadline did); False where this grpcio keeps no such record (_client_cancelled_mark)."""
+    if _CLIENT_CANCELLED is None:
+        return False
     state = getattr(context, "_state", None)
-    return _CLIENT_CANCELLED is not None and getattr(state, "client", None) == _CLIENT_CANCELLED
+    return getattr(state, "client", None) == _CLIENT_CANCELLED
 
 
 _OK = grpc.StatusCode.OK
@@ -476,7 +491,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             except Exception as exc:
                 if context_code(context) is not None:  # already aborted by the servicer
                     raise
-                if not context.is_active() or _ended_by_client(context):
+                # grpc's request iterator raises RpcError once the client ended the call.
+                ended = isinstance(exc, grpc.RpcError) or not context.is_active()
+                if ended or _ended_by_client(context):
                     raise  # the client ended the call: its requests fail, nothing to answer
                 abort(call.request_id, context, exc)
             finally:

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from foliod import __version__
+from foliod.api import __version__
 from foliod.mm import MAX_PAGE_ORDER, PAGE_SIZE, FolioKind, Machine, Machines
 from foliod.mm.guest import Guest, Guests
 from foliod.mm.huge_memory import order_to_size_kb

@@ -9,14 +9,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from foliod.mm import PAGE_SIZE, InvalidArgument, Machine, MemmapModel, VmEvent
+from foliod.api import MAX_REPLAY_ACCESSES, PAGE_SHIFT, PAGE_SIZE
+from foliod.mm import InvalidArgument, Machine, MemmapModel, VmEvent
 from foliod.mm.filemap import MAX_IO_BYTES, IoStats
 from foliod.v1 import foliod_pb2 as pb
 
-# Page accesses one Replay call may carry: bounds what a call holds (about 8 bytes an access
-# while it is parsed, as page keys in lists) and how long it holds the machine.
-MAX_REPLAY_ACCESSES = 16 << 20
-PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _WRITE = pb.REPLAY_OP_WRITE
 _KNOWN_OPS = frozenset((pb.REPLAY_OP_UNSPECIFIED, pb.REPLAY_OP_READ, pb.REPLAY_OP_WRITE))
 _MODEL_TO_PB = {m: pb.MemmapModel.Value(f"MEMMAP_MODEL_{m.name}") for m in MemmapModel}

@@ -1,7 +1,8 @@
-"""Maps the core's error tree to gRPC status codes with google.rpc details, and back.
+"""Maps the core's error tree to gRPC status codes with google.rpc details.
 
 Every domain error carries google.rpc.ErrorInfo (domain "foliod", reason = the error class's
-``reason``, metadata); errors that name a field also carry google.rpc.BadRequest.
+``reason``, metadata) and the code foliod.api gives its reason; errors that name a field also
+carry google.rpc.BadRequest.
 """
 
 from __future__ import annotations
@@ -11,20 +12,11 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from foliod.api import ERROR_DOMAIN, STATUS_CODE_NAMES, Reason
 from foliod.mm import errors
 
-ERROR_DOMAIN = "foliod"
-
-# Most specific class first is not needed: lookup walks each error's MRO.
-STATUS_CODES: dict[type[errors.FoliodError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.WritebackFailed: grpc.StatusCode.DATA_LOSS,
-    errors.FoliodError: grpc.StatusCode.INTERNAL,
+STATUS_CODES: dict[Reason, grpc.StatusCode] = {
+    reason: grpc.StatusCode[name] for reason, name in STATUS_CODE_NAMES.items()
 }
 
 # Codes whose errors name the request field at fault in a google.rpc.BadRequest.
@@ -32,11 +24,7 @@ BAD_REQUEST_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RA
 
 
 def status_code_of(exc: errors.FoliodError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
+    return STATUS_CODES.get(exc.reason, grpc.StatusCode.INTERNAL)
 
 
 def to_status(exc: errors.FoliodError) -> grpc.Status:
