@@ -28,8 +28,8 @@ test: check
 check: $(VENV)/.installed-test lint typecheck pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff format --check server client tests
-	$(BIN)/ruff check server client tests
+	$(BIN)/ruff format --check server client tests benchmarks
+	$(BIN)/ruff check server client tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -42,8 +42,8 @@ test-fast: $(VENV)/.installed-test lint typecheck
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 fmt: $(VENV)/.installed-test
-	$(BIN)/ruff format server client tests
-	$(BIN)/ruff check --fix server client tests
+	$(BIN)/ruff format server client tests benchmarks
+	$(BIN)/ruff check --fix server client tests benchmarks
 
 # Regenerates the committed Python code of the API; tests/test_structure.py fails when it is stale.
 proto: $(VENV)/.installed-test
@@ -52,7 +52,7 @@ proto: $(VENV)/.installed-test
 	  --mypy_out=server --mypy_grpc_out=server $(PROTO)
 
 bench: $(VENV)/.installed-test
-	$(PY) tests/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -772,7 +772,7 @@ def test_kpageflags_scans_are_labelled_kpageflags(
 def test_a_scan_lets_other_threads_run() -> None:
     """A thread ticking every millisecond keeps ticking while a full scan runs: the scan reads
     and classifies in chunks, releasing the GIL between them, so RPC threads are served. (How
-    long the worst stall is, is a figure for the benchmark, tests/bench_observe.py, not a
+    long the worst stall is, is a figure for the benchmark, benchmarks/bench_observe.py, not a
     bound here: this machine is shared.)"""
     import threading  # noqa: PLC0415
 
