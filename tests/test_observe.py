@@ -493,7 +493,9 @@ def _observation(nr_frames: int, folios: dict[tuple[str, int], int]) -> kpf.Host
         buddyinfo={"node0/Normal": [free]},
         vmstat={},
         mthp={},
-        virtualization=kpf.Virtualization(True, True, "QEMU", "Standard PC"),
+        virtualization=kpf.Virtualization(
+            guest=True, hypervisor_flag=True, sys_vendor="QEMU", product_name="Standard PC"
+        ),
         hvo=False,
         taken_at=0.0,
     )
