@@ -108,6 +108,7 @@ def _foliod_run(pattern: str) -> tuple[list[int], list[tuple[int, int]]]:
     return counts, list(folios)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", sorted(RECORDED["patterns"]))
 def test_foliod_goes_through_what_the_kernel_recorded(pattern: str) -> None:
     """On every recorded pattern foliod's page cache passes through the same cached page counts
@@ -134,6 +135,7 @@ def _live_reason() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_live_reason() is not None, reason=str(_live_reason()))
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_the_live_kernel_and_foliod_agree_page_for_page(tmp_path: Path, pattern: str) -> None:

@@ -186,6 +186,7 @@ def free_port() -> int:
         return port
 
 
+@pytest.mark.slow
 def test_master_worker_run_succeeds(
     spawn: Callable[..., ServerProcess], until_example_made: Path
 ) -> None:

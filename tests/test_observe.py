@@ -303,6 +303,7 @@ def test_memory_blocks_and_iomem_agree_on_this_host() -> None:
     assert sections(iomem) == sections(blocks)
 
 
+@pytest.mark.slow
 @live
 def test_live_host_matches_meminfo() -> None:
     """Invariants against /proc/meminfo, read before and after the ~1 s scan: a value the
