@@ -31,8 +31,8 @@ test: check
 check: $(VENV)/.installed-test lint typecheck pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff format --check api server client tests
-	$(BIN)/ruff check api server client tests
+	$(BIN)/ruff format --check api server client tests benchmarks
+	$(BIN)/ruff check api server client tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -45,8 +45,8 @@ test-fast: $(VENV)/.installed-test lint typecheck
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 fmt: $(VENV)/.installed-test
-	$(BIN)/ruff format api server client tests
-	$(BIN)/ruff check --fix api server client tests
+	$(BIN)/ruff format api server client tests benchmarks
+	$(BIN)/ruff check --fix api server client tests benchmarks
 
 # Regenerates the committed Python code of the API; tests/test_structure.py fails when it is stale.
 proto: $(VENV)/.installed-test
@@ -55,7 +55,7 @@ proto: $(VENV)/.installed-test
 	  --mypy_out=api --mypy_grpc_out=api $(PROTO)
 
 bench: $(VENV)/.installed-test
-	$(PY) tests/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

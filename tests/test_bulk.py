@@ -599,6 +599,7 @@ def test_bulk_and_one_at_a_time_machines_agree() -> None:
 # -- one large call --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_300k_anon_pages_in_one_call() -> None:
     """300,000 order-0 anon pages in one Allocate (586 PTE tables, 74 handle chunks), then every
     third handle freed, then the owner released: bulk and one at a time agree throughout."""

@@ -57,14 +57,14 @@ def test_foliod_side_caches_what_its_reads_bring_in(tmp_path: Path) -> None:
     """The foliod side starts with nothing cached (written back and dropped), and a first
     4 KiB read brings in the initial readahead window through two handles alike."""
     side = FoliodSide(tmp_path, 4 << 20, ra_pages=32, max_order=9)
-    assert side.snapshot(True).resident == frozenset()
+    assert side.snapshot(with_folios=True).resident == frozenset()
     side.apply(Step("read", 0, 4096))
-    first = side.snapshot(True)
+    first = side.snapshot(with_folios=True)
     assert 0 in first.resident and len(first.resident) > 1
     assert first.folios is not None
     assert sum(1 << order for _, order in first.folios) == len(first.resident)
     side.apply(Step("read", 2 << 20, 4096, handle=1))
-    assert (2 << 20) // 4096 in side.snapshot(False).resident
+    assert (2 << 20) // 4096 in side.snapshot(with_folios=False).resident
 
 
 def test_every_pattern_stays_inside_the_file() -> None:
@@ -100,14 +100,15 @@ def _foliod_run(pattern: str) -> tuple[list[int], list[tuple[int, int]]]:
         counts: list[int] = []
         for step in PATTERNS[pattern](size):
             side.apply(step)
-            cached = len(side.snapshot(False).resident)
+            cached = len(side.snapshot(with_folios=False).resident)
             if not counts or counts[-1] != cached:
                 counts.append(cached)
-        folios = side.snapshot(True).folios
+        folios = side.snapshot(with_folios=True).folios
     assert folios is not None
     return counts, list(folios)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", sorted(RECORDED["patterns"]))
 def test_foliod_goes_through_what_the_kernel_recorded(pattern: str) -> None:
     """On every recorded pattern foliod's page cache passes through the same cached page counts
@@ -134,6 +135,7 @@ def _live_reason() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_live_reason() is not None, reason=str(_live_reason()))
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_the_live_kernel_and_foliod_agree_page_for_page(tmp_path: Path, pattern: str) -> None:
@@ -182,4 +184,4 @@ def test_pages_reclaimed_from_outside_are_evicted_on_the_foliod_side_too(tmp_pat
     assert result.reclaimed_outside == 1
     assert result.agrees
     # Page 2 was read again by the third step (a miss on both sides).
-    assert 2 in foliod.snapshot(False).resident
+    assert 2 in foliod.snapshot(with_folios=False).resident

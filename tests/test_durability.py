@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 
 from foliod.server import FoliodServer
 from foliod.v1 import foliod_pb2 as pb
@@ -120,6 +121,7 @@ def _durability_workload(stub: Stub, work: _Workload, seed: int) -> None:
         work.enough.set()
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_every_fsynced_byte(
     spawn: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -325,6 +327,7 @@ def _adjacent_client(
         channel.close()
 
 
+@pytest.mark.slow
 def test_concurrent_clients_see_whole_writes(make_server: ServerFactory) -> None:
     """Concurrent clients never see a torn write, and adjacent unaligned writes lose nothing."""
     server = make_server(ram=32 << 20)
@@ -409,6 +412,7 @@ def _squeeze(stub: Stub, step: int) -> None:
         stub.ReleaseOwner(pb.ReleaseOwnerRequest(owner="hog"), timeout=RPC_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_reads_under_memory_pressure_return_latest_bytes(make_server: ServerFactory) -> None:
     """Files three times the size of RAM read back byte for byte while the cache is squeezed."""
     server = make_server(ram=16 << 20)

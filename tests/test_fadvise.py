@@ -47,6 +47,7 @@ def test_dontneed_drops_clean_folios_wholly_inside_the_full_pages(tmp_path: Path
     check_machine(machine)
 
 
+@pytest.mark.slow
 def test_dontneed_of_a_whole_file_and_the_last_page(tmp_path: Path) -> None:
     """Length 0 means to the end of the file; a range ending on the file's last byte takes the
     last page even when it is partial."""
@@ -62,6 +63,7 @@ def test_dontneed_of_a_whole_file_and_the_last_page(tmp_path: Path) -> None:
     check_machine(machine)
 
 
+@pytest.mark.slow
 def test_dirty_folios_are_written_back_and_stay(tmp_path: Path) -> None:
     """Dirty folios in the range are written back (under writeback when invalidation comes, so
     they stay, clean), and the file's bytes are intact."""
@@ -77,6 +79,7 @@ def test_dirty_folios_are_written_back_and_stay(tmp_path: Path) -> None:
     check_machine(machine)
 
 
+@pytest.mark.slow
 def test_dontneed_clears_shadow_entries_in_the_range(tmp_path: Path) -> None:
     """Shadow entries that reclaim left in the range go (clear_shadow_entry); those outside
     stay."""

@@ -194,6 +194,7 @@ def test_files_survive_a_restart_on_the_same_store(
     assert _read(stub2, "keep", 0, 9).data == b"persisted"
 
 
+@pytest.mark.slow
 def test_memmap_of_one_gib_cached_in_base_pages(make_server: ServerFactory) -> None:
     """Reading a 1 GiB file in base pages moves the file cost to 16 MiB and 22 MiB of memdesc."""
     server = make_server(ram=4 * GIB, debug_checks=False)

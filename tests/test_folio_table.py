@@ -112,6 +112,7 @@ def _state(m: Machine) -> tuple[object, ...]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backing", ["base", "thp", "mthp"])
 def test_guest_frames_are_backed_in_bulk_as_one_at_a_time(backing: str) -> None:
     """A guest's bulk allocation backs its granules on the host in the order touching them

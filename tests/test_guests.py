@@ -88,7 +88,7 @@ def _folios(stub: Stub, machine: str = "") -> dict[tuple[int, int], int]:
 
 
 def _expected_duplication(
-    ram_bytes: int, order: int, hvo: bool, host_folios: int
+    ram_bytes: int, order: int, *, hvo: bool, host_folios: int
 ) -> dict[pb.MemmapModel.ValueType, tuple[int, int]]:
     """Per model, (guest, host) memmap bytes of a guest that allocated nothing itself: both
     sides pay the per-frame entries; the host adds one descriptor per backing folio (not
@@ -117,7 +117,7 @@ def test_duplication_of_a_16_gib_guest(make_server: ServerFactory, backing: str)
     assert (guest.lazy, guest.host_folio_order, guest.hvo) == (lazy, order, hvo)
     assert guest.backed_bytes == (0 if lazy else ram)
     assert guest.host_folios == (0 if lazy else pages >> order)
-    expected = _expected_duplication(ram, order, hvo, guest.host_folios)
+    expected = _expected_duplication(ram, order, hvo=hvo, host_folios=guest.host_folios)
     assert [d.model for d in guest.duplication] == list(FRAME_BYTES)
     for dup in guest.duplication:
         assert (dup.guest_memmap_bytes, dup.host_memmap_bytes) == expected[dup.model]
@@ -143,7 +143,7 @@ def test_duplication_of_a_16_gib_guest(make_server: ServerFactory, backing: str)
         _alloc(stub, "vm", pb.FOLIO_KIND_SLAB, count=1)
         touched = _guest(stub, "vm")
         assert touched.host_folios == 1 and touched.backed_bytes == PAGE << order
-        expected = _expected_duplication(ram, order, hvo, 1)
+        expected = _expected_duplication(ram, order, hvo=hvo, host_folios=1)
         guest_slab = 64  # the guest's own slab descriptor (interim and memdesc)
         for dup in touched.duplication:
             extra = 0 if dup.model == pb.MEMMAP_MODEL_STRUCT_PAGE else guest_slab

@@ -647,6 +647,7 @@ def test_the_observers_resources_cover_the_measured_peak(name: str) -> None:
     assert parse_size(_observer_environment(name)["FOLIOD_RAM"]) == 1 << 20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not readable(), reason="/proc/kpageflags is not readable (needs uid 0)")
 def test_the_observers_configuration_observes_this_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

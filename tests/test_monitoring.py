@@ -769,6 +769,7 @@ def prometheus(
         server.stop()
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_returns_data(
     prometheus: Prometheus, observers: list[ServerProcess]
 ) -> None:
@@ -782,6 +783,7 @@ def test_every_dashboard_query_returns_data(
     assert not empty
 
 
+@pytest.mark.slow
 def test_machine_variable_lists_the_guests_and_their_panels_have_data(
     prometheus: Prometheus, observers: list[ServerProcess]
 ) -> None:
@@ -802,6 +804,7 @@ def test_machine_variable_lists_the_guests_and_their_panels_have_data(
     assert not empty
 
 
+@pytest.mark.slow
 def test_every_rule_evaluates_and_records(
     prometheus: Prometheus, observers: list[ServerProcess]
 ) -> None:
@@ -833,6 +836,7 @@ def test_every_rule_evaluates_and_records(
     assert not prometheus.query(alerts["FoliodObservedHostStale"])
 
 
+@pytest.mark.slow
 def test_prometheus_values_match_the_api(foliod: LiveFoliod, prometheus: Prometheus) -> None:
     """Memmap bytes per model, RAM, vmstat counters and call counts in Prometheus are what the
     gRPC API reports."""
@@ -872,6 +876,7 @@ def test_prometheus_values_match_the_api(foliod: LiveFoliod, prometheus: Prometh
     assert 0 < hit_ratio < 1
 
 
+@pytest.mark.slow
 def test_prometheus_guest_values_match_the_api(foliod: LiveFoliod, prometheus: Prometheus) -> None:
     """Each guest's RAM, backing, duplicated memory map (both sides, per model), balloon and
     memory returned in Prometheus are what GetGuest reports; the host's HVO savings are what
@@ -932,6 +937,7 @@ def test_prometheus_guest_values_match_the_api(foliod: LiveFoliod, prometheus: P
     )
 
 
+@pytest.mark.slow
 def test_prometheus_fleet_values_match_the_observers(
     prometheus: Prometheus, observers: list[ServerProcess]
 ) -> None:

@@ -58,6 +58,7 @@ def test_reference_caches_equal_the_test_suites() -> None:
             assert twin(keys, nr_pages) == REFERENCES[policy](keys, nr_pages)
 
 
+@pytest.mark.slow
 def test_mrc_on_local_servers_matches_the_textbook(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -303,6 +303,7 @@ def test_memory_blocks_and_iomem_agree_on_this_host() -> None:
     assert sections(iomem) == sections(blocks)
 
 
+@pytest.mark.slow
 @live
 def test_live_host_matches_meminfo() -> None:
     """Invariants against /proc/meminfo, read before and after the ~1 s scan: a value the
@@ -493,7 +494,9 @@ def _observation(nr_frames: int, folios: dict[tuple[str, int], int]) -> kpf.Host
         buddyinfo={"node0/Normal": [free]},
         vmstat={},
         mthp={},
-        virtualization=kpf.Virtualization(True, True, "QEMU", "Standard PC"),
+        virtualization=kpf.Virtualization(
+            guest=True, hypervisor_flag=True, sys_vendor="QEMU", product_name="Standard PC"
+        ),
         hvo=False,
         taken_at=0.0,
     )
@@ -772,7 +775,7 @@ def test_kpageflags_scans_are_labelled_kpageflags(
 def test_a_scan_lets_other_threads_run() -> None:
     """A thread ticking every millisecond keeps ticking while a full scan runs: the scan reads
     and classifies in chunks, releasing the GIL between them, so RPC threads are served. (How
-    long the worst stall is, is a figure for the benchmark, tests/bench_observe.py, not a
+    long the worst stall is, is a figure for the benchmark, benchmarks/bench_observe.py, not a
     bound here: this machine is shared.)"""
     import threading  # noqa: PLC0415
 

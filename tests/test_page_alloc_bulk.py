@@ -78,6 +78,7 @@ def test_rmqueue_bulk_takes_what_rmqueue_takes(
     assert (lists(b), b.nr_free) == (lists(a), a.nr_free)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**32), nr_pages=st.sampled_from([4096, 5000, 70_000]))
 def test_free_pages_bulk_frees_as_free_one_page(seed: int, nr_pages: int) -> None:

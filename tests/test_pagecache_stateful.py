@@ -570,6 +570,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         assert info.anon_pages_bytes == self.hog_pages * PAGE_SIZE
 
 
+@pytest.mark.slow
 def test_page_cache_state_machine(tmp_path: Path) -> None:
     """Random operation sequences keep a small machine's files equal to a model of their bytes."""
     set_hypothesis_home_dir(tmp_path / "hypothesis")

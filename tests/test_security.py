@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 import foliodclient
 from foliod.config import ConfigError, load_config
@@ -218,11 +219,26 @@ def test_tokens_authenticate_and_roles_authorize(
 def test_health_and_reflection_need_no_credentials(
     make_server: ServerFactory, token_file: Path
 ) -> None:
-    """Health checks stay open on a server that requires tokens."""
+    """Health checks and reflection (v1 and v1alpha) stay open on a server that requires
+    tokens."""
     server = make_server(tokens=token_file)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        listings = [
+            channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                # The two versions' messages are the same bytes.
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            for version in ("v1", "v1alpha")
+        ]
+        names = [
+            {s.name for r in listing for s in r.list_services_response.service}
+            for listing in listings
+        ]
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert names[0] == names[1] and FOLIOD_SERVICE in names[0]
 
 
 def _service_methods() -> list[Any]:

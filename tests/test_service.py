@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import given, settings
@@ -84,6 +85,83 @@ def test_reflection_lists_and_describes_the_api(channel: grpc.Channel) -> None:
     names = {s.name for s in listing.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     assert files.file_descriptor_response.file_descriptor_proto
+
+
+# Field numbers of grpc/reflection/v1/reflection.proto (grpc-proto), by message.
+V1_REFLECTION_FIELDS = {
+    "ServerReflectionRequest": {
+        "host": 1,
+        "file_by_filename": 3,
+        "file_containing_symbol": 4,
+        "file_containing_extension": 5,
+        "all_extension_numbers_of_type": 6,
+        "list_services": 7,
+    },
+    "ExtensionRequest": {"containing_type": 1, "extension_number": 2},
+    "ServerReflectionResponse": {
+        "valid_host": 1,
+        "original_request": 2,
+        "file_descriptor_response": 4,
+        "all_extension_numbers_response": 5,
+        "list_services_response": 6,
+        "error_response": 7,
+    },
+    "FileDescriptorResponse": {"file_descriptor_proto": 1},
+    "ExtensionNumberResponse": {"base_type_name": 1, "extension_number": 2},
+    "ListServiceResponse": {"service": 1},
+    "ServiceResponse": {"name": 1},
+    "ErrorResponse": {"error_code": 1, "error_message": 2},
+}
+
+
+def test_reflection_v1_and_v1alpha_list_the_same_services(channel: grpc.Channel) -> None:
+    """Reflection answers under v1 as under v1alpha: both list foliod, health and both
+    reflection services, and v1's descriptor, as served, is grpc-proto's v1 reflection.proto."""
+    v1 = "grpc.reflection.v1.ServerReflection"
+    v1alpha = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=v1),
+    ]
+    listing, described = list(v1alpha.ServerReflectionInfo(iter(requests), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert names == {
+        SERVICE,
+        "grpc.health.v1.Health",
+        v1,
+        reflection_pb2.DESCRIPTOR.package + ".ServerReflection",
+    }
+
+    # A v1 client whose messages come from the descriptor the server served, not from foliod.
+    (served,) = described.file_descriptor_response.file_descriptor_proto
+    file = descriptor_pb2.FileDescriptorProto.FromString(served)
+    assert (file.name, file.package) == (
+        "grpc/reflection/v1/reflection.proto",
+        "grpc.reflection.v1",
+    )
+    assert {m.name: {f.name: f.number for f in m.field} for m in file.message_type} == (
+        V1_REFLECTION_FIELDS
+    )
+    (service,) = file.service
+    assert [(m.name, m.client_streaming, m.server_streaming) for m in service.method] == [
+        ("ServerReflectionInfo", True, True)
+    ]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    # Message classes made at run time: mypy knows them only as Message.
+    request_type: Any = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionRequest")
+    )
+    response_type: Any = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse")
+    )
+    info = channel.stream_stream(
+        f"/{v1}/ServerReflectionInfo",
+        request_serializer=request_type.SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+    (v1_listing,) = list(info(iter([request_type(list_services="")]), timeout=10))
+    assert {s.name for s in v1_listing.list_services_response.service} == names
 
 
 def test_request_id_is_echoed_or_generated(channel: grpc.Channel) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -146,7 +147,7 @@ class ShadowMachine(RuleBasedStateMachine):
         assert mine == {frozenset(s) for s in theirs.values()}
 
 
-TestShadows = ShadowMachine.TestCase
+TestShadows = pytest.mark.slow(ShadowMachine.TestCase)
 TestShadows.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 
 

@@ -105,7 +105,7 @@ def _random(size: int) -> list[Step]:
     return [Step("read", rng.randrange(size // 4096) * 4096, 4096) for _ in range(512)]
 
 
-def _interleaved(size: int, handles: bool) -> list[Step]:
+def _interleaved(size: int, *, handles: bool) -> list[Step]:
     """Two sequential streams, one from the start and one from the middle, taking turns."""
     half = size // 2
     steps = []
@@ -286,7 +286,7 @@ class KernelSide:
         else:
             os.ftruncate(fd, step.offset)
 
-    def snapshot(self, with_folios: bool) -> Snapshot:
+    def snapshot(self, *, with_folios: bool) -> Snapshot:
         """The cache after the last step, once the reads it started have completed: mincore
         counts a page only when it is uptodate, and asynchronous readahead may still be in
         flight when the read that started it returns; cachestat counts the pages added, so
@@ -431,7 +431,7 @@ class FoliodSide:
                 files.writeback_folio(f)
             files.evict_folio(f)
 
-    def snapshot(self, with_folios: bool) -> Snapshot:
+    def snapshot(self, *, with_folios: bool) -> Snapshot:
         inode = self.machine.files.lookup(FILE_NAME)
         folios = sorted((index, folio.order) for index, folio in inode.folios.items())
         resident = frozenset(
@@ -496,7 +496,7 @@ def run_pattern(
     for number, step in enumerate(steps):
         kernel.apply(step)
         foliod.apply(step)
-        k = kernel.snapshot(False).resident
+        k = kernel.snapshot(with_folios=False).resident
         gone = before_k - k
         if step.op == "drop":
             gone -= frozenset(
@@ -508,14 +508,14 @@ def run_pattern(
             # Reclaimed from outside: both sides go on from the same cache.
             foliod.evict(gone)
             result.reclaimed_outside += len(gone)
-        f = foliod.snapshot(False).resident
+        f = foliod.snapshot(with_folios=False).resident
         if k != before_k or f != before_f:
             diff = first_difference(k, f)
             result.rows.append(Row(number, step.op, step.offset // PAGE_SIZE, len(k), len(f), diff))
             if diff is not None and result.first_divergent_step is None:
                 result.first_divergent_step = number
         before_k, before_f = k, f
-    k_last, f_last = kernel.snapshot(True), foliod.snapshot(True)
+    k_last, f_last = kernel.snapshot(with_folios=True), foliod.snapshot(with_folios=True)
     result.foliod_orders = dict(sorted(Counter(o for _, o in f_last.folios or ()).items()))
     if k_last.folios is not None:
         result.folios_compared = True
@@ -578,7 +578,7 @@ def device_read_ahead_kb(directory: Path) -> int | None:
     return None
 
 
-def _print(result: PatternResult, verbose: bool) -> None:
+def _print(result: PatternResult, *, verbose: bool) -> None:
     print(f"== {result.pattern}: {result.steps} steps")
     if verbose or not result.agrees:
         print(
@@ -689,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(asdict(result)))
         else:
-            _print(result, args.verbose)
+            _print(result, verbose=args.verbose)
     if args.record is not None:
         document = {
             "kernel": os.uname().release,

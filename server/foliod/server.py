@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -36,6 +35,7 @@ from foliod.rpc.observe import (
     ObservingServicer,
 )
 from foliod.rpc.pool import WorkerPool
+from foliod.rpc.reflection import enable_server_reflection
 from foliod.rpc.servicer import FoliodServicer
 from foliod.rpc.tls import CertificateFiles
 from foliod.state_lock import StateDirLock
@@ -191,9 +191,7 @@ class FoliodServer:
         foliod_pb2_grpc.add_FoliodServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
+        enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), self.grpc)
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics: MetricsEndpoint | None = None

@@ -5,7 +5,8 @@ foliod.v1: the API of foliod, a simulator of Linux physical memory, folios and t
 
 Conventions used throughout:
 - Every machine-scoped request carries `machine`: the simulated machine it addresses. The empty
-  string means the host ("host"). Later versions add guests, which are named machines.
+  string means the host ("host"); a guest (CreateGuest, BootGuest) is named by its name, and
+  the observed real host (foliod --observe-host) by "real:<hostname>".
 - Sizes are in bytes (`*_bytes`) or in 4 KiB pages (`nr_*`), never in bare numbers.
 - Errors use the standard gRPC codes with google.rpc.Status details: INVALID_ARGUMENT and
   OUT_OF_RANGE carry google.rpc.BadRequest naming the field at fault; every domain error also

@@ -35,6 +35,7 @@ import structlog
 from foliod.config import parse_size
 from foliod.mm import PAGE_SIZE, FoliodError, TenantLimits
 from foliod.mm.memcontrol import check_tenant_name
+from foliod.rpc import reflection
 from foliod.rpc.status import status_code_of
 
 AUTHORIZATION_KEY = "authorization"
@@ -42,7 +43,7 @@ _BEARER = "bearer "
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 FOLIOD_SERVICE = "foliod.v1.Foliod"
 # Services any caller may use: they show no simulated state.
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", *reflection.SERVICE_NAMES})
 
 _audit = structlog.get_logger("foliod.audit")
 # The caller whose handler runs on this thread (grpc runs each call's handler, a streaming

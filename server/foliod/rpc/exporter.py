@@ -31,6 +31,9 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 # A client gets this long to finish the TLS handshake and send its request.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# How often the serving thread looks for stop(): stop() waits up to this long (socketserver's
+# default, 0.5 s, was most of a test server's stop).
+SHUTDOWN_POLL_SECONDS = 0.05
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -118,7 +121,10 @@ class MetricsEndpoint:
             )
         self.port: int = self.httpd.server_port
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="foliod-metrics", daemon=True
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
+            name="foliod-metrics",
+            daemon=True,
         )
         self._thread.start()
 

@@ -215,7 +215,7 @@ class _Stretch:
     stats: IoStats = field(default_factory=IoStats)
     read_stats: IoStats = field(default_factory=IoStats)
 
-    def add(self, stats: IoStats, operations: int, accesses: int, read: bool) -> None:
+    def add(self, stats: IoStats, operations: int, accesses: int, *, read: bool) -> None:
         self.operations += operations
         self.accesses += accesses
         for target in (self.stats, self.read_stats) if read else (self.stats,):
@@ -248,9 +248,9 @@ class _Series:
         steals = events[VmEvent.PGSTEAL_DIRECT] + events[VmEvent.PGSTEAL_KSWAPD]
         return time.perf_counter(), steals, events[VmEvent.WORKINGSET_REFAULT_FILE]
 
-    def add(self, stats: IoStats, operations: int, accesses: int, read: bool) -> None:
-        self.totals.add(stats, operations, accesses, read)
-        self.current.add(stats, operations, accesses, read)
+    def add(self, stats: IoStats, operations: int, accesses: int, *, read: bool) -> None:
+        self.totals.add(stats, operations, accesses, read=read)
+        self.current.add(stats, operations, accesses, read=read)
 
     def _pack(self, stretch: _Stretch, since: tuple[float, int, int]) -> pb.ReplayTotals:
         now = self._counters()
@@ -277,8 +277,8 @@ class _Series:
             self.current = _Stretch()
             self.mark = self._counters()
 
-    def result(self, series: bool) -> pb.ReplayResult:
-        if series:
+    def result(self, *, intervals: bool) -> pb.ReplayResult:
+        if intervals:
             self.cut()
         return pb.ReplayResult(totals=self._pack(self.totals, self.start), intervals=self.intervals)
 
@@ -302,12 +302,12 @@ def run(machine: Machine, names: list[str], trace: Trace) -> pb.ReplayResult:
     for kind, file, what, count in trace.steps:
         if kind == STEP_READS:
             assert isinstance(what, list)
-            series.add(files.replay(names[file], what), count, len(what), True)
+            series.add(files.replay(names[file], what), count, len(what), read=True)
         elif kind == STEP_WRITE:
             assert isinstance(what, int)
             stats = files.write(names[file], what, _ZEROS[:count])
             nr_pages = ((what + count - 1) >> PAGE_SHIFT) - (what >> PAGE_SHIFT) + 1
-            series.add(stats, 1, nr_pages, False)
+            series.add(stats, 1, nr_pages, read=False)
         else:
             series.cut()
-    return series.result(trace.interval_accesses > 0)
+    return series.result(intervals=trace.interval_accesses > 0)

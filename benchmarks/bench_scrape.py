@@ -1,6 +1,6 @@
 """Scrape cost: the server time one Prometheus scrape of a big, busy foliod takes.
 
-Run with ``.venv/bin/python tests/bench_scrape.py`` (``--quick`` for a smaller page cache,
+Run with ``.venv/bin/python benchmarks/bench_scrape.py`` (``--quick`` for a smaller page cache,
 ``--json`` for one JSON object). A foliod server is started in process with a 1 TiB host, whose
 page cache is filled to at least a million folios (a file read through readahead in base
 pages, another in large folios, some of it dirty), with anonymous THP memory, slab and

@@ -1,6 +1,6 @@
 """Soak: foliod's RSS over a long run at full load, to show memory levels off with the page cache.
 
-Not part of ``make test``. Run: ``.venv/bin/python -m tests.soak [--minutes 30] [--ram 2GiB]``.
+Not part of ``make test``. Run: ``.venv/bin/python -m benchmarks.soak [--minutes 30] [--ram 2GiB]``.
 Starts one foliod (127.0.0.1, ephemeral ports, a temporary state directory) and runs
 ``foliod-load mixed`` against it with 4 workers until the time is up (bounded: the load driver
 gets --duration, and everything is killed 10 minutes after it should have ended). Every

@@ -1,7 +1,7 @@
 """foliod benchmarks: throughput of the simulated allocator, of the gRPC service and of reports.
 
-Run with ``make bench`` (``.venv/bin/python tests/bench.py``). Flags: ``--json`` prints one JSON
-object instead of the table; ``--quick`` uses about 5x smaller counts.
+Run with ``make bench`` (``.venv/bin/python benchmarks/bench.py``). Flags: ``--json`` prints one
+JSON object instead of the table; ``--quick`` uses about 5x smaller counts.
 
 What is measured:
 
@@ -48,12 +48,12 @@ What is measured:
 6. Guests (``--only guests``): creating and destroying a 64 GiB guest on a 256 GiB host, per
    backing (lazily backed ones allocate nothing up front; HugeTLB ones reserve every page).
 
-7. Scrape cost (``--only scrape``): tests/bench_scrape.py in its own process: the server time
+7. Scrape cost (``--only scrape``): benchmarks/bench_scrape.py in its own process: the server time
    of one Prometheus scrape of a 1 TiB host with a page cache of a million folios and ten
    16 GiB guests.
 
 9. Memory per simulated page (``--only memory``; ``--big`` adds the real-size host): in its own
-   process, tests/bench_memory.py starts fresh servers and reads their RSS from /proc around
+   process, benchmarks/bench_memory.py starts fresh servers and reads their RSS from /proc around
    4 GiB Allocate calls (order 0, 2, 9 file and order-0 anon folios, with the call rates) and
    around reading a 4 GiB file into the page cache at three folio sizes; a 64 GiB base-backed
    guest filled; with ``--big``, a 256 GiB host (64 GiB with ``--quick``) allocated full of
@@ -185,7 +185,7 @@ class Counts:
     replay_loop: int = 10 * REPLAY_LOOP_PAGES
     scrape_folios: int = 1_000_000
     batch_reads: int = 200 * BATCH_READS
-    # Options of tests/bench_memory.py (section 9): --quick, --big, --baseline-ref REF.
+    # Options of benchmarks/bench_memory.py (section 9): --quick, --big, --baseline-ref REF.
     memory_options: tuple[str, ...] = ()
 
     def scaled(self, divisor: int) -> Counts:
@@ -1217,7 +1217,7 @@ def bench_guests(report: Report, counts: Counts) -> None:
 
 
 def bench_scrape(report: Report, counts: Counts) -> None:
-    """tests/bench_scrape.py in its own process (a 1 TiB host, ten guests)."""
+    """benchmarks/bench_scrape.py in its own process (a 1 TiB host, ten guests)."""
     section = "7. one Prometheus scrape (server time), 1 TiB host, ten 16 GiB guests"
     argv = [
         sys.executable,
@@ -1265,7 +1265,7 @@ def one(
 
 
 def bench_memory(report: Report, counts: Counts) -> None:
-    """tests/bench_memory.py in its own process (its progress on stderr): server RSS per page
+    """benchmarks/bench_memory.py in its own process (its progress on stderr): server RSS per page
     through the API; its rows, targets included, come as JSON."""
     section = "9. memory per simulated page (server RSS through the API)"
     argv = [

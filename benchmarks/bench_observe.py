@@ -1,5 +1,6 @@
 """Benchmark of observing this host: scan time and memory per GiB, and the worst RPC stall a
-scan causes. Needs a readable /proc/kpageflags (root). Run: .venv/bin/python -m tests.bench_observe
+scan causes. Needs a readable /proc/kpageflags (root).
+Run: .venv/bin/python -m benchmarks.bench_observe
 """
 
 from __future__ import annotations

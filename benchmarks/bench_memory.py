@@ -1,7 +1,7 @@
 """What foliod itself spends per simulated page, measured from outside: server RSS over gRPC.
 
 Run by ``make bench`` (section 9, ``--only memory``) or alone:
-``.venv/bin/python tests/bench_memory.py [--json] [--quick] [--big] [--baseline-ref REF]``.
+``.venv/bin/python benchmarks/bench_memory.py [--json] [--quick] [--big] [--baseline-ref REF]``.
 Progress goes to stderr, the figures to stdout (one JSON object with ``--json``).
 
 Each figure starts a fresh server (``python -m foliod.main``, the ``foliod`` entry point, with

@@ -1,6 +1,6 @@
 """Benchmark of snapshots: time to take one, file size per GiB of RAM, time to decode and boot it,
 for this host (needs a readable /proc/kpageflags) and for a fragmented simulated machine.
-Run: .venv/bin/python -m tests.bench_snapshot
+Run: .venv/bin/python -m benchmarks.bench_snapshot
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Benchmarks and load scripts: run by `make bench` or by hand, never collected by pytest."""
