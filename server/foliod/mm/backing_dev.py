@@ -198,14 +198,14 @@ class BackingStore:
         self._root_fd: int | None = None
         self._settings: dict[str, dict[str, int]] | None = None
 
-    def __root(self) -> int:
+    def _root(self) -> int:
         """A descriptor of the store's directory, opened once (again after close())."""
         fd = self._root_fd
         if fd is None:
             fd = self._root_fd = os.open(self.root, _DIR_FLAGS)
         return fd
 
-    def __split(self, name: str) -> tuple[str, ...]:
+    def _split(self, name: str) -> tuple[str, ...]:
         """The components of a valid name."""
         parts = self._parts.get(name)
         if parts is None:
@@ -216,12 +216,12 @@ class BackingStore:
         return parts
 
     @contextmanager
-    def __directory(self, dirs: Sequence[str], *, create: bool = False) -> Iterator[int]:
+    def _directory(self, dirs: Sequence[str], *, create: bool = False) -> Iterator[int]:
         """A descriptor of the directory `dirs` (components under the root), each opened
         relative to the one before and none followed if it is a symbolic link; with create,
         a missing one is made and its parent fsynced. Raises OSError: ENOENT for a missing
         directory, ELOOP or ENOTDIR for a symbolic link or a non-directory in the way."""
-        fd = self.__root()
+        fd = self._root()
         try:
             for part in dirs:
                 try:
@@ -244,17 +244,17 @@ class BackingStore:
             if fd != self._root_fd:
                 os.close(fd)
 
-    def __open(self, name: str, flags: int) -> int:
-        """The file opened with flags through __directory; OSError if absent or unsafe."""
-        *dirs, leaf = self.__split(name)
-        with self.__directory(dirs) as parent:
+    def _open(self, name: str, flags: int) -> int:
+        """The file opened with flags through _directory; OSError if absent or unsafe."""
+        *dirs, leaf = self._split(name)
+        with self._directory(dirs) as parent:
             return os.open(leaf, flags | _FILE_FLAGS, dir_fd=parent)
 
-    def __open_for_write(self, name: str) -> int:
+    def _open_for_write(self, name: str) -> int:
         """The file opened for writing; made, with any missing directory, if absent (each new
         name fsynced in its directory)."""
-        *dirs, leaf = self.__split(name)
-        with self.__directory(dirs, create=True) as parent:
+        *dirs, leaf = self._split(name)
+        with self._directory(dirs, create=True) as parent:
             try:
                 return os.open(leaf, os.O_WRONLY | _FILE_FLAGS, dir_fd=parent)
             except FileNotFoundError:
@@ -268,12 +268,12 @@ class BackingStore:
             os.fsync(parent)  # the new file's name
             return fd
 
-    def __read_fd(self, name: str) -> int | None:
+    def _read_fd(self, name: str) -> int | None:
         """A descriptor open for reading the file, kept for the next read; None if absent."""
         fd = self._read_fds.get(name)
         if fd is None:
             try:
-                fd = self.__open(name, os.O_RDONLY)
+                fd = self._open(name, os.O_RDONLY)
             except FileNotFoundError:
                 return None
             except OSError as exc:
@@ -281,11 +281,11 @@ class BackingStore:
                     raise _unsafe(name, exc) from exc
                 raise
             if len(self._read_fds) >= _MAX_OPEN_FILES:
-                self.__forget(next(iter(self._read_fds)))
+                self._forget(next(iter(self._read_fds)))
             self._read_fds[name] = fd
         return fd
 
-    def __forget(self, name: str) -> None:
+    def _forget(self, name: str) -> None:
         fd = self._read_fds.pop(name, None)
         if fd is not None:
             os.close(fd)
@@ -293,7 +293,7 @@ class BackingStore:
     def close(self) -> None:
         """Closes the descriptors kept open (the store opens them again if used)."""
         for name in list(self._read_fds):
-            self.__forget(name)
+            self._forget(name)
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
@@ -315,7 +315,7 @@ class BackingStore:
     def create(self, name: str) -> None:
         """Makes the file (empty) if absent, with its directories; its name is durable."""
         try:
-            fd = self.__open_for_write(name)
+            fd = self._open_for_write(name)
         except OSError as exc:
             if exc.errno in _UNSAFE_ERRNOS:
                 raise _unsafe(name, exc) from exc
@@ -325,12 +325,12 @@ class BackingStore:
     def settings(self) -> dict[str, dict[str, int]]:
         """Per-file settings saved by set_settings; an unreadable record counts as none."""
         if self._settings is None:
-            self._settings = self.__load_settings()
+            self._settings = self._load_settings()
         return self._settings
 
-    def __load_settings(self) -> dict[str, dict[str, int]]:
+    def _load_settings(self) -> dict[str, dict[str, int]]:
         try:
-            with self.__directory((META_DIR,)) as meta:
+            with self._directory((META_DIR,)) as meta:
                 fd = os.open(_SETTINGS_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=meta)
             with open(fd, encoding="utf-8") as f:
                 record = json.load(f)
@@ -356,7 +356,7 @@ class BackingStore:
             return
         text = json.dumps(record, sort_keys=True).encode("utf-8")
         try:
-            with self.__directory((META_DIR,), create=True) as meta:
+            with self._directory((META_DIR,), create=True) as meta:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
                 fd = os.open(_STAGED_SETTINGS_FILE, flags, 0o644, dir_fd=meta)
                 try:
@@ -376,7 +376,7 @@ class BackingStore:
     def read_pages(self, name: str, index: int, nr_pages: int) -> bytes:
         """nr_pages pages from page index; bytes past the end of the file read as zeros."""
         length = nr_pages * PAGE_SIZE
-        fd = self.__read_fd(name)
+        fd = self._read_fd(name)
         if fd is None:
             return bytes(length)
         return os.pread(fd, length, index * PAGE_SIZE).ljust(length, b"\0")
@@ -384,7 +384,7 @@ class BackingStore:
     def write(self, name: str, offset: int, data: bytes, size: int) -> None:
         """Writes data at a byte offset, the file's length kept at size bytes."""
         self.faults.check_write(name, offset, len(data))
-        fd = self.__open_for_write(name)
+        fd = self._open_for_write(name)
         try:
             end = min(offset + len(data), size)
             if end > offset:
@@ -397,7 +397,7 @@ class BackingStore:
             os.close(fd)
 
     def fsync(self, name: str) -> None:
-        fd = self.__open(name, os.O_RDONLY)
+        fd = self._open(name, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -405,7 +405,7 @@ class BackingStore:
 
     def truncate(self, name: str, size: int) -> None:
         try:
-            fd = self.__open(name, os.O_WRONLY)
+            fd = self._open(name, os.O_WRONLY)
         except OSError as exc:
             if exc.errno in _UNSAFE_ERRNOS:
                 raise _unsafe(name, exc) from exc
@@ -419,9 +419,9 @@ class BackingStore:
         """Removes the file and the directories it leaves empty, each removal fsynced in its
         directory. A name whose path in the store is missing, or blocked by a symbolic link or
         a file, has nothing inside the store to remove: nothing is removed."""
-        self.__forget(name)
-        *dirs, leaf = self.__split(name)
-        root = self.__root()
+        self._forget(name)
+        *dirs, leaf = self._split(name)
+        root = self._root()
         fds: list[int] = []  # fds[i]: the directory dirs[: i + 1]
         try:
             parent = root

@@ -98,6 +98,13 @@ class OutOfMemory(FoliodError):
     reason = Reason.OUT_OF_MEMORY
 
 
+class HostCannotBack(OutOfMemory):
+    """A guest's host has no memory to back more of the guest's frames (the guest itself may
+    have free frames); metadata names the host."""
+
+    reason = Reason.OUT_OF_MEMORY
+
+
 class AddressSpaceExhausted(OutOfMemory):
     """An owner's virtual address space has no room for the mapping (mmap's ENOMEM)."""
 

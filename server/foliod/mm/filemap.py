@@ -289,7 +289,7 @@ class Inode(ShadowEntries):
         f = self.get(index)
         return None if f < 0 else CacheFolio(self.store, f, self.registry)
 
-    def __level(self, order: int) -> tuple[dict[int, array[int]], dict[int, int], int]:
+    def _level(self, order: int) -> tuple[dict[int, array[int]], dict[int, int], int]:
         """(leaves, counts, shift) of the leaves that keep folios of order (below big)."""
         if order >= XA_MEDIUM_ORDER:
             return self.medium, self.medium_counts, XA_MEDIUM_ORDER
@@ -300,7 +300,7 @@ class Inode(ShadowEntries):
         if order >= XA_BIG_ORDER:
             self.big[index] = f
         else:
-            leaves, counts, shift = self.__level(order)
+            leaves, counts, shift = self._level(order)
             number = index >> (XA_SHIFT + shift)
             leaf = leaves.get(number)
             if leaf is None:
@@ -321,7 +321,7 @@ class Inode(ShadowEntries):
         if order >= XA_BIG_ORDER:
             self.big.update(zip(range(index, index + len(ids) * nr, nr), ids, strict=True))
         else:
-            leaves, counts, shift = self.__level(order)
+            leaves, counts, shift = self._level(order)
             # In slots of the level: a folio of order takes 2^(order - shift) of them.
             step, at_slot = nr >> shift, index >> shift
             done = 0
@@ -362,7 +362,7 @@ class Inode(ShadowEntries):
         if order >= XA_BIG_ORDER:
             del self.big[index]
         else:
-            leaves, counts, shift = self.__level(order)
+            leaves, counts, shift = self._level(order)
             number = index >> (XA_SHIFT + shift)
             count = counts[number] - 1
             if count:
@@ -448,20 +448,20 @@ class Inode(ShadowEntries):
             return index
         head = store.index[f]
         if store.order[f] >= XA_NODE_ORDER or head == index:
-            return self.__next_hole(index + 1, index + max_scan)
+            return self._next_hole(index + 1, index + max_scan)
         lag = index - head
         node_end = (head | (XA_CHUNK_SIZE - 1)) + 1
         # Slots head + 1 .. node_end - 1, judged for the indices lag pages after them.
         limit = min(node_end, head + max_scan)
-        hole = self.__next_hole(head + 1, limit)
+        hole = self._next_hole(head + 1, limit)
         if hole < limit:
             return hole + lag
         if limit < node_end:  # max_scan ran out first
             return index + max_scan
         # In step again at index node_end + lag, with what is left of max_scan.
-        return self.__next_hole(node_end + lag, index + max_scan)
+        return self._next_hole(node_end + lag, index + max_scan)
 
-    def __next_hole(self, i: int, stop: int) -> int:
+    def _next_hole(self, i: int, stop: int) -> int:
         """The first uncached index in [i, stop); stop if there is none."""
         get, store = self.get, self.store
         while i < stop:
@@ -552,11 +552,11 @@ class PageCache(Writeback, Truncation):
         self.folio_store: FolioStore = self.lru.store
         # Inodes by number (the folio columns' mapping); numbers are never reused.
         self.inodes: dict[int, Inode] = {}
-        self.__next_ino = 1
+        self._next_ino = 1
         # Limit reclaim making room for a folio of a per-CPU-list order keeps the frame of the
-        # last folio of that order it frees (see __make_room).
-        self.__recycling: int | None = None
-        self.__recycled: int | None = None
+        # last folio of that order it frees (see _make_room).
+        self._recycling: int | None = None
+        self._recycled: int | None = None
         settings = self.store.settings()
         for name, size in self.store.names().items():
             saved = settings.get(name, {})
@@ -566,14 +566,14 @@ class PageCache(Writeback, Truncation):
                 max_order = self.default_max_order
             if not 0 <= ra_pages <= MAX_RA_PAGES:
                 ra_pages = self.default_ra_pages
-            inode = self.files[name] = self.__new_inode(name, size, max_order, ra_pages)
+            inode = self.files[name] = self._new_inode(name, size, max_order, ra_pages)
             inode.memcg = memcg = self.memcg_of(name)
             if memcg is not None:
                 memcg.nr_files += 1
 
-    def __new_inode(self, name: str, size: int, max_order: int, ra_pages: int) -> Inode:
-        number = self.__next_ino
-        self.__next_ino += 1
+    def _new_inode(self, name: str, size: int, max_order: int, ra_pages: int) -> Inode:
+        number = self._next_ino
+        self._next_ino += 1
         inode = Inode(
             name,
             size,
@@ -633,7 +633,7 @@ class PageCache(Writeback, Truncation):
         self.store.create(name)
         chosen = {"max_order": max_order, "ra_pages": ra_pages}
         self.store.set_settings(name, {k: v for k, v in chosen.items() if v is not None})
-        inode = self.__new_inode(
+        inode = self._new_inode(
             name,
             0,
             self.default_max_order if max_order is None else max_order,
@@ -753,7 +753,7 @@ class PageCache(Writeback, Truncation):
             self.allocator.free_cache_folio(pfn, order)
 
     def _remove_many(self, inode: Inode, ids: list[int]) -> None:
-        """__remove of each folio in turn (no shadow entries), frames freed in that order,
+        """_remove of each folio in turn (no shadow entries), frames freed in that order,
         in fewer steps."""
         if not ids:
             return
@@ -779,7 +779,7 @@ class PageCache(Writeback, Truncation):
             inode.memcg.nr_cache -= nr_pages
         self.allocator.free_cache_folios(pfns, orders)
 
-    def __make_room(self, order: int) -> int | None:
+    def _make_room(self, order: int) -> int | None:
         """Evicts what the policy chooses until a folio of order fits under the capacity
         (memcg-style limit reclaim). For the orders the kernel keeps per-CPU free lists of
         (0..PAGE_ALLOC_COSTLY_ORDER, and the PMD order), the frames of the last evicted folio
@@ -789,13 +789,13 @@ class PageCache(Writeback, Truncation):
         over = self.nr_pages + (1 << order) - self.capacity_pages
         if over <= 0:
             return None
-        self.__recycling = order if order in _PCP_ORDERS else None
-        self.__recycled = None
+        self._recycling = order if order in _PCP_ORDERS else None
+        self._recycled = None
         try:
-            freed = self.lru.shrink(over, self, True)
+            freed = self.lru.shrink(over, self, direct=True)
         finally:
-            self.__recycling = None
-        recycled, self.__recycled = self.__recycled, None
+            self._recycling = None
+        recycled, self._recycled = self._recycled, None
         if freed < over:
             if recycled is not None:
                 self.allocator.free_cache_folio(recycled, order)
@@ -813,13 +813,13 @@ class PageCache(Writeback, Truncation):
         store = self.folio_store
         inode = self.inodes[store.mapping[f]]
         order = store.order[f]
-        keep = order == self.__recycling
+        keep = order == self._recycling
         pfn = store.pfn[f]
         self._remove(inode, f, shadow=True, free=not keep)
         if keep:
-            if self.__recycled is not None:  # freed earlier: not the one handed back
-                self.allocator.free_cache_folio(self.__recycled, order)
-            self.__recycled = pfn
+            if self._recycled is not None:  # freed earlier: not the one handed back
+                self.allocator.free_cache_folio(self._recycled, order)
+            self._recycled = pfn
 
     def shrink_memcg(self, memcg: MemCgroup, nr_to_reclaim: int) -> int:
         """Reclaims up to nr_to_reclaim pages of one tenant's page cache, oldest first in the
@@ -848,11 +848,11 @@ class PageCache(Writeback, Truncation):
         self.events[VmEvent.PGSTEAL_DIRECT] += freed
         return freed
 
-    def __alloc(self, order: int) -> int:
+    def _alloc(self, order: int) -> int:
         """A new cache folio of order (its id), falling back to a base page when large ones
         cannot be had."""
         if self.capacity_pages is not None:
-            recycled = self.__make_room(order)
+            recycled = self._make_room(order)
             if recycled is not None:
                 return self.folio_store.new(recycled, order)
         try:
@@ -862,7 +862,7 @@ class PageCache(Writeback, Truncation):
                 raise
         return self.folio_store.new(self.allocator.alloc_cache_folio(0), 0)
 
-    def __populate(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> list[int]:
+    def _populate(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> list[int]:
         """Allocates and inserts folios for (index, order) slots not cached yet; a slot that is
         partly cached becomes base pages. Appends the new folios to made as it goes (so a caller
         can undo them when an allocation fails) and returns it."""
@@ -874,7 +874,7 @@ class PageCache(Writeback, Truncation):
         lo, (last, last_order) = layout[0][0], layout[-1]
         span_empty = get(lo) < 0 and not inode.any_head_in(lo + 1, last + (1 << last_order))
         if span_empty and self.capacity_pages is None and len(layout) > _BULK_MIN:
-            self.__populate_bulk(inode, layout, made)
+            self._populate_bulk(inode, layout, made)
             return made
         for index, order in layout:
             slots = [(index, order)]
@@ -884,10 +884,10 @@ class PageCache(Writeback, Truncation):
             ):
                 slots = [(i, 0) for i in range(index, index + (1 << order)) if get(i) < 0]
             for slot_index, slot_order in slots:
-                self.__populate_slot(inode, slot_index, slot_order, made)
+                self._populate_slot(inode, slot_index, slot_order, made)
         return made
 
-    def __populate_window(
+    def _populate_window(
         self, inode: Inode, layout: list[tuple[int, int]], last: int, made: list[int]
     ) -> None:
         """Reads a window in as page_cache_ra_order does: the layout's folios in order, until one
@@ -900,7 +900,7 @@ class PageCache(Writeback, Truncation):
         lo, (hi, hi_order) = layout[0][0], layout[-1]
         span_empty = get(lo) < 0 and not inode.any_head_in(lo + 1, hi + (1 << hi_order))
         if span_empty and self.capacity_pages is None and len(layout) > _BULK_MIN:
-            self.__populate_bulk(inode, layout, made)
+            self._populate_bulk(inode, layout, made)
             return
         order_of = self.folio_store.order
         fallback = last + 1  # where base pages take over
@@ -910,7 +910,7 @@ class PageCache(Writeback, Truncation):
             ):
                 fallback = index
                 break
-            f = self.__alloc(order)
+            f = self._alloc(order)
             self._insert(inode, f, index)
             made.append(f)
             if order_of[f] < order:  # a base page: no folio of the order to be had
@@ -918,25 +918,25 @@ class PageCache(Writeback, Truncation):
                 break
         for i in range(fallback, last + 1):
             if get(i) < 0:
-                f = self.__alloc(0)
+                f = self._alloc(0)
                 self._insert(inode, f, i)
                 made.append(f)
 
-    def __populate_slot(self, inode: Inode, index: int, order: int, made: list[int]) -> None:
+    def _populate_slot(self, inode: Inode, index: int, order: int, made: list[int]) -> None:
         """Allocates and inserts the folio of one empty slot (base pages if a large folio
         cannot be had)."""
-        f = self.__alloc(order)
+        f = self._alloc(order)
         self._insert(inode, f, index)
         made.append(f)
         if self.folio_store.order[f] < order:
             # Fallen back to a base page: the rest of the slot as base pages too.
             for i in range(index + 1, index + (1 << order)):
-                extra = self.__alloc(0)
+                extra = self._alloc(0)
                 self._insert(inode, extra, i)
                 made.append(extra)
 
-    def __populate_bulk(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> None:
-        """__populate of an empty span with no capacity limit: each run of slots of one order
+    def _populate_bulk(self, inode: Inode, layout: list[tuple[int, int]], made: list[int]) -> None:
+        """_populate of an empty span with no capacity limit: each run of slots of one order
         takes its folios in one step where no reclaim is needed (inserting takes no memory,
         so the frames are those one allocation per slot would take)."""
         start = 0
@@ -952,7 +952,7 @@ class PageCache(Writeback, Truncation):
             )
             if pfns is None:
                 for index, _ in layout[start:stop]:
-                    self.__populate_slot(inode, index, order, made)
+                    self._populate_slot(inode, index, order, made)
             else:
                 ids = self.folio_store.new_many(pfns, order)
                 first = layout[start][0]
@@ -960,7 +960,7 @@ class PageCache(Writeback, Truncation):
                 if layout[stop - 1][0] == end - (1 << order) and not inode.any_shadow_in(
                     first, end
                 ):
-                    self.__insert_run(inode, ids, first, order)
+                    self._insert_run(inode, ids, first, order)
                 else:
                     insert = self._insert
                     for (index, _), f in zip(layout[start:stop], ids, strict=True):
@@ -968,8 +968,8 @@ class PageCache(Writeback, Truncation):
                 made.extend(ids)
             start = stop
 
-    def __insert_run(self, inode: Inode, ids: list[int], index: int, order: int) -> None:
-        """__insert of folios of one order at consecutive slots from index, where no shadow
+    def _insert_run(self, inode: Inode, ids: list[int], index: int, order: int) -> None:
+        """_insert of folios of one order at consecutive slots from index, where no shadow
         entry lies (so none refaults): in fewer, larger steps."""
         store = self.folio_store
         mapping_of, index_of = store.mapping, store.index
@@ -1016,7 +1016,7 @@ class PageCache(Writeback, Truncation):
             inode = self.lookup(name)
             ra = inode.ra
         else:
-            inode, ra = self.__through(name, handle)
+            inode, ra = self._through(name, handle)
         check_range(offset, length)
         end = min(offset + length, inode.size)
         if offset >= end:
@@ -1028,17 +1028,17 @@ class PageCache(Writeback, Truncation):
             if f >= 0 and not store.flags[f] & PG_READAHEAD:
                 head = store.index[f]
                 if last < head + (1 << store.order[f]):
-                    return self.__read_in_folio(inode, f, ra, offset, end)
+                    return self._read_in_folio(inode, f, ra, offset, end)
         stats = IoStats()
         fresh: set[int] = set()
         try:
-            self.__read_folios(inode, first, last, fresh, stats, ra=ra, end_pos=end)
-            return self.__read_bytes(inode, offset, end - offset), stats
+            self._read_folios(inode, first, last, fresh, stats, ra=ra, end_pos=end)
+            return self._read_bytes(inode, offset, end - offset), stats
         finally:
             self.busy.clear()
-            self.__count_reads(stats)
+            self._count_reads(stats)
 
-    def __read_in_folio(
+    def _read_in_folio(
         self, inode: Inode, f: int, ra: RaState, offset: int, end: int
     ) -> tuple[bytes, IoStats]:
         """read() of [offset, end) inside one cached folio without PG_readahead: all hits, the
@@ -1049,7 +1049,7 @@ class PageCache(Writeback, Truncation):
         store = self.folio_store
         head = store.index[f]
         if self.lru.textbook or not ra.read_last_in(head, head + (1 << store.order[f])):
-            self.lru.mark_accessed(f, False)
+            self.lru.mark_accessed(f)
         ra.prev_pos = end  # note_read
         stats = IoStats(pages_hit=nr_pages)
         self.events[VmEvent.PGFAULT] += nr_pages
@@ -1060,9 +1060,9 @@ class PageCache(Writeback, Truncation):
             if page is not None:
                 skip = offset - (first << PAGE_SHIFT)
                 return bytes(page[skip : skip + end - offset]), stats
-        return self.__read_bytes(inode, offset, end - offset), stats
+        return self._read_bytes(inode, offset, end - offset), stats
 
-    def __through(self, name: str, number: int) -> tuple[Inode, RaState]:
+    def _through(self, name: str, number: int) -> tuple[Inode, RaState]:
         """The file and readahead state of a read through an open handle; the handle must be
         open and name empty or naming its file."""
         handle = self.handle(number)
@@ -1074,7 +1074,7 @@ class PageCache(Writeback, Truncation):
             )
         return inode, handle.ra
 
-    def __count_reads(self, stats: IoStats) -> None:
+    def _count_reads(self, stats: IoStats) -> None:
         self.nr_read_hits += stats.pages_hit
         self.nr_read_misses += stats.pages_missed
         self.nr_read_ahead += stats.pages_readahead
@@ -1089,7 +1089,7 @@ class PageCache(Writeback, Truncation):
         Two common cases take a short path with the same effect as read()'s: a hit on a folio
         without PG_readahead, and a miss read alone (no readahead window) into a full
         capacity-limited cache whose victim is a clean base page, whose frame the new folio
-        takes (see __make_room). short_path=False sends every access down read()'s path;
+        takes (see _make_room). short_path=False sends every access down read()'s path;
         tests/test_replay.py holds the two equal."""
         inode = self.lookup(name)
         keys = indices if isinstance(indices, list) else list(indices)
@@ -1102,11 +1102,11 @@ class PageCache(Writeback, Truncation):
         stats = IoStats()
         try:
             if short_path:
-                self.__replay(inode, keys, stats)
+                self._replay(inode, keys, stats)
             else:
                 fresh: set[int] = set()
                 for index in keys:
-                    self.__read_folios(
+                    self._read_folios(
                         inode,
                         index,
                         index,
@@ -1120,10 +1120,10 @@ class PageCache(Writeback, Truncation):
                     self.busy.clear()
         finally:
             self.busy.clear()
-            self.__count_reads(stats)
+            self._count_reads(stats)
         return stats
 
-    def __replay(self, inode: Inode, keys: list[int], stats: IoStats) -> None:
+    def _replay(self, inode: Inode, keys: list[int], stats: IoStats) -> None:
         """replay()'s loop. Written for speed: the state it touches is held in locals, and what
         the short path counts is added up once at the end (counts only add up, so read()'s
         path, taken for some accesses, may count its own in between)."""
@@ -1187,7 +1187,7 @@ class PageCache(Writeback, Truncation):
                         last = f
                         prev = index
                         continue
-                elif not ra_pages or self.__reads_alone(ra, prev, index, inode):
+                elif not ra_pages or self._reads_alone(ra, prev, index, inode):
                     if full:
                         if ordered is not None:
                             victim = next(iter(ordered), -1)
@@ -1226,7 +1226,7 @@ class PageCache(Writeback, Truncation):
                                 -(token & eviction_mask) - 1
                             )
                         else:
-                            self.__move_recycled(victim, inode, token)
+                            self._move_recycled(victim, inode, token)
                             by_order[0] += 1
                         index_of[victim] = index
                         if written and victim in written:
@@ -1260,7 +1260,7 @@ class PageCache(Writeback, Truncation):
                                 else:
                                     refault(victim, shadow)
                             if requeue is None:
-                                lru.mark_accessed(victim, True)
+                                lru.mark_accessed(victim, fresh=True)
                         recycled += 1
                         prev = index
                         continue
@@ -1275,7 +1275,7 @@ class PageCache(Writeback, Truncation):
                         f = store.new(pfn, 0)
                         self._insert(inode, f, index)
                         self.busy.clear()
-                        lru.mark_accessed(f, True)
+                        lru.mark_accessed(f, fresh=True)
                         allocated += 1
                         prev = index
                         full = self.nr_pages == capacity
@@ -1286,7 +1286,7 @@ class PageCache(Writeback, Truncation):
                     lru.nonresident_age = age
                 if prev >= 0:
                     ra.prev_pos = (prev + 1) << PAGE_SHIFT
-                self.__read_folios(
+                self._read_folios(
                     inode,
                     index,
                     index,
@@ -1306,7 +1306,7 @@ class PageCache(Writeback, Truncation):
                 lru.nonresident_age = age
             if prev >= 0:
                 ra.prev_pos = (prev + 1) << PAGE_SHIFT
-            self.__count_replayed(
+            self._count_replayed(
                 stats,
                 hits=hits,
                 recycled=recycled,
@@ -1317,7 +1317,7 @@ class PageCache(Writeback, Truncation):
             )
 
     @staticmethod
-    def __reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:
+    def _reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:
         """A one-page miss at index is read alone (readahead brings nothing around it); first
         brings ra.prev_pos up to date (prev is the last page accessed, NO_FOLIO for none since
         ra.prev_pos was last written), which the answer depends on."""
@@ -1325,7 +1325,7 @@ class PageCache(Writeback, Truncation):
             ra.prev_pos = (prev + 1) << PAGE_SHIFT
         return ra.reads_alone(index, 1, inode)
 
-    def __move_recycled(self, f: int, inode: Inode, shadow: int) -> None:
+    def _move_recycled(self, f: int, inode: Inode, shadow: int) -> None:
         """A recycled frame leaves another file for inode: its shadow entry and counts."""
         store = self.folio_store
         old = self.inodes[store.mapping[f]]
@@ -1340,7 +1340,7 @@ class PageCache(Writeback, Truncation):
                 inode.memcg.nr_cache += 1
         store.mapping[f] = inode.number
 
-    def __count_replayed(
+    def _count_replayed(
         self,
         stats: IoStats,
         *,
@@ -1365,7 +1365,7 @@ class PageCache(Writeback, Truncation):
         events[VmEvent.WORKINGSET_REFAULT_FILE] += refaults
         self.allocator.recycle_cache_frames(recycled)
 
-    def __read_folios(
+    def _read_folios(
         self,
         inode: Inode,
         first: int,
@@ -1389,7 +1389,7 @@ class PageCache(Writeback, Truncation):
             f = inode.get(index)
             if f < 0:
                 window = ra.sync(index, last - index + 1, inode, inode.max_order)
-                self.__readahead(inode, window, fresh, stats, required=True)
+                self._readahead(inode, window, fresh, stats, required=True)
                 f = inode.get(index)
                 assert f >= 0
             elif flags[f] & PG_READAHEAD:
@@ -1399,7 +1399,7 @@ class PageCache(Writeback, Truncation):
                     index, last - index + 1, order_of[f], inode, inode.max_order
                 )
                 if window_or_none is not None:
-                    self.__readahead(inode, window_or_none, fresh, stats, required=False)
+                    self._readahead(inode, window_or_none, fresh, stats, required=False)
             head = index_of[f]
             end = head + (1 << order_of[f])
             pages = (end if end <= last else last + 1) - index
@@ -1412,18 +1412,18 @@ class PageCache(Writeback, Truncation):
             # another access to it (filemap_read's pos_same_folio check), under the kernel's
             # policies; the textbook ones count every access.
             if every_access or textbook or not (index == first and ra.read_last_in(head, end)):
-                self.lru.mark_accessed(f, is_fresh)
+                self.lru.mark_accessed(f, fresh=is_fresh)
             # Counted: reclaim may take it now (its data is in the file or written there first).
             self.busy.discard(f)
             index = end
-        # __readahead counted every page it read in as read ahead; those the request asked
+        # _readahead counted every page it read in as read ahead; those the request asked
         # for were missed instead (each fresh folio's pages in the request, counted above).
         stats.pages_readahead -= stats.pages_missed - missed_before
         self.events[VmEvent.PGFAULT] += last - first + 1
         self.events[VmEvent.PGMAJFAULT] += stats.pages_missed - missed_before
         ra.note_read(end_pos)
 
-    def __readahead(
+    def _readahead(
         self,
         inode: Inode,
         window: RaWindow,
@@ -1439,10 +1439,10 @@ class PageCache(Writeback, Truncation):
         made: list[int] = []
         last = min(eof_index, window.start + window.size - 1)
         try:
-            self.__populate_window(inode, ra_folio_layout(window, eof_index), last, made)
+            self._populate_window(inode, ra_folio_layout(window, eof_index), last, made)
         except OutOfMemory:
             if required and inode.get(window.start) < 0:
-                self.__populate(inode, [(window.start, 0)], made)
+                self._populate(inode, [(window.start, 0)], made)
         store = self.folio_store
         if window.mark is not None:
             marked = inode.get(window.mark)
@@ -1451,16 +1451,16 @@ class PageCache(Writeback, Truncation):
         order_of = store.order
         nr_read = sum(1 << order_of[f] for f in made)
         if nr_read:
-            stats.pages_readahead += nr_read  # less the requested pages, in __read_folios
+            stats.pages_readahead += nr_read  # less the requested pages, in _read_folios
             stats.device_seconds += self.store.device.read_seconds(nr_read * PAGE_SIZE)
             self.events[VmEvent.PGPGIN] += nr_read * _KIB_PER_PAGE
         fresh.update(made)
 
-    def __read_bytes(self, inode: Inode, offset: int, length: int) -> bytes:
+    def _read_bytes(self, inode: Inode, offset: int, length: int) -> bytes:
         """The file's bytes: the backing file overlaid with pages not yet written back."""
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         nr_pages = last - first + 1
-        in_memory = list(self.__memory_pages(inode, first, last))
+        in_memory = list(self._memory_pages(inode, first, last))
         skip = offset - first * PAGE_SIZE
         if not in_memory:
             # All of it from the backing file, handed on without copies where it lines up.
@@ -1476,9 +1476,7 @@ class PageCache(Writeback, Truncation):
             data[start : start + PAGE_SIZE] = page
         return bytes(data[skip : skip + length])
 
-    def __memory_pages(
-        self, inode: Inode, first: int, last: int
-    ) -> Iterator[tuple[int, bytearray]]:
+    def _memory_pages(self, inode: Inode, first: int, last: int) -> Iterator[tuple[int, bytearray]]:
         store = self.folio_store
         written = store.contents
         if not written:
@@ -1527,7 +1525,7 @@ class PageCache(Writeback, Truncation):
                 index += 1
         made: list[int] = []
         try:
-            self.__populate(inode, self.__write_layout(inode, offset, end), made)
+            self._populate(inode, self._write_layout(inode, offset, end), made)
         except OutOfMemory:
             # Nothing was written yet: take the empty new folios back out.
             for f in made:
@@ -1536,13 +1534,13 @@ class PageCache(Writeback, Truncation):
             raise
         dirty_before = self.nr_dirty
         try:
-            stats = self.__write_folios(inode, offset, data, set(made))
+            stats = self._write_folios(inode, offset, data, set(made))
         finally:
             self.busy.clear()
         self.balance_dirty_pages(stats, self.nr_dirty - dirty_before)
         return stats
 
-    def __write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[int]) -> IoStats:
+    def _write_folios(self, inode: Inode, offset: int, data: bytes, fresh: set[int]) -> IoStats:
         stats = IoStats()
         end = offset + len(data)
         first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
@@ -1560,15 +1558,15 @@ class PageCache(Writeback, Truncation):
                 stats.pages_missed += stop - index
             else:
                 stats.pages_hit += stop - index
-            self.__copy_in(inode, f, offset=offset, data=data, index=index, stop=stop, stats=stats)
+            self._copy_in(inode, f, offset=offset, data=data, index=index, stop=stop, stats=stats)
             if not flags[f] & PG_DIRTY:
                 self.folio_mark_dirty(inode, f, now)
-            self.lru.mark_accessed(f, f in fresh)
+            self.lru.mark_accessed(f, fresh=f in fresh)
             index = stop
         inode.size = max(inode.size, end)
         return stats
 
-    def __write_layout(self, inode: Inode, offset: int, end: int) -> list[tuple[int, int]]:
+    def _write_layout(self, inode: Inode, offset: int, end: int) -> list[tuple[int, int]]:
         """Folios for the uncached pages of a write of [offset, end), as generic_perform_write
         asks for them: each step writes up to the next boundary of the largest folio
         (mapping_max_folio_size), and write_begin asks __filemap_get_folio for the order of that
@@ -1596,7 +1594,7 @@ class PageCache(Writeback, Truncation):
             pos = min(pos + nbytes, (index + (1 << order)) << PAGE_SHIFT)
         return layout
 
-    def __copy_in(
+    def _copy_in(
         self,
         inode: Inode,
         f: int,

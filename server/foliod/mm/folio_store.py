@@ -87,7 +87,7 @@ class FolioStore:
         self.free_ids = array("i")
         self.nr_ids = 0
 
-    def __grow(self, need: int) -> None:
+    def _grow(self, need: int) -> None:
         """Makes room for need more ids past nr_ids."""
         size = len(self.pfn)
         if self.nr_ids + need <= size:
@@ -106,7 +106,7 @@ class FolioStore:
         else:
             f = self.nr_ids
             if f == len(self.pfn):
-                self.__grow(1)
+                self._grow(1)
             self.nr_ids = f + 1
         self.pfn[f] = pfn
         self.order[f] = order
@@ -124,7 +124,7 @@ class FolioStore:
         ids = [self.free_ids.pop() for _ in range(reused)]
         fresh = count - reused
         if fresh:
-            self.__grow(fresh)
+            self._grow(fresh)
             first = self.nr_ids
             self.nr_ids = first + fresh
             ids.extend(range(first, first + fresh))

@@ -30,6 +30,7 @@ from foliod.api import Backing as Backing  # noqa: PLC0414 -- re-exported
 from foliod.mm.errors import (
     AlreadyExists,
     GuestNesting,
+    HostCannotBack,
     InvalidArgument,
     OutOfMemory,
     UnknownGuest,
@@ -280,7 +281,7 @@ class HostBacking:
             except OutOfMemory as exc:
                 if done:
                     self.drop(np.concatenate(done))
-                raise OutOfMemory(
+                raise HostCannotBack(
                     f"host {host.name!r} cannot back {len(granules) << self.shift} more pages of "
                     f"guest memory: {exc.message}",
                     metadata={**exc.metadata, "host": host.name},
@@ -496,7 +497,7 @@ class Guests:
                     f"{self.machines.host.name!r}",
                     field="machine",
                 )
-            self.__check_name(name)
+            self._check_name(name)
             spec = BackingSpec.of(backing, mthp_size_kb=mthp_size_kb, hvo=hvo)
             granule_bytes = PAGE_SIZE << spec.order
             if snapshot is not None and not ram_bytes:
@@ -512,7 +513,7 @@ class Guests:
                 )
             host = self.machines.host
             with host.lock:
-                self.__check_room(host, nr_pages)
+                self._check_room(host, nr_pages)
                 ram = HostBacking(host, GUEST_OWNER_PREFIX + name, spec, nr_pages)
                 try:
                     if not spec.lazy:
@@ -532,7 +533,7 @@ class Guests:
             self.by_name[name] = guest
             return guest
 
-    def __check_name(self, name: str) -> None:
+    def _check_name(self, name: str) -> None:
         if not _GUEST_NAME.fullmatch(name) or name == self.machines.host.name:
             raise InvalidArgument(
                 f"a guest name is 1-58 of A-Z a-z 0-9 . _ - starting with a letter or digit, "
@@ -542,7 +543,7 @@ class Guests:
         if name in self.machines.by_name:
             raise AlreadyExists(f"a machine named {name!r} exists already", field="name")
 
-    def __check_room(self, host: Machine, nr_pages: int) -> None:
+    def _check_room(self, host: Machine, nr_pages: int) -> None:
         """The host must be able to back the whole guest, after what lazily backed guests
         may still fault in."""
         promised = sum(
@@ -573,11 +574,11 @@ class Guests:
                 freed = guest.backing.detach()
                 del self.machines.by_name[name]
                 del self.by_name[name]
-                self.__discard_store(machine, delete=delete_files)
+                self._discard_store(machine, delete=delete_files)
             return freed << PAGE_SHIFT
 
     @staticmethod
-    def __discard_store(machine: Machine, *, delete: bool) -> None:
+    def _discard_store(machine: Machine, *, delete: bool) -> None:
         if machine.page_cache is None:
             return
         store = machine.page_cache.store

@@ -63,7 +63,7 @@ class ThpPolicy:
             self.enabled = enabled
         self.sizes.update(sizes)
 
-    def __order_enabled(self, order: int, madvised: bool) -> bool:
+    def _order_enabled(self, order: int, madvised: bool) -> bool:
         setting = self.sizes[order]
         if setting is ThpSetting.INHERIT:
             setting = self.enabled
@@ -71,7 +71,7 @@ class ThpPolicy:
 
     def allowable_orders(self, madvised: bool) -> list[int]:
         """Enabled anon orders, largest first (thp_vma_allowable_orders)."""
-        return [o for o in reversed(ANON_MTHP_ORDERS) if self.__order_enabled(o, madvised)]
+        return [o for o in reversed(ANON_MTHP_ORDERS) if self._order_enabled(o, madvised)]
 
     def count(self, order: int, stat: MthpStat) -> None:
         self.stats[order][stat] += 1

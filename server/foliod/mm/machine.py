@@ -22,6 +22,7 @@ from foliod.mm.errors import (
     AddressSpaceExhausted,
     FailedPrecondition,
     FolioAlreadyFreed,
+    HostCannotBack,
     InvalidArgument,
     OutOfMemory,
     TenantLimit,
@@ -345,7 +346,7 @@ class Machine:
                 freed += self.page_cache.shrink_memcg(memcg, over)
         return freed
 
-    def __try_charge(self, memcg: MemCgroup, nr_pages: int) -> None:
+    def _try_charge(self, memcg: MemCgroup, nr_pages: int) -> None:
         """Makes room for nr_pages of new folios under the tenant's memory.max, reclaiming its
         page cache; TenantLimit, with nothing changed, when its own folios leave no room."""
         limit = memcg.limits.max_pages
@@ -382,7 +383,7 @@ class Machine:
     def next_handle(self) -> int:
         return self.table.next_handle
 
-    def __account(self, kind: FolioKind, order: int, delta: int) -> None:
+    def _account(self, kind: FolioKind, order: int, delta: int) -> None:
         key = (kind, order)
         count = self.nr_folios.get(key, 0) + delta
         if count:
@@ -394,14 +395,14 @@ class Machine:
 
     def account(self, kind: FolioKind, order: int, delta: int) -> None:
         """Counts delta folios of (kind, order) in or out (for the bulk unmap helper)."""
-        self.__account(kind, order, delta)
+        self._account(kind, order, delta)
 
     def nr_pages_of(self, kind: FolioKind) -> int:
         return sum(n << order for (k, order), n in self.nr_folios.items() if k is kind)
 
     # -- folio allocation ------------------------------------------------------------------
 
-    def __rmqueue(self, order: int) -> int | None:
+    def _rmqueue(self, order: int) -> int | None:
         zone = self.zone
         if not zone.watermark_ok(order):
             return None
@@ -410,43 +411,43 @@ class Machine:
             try:
                 self.backing.touch(pfn, 1 << order)
             except OutOfMemory:
-                self.__free_block(pfn, order)
+                self._free_block(pfn, order)
                 raise
         return pfn
 
-    def __free_block(self, pfn: int, order: int) -> None:
+    def _free_block(self, pfn: int, order: int) -> None:
         if order <= MAX_PAGE_ORDER:
             self.zone.free_one_page(pfn, order)
         else:
             self.zone.free_contig(pfn, order)
 
-    def __alloc_pfn(self, order: int) -> int:
+    def _alloc_pfn(self, order: int) -> int:
         """Takes a 2^order block above the min watermark, reclaiming page cache directly when
         there is none (__alloc_pages_slowpath); wakes kswapd below the low watermark.
         Counts pgalloc, not the folio (the caller accounts it). Raises OutOfMemory when
         reclaim can free nothing more."""
-        pfn = self.__rmqueue(order)
+        pfn = self._rmqueue(order)
         while pfn is None:
             if self.page_cache is None or not self.lru.nr_pages:
-                raise self.__out_of_memory(order)
+                raise self._out_of_memory(order)
             self.events[VmEvent.ALLOCSTALL] += 1
-            if not self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True):
-                raise self.__out_of_memory(order)
-            pfn = self.__rmqueue(order)
+            if not self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, direct=True):
+                raise self._out_of_memory(order)
+            pfn = self._rmqueue(order)
         self.events[_PGALLOC] += 1 << order
         zone = self.zone
         if zone.nr_free < zone.watermarks.nr_low and self.page_cache is not None:
             # kswapd, run in line: reclaim until free memory is back above high.
-            self.lru.shrink(zone.watermarks.nr_high - zone.nr_free, self.page_cache, False)
+            self.lru.shrink(zone.watermarks.nr_high - zone.nr_free, self.page_cache, direct=False)
         return pfn
 
-    def __alloc_folio(self, order: int, kind: FolioKind) -> Folio:
-        """A folio object (page cache, page tables) from __alloc_pfn."""
-        pfn = self.__alloc_pfn(order)
-        self.__account(kind, order, 1)
+    def _alloc_folio(self, order: int, kind: FolioKind) -> Folio:
+        """A folio object (page cache, page tables) from _alloc_pfn."""
+        pfn = self._alloc_pfn(order)
+        self._account(kind, order, 1)
         return Folio(pfn, order, kind)
 
-    def __bulk_ok(self, order: int, count: int, nr_pages: int) -> bool:
+    def _bulk_ok(self, order: int, count: int, nr_pages: int) -> bool:
         """Whether count blocks of order (nr_pages in all) can be taken in one go: as many
         single allocations in a row would neither fail nor reclaim nor wake kswapd (free
         memory stays at or above the min watermark, and the low one when there is page cache
@@ -460,11 +461,11 @@ class Machine:
             and zone.nr_obtainable(order) >= count
         )
 
-    def __alloc_bulk(self, order: int, count: int) -> Int64Array | None:
-        """count blocks of order taken as count __alloc_pfn calls in a row would take them,
-        when __bulk_ok; None (nothing taken) when not, or when a guest's host cannot back
+    def _alloc_bulk(self, order: int, count: int) -> Int64Array | None:
+        """count blocks of order taken as count _alloc_pfn calls in a row would take them,
+        when _bulk_ok; None (nothing taken) when not, or when a guest's host cannot back
         them (the caller then goes block by block, to fail where that would)."""
-        if count <= _FEW or not self.bulk or not self.__bulk_ok(order, count, count << order):
+        if count <= _FEW or not self.bulk or not self._bulk_ok(order, count, count << order):
             return None
         pfns = self.zone.rmqueue_bulk(order, count)
         if self.backing is not None:
@@ -482,53 +483,53 @@ class Machine:
         caller falls back to smaller folios rather than emptying the cache for one large
         block."""
         if order:
-            pfn = self.__rmqueue(order)
+            pfn = self._rmqueue(order)
             if pfn is None and self.page_cache is not None and self.lru.nr_pages:
                 self.events[VmEvent.ALLOCSTALL] += 1
-                self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, True)
-                pfn = self.__rmqueue(order)
+                self.lru.shrink(max(SWAP_CLUSTER_MAX, 1 << order), self.page_cache, direct=True)
+                pfn = self._rmqueue(order)
             if pfn is None:
-                raise self.__out_of_memory(order)
+                raise self._out_of_memory(order)
             self.events[_PGALLOC] += 1 << order
         else:
-            pfn = self.__alloc_pfn(order)
-        self.__account(FolioKind.FILE, order, 1)
+            pfn = self._alloc_pfn(order)
+        self._account(FolioKind.FILE, order, 1)
         return pfn
 
     def alloc_cache_folios(self, order: int, count: int) -> list[int] | None:
         """CacheAllocator: the frames of count page cache folios in one step where as many
         alloc_cache_folio calls would neither reclaim nor fail; else None."""
-        pfns = self.__alloc_bulk(order, count)
+        pfns = self._alloc_bulk(order, count)
         if pfns is None:
             return None
-        self.__account(FolioKind.FILE, order, count)
+        self._account(FolioKind.FILE, order, count)
         return cast(list[int], pfns.tolist())
 
     def split_cache_folio(self, pfn: int, order: int, into: Sequence[int] = ()) -> None:
         """CacheAllocator: a large page cache folio becomes folios of the orders into (base
         pages when empty) over the same frames, allocating nothing (split_huge_page, or
         folio_split's buddy pieces); the caller places or frees each one."""
-        self.__account(FolioKind.FILE, order, -1)
+        self._account(FolioKind.FILE, order, -1)
         if not into:
-            self.__account(FolioKind.FILE, 0, 1 << order)
+            self._account(FolioKind.FILE, 0, 1 << order)
         for piece in into:
-            self.__account(FolioKind.FILE, piece, 1)
+            self._account(FolioKind.FILE, piece, 1)
         if order == HPAGE_PMD_ORDER:
             self.events[VmEvent.THP_SPLIT_PAGE] += 1
 
     def free_cache_folio(self, pfn: int, order: int) -> None:
         """CacheAllocator: returns the frames of an evicted or truncated page cache folio."""
-        self.__free_block(pfn, order)
-        self.__account(FolioKind.FILE, order, -1)
+        self._free_block(pfn, order)
+        self._account(FolioKind.FILE, order, -1)
         self.events[_PGFREE] += 1 << order
 
     def free_cache_folios(self, pfns: list[int], orders: list[int]) -> None:
         """CacheAllocator: free_cache_folio of each in turn, the blocks through the buddy
         allocator in bulk."""
         order_array = np.array(orders, np.int8)
-        self.__free_pfns(np.array(pfns, np.int64), order_array)
+        self._free_pfns(np.array(pfns, np.int64), order_array)
         for order, n in zip(*np.unique(order_array, return_counts=True), strict=True):
-            self.__account(FolioKind.FILE, int(order), -int(n))
+            self._account(FolioKind.FILE, int(order), -int(n))
 
     def recycle_cache_frames(self, nr: int) -> None:
         """CacheAllocator: nr base-page frames went from evicted folios straight to new ones,
@@ -542,13 +543,13 @@ class Machine:
         """Pages reclaim could free: the page cache on the file LRU lists."""
         return self.lru.nr_pages
 
-    def __free_folio(self, folio: Folio) -> None:
-        self.__free_block(folio.pfn, folio.order)
-        self.__account(folio.kind, folio.order, -1)
+    def _free_folio(self, folio: Folio) -> None:
+        self._free_block(folio.pfn, folio.order)
+        self._account(folio.kind, folio.order, -1)
         self.events[_PGFREE] += folio.nr_pages
         folio.contents = None
 
-    def __out_of_memory(self, order: int) -> OutOfMemory:
+    def _out_of_memory(self, order: int) -> OutOfMemory:
         zone = self.zone
         largest = max((o for o, area in enumerate(zone.free_area) if area), default=-1)
         why = (
@@ -571,13 +572,13 @@ class Machine:
 
     def alloc_pagetable(self) -> Folio:
         """TableAllocator: one order-0 page-table page (pagetable_alloc)."""
-        return self.__alloc_folio(0, FolioKind.PAGETABLE)
+        return self._alloc_folio(0, FolioKind.PAGETABLE)
 
     def free_pagetable(self, table: Folio) -> None:
         """TableAllocator: returns a page-table page (pagetable_free)."""
-        self.__free_folio(table)
+        self._free_folio(table)
 
-    def __fault_anon(self, vpage: int, end: int, madvised: bool) -> tuple[int, int]:
+    def _fault_anon(self, vpage: int, end: int, madvised: bool) -> tuple[int, int]:
         """Faults in one anon folio at vpage: the largest enabled order that fits aligned,
         falling back order by order to a single page (alloc_anon_folio). Returns its pfn
         and order."""
@@ -587,24 +588,24 @@ class Machine:
             if vpage & ((1 << order) - 1) or vpage + (1 << order) > end:
                 continue
             try:
-                pfn = self.__alloc_pfn(order)
+                pfn = self._alloc_pfn(order)
             except OutOfMemory:
                 thp.count(order, MthpStat.ANON_FAULT_FALLBACK)
                 if order == HPAGE_PMD_ORDER:
                     self.events[VmEvent.THP_FAULT_FALLBACK] += 1
                 continue
-            self.__count_large_fault(order)
+            self._count_large_fault(order)
             return pfn, order
-        return self.__alloc_pfn(0), 0
+        return self._alloc_pfn(0), 0
 
-    def __count_large_fault(self, order: int, count: int = 1) -> None:
+    def _count_large_fault(self, order: int, count: int = 1) -> None:
         """Counts large anon folios faulted in (anon_fault_alloc, thp_fault_alloc)."""
         if order:
             self.thp.stats[order][MthpStat.ANON_FAULT_ALLOC] += count
             if order == HPAGE_PMD_ORDER:
                 self.events[VmEvent.THP_FAULT_ALLOC] += count
 
-    def __validate_allocate(
+    def _validate_allocate(
         self,
         owner: str,
         kind: FolioKind,
@@ -673,10 +674,10 @@ class Machine:
         of 2 MiB or more as several small ones in a row would be: unaligned (a guest's host
         backing, granule by granule).
         """
-        order, nr_pages = self.__validate_allocate(
+        order, nr_pages = self._validate_allocate(
             owner, kind, order, count, nr_bytes, madvised=madvise_hugepage
         )
-        self.__check_guest_ram(owner, guest_ram)
+        self._check_guest_ram(owner, guest_ram)
         if madvise_hugepage and kind is not FolioKind.ANON:
             raise InvalidArgument(
                 "madvise_hugepage applies to anon mappings only", field="madvise_hugepage"
@@ -684,34 +685,32 @@ class Machine:
         if hvo and kind is not FolioKind.HUGETLB:
             raise InvalidArgument("hvo applies to hugetlb folios only", field="hvo")
         if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
-            raise self.__out_of_memory(order or 0)
+            raise self._out_of_memory(order or 0)
         holder = self.owners.get(owner)
         if holder is None:
             holder = Owner(owner, self.next_owner_id, self.table)
             holder.memcg = self.memcg(tenant_of_owner(owner))
         if holder.memcg is not None:
-            self.__try_charge(holder.memcg, nr_pages)
+            self._try_charge(holder.memcg, nr_pages)
         mm_before = holder.mm
         next_vpage_before = mm_before.next_vpage if mm_before is not None else 0
         made = _Made()
         nr_tables = 0
         try:
             if kind is FolioKind.ANON:
-                nr_tables = self.__populate_anon(
+                nr_tables = self._populate_anon(
                     holder, order, nr_pages, madvise_hugepage, made, pmd_align=pmd_align
                 )
             else:
                 assert order is not None
-                self.__populate(order, nr_pages >> order, made)
-        except AddressSpaceExhausted:
-            self.__unwind(holder, made, mm_before, next_vpage_before)
+                self._populate(order, nr_pages >> order, made)
+        except (AddressSpaceExhausted, HostCannotBack):
+            self._unwind(holder, made, mm_before, next_vpage_before)
             raise
         except OutOfMemory as exc:
-            self.__unwind(holder, made, mm_before, next_vpage_before)
-            if "host" in exc.metadata:  # the host could not back a guest's frames
-                raise
+            self._unwind(holder, made, mm_before, next_vpage_before)
             # Describe the machine as the caller finds it: after the rollback.
-            raise self.__out_of_memory(int(exc.metadata["order"])) from None
+            raise self._out_of_memory(int(exc.metadata["order"])) from None
         if holder.id == self.next_owner_id:
             self.next_owner_id += 1
             self.owners[owner] = holder
@@ -719,7 +718,7 @@ class Machine:
         if holder.memcg is not None:
             holder.memcg.nr_owned += nr_pages
         if made.few():
-            return self.__record_few(holder, kind, made, nr_pages, nr_tables, hvo=hvo)
+            return self._record_few(holder, kind, made, nr_pages, nr_tables, hvo=hvo)
         pfns, orders, vaddrs, flags = made.columns()
         if hvo:
             assert order is not None
@@ -743,10 +742,10 @@ class Machine:
             }
 
         for folio_order, n in by_order.items():
-            self.__account(kind, folio_order, n)
+            self._account(kind, folio_order, n)
         return Allocation(first, len(pfns), nr_pages, by_order, nr_tables)
 
-    def __record_few(
+    def _record_few(
         self,
         holder: Owner,
         kind: FolioKind,
@@ -767,21 +766,21 @@ class Machine:
             holder.count_one(handle, 1)
             by_order[order] = by_order.get(order, 0) + 1
         for order, n in by_order.items():
-            self.__account(kind, order, n)
+            self._account(kind, order, n)
             if hvo:
                 self.nr_hvo[order] = self.nr_hvo.get(order, 0) + n
         return Allocation(first, len(made.one), nr_pages, by_order, nr_tables)
 
-    def __populate(self, order: int, count: int, made: _Made) -> None:
-        """Takes count blocks of order into made: in one go where __bulk_ok, else one by one."""
-        pfns = self.__alloc_bulk(order, count)
+    def _populate(self, order: int, count: int, made: _Made) -> None:
+        """Takes count blocks of order into made: in one go where _bulk_ok, else one by one."""
+        pfns = self._alloc_bulk(order, count)
         if pfns is not None:
             made.add(pfns, order)
             return
         for _ in range(count):
-            made.add_one(self.__alloc_pfn(order), order)
+            made.add_one(self._alloc_pfn(order), order)
 
-    def __populate_anon(
+    def _populate_anon(
         self,
         holder: Owner,
         order: int | None,
@@ -807,15 +806,15 @@ class Machine:
         nr_tables = 0
         while vpage < end:
             if order is None:
-                pfn, folio_order = self.__fault_anon(vpage, end, madvised)
+                pfn, folio_order = self._fault_anon(vpage, end, madvised)
             else:
                 self.events[_PGFAULT] += 1
-                pfn, folio_order = self.__alloc_pfn(order), order
-                self.__count_large_fault(order)
+                pfn, folio_order = self._alloc_pfn(order), order
+                self._count_large_fault(order)
             try:
                 tables, pmd_mapped = mm.map_folio(folio_order, vpage, self)
             except OutOfMemory:
-                self.__free_pfns(np.array([pfn], np.int64), np.array([folio_order], np.int8))
+                self._free_pfns(np.array([pfn], np.int64), np.array([folio_order], np.int8))
                 raise
             nr_tables += tables
             made.add_one(pfn, folio_order, vpage, PMD_MAPPED if pmd_mapped else 0)
@@ -825,17 +824,17 @@ class Machine:
                 continue
             # The rest of this PTE table: no table to allocate, every fault alike.
             rest = (min(end, table_end) - vpage) >> uniform
-            pfns = self.__alloc_bulk(uniform, rest) if rest > 1 else None
+            pfns = self._alloc_bulk(uniform, rest) if rest > 1 else None
             if pfns is None:
                 continue
             self.events[_PGFAULT] += rest
-            self.__count_large_fault(uniform, rest)
+            self._count_large_fault(uniform, rest)
             mm.map_entries(vpage, rest << uniform)
             made.add(pfns, uniform, vpage)
             vpage += rest << uniform
         return nr_tables
 
-    def __unwind(
+    def _unwind(
         self,
         holder: Owner,
         made: _Made,
@@ -845,25 +844,25 @@ class Machine:
         """Frees the folios of a failed allocate call, leaving the machine as it was."""
         pfns, orders, vaddrs, flags = made.columns()
         if holder.mm is not None:
-            self.__unmap_and_free(holder.mm, pfns[::-1], orders[::-1], vaddrs[::-1], flags[::-1])
+            self._unmap_and_free(holder.mm, pfns[::-1], orders[::-1], vaddrs[::-1], flags[::-1])
         else:
-            self.__free_pfns(pfns[::-1].copy(), orders[::-1].copy())
+            self._free_pfns(pfns[::-1].copy(), orders[::-1].copy())
         if holder.mm is not None:
             if mm_before is None:
                 holder.mm.release_pgd(self)
             holder.mm.next_vpage = next_vpage_before
         holder.mm = mm_before
 
-    def __free_pfns(self, pfns: Int64Array, orders: npt.NDArray[np.int8]) -> None:
+    def _free_pfns(self, pfns: Int64Array, orders: npt.NDArray[np.int8]) -> None:
         """Returns blocks to the buddy allocator, in order, counting pgfree."""
         if self.bulk:
             self.zone.free_pages_bulk(pfns, orders)
         else:
             for pfn, order in zip(pfns.tolist(), orders.tolist(), strict=True):
-                self.__free_block(pfn, order)
+                self._free_block(pfn, order)
         self.events[_PGFREE] += int((np.int64(1) << orders.astype(np.int64)).sum())
 
-    def __unmap_and_free(
+    def _unmap_and_free(
         self,
         mm: MmStruct,
         pfns: Int64Array,
@@ -909,7 +908,7 @@ class Machine:
                 recorder.pfns.clear()
             seq_pfns.append(pfn_list[stop - 1])
             seq_orders.append(order_list[stop - 1])
-        self.__free_pfns(np.array(seq_pfns, np.int64), np.array(seq_orders, np.int8))
+        self._free_pfns(np.array(seq_pfns, np.int64), np.array(seq_orders, np.int8))
         return recorder.nr_freed
 
     # -- freeing ---------------------------------------------------------------------------
@@ -918,16 +917,16 @@ class Machine:
         owner_id = self.table.owner_id(handle)
         if owner_id != FREED:
             return folio_view(self.table, handle, self.owner_by_id[owner_id].name)
-        raise self.__no_folio(handle, field_name)
+        raise self._no_folio(handle, field_name)
 
-    def __no_folio(self, handle: int, field_name: str) -> FolioAlreadyFreed | UnknownFolio:
+    def _no_folio(self, handle: int, field_name: str) -> FolioAlreadyFreed | UnknownFolio:
         if 0 < handle < self.next_handle:
             return FolioAlreadyFreed(
                 f"folio {handle} on machine {self.name!r} was already freed", field=field_name
             )
         return UnknownFolio(f"no folio {handle} on machine {self.name!r}", field=field_name)
 
-    def __check_guest_ram(self, owner: str, guest_ram: bool) -> None:
+    def _check_guest_ram(self, owner: str, guest_ram: bool) -> None:
         if owner.startswith(GUEST_OWNER_PREFIX) and not guest_ram:
             raise FailedPrecondition(
                 f"owner {owner!r} holds a guest's RAM: only the guest (its balloon, free page "
@@ -945,47 +944,47 @@ class Machine:
                 field="handles",
             )
         if len(handles) <= _FEW:
-            return self.__free_few([int(h) for h in handles], guest_ram)
+            return self._free_few([int(h) for h in handles], guest_ram)
         wanted = np.asarray(handles)
         if wanted.dtype != np.int64:
             if len(wanted) and (int(wanted.min()) < 0 or int(wanted.max()) >= 1 << 62):
                 bad = next(h for h in handles if not 0 <= h < 1 << 62)
-                raise self.__no_folio(int(bad), "handles")
+                raise self._no_folio(int(bad), "handles")
             wanted = wanted.astype(np.int64)
         owner_ids = self.table.owner_ids(wanted)
         dead = np.flatnonzero(owner_ids == FREED)
         if len(dead):
-            raise self.__no_folio(int(wanted[dead[0]]), "handles")
+            raise self._no_folio(int(wanted[dead[0]]), "handles")
         if len(np.unique(wanted)) != len(wanted):
             raise InvalidArgument("a handle is named twice", field="handles")
         ids, first_seen = np.unique(owner_ids, return_index=True)
         holders = [self.owner_by_id[int(i)] for i in ids[np.argsort(first_seen)]]
         for holder in holders:
-            self.__check_guest_ram(holder.name, guest_ram)
+            self._check_guest_ram(holder.name, guest_ram)
         recs = self.table.records(wanted)
         nr_tables = 0
         if len(holders) == 1 and holders[0].mm is not None:
-            nr_tables = self.__unmap_and_free(
+            nr_tables = self._unmap_and_free(
                 holders[0].mm, recs.pfn, recs.order, recs.vaddr, recs.flags
             )
         elif any(h.mm is not None for h in holders):
-            nr_tables = self.__release_mixed(holders, recs)
+            nr_tables = self._release_mixed(holders, recs)
         else:
-            self.__free_pfns(recs.pfn, recs.order)
-        self.__forget(recs, holders)
+            self._free_pfns(recs.pfn, recs.order)
+        self._forget(recs, holders)
         for holder in holders:
             if not holder.nr_folios and holder.mm is None:
-                self.__drop_owner(holder)
+                self._drop_owner(holder)
         return Release(len(recs), recs.nr_pages + nr_tables, nr_tables)
 
-    def __free_few(self, handles: list[int], guest_ram: bool) -> Release:
+    def _free_few(self, handles: list[int], guest_ram: bool) -> Release:
         """free() of a few handles, one at a time and without arrays (the same steps)."""
         table = self.table
         owner_ids = []
         for handle in handles:
             owner_id = table.owner_id(handle)
             if owner_id == FREED:
-                raise self.__no_folio(handle, "handles")
+                raise self._no_folio(handle, "handles")
             owner_ids.append(owner_id)
         if len(handles) > 1 and len(set(handles)) != len(handles):
             raise InvalidArgument("a handle is named twice", field="handles")
@@ -993,14 +992,14 @@ class Machine:
         holders = [by_id[i] for i in dict.fromkeys(owner_ids)]
         for holder in holders:
             if holder.name.startswith(GUEST_OWNER_PREFIX):
-                self.__check_guest_ram(holder.name, guest_ram)
+                self._check_guest_ram(holder.name, guest_ram)
         nr_pages = nr_tables = 0
         for handle in handles:
             pfn, vaddr, owner_id, order, kind_code, flags = table.record(handle)
             holder = by_id[owner_id]
             if vaddr >= 0 and holder.mm is not None:
                 nr_tables += holder.mm.unmap_folio(vaddr, order, bool(flags & PMD_MAPPED), self)
-            self.__free_block(pfn, order)
+            self._free_block(pfn, order)
             self.events[_PGFREE] += 1 << order
             nr_pages += 1 << order
             if holder.memcg is not None:
@@ -1011,13 +1010,13 @@ class Machine:
                 self.contents.pop(handle, None)
             if flags & HVO:
                 self.nr_hvo[order] -= 1
-            self.__account(KINDS[kind_code], order, -1)
+            self._account(KINDS[kind_code], order, -1)
         for holder in holders:
             if not holder.nr_folios and holder.mm is None:
-                self.__drop_owner(holder)
+                self._drop_owner(holder)
         return Release(len(handles), nr_pages + nr_tables, nr_tables)
 
-    def __release_mixed(self, holders: list[Owner], recs: Records) -> int:
+    def _release_mixed(self, holders: list[Owner], recs: Records) -> int:
         """Frees folios of several owners, some with address spaces, in request order."""
         nr_tables = 0
         by_id = {h.id: h for h in holders}
@@ -1031,15 +1030,15 @@ class Machine:
                 stop += 1
             part = slice(run_start, stop)
             if holder.mm is not None:
-                nr_tables += self.__unmap_and_free(
+                nr_tables += self._unmap_and_free(
                     holder.mm, recs.pfn[part], recs.order[part], recs.vaddr[part], recs.flags[part]
                 )
             else:
-                self.__free_pfns(recs.pfn[part], recs.order[part])
+                self._free_pfns(recs.pfn[part], recs.order[part])
             run_start = stop
         return nr_tables
 
-    def __forget(self, recs: Records, holders: list[Owner]) -> None:
+    def _forget(self, recs: Records, holders: list[Owner]) -> None:
         """Takes freed folios out of the table, the counts and their owners."""
         self.table.remove(recs.handles)
         if self.contents:
@@ -1051,7 +1050,7 @@ class Machine:
                 self.nr_hvo[int(o)] -= int(n)
         keys = recs.kind.astype(np.int16) * 64 + recs.order
         for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
-            self.__account(KINDS[int(key) // 64], int(key) % 64, -int(n))
+            self._account(KINDS[int(key) // 64], int(key) % 64, -int(n))
         for holder in holders:
             is_mine = recs.owner == holder.id
             holder.count(recs.handles[is_mine], -1)
@@ -1059,28 +1058,28 @@ class Machine:
                 orders = recs.order[is_mine].astype(np.int64)
                 holder.memcg.nr_owned -= int(np.left_shift(1, orders).sum())
 
-    def __drop_owner(self, holder: Owner) -> None:
+    def _drop_owner(self, holder: Owner) -> None:
         del self.owners[holder.name]
         del self.owner_by_id[holder.id]
 
     def release_owner(self, owner: str, *, guest_ram: bool = False) -> Release:
         """Frees everything an owner holds, its page tables included, and forgets it."""
         check_owner_name(owner)
-        self.__check_guest_ram(owner, guest_ram)
+        self._check_guest_ram(owner, guest_ram)
         holder = self.owners.get(owner)
         if holder is None:
             raise UnknownOwner(f"no owner {owner!r} on machine {self.name!r}", field="owner")
         recs = self.table.records(holder.handles())
         nr_tables = 0
         if holder.mm is not None:
-            nr_tables = self.__unmap_and_free(
+            nr_tables = self._unmap_and_free(
                 holder.mm, recs.pfn, recs.order, recs.vaddr, recs.flags
             )
             nr_tables += holder.mm.release_pgd(self)
         else:
-            self.__free_pfns(recs.pfn, recs.order)
-        self.__forget(recs, [holder])
-        self.__drop_owner(holder)
+            self._free_pfns(recs.pfn, recs.order)
+        self._forget(recs, [holder])
+        self._drop_owner(holder)
         return Release(len(recs) + nr_tables, recs.nr_pages + nr_tables, nr_tables)
 
     # -- contents --------------------------------------------------------------------------
@@ -1116,7 +1115,7 @@ class Machine:
                 f"bytes must be a positive multiple of {PAGE_SIZE}, not {nr_bytes}", field="bytes"
             )
         pages = nr_bytes >> PAGE_SHIFT
-        return self.lru.shrink(pages, self.files, False) << PAGE_SHIFT
+        return self.lru.shrink(pages, self.files, direct=False) << PAGE_SHIFT
 
     def drop_caches(self) -> int:
         """Frees clean page cache (echo 1 > /proc/sys/vm/drop_caches); returns bytes freed."""
@@ -1141,20 +1140,20 @@ class Machine:
         when free and reclaimable memory above the min watermark cannot cover them, nothing
         is reclaimed or taken. Returns their frames, for the host to drop their backing."""
         if nr_pages > self.zone.nr_free + self.nr_reclaimable - self.zone.watermarks.nr_min:
-            raise self.__out_of_memory(0)
+            raise self._out_of_memory(0)
         # The driver never writes its pages: taking them does not make the host back them.
         backing, self.backing = self.backing, None
         made = _Made()
         try:
-            self.__populate(0, nr_pages, made)
+            self._populate(0, nr_pages, made)
         except OutOfMemory:
             pfns = made.columns()[0]
-            self.__free_pfns(pfns[::-1].copy(), np.zeros(len(pfns), np.int8))
-            raise self.__out_of_memory(0) from None
+            self._free_pfns(pfns[::-1].copy(), np.zeros(len(pfns), np.int8))
+            raise self._out_of_memory(0) from None
         finally:
             self.backing = backing
         taken = made.columns()[0]
-        self.__account(FolioKind.BALLOON, 0, len(taken))
+        self._account(FolioKind.BALLOON, 0, len(taken))
         self.balloon = np.concatenate((self.balloon, taken))
         self.events[VmEvent.BALLOON_INFLATE] += nr_pages
         return taken
@@ -1170,8 +1169,8 @@ class Machine:
         keep = len(self.balloon) - nr_pages
         pfns = self.balloon[keep:][::-1].copy()
         self.balloon = self.balloon[:keep].copy()
-        self.__free_pfns(pfns, np.zeros(nr_pages, np.int8))
-        self.__account(FolioKind.BALLOON, 0, -nr_pages)
+        self._free_pfns(pfns, np.zeros(nr_pages, np.int8))
+        self._account(FolioKind.BALLOON, 0, -nr_pages)
         self.events[VmEvent.BALLOON_DEFLATE] += nr_pages
         return cast(list[int], pfns.tolist())
 
@@ -1254,7 +1253,7 @@ class _Made:
     def add_one(self, pfn: int, order: int, vaddr: int = -1, flags: int = 0) -> None:
         self.one.append((pfn, order, vaddr, flags))
 
-    def __flush(self) -> None:
+    def _flush(self) -> None:
         if self.one:
             pfns, orders, vaddrs, flags = zip(*self.one, strict=True)
             self.pfns.append(np.array(pfns, np.int64))
@@ -1264,7 +1263,7 @@ class _Made:
             self.one.clear()
 
     def add(self, pfns: Int64Array, order: int, vpage: int | None = None) -> None:
-        self.__flush()
+        self._flush()
         n = len(pfns)
         self.pfns.append(pfns)
         self.orders.append(np.full(n, order, np.int8))
@@ -1277,7 +1276,7 @@ class _Made:
     def columns(
         self,
     ) -> tuple[Int64Array, npt.NDArray[np.int8], Int64Array, npt.NDArray[np.uint8]]:
-        self.__flush()
+        self._flush()
         if not self.pfns:
             return (
                 np.empty(0, np.int64),

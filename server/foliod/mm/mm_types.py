@@ -23,7 +23,6 @@ class Folio:
         "gen",
         "index",
         "kind",
-        "mapping",
         "nr_pages",
         "order",
         "pfn",
@@ -38,8 +37,7 @@ class Folio:
         self.nr_pages = 1 << order
         self.kind = kind
         self.contents: dict[int, bytearray] | None = None
-        # Page cache folios: the file (an Inode) and the page index of the head page.
-        self.mapping: object = None
+        # The page index of the head page (folios of files).
         self.index = 0
         # Page flags of page cache folios (PG_dirty, PG_referenced, PG_active, PG_readahead).
         self.dirty = False

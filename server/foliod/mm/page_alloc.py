@@ -63,9 +63,9 @@ class Zone:
         self.free_area: list[dict[int, None]] = [{} for _ in range(NR_PAGE_ORDERS)]
         self.nr_free = 0
         self.watermarks = calculate_watermarks(nr_pages)
-        self.__free_range(0, nr_pages)
+        self._free_range(0, nr_pages)
 
-    def __free_range(self, start: int, end: int) -> None:
+    def _free_range(self, start: int, end: int) -> None:
         """Frees [start, end) in the largest aligned blocks, lowest block at each list's head.
 
         Precondition: the range is not free yet and touches no free block.
@@ -161,7 +161,7 @@ class Zone:
             current = next(o for o in range(order, NR_PAGE_ORDERS) if free_area[o])
             per_block = 1 << (current - order)
             if remaining < per_block:
-                out.append(self.__take_partial(current, order, remaining))
+                out.append(self._take_partial(current, order, remaining))
                 break
             area = free_area[current]
             nr_blocks = min(len(area), remaining // per_block)
@@ -177,7 +177,7 @@ class Zone:
             return np.empty(0, np.int64)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def __take_partial(self, current: int, order: int, count: int) -> PfnArray:
+    def _take_partial(self, current: int, order: int, count: int) -> PfnArray:
         """rmqueue(order) count times from the head block of list current (the smallest
         non-empty list at or above order), count < 2^(current - order): the block's first
         count pieces, ascending; what is left of it lies on the lists below current, at most
@@ -233,7 +233,7 @@ class Zone:
                 continue
             area = self.free_area[order]
             if order == MAX_PAGE_ORDER:
-                self.__append_blocks(area, pfn, step)
+                self._append_blocks(area, pfn, step)
                 break
             size = 1 << order
             sort = np.argsort(pfn, kind="stable")
@@ -263,12 +263,12 @@ class Zone:
                 parent_pfn.append(pfn[with_old] & ~size)
                 parent_step.append(step[with_old])
             stay = ~merged
-            self.__append_blocks(area, pfn[stay], step[stay])
+            self._append_blocks(area, pfn[stay], step[stay])
             carry_pfn = np.concatenate(parent_pfn)
             carry_step = np.concatenate(parent_step)
 
     @staticmethod
-    def __append_blocks(area: dict[int, None], pfn: PfnArray, step: PfnArray) -> None:
+    def _append_blocks(area: dict[int, None], pfn: PfnArray, step: PfnArray) -> None:
         """Adds blocks at the list head in the order of their last freed piece."""
         order = np.argsort(step, kind="stable")
         area.update(dict.fromkeys(pfn[order].tolist()))

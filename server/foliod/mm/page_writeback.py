@@ -119,7 +119,7 @@ class Writeback:
         if self.nr_dirty <= limit:
             return
         self.nr_throttled += 1
-        written = self.__writeback_oldest(lambda folio: self.nr_dirty > background)
+        written = self._writeback_oldest(lambda folio: self.nr_dirty > background)
         stats.device_seconds += self.store.device.write_seconds(written * PAGE_SIZE)
 
     def dirty_pause_seconds(self, nr_dirtied: int, background: int, limit: int) -> float:
@@ -150,11 +150,11 @@ class Writeback:
         background, _ = self.dirty_thresholds()
         expired_before = self.clock() - self.limits.expire_seconds
         dirtied_at = self.folio_store.dirtied_at
-        return self.__writeback_oldest(
+        return self._writeback_oldest(
             lambda f: dirtied_at[f] <= expired_before or self.nr_dirty > background
         )
 
-    def __writeback_oldest(self, more: Callable[[int], bool]) -> int:
+    def _writeback_oldest(self, more: Callable[[int], bool]) -> int:
         """Writes dirty folios back, oldest first, while more(folio) holds; returns pages
         written successfully."""
         written = 0

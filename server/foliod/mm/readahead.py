@@ -99,7 +99,7 @@ class RaState:
         read ended in or in the next (an unaligned or an aligned sequential read)."""
         return self.prev_pos >= 0 and 0 <= index - (self.prev_pos >> PAGE_SHIFT) <= 1
 
-    def __window(self, max_order: int) -> RaWindow:
+    def _window(self, max_order: int) -> RaWindow:
         """The current window with its folio order capped (page_cache_ra_order)."""
         self.order = min(self.order, max_order, self.size.bit_length() - 1)
         mark = self.start + self.size - self.async_size
@@ -126,7 +126,7 @@ class RaState:
             self.size = get_init_ra_size(req_count, max_pages)
             self.async_size = self.size - req_count if self.size > req_count else self.size >> 1
             self.order = 0
-            return self.__window(max_order)
+            return self._window(max_order)
         miss = cache.prev_miss(index - 1, max_pages)
         contig_count = index - miss - 1
         if miss == NO_MISS_BEFORE_START:
@@ -135,7 +135,7 @@ class RaState:
         self.size = min(contig_count + req_count, max_pages)
         self.async_size = 1
         self.order = 0
-        return self.__window(max_order)
+        return self._window(max_order)
 
     def async_(
         self, index: int, req_count: int, folio_order: int, cache: CacheView, max_order: int
@@ -167,7 +167,7 @@ class RaState:
         if aligned_end > self.start:
             self.size -= end - aligned_end
         self.async_size = self.size
-        return self.__window(max_order)
+        return self._window(max_order)
 
     def note_read(self, end_pos: int) -> None:
         """Records where a read ended: the byte after its last (filemap_read's ra->prev_pos)."""

@@ -70,7 +70,7 @@ class Truncation:
 
     def truncate(self, name: str, size: int) -> None:
         """Sets the file's size: folios past the end go; a clean large folio straddling the new
-        end is split (non-uniformly, see __split_tail) and the pieces past the end freed, a
+        end is split (non-uniformly, see _split_tail) and the pieces past the end freed, a
         dirty one stays whole (its split fails); the last page's tail reads as zeros."""
         inode = self.lookup(name)
         if not 0 <= size <= MAX_FILE_BYTES:
@@ -86,9 +86,9 @@ class Truncation:
                         # Its private data (the dirty blocks) cannot be released, so the
                         # split fails and the folio stays whole, past the new end too
                         # (truncate_inode_partial_folio: zeroed there, not split).
-                        self.__forget_past(f, keep - index)
+                        self._forget_past(f, keep - index)
                     else:
-                        self.__split_tail(inode, f, size >> PAGE_SHIFT, keep)
+                        self._split_tail(inode, f, size >> PAGE_SHIFT, keep)
         finally:
             self.busy.clear()
         inode.drop_shadows_from(keep)
@@ -101,14 +101,14 @@ class Truncation:
         inode.size = size
         self.store.truncate(inode.name, size)
 
-    def __forget_past(self, f: int, nr_kept: int) -> None:
+    def _forget_past(self, f: int, nr_kept: int) -> None:
         """The written pages of folio f from its page nr_kept on read as zeros now."""
         contents = self.folio_store.contents.get(f)
         if contents:
             for i in [i for i in contents if i >= nr_kept]:
                 del contents[i]
 
-    def __split_tail(self, inode: Inode, f: int, split_at: int, keep: int) -> None:
+    def _split_tail(self, inode: Inode, f: int, split_at: int, keep: int) -> None:
         """Splits a large folio straddling the new end in place, as truncate_inode_partial_folio
         does in Linux 6.18 (try_folio_split: a non-uniform split): the page split_at (the one
         holding the new end) becomes a base page and the rest buddy pieces as large as

@@ -38,7 +38,7 @@ class ShadowEntries:
         value = leaf[index & XA_MASK]
         return -value - 1 if value < 0 else None
 
-    def __shadow_set(self, index: int, token: int) -> None:
+    def _shadow_set(self, index: int, token: int) -> None:
         """Puts a shadow entry's token in the empty slot of its head."""
         number = index >> XA_SHIFT
         leaf = self.leaves.get(number)
@@ -49,7 +49,7 @@ class ShadowEntries:
             self.leaf_counts[number] += 1
         leaf[index & XA_MASK] = -(token & EVICTION_MASK) - 1
 
-    def __shadow_pop(self, index: int) -> int | None:
+    def _shadow_pop(self, index: int) -> int | None:
         """Removes the shadow entry whose head is at index; its token, if one was there."""
         number = index >> XA_SHIFT
         leaf = self.leaves.get(number)
@@ -99,7 +99,7 @@ class ShadowEntries:
 
     def add_shadow(self, index: int, order: int, token: int) -> None:
         """The entry an evicted folio of order at index leaves (workingset_eviction)."""
-        self.__shadow_set(index, token)
+        self._shadow_set(index, token)
         if order:
             self.shadow_orders[index] = order
             blocks, block = self.large_shadow_blocks, index >> MAX_PAGECACHE_ORDER
@@ -113,13 +113,13 @@ class ShadowEntries:
         # The range lies in one block of the largest folio's size: were no large entry in it,
         # only base-page entries can be there.
         large_here = index >> MAX_PAGECACHE_ORDER in self.large_shadow_blocks
-        shadow = self.__shadow_pop(index)
+        shadow = self._shadow_pop(index)
         start = index + 1  # index itself was just looked at
         if shadow is not None:
-            order = self.__drop_large(index) if large_here and index in self.shadow_orders else 0
+            order = self._drop_large(index) if large_here and index in self.shadow_orders else 0
             if 1 << order >= nr_pages:  # the entry covers the range: nothing else is inside
                 if 1 << order > nr_pages:
-                    self.__split_shadow(index, order, shadow, index, nr_pages)
+                    self._split_shadow(index, order, shadow, index, nr_pages)
                 return shadow
             start = index + (1 << order)
         elif large_here:
@@ -128,10 +128,10 @@ class ShadowEntries:
             for order in range(nr_pages.bit_length(), MAX_PAGECACHE_ORDER + 1):
                 head = index & ~((1 << order) - 1)
                 if head != index and orders.get(head) == order:
-                    self.__drop_large(head)
-                    token = self.__shadow_pop(head)
+                    self._drop_large(head)
+                    token = self._shadow_pop(head)
                     assert token is not None
-                    self.__split_shadow(head, order, token, index, nr_pages)
+                    self._split_shadow(head, order, token, index, nr_pages)
                     return token
         end = index + nr_pages
         if start == end:
@@ -140,11 +140,11 @@ class ShadowEntries:
         found = shadow
         for head in self.shadow_heads_in(start, end):
             if large_here and head in self.shadow_orders:
-                self.__drop_large(head)
-            found = self.__shadow_pop(head)
+                self._drop_large(head)
+            found = self._shadow_pop(head)
         return found
 
-    def __drop_large(self, head: int) -> int:
+    def _drop_large(self, head: int) -> int:
         """Forgets the order of the large entry at head (its token is the caller's to pop)."""
         order = self.shadow_orders.pop(head)
         blocks, block = self.large_shadow_blocks, head >> MAX_PAGECACHE_ORDER
@@ -154,7 +154,7 @@ class ShadowEntries:
             blocks[block] -= 1
         return order
 
-    def __split_shadow(self, head: int, order: int, token: int, index: int, nr_pages: int) -> None:
+    def _split_shadow(self, head: int, order: int, token: int, index: int, nr_pages: int) -> None:
         """Puts back the entry of order at head, less [index, index + nr_pages), as entries
         of nr_pages' size (all aligned: index and nr_pages are, inside the entry)."""
         piece_order = nr_pages.bit_length() - 1
@@ -171,9 +171,9 @@ class ShadowEntries:
         end = (max(self.leaves, default=-1) + 1) << XA_SHIFT
         for head in self.shadow_heads_in(start, end):
             if head + (1 << orders.get(head, 0)) > keep:
-                self.__shadow_pop(head)
+                self._shadow_pop(head)
                 if head in orders:
-                    self.__drop_large(head)
+                    self._drop_large(head)
 
     def drop_shadows_in(self, lo: int, hi: int) -> int:
         """Removes the shadow entries lying wholly in pages [lo, hi) (invalidation's
@@ -182,9 +182,9 @@ class ShadowEntries:
         dropped = 0
         for head in self.shadow_heads_in(lo, hi):
             if head + (1 << orders.get(head, 0)) <= hi:
-                self.__shadow_pop(head)
+                self._shadow_pop(head)
                 if head in orders:
-                    self.__drop_large(head)
+                    self._drop_large(head)
                 dropped += 1
         return dropped
 

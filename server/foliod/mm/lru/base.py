@@ -48,7 +48,7 @@ class ReclaimPolicy:
         # A later access to a resident folio: mark_accessed(f), or a cheaper callable with
         # the same effect.
         self.touch: Callable[[int], None] = self.mark_accessed
-        # remove(f), add(f) and mark_accessed(f, True) in one cheaper step, where a policy has
+        # remove(f), add(f) and mark_accessed(f, fresh=True) in one cheaper step, where a policy has
         # one (only policies whose refault() just counts, as the order differs).
         self.requeue: Callable[[int], None] | None = None
         # The head of the list whose first folio victim() returns, doing nothing else, where
@@ -88,7 +88,7 @@ class ReclaimPolicy:
         for f in ids:
             self.remove(f)
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         """A read or write touched the folio; fresh when this very call brought it in."""
         raise NotImplementedError
 
@@ -149,7 +149,7 @@ class ReclaimPolicy:
 
     # -- the shared loop -------------------------------------------------------------------
 
-    def shrink(self, nr_to_reclaim: int, evictor: Evictor, direct: bool) -> int:
+    def shrink(self, nr_to_reclaim: int, evictor: Evictor, *, direct: bool) -> int:
         """Reclaims up to nr_to_reclaim pages; returns pages freed. Looks at no more folios
         than it holds (plus one), so it ends even when nothing can be freed."""
         scan_event = VmEvent.PGSCAN_DIRECT if direct else VmEvent.PGSCAN_KSWAPD

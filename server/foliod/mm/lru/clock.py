@@ -30,7 +30,7 @@ class Clock(OneList):
         self.store.flags[f] &= ~PG_REFERENCED
         super().add(f)
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         if not fresh:
             self.store.flags[f] |= PG_REFERENCED
 

@@ -18,7 +18,7 @@ class Fifo(OneList):
         self.queue = self.head
         self.requeue = self.store.mover_to_tail(self.head)
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         pass
 
     def victim(self) -> int:

@@ -37,7 +37,7 @@ class Lru(ReclaimPolicy):
         del self.order[f]
         self.nr_pages -= 1 << self.store.order[f]
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         self.order.move_to_end(f)
 
     def victim(self) -> int:

@@ -110,7 +110,7 @@ class Mglru(ReclaimPolicy):
         """The generation a folio is in (from the low bits the gen column keeps)."""
         return self.min_seq + ((self.store.gen[f] - self.min_seq) & GEN_MASK)
 
-    def __put(self, f: int, seq: int, old_end: bool = False) -> None:
+    def _put(self, f: int, seq: int, old_end: bool = False) -> None:
         store = self.store
         store.gen[f] = seq & GEN_MASK
         if old_end:
@@ -120,20 +120,20 @@ class Mglru(ReclaimPolicy):
         self.gen_pages[seq] += 1 << store.order[f]
         self.gen_folios[seq] += 1
 
-    def __take(self, f: int) -> None:
+    def _take(self, f: int) -> None:
         store = self.store
         seq = self.seq_of(f)
         store.list_del(f)
         self.gen_pages[seq] -= 1 << store.order[f]
         self.gen_folios[seq] -= 1
 
-    def __inc_gen(self, f: int, old_end: bool) -> None:
+    def _inc_gen(self, f: int, old_end: bool) -> None:
         """folio_inc_gen: into min_seq + 1, its refs and PG_referenced cleared."""
-        self.__take(f)
+        self._take(f)
         store = self.store
         store.refs[f] = 0
         store.flags[f] &= ~PG_REFERENCED
-        self.__put(f, self.min_seq + 1, old_end)
+        self._put(f, self.min_seq + 1, old_end)
 
     def inc_max_seq(self) -> None:
         """Aging: a new, empty youngest generation (nothing to promote without page tables)."""
@@ -183,14 +183,14 @@ class Mglru(ReclaimPolicy):
         seq = self.min_seq
         if self.min_seq + MIN_NR_GENS < self.max_seq:
             seq += 1
-        self.__put(f, seq)
+        self._put(f, seq)
         self.nr_pages += 1 << store.order[f]
 
     def remove(self, f: int) -> None:
-        self.__take(f)
+        self._take(f)
         self.nr_pages -= 1 << self.store.order[f]
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         store = self.store
         if not store.flags[f] & PG_REFERENCED:
             store.flags[f] |= PG_REFERENCED
@@ -238,7 +238,7 @@ class Mglru(ReclaimPolicy):
             tier = lru_tier_from_refs(refs)
             if tier > self.tier_idx or refs == MAX_REFS:
                 nr = 1 << store.order[f]
-                self.__inc_gen(f, old_end=True)
+                self._inc_gen(f, old_end=True)
                 self.protected[tier] += nr
                 self.events[VmEvent.PGREFILL] += nr
                 continue
@@ -246,7 +246,7 @@ class Mglru(ReclaimPolicy):
         return NO_FOLIO
 
     def pass_over(self, f: int) -> None:
-        self.__inc_gen(f, old_end=False)
+        self._inc_gen(f, old_end=False)
 
     def folios(self) -> Iterator[int]:
         for head in list(self.gens.values()):

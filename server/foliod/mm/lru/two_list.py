@@ -98,7 +98,7 @@ class TwoList(ReclaimPolicy):
         self.nonresident_age += 1
         return self.nonresident_age
 
-    def mark_accessed(self, f: int, fresh: bool = False) -> None:
+    def mark_accessed(self, f: int, *, fresh: bool = False) -> None:
         self.touch(f)
 
     def activate(self, f: int) -> None:
