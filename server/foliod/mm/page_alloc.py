@@ -12,6 +12,7 @@ block (the kernel batches the same way: alloc_pages_bulk, free_pages_bulk).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,19 @@ PUD_ORDER = 18
 _MIN_FREE_KBYTES_FLOOR = 128
 _MIN_FREE_KBYTES_CEILING = 262_144
 _WATERMARK_SCALE_FACTOR = 10
+
+
+def aligned_blocks(start: int, end: int, max_order: int) -> Iterator[tuple[int, int]]:
+    """[start, end) as the largest naturally aligned blocks of at most 2^max_order pages,
+    (first, order) in address order: how free ranges enter the buddy lists, how a readahead
+    window is laid out in folios (page_cache_ra_order), how a snapshot's runs are cut."""
+    first = start
+    while first < end:
+        order = max_order if first == 0 else min(max_order, (first & -first).bit_length() - 1)
+        while first + (1 << order) > end:
+            order -= 1
+        yield first, order
+        first += 1 << order
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +92,7 @@ class Zone:
         middle_end = max(middle_start, end // max_size * max_size)
         edges: list[tuple[int, int]] = []
         for lo, hi in ((start, middle_start), (middle_end, end)):
-            pfn = lo
-            while pfn < hi:
-                order = (
-                    MAX_PAGE_ORDER
-                    if pfn == 0
-                    else min(MAX_PAGE_ORDER, (pfn & -pfn).bit_length() - 1)
-                )
-                while pfn + (1 << order) > hi:
-                    order -= 1
-                edges.append((pfn, order))
-                pfn += 1 << order
+            edges.extend(aligned_blocks(lo, hi, MAX_PAGE_ORDER))
         for pfn, order in reversed(edges):
             if pfn >= middle_end:
                 self.free_area[order][pfn] = None

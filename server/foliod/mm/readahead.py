@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from foliod.mm.page_alloc import PAGE_SHIFT
+from foliod.mm.page_alloc import PAGE_SHIFT, aligned_blocks
 
 DEFAULT_RA_PAGES = 32
 # page_cache_prev_miss wrapped below index 0: the file is cached from its start (ULONG_MAX).
@@ -182,17 +182,7 @@ class RaState:
 def ra_folio_layout(window: RaWindow, eof_index: int) -> list[tuple[int, int]]:
     """(index, order) of each folio to allocate for a window, as page_cache_ra_order lays them
     out: the window's order where the index is aligned, the index's alignment where it is not,
-    and smaller orders at the end of the file. Pages past eof_index (the last page) are not read.
-    """
+    and smaller orders at the end of the window or the file. Pages past eof_index (the last
+    page) are not read."""
     limit = min(eof_index, window.start + window.size - 1)
-    folios = []
-    index = window.start
-    while index <= limit:
-        order = window.order
-        if index & ((1 << order) - 1):
-            order = (index & -index).bit_length() - 1
-        while order and index + (1 << order) - 1 > limit:
-            order -= 1
-        folios.append((index, order))
-        index += 1 << order
-    return folios
+    return list(aligned_blocks(window.start, limit + 1, window.order))

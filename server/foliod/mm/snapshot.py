@@ -67,7 +67,7 @@ from foliod.mm.kpageflags import (
 )
 from foliod.mm.machine import Machine, Owner
 from foliod.mm.mm_types import FolioKind
-from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SIZE, PUD_ORDER
+from foliod.mm.page_alloc import MAX_PAGE_ORDER, PAGE_SIZE, PUD_ORDER, aligned_blocks
 
 MAGIC = "foliod-snapshot"
 FORMAT_VERSION = 1
@@ -443,17 +443,6 @@ _KPF_TO_CODE = np.array([CODE[name] for name in KPF_KINDS], np.uint8)
 _OTHER = CODE["other"]
 
 
-def _aligned_blocks(start: int, end: int, max_order: int) -> Iterable[tuple[int, int]]:
-    """[start, end) as the largest naturally aligned blocks of at most 2^max_order frames."""
-    pfn = start
-    while pfn < end:
-        order = max_order if pfn == 0 else min(max_order, (pfn & -pfn).bit_length() - 1)
-        while pfn + (1 << order) > end:
-            order -= 1
-        yield pfn, order
-        pfn += 1 << order
-
-
 class _LayoutBuilder:
     """Turns consecutive chunks of kpageflags into runs, carrying a folio across chunk ends.
     Chunks start at multiples of 2^MAX_PAGE_ORDER, so free runs may be cut at their ends."""
@@ -487,7 +476,7 @@ class _LayoutBuilder:
         self.inconsistent += 1
         return [
             (piece_pfn, kind if i == 0 else _OTHER, piece, 1)
-            for i, (piece_pfn, piece) in enumerate(_aligned_blocks(pfn, pfn + frames, PUD_ORDER))
+            for i, (piece_pfn, piece) in enumerate(aligned_blocks(pfn, pfn + frames, PUD_ORDER))
         ]
 
     def feed(self, flags: npt.NDArray[np.uint64]) -> None:
@@ -562,7 +551,7 @@ class _LayoutBuilder:
         # Free runs as the largest aligned blocks; other runs as frames.
         is_free = ~heads & (codes == FREE)
         for p, length in zip(pfns[is_free].tolist(), lengths[is_free].tolist(), strict=True):
-            extra += [(b, FREE, o, 1) for b, o in _aligned_blocks(p, p + length, MAX_PAGE_ORDER)]
+            extra += [(b, FREE, o, 1) for b, o in aligned_blocks(p, p + length, MAX_PAGE_ORDER)]
         frames_run = ~heads & ~is_free
         more = np.array(extra, np.int64).reshape(-1, 4)
         unit_pfn = np.concatenate((h_pfn[ok], pfns[frames_run], more[:, 0]))
@@ -690,7 +679,7 @@ def boot(snapshot: Snapshot, machine: Machine) -> None:
         mine = order == o
         lists.append(pfn[mine][np.argsort(-pos[mine].astype(np.int64), kind="stable")].tolist())
     zone.load_free_lists(lists)
-    for block, block_order in _aligned_blocks(snapshot.nr_frames, machine.nr_pages, MAX_PAGE_ORDER):
+    for block, block_order in aligned_blocks(snapshot.nr_frames, machine.nr_pages, MAX_PAGE_ORDER):
         zone.free_one_page(block, block_order)
     for code, kind in FOLIO_KINDS.items():
         pfn, run, order = snapshot.units([code])
