@@ -1,16 +1,22 @@
 """One server per state directory: a second one on the same directory refuses to start, naming
-the holder, and the directory is free again once the first stops or is killed."""
+the holder, and the directory is free again once the first stops or is killed. And the main
+loop's signal handling, which the start and stop of such servers rely on."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
+from foliod.main import wait_for_signals
 from foliod.server import FoliodServer
 from foliod.state_lock import StateDirInUse, StateDirLock
 from tests.conftest import ServerFactory, ServerProcess
@@ -69,3 +75,34 @@ def test_a_second_process_exits_and_a_killed_one_leaves_the_directory_free(
     holder.kill()
     replacement = spawn()
     assert replacement.proc.poll() is None
+
+
+def test_a_signal_taken_by_another_thread_wakes_the_main_loop() -> None:
+    """A signal the kernel hands to a thread other than the main one (grpc's, in foliod) still
+    runs its handler at once: wait_for_signals wakes on the wakeup pipe, where a plain
+    Event.wait would sleep on until its timeout. A fallback ends the wait after 30 s so that a
+    regression fails instead of hanging; the test checks the handler, not the fallback, ended
+    it."""
+    stop = threading.Event()
+    ended_by: list[str] = []
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        ended_by.append("handler")
+        stop.set()
+
+    def other_thread() -> None:
+        time.sleep(0.2)  # the main thread is in wait_for_signals by then, or about to be
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # delivered to this thread
+        if not stop.wait(30):
+            ended_by.append("fallback")
+            stop.set()
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    thread = threading.Thread(target=other_thread)
+    try:
+        thread.start()
+        wait_for_signals(stop)
+    finally:
+        thread.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert ended_by == ["handler"]

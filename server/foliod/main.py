@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import sys
 import threading
@@ -36,6 +38,27 @@ def fix_mmap_threshold() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+def wait_for_signals(stop: threading.Event) -> None:
+    """Sleeps until a signal handler sets stop. The kernel hands a process-directed signal to
+    any thread that does not block it, often one of grpc's; Python then runs the handler only
+    when the main thread next runs bytecode, which a plain stop.wait() would delay until its
+    timeout. The signal also writes to a wakeup pipe (signal.set_wakeup_fd), whatever thread
+    took it, so the main thread wakes from select() at once and runs the handler."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        while not stop.is_set():
+            select.select([read_end], [], [], 60)
+            with contextlib.suppress(BlockingIOError):
+                os.read(read_end, 512)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("cannot start", error=str(exc))
         return 1
-    while not stop.wait(3600):
-        pass
+    wait_for_signals(stop)
     if not server.stop():
         # grpc never finished stopping: the store is synced and the log written, so leave
         # now rather than risk the interpreter's exit waiting on grpc's leftovers.

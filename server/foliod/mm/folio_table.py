@@ -120,11 +120,12 @@ def by_chunk(handles: Int64Array) -> Iterator[tuple[int, slice | Int64Array]]:
         if first == last:
             yield first, slice(None)
             return
-        bounds = np.searchsorted(chunk_of, np.arange(first, last + 2), side="left").tolist()
-        for index in range(first, last + 1):
-            lo, hi = bounds[index - first], bounds[index - first + 1]
-            if lo < hi:
-                yield index, slice(lo, hi)
+        # Where each run of one chunk starts: as many as there are chunks touched, however far
+        # apart they lie (a bogus handle may sit near 2^63).
+        starts = np.flatnonzero(np.concatenate(([True], chunk_of[1:] != chunk_of[:-1])))
+        ends = [*starts[1:].tolist(), len(handles)]
+        for start, end in zip(starts.tolist(), ends, strict=True):
+            yield int(chunk_of[start]), slice(start, end)
         return
     order = np.argsort(chunk_of, kind="stable")
     sorted_chunks = chunk_of[order]
