@@ -365,10 +365,10 @@ def test_the_network_policy_admits_the_load_drivers() -> None:
 
 
 def _kubernetes_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("### Kubernetes")
-    end = readme.find("\n## ", start)
-    return readme[start:end]
+    page = (ROOT / "docs" / "operations.md").read_text()
+    start = page.index("## Kubernetes")
+    end = page.find("\n## ", start)
+    return page[start : end if end >= 0 else None]
 
 
 def _references(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -396,7 +396,7 @@ def _references(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_every_secret_and_configmap_used_exists_or_is_documented(name: str) -> None:
-    """Secrets the user creates (TLS, tokens) are named in README's Kubernetes section."""
+    """Secrets the user creates (TLS, tokens) are named in the docs' Kubernetes section."""
     present = {_key(d) for d in RENDERED[name]}
     documented = _kubernetes_section()
     for document in RENDERED[name]:

@@ -1,4 +1,5 @@
-"""Every repository path the docs and comments name exists, and the README's Layout is the tree."""
+"""Every repository path the docs and comments name exists, and the Layout in docs/development.md
+is the tree."""
 
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def test_every_path_named_in_docs_and_comments_exists() -> None:
 
 
 def _layout_entries(block: str) -> Iterator[str]:
-    """Paths in the README's Layout block: a folder at the start of a line, then the files and
-    folders (name.py, name/) its indented lines and descriptions name, relative to it."""
+    """Paths in the Layout block of docs/development.md: a folder at the start of a line, then
+    the files and folders (name.py, name/) its indented lines and descriptions name, relative to
+    it."""
     folder = ""
     for line in block.splitlines():
         head, _, rest = line.partition(" ")
@@ -96,10 +98,10 @@ def _layout_entries(block: str) -> Iterator[str]:
                 yield folder + name
 
 
-def test_readme_layout_names_files_where_they_are() -> None:
-    """Every file and folder the README's Layout block names is where the block puts it."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
+def test_layout_names_files_where_they_are() -> None:
+    """Every file and folder the Layout block of docs/development.md names is where it puts it."""
+    page = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    block = page.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
     entries = list(_layout_entries(block))
     assert "server/foliod/mm/filemap.py" in entries
     assert "server/foliod/rpc/reflection.py" in entries
