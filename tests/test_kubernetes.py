@@ -365,10 +365,10 @@ def test_the_network_policy_admits_the_load_drivers() -> None:
 
 
 def _kubernetes_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("### Kubernetes")
-    end = readme.find("\n## ", start)
-    return readme[start:end]
+    page = (ROOT / "docs" / "operations.md").read_text()
+    start = page.index("## Kubernetes")
+    end = page.find("\n## ", start)
+    return page[start : end if end >= 0 else None]
 
 
 def _references(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -396,7 +396,7 @@ def _references(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_every_secret_and_configmap_used_exists_or_is_documented(name: str) -> None:
-    """Secrets the user creates (TLS, tokens) are named in README's Kubernetes section."""
+    """Secrets the user creates (TLS, tokens) are named in the docs' Kubernetes section."""
     present = {_key(d) for d in RENDERED[name]}
     documented = _kubernetes_section()
     for document in RENDERED[name]:
@@ -504,7 +504,7 @@ def test_the_tls_exec_probe_works_against_a_tls_server(
     assert result.returncode != 0
 
 
-# Server RSS from README, Benchmarks: an idle server (81 MB, "Boot") plus, per 4 KiB page of
+# Server RSS from docs/benchmarks.md: an idle server (81 MB, "Boot") plus, per 4 KiB page of
 # simulated RAM, the order-0 page cache (344 bytes, section 9) and order-0 anon folios with
 # their page tables (27.5 bytes): the worst of a RAM full of either, taken together.
 IDLE_BYTES = 81 * 10**6
@@ -633,7 +633,7 @@ def test_the_observer_is_scraped_by_annotations_and_its_service_monitor() -> Non
     assert endpoint["scheme"] == "https" and endpoint["authorization"]["type"] == "Bearer"
 
 
-# Measured (README, Observing a real host): an observer holds 72 MB, 81 MB at a scan's peak
+# Measured (docs/operations.md, Kubernetes): an observer holds 72 MB, 81 MB at a scan's peak
 # (2 MiB chunks: the same whatever the node's RAM).
 OBSERVER_PEAK_BYTES = 81_536 * 1024
 

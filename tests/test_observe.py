@@ -507,7 +507,8 @@ MIB = 1 << 20
 
 
 # The host side of a 16 GiB guest per model (struct_page, interim, memdesc), fully backed:
-# README's table of simulated guests, which tests/test_guests.py asserts through the API.
+# The table of simulated guests in docs/guests.md, which tests/test_guests.py asserts through
+# the API.
 HOST_SIDE = {
     ("base", False): (256 * MIB, GIB16 * (32 + 80), GIB16 * (8 + 80)),
     ("thp", False): (256 * MIB, 128 * MIB + 8192 * 112, 32 * MIB + 8192 * 112),
@@ -623,8 +624,9 @@ def _read_fixture(path: Path) -> dict[str, int]:
 
 
 def _estimated_folios(meminfo: dict[str, int]) -> dict[tuple[FolioKind, int], int]:
-    """The folios README's rules take from meminfo: PMD-size THPs and HugeTLB pages at their
-    order, everything else at order 0 (the fixture's HugeTLB default is 2 MiB, the rest 1 GiB)."""
+    """The folios docs/observe.md's rules take from meminfo: PMD-size THPs and HugeTLB pages at
+    their order, everything else at order 0 (the fixture's HugeTLB default is 2 MiB, the rest
+    1 GiB)."""
     page, pmd = 4096, 512 * 4096
     assert meminfo["Hugepagesize"] == 2 << 20
     anon_thp = meminfo["AnonHugePages"] // pmd

@@ -1,4 +1,5 @@
-"""Every repository path the docs and comments name exists, and the README's Layout is the tree."""
+"""Every repository path the docs and comments name exists, and the Layout in docs/development.md
+is the tree."""
 
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def test_every_path_named_in_docs_and_comments_exists() -> None:
 
 
 def _layout_entries(block: str) -> Iterator[str]:
-    """Paths in the README's Layout block: a folder at the start of a line, then the files and
-    folders (name.py, name/) its indented lines and descriptions name, relative to it."""
+    """Paths in the Layout block of docs/development.md: a folder at the start of a line, then
+    the files and folders (name.py, name/) its indented lines and descriptions name, relative to
+    it."""
     folder = ""
     for line in block.splitlines():
         head, _, rest = line.partition(" ")
@@ -96,10 +98,10 @@ def _layout_entries(block: str) -> Iterator[str]:
                 yield folder + name
 
 
-def test_readme_layout_names_files_where_they_are() -> None:
-    """Every file and folder the README's Layout block names is where the block puts it."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
+def test_layout_names_files_where_they_are() -> None:
+    """Every file and folder the Layout block of docs/development.md names is where it puts it."""
+    page = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    block = page.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
     entries = list(_layout_entries(block))
     assert "server/foliod/mm/filemap.py" in entries
     assert "server/foliod/rpc/reflection.py" in entries
@@ -115,3 +117,100 @@ def test_readme_layout_names_files_where_they_are() -> None:
         if path.name != "__init__.py"
     }
     assert modules - set(entries) == set()
+
+
+# A markdown link's target: [text](target), not an image's or a URL's.
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+_FENCE = re.compile(r"^\s*```")
+
+
+def _prose(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each line of markdown outside fenced code blocks."""
+    fenced = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            yield number, line
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lowercased, punctuation dropped, spaces to
+    hyphens, and -1, -2, ... after a repeated one."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for _, line in _prose(text):
+        heading = re.match(r"#{1,6} (.*)", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def relative_links(text: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, file, anchor) of every relative link in a page's prose: to a file, to
+    a heading of a file (file.md#anchor) or of the page itself (#anchor, file empty)."""
+    # Code blocks blanked, lines kept: a link's text may run over a line break.
+    lines = dict(_prose(text))
+    prose = "\n".join(lines.get(number, "") for number in range(1, len(text.splitlines()) + 1))
+    for match in _LINK.finditer(prose):
+        target = match.group(1)
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        yield prose.count("\n", 0, match.start(1)) + 1, file, anchor
+
+
+def test_heading_anchors_follow_github() -> None:
+    """Anchors are GitHub's: code spans and punctuation go, repeats are numbered."""
+    text = (
+        "# API at a glance (`proto/foliod/v1/foliod.proto`)\n"
+        "## Guests: the memory map paid twice\n"
+        "```\n# not a heading\n```\n"
+        "## Notes\n## Notes\n"
+    )
+    assert heading_anchors(text) == {
+        "api-at-a-glance-protofoliodv1foliodproto",
+        "guests-the-memory-map-paid-twice",
+        "notes",
+        "notes-1",
+    }
+
+
+def test_relative_links_are_found_and_urls_skipped() -> None:
+    """The scan finds links to files and anchors, across a line break too, and skips URLs,
+    images and code blocks."""
+    text = (
+        "See [a](a.md), [b](b.md#x) and [here](#y); [web](https://x.org/a.md), ![i](i.png).\n"
+        "```\n[c](c.md)\n```\n"
+        "A [link over\ntwo lines](d.md#z).\n"
+    )
+    assert list(relative_links(text)) == [
+        (1, "a.md", ""),
+        (1, "b.md", "x"),
+        (1, "", "y"),
+        (6, "d.md", "z"),
+    ]
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """Each relative link in README.md and docs/*.md names a file that exists and, with an
+    anchor, a heading of that file."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for number, file, anchor in relative_links(page.read_text(encoding="utf-8")):
+            target = (page.parent / file).resolve() if file else page
+            where = f"{page.relative_to(ROOT)}:{number}: {file}#{anchor}"
+            if not target.exists() or (
+                anchor
+                and (
+                    target.suffix != ".md"
+                    or anchor not in heading_anchors(target.read_text(encoding="utf-8"))
+                )
+            ):
+                broken.append(where)
+    assert broken == []

@@ -2,7 +2,7 @@
 
 meminfo, vmstat and buddyinfo print like their /proc files; everything else prints tables with
 IEC sizes; ``--json`` prints the client's results as JSON for scripts. The exit code says what
-failed (EXIT_CODES; the README carries the same table):
+failed (EXIT_CODES; docs/cli.md carries the same table):
 
     0   success
     1   any other failure (INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED; a local file unreadable)

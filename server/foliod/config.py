@@ -452,7 +452,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"
     grace_seconds: float = 5.0
-    # Two measured fastest on 2 cores (README, Operations, "Worker threads"); streams get
+    # Two measured fastest on 2 cores (docs/operations.md, "Worker threads"); streams get
     # threads of their own, beyond these.
     workers: int = 2
     max_streams: int = 7

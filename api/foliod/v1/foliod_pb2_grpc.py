@@ -470,7 +470,7 @@ class FoliodServicer:
 
     def SnapshotMachine(self, request, context):
         """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
-        kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+        kind and order at its frames) as a file (docs/observe.md). Admin. The observed real
         host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
         at most 1 MiB; the first also carries its summary.
         """

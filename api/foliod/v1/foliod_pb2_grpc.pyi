@@ -116,7 +116,7 @@ class FoliodStub:
     """Runs a guest's free page reporting now, without waiting for its delay."""
     SnapshotMachine: _grpc.UnaryStreamMultiCallable[_foliod_pb2.SnapshotMachineRequest, _foliod_pb2.SnapshotChunk]
     """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
-    kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+    kind and order at its frames) as a file (docs/observe.md). Admin. The observed real
     host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
     at most 1 MiB; the first also carries its summary.
     """
@@ -228,7 +228,7 @@ class FoliodAsyncStub(FoliodStub):
     """Runs a guest's free page reporting now, without waiting for its delay."""
     SnapshotMachine: _aio.UnaryStreamMultiCallable[_foliod_pb2.SnapshotMachineRequest, _foliod_pb2.SnapshotChunk]  # type: ignore[assignment]
     """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
-    kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+    kind and order at its frames) as a file (docs/observe.md). Admin. The observed real
     host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
     at most 1 MiB; the first also carries its summary.
     """
@@ -547,7 +547,7 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_foliod_pb2.SnapshotChunk], _abc.AsyncIterator[_foliod_pb2.SnapshotChunk]]:
         """Snapshots: a machine's physical layout (its free blocks in free-list order, each folio's
-        kind and order at its frames) as a file (README, "Snapshots"). Admin. The observed real
+        kind and order at its frames) as a file (docs/observe.md). Admin. The observed real
         host (--observe-host) is read afresh from /proc/kpageflags. The file comes in chunks of
         at most 1 MiB; the first also carries its summary.
         """

@@ -1,6 +1,6 @@
 """foliod-load: drives a foliod server with a workload or a trace and reports what it saw.
 
-Exit codes (the README carries the same table):
+Exit codes (docs/load.md carries the same list):
 
     0   the run completed and every operation succeeded
     1   the run completed but some operations failed (the report counts them by status code;

@@ -6,7 +6,7 @@ grpcio's sync server runs every call on a thread of the executor it is given. Py
 one thread at a time (the GIL), so threads beyond the cores buy no throughput for calls that
 compute, and each one costs: with a ThreadPoolExecutor of 8 and 8 calls in flight, every call
 wakes a sleeping thread, which then sleeps again until its request arrives, and the GIL passes
-between nine threads. Measured on 2 cores (README, Operations, "Worker threads"): 4 KiB
+between nine threads. Measured on 2 cores (docs/operations.md, "Worker threads"): 4 KiB
 ReadFile cache hits, 8 in flight, 11-14 context switches per call with 8 threads and about 6
 with 2, which served 1.2-1.4x the calls per second. With few threads, calls wait in the queue
 instead, and a thread that ends a call takes the next without sleeping.
