@@ -5,6 +5,8 @@ loop's signal handling, which the start and stop of such servers rely on."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -77,12 +79,20 @@ def test_a_second_process_exits_and_a_killed_one_leaves_the_directory_free(
     assert replacement.proc.poll() is None
 
 
-def test_a_signal_taken_by_another_thread_wakes_the_main_loop() -> None:
+@pytest.mark.parametrize("many_files", [False, True])
+def test_a_signal_taken_by_another_thread_wakes_the_main_loop(many_files: bool) -> None:
     """A signal the kernel hands to a thread other than the main one (grpc's, in foliod) still
     runs its handler at once: wait_for_signals wakes on the wakeup pipe, where a plain
-    Event.wait would sleep on until its timeout. A fallback ends the wait after 30 s so that a
-    regression fails instead of hanging; the test checks the handler, not the fallback, ended
-    it."""
+    Event.wait would sleep on until its timeout; also when the pipe's descriptors lie past
+    select()'s 1024 (a server with many backing files open). A fallback ends the wait after
+    30 s so that a regression fails instead of hanging; the test checks the handler, not the
+    fallback, ended it."""
+    held: list[int] = []
+    if many_files:
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1100:
+            pytest.skip("needs a descriptor limit of 1,100 or more")
+        while not held or held[-1] < 1030:
+            held.append(os.dup(0))
     stop = threading.Event()
     ended_by: list[str] = []
 
@@ -105,4 +115,6 @@ def test_a_signal_taken_by_another_thread_wakes_the_main_loop() -> None:
     finally:
         thread.join()
         signal.signal(signal.SIGUSR1, previous)
+        for fd in held:
+            os.close(fd)
     assert ended_by == ["handler"]

@@ -45,14 +45,18 @@ def wait_for_signals(stop: threading.Event) -> None:
     any thread that does not block it, often one of grpc's; Python then runs the handler only
     when the main thread next runs bytecode, which a plain stop.wait() would delay until its
     timeout. The signal also writes to a wakeup pipe (signal.set_wakeup_fd), whatever thread
-    took it, so the main thread wakes from select() at once and runs the handler."""
+    took it, so the main thread wakes from poll() at once and runs the handler."""
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     os.set_blocking(write_end, False)
     previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    # poll, not select: a server with many backing files open may hold descriptors past
+    # select's FD_SETSIZE (1024).
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN)
     try:
         while not stop.is_set():
-            select.select([read_end], [], [], 60)
+            poller.poll(60_000)
             with contextlib.suppress(BlockingIOError):
                 os.read(read_end, 512)
     finally:
