@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from foliod.api.pb_enums import OP_NAMES
+from foliod.rpc import batch as batch_module
 from foliod.rpc import interceptors
 from foliod.rpc.batch import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES
 from foliod.server import FoliodServer
@@ -34,6 +36,7 @@ from foliodclient import (
     IoStats,
     UnknownFile,
 )
+from foliodclient.load.workloads import BATCHABLE
 from tests.conftest import ServerFactory, connect
 
 OK = grpc.StatusCode.OK
@@ -208,6 +211,13 @@ MALFORMED = {
         offsets=[0, 1], lengths=[1, 2], data=b"xy",
     ),
 }  # fmt: skip
+
+
+def test_the_server_and_foliod_load_batch_every_op_code_of_the_proto() -> None:
+    """The server runs exactly the op codes the proto declares, and foliod-load batches exactly
+    the operations they name."""
+    assert set(OP_NAMES) == batch_module._OP_CODES
+    assert {str(kind) for kind in BATCHABLE} == set(OP_NAMES.values())
 
 
 @pytest.mark.parametrize("case", MALFORMED)

@@ -17,8 +17,9 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from foliod.api import Backing, FolioKind, ThpSetting
+from foliod.api.pb_enums import BACKING, FOLIO_KIND, THP_SETTING
 from foliod.v1 import foliod_pb2 as pb
-from foliodclient._convert import enum_to_pb, into, to_fields
+from foliodclient._convert import into, to_fields
 from foliodclient._types import (
     Allocation,
     BalloonResult,
@@ -158,7 +159,7 @@ def allocate(
     """Allocates `count` folios, or `size_bytes` of memory, of a kind for an owner."""
     request = pb.AllocateRequest(
         owner=owner,
-        kind=enum_to_pb(FolioKind(kind)),
+        kind=FOLIO_KIND.to_pb[FolioKind(kind)],
         order=order,
         count=count,
         bytes=size_bytes,
@@ -234,9 +235,10 @@ def set_thp_policy(
     **options: Unpack[CallOptions],
 ) -> Call[ThpPolicy]:
     """Sets the top-level knob (None keeps it) and per-size knobs by size in kB."""
+    to_pb = THP_SETTING.to_pb
     request = pb.SetThpPolicyRequest(
-        enabled=pb.THP_SETTING_UNSPECIFIED if enabled is None else enum_to_pb(ThpSetting(enabled)),
-        sizes={kb: enum_to_pb(ThpSetting(s)) for kb, s in (sizes or {}).items()},
+        enabled=pb.THP_SETTING_UNSPECIFIED if enabled is None else to_pb[ThpSetting(enabled)],
+        sizes={kb: to_pb[ThpSetting(s)] for kb, s in (sizes or {}).items()},
     )
     return Call(SET_THP_POLICY, request, **options)
 
@@ -454,7 +456,7 @@ def create_guest(
     request = pb.CreateGuestRequest(
         name=name,
         ram_bytes=ram_bytes,
-        backing=enum_to_pb(Backing(backing)),
+        backing=BACKING.to_pb[Backing(backing)],
         mthp_size_kb=mthp_size_kb,
         hvo=hvo,
         free_page_reporting=free_page_reporting,
@@ -546,7 +548,7 @@ def boot_guest_chunks(
         machine=machine,
         name=name,
         ram_bytes=ram_bytes,
-        backing=enum_to_pb(Backing(backing)),
+        backing=BACKING.to_pb[Backing(backing)],
         mthp_size_kb=mthp_size_kb,
         hvo=hvo,
         free_page_reporting=free_page_reporting,
