@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from foliod.api.pb_enums import OP_NAMES
+from foliod.api import FolioKind
+from foliod.api.pb_enums import FOLIO_KIND, OP_NAMES
 from foliod.rpc import batch as batch_module
 from foliod.rpc import interceptors
 from foliod.rpc.batch import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES
@@ -391,7 +392,7 @@ def _unary(stub: foliod_pb2_grpc.FoliodStub, op: tuple[Any, ...]) -> tuple[Any, 
             return (OK, "", "", "", b"", None, (0, 0), synced.nr_pages)
         if kind == "allocate":
             owner, folio_kind, order, count = args
-            kind_pb = pb.FolioKind.Value(f"FOLIO_KIND_{folio_kind.upper()}")
+            kind_pb = FOLIO_KIND.to_pb[FolioKind(folio_kind)]
             made = stub.Allocate(
                 pb.AllocateRequest(owner=owner, kind=kind_pb, order=order, count=count)
             )
