@@ -98,7 +98,10 @@ _START_COLUMNS = {
 
 class TraceError(ValueError):
     """A trace file cannot be read: where (path, and line and column or record and field) and
-    why."""
+    why. foliod-load and foliod-load mrc exit with EXIT_BAD_TRACE for it."""
+
+
+EXIT_BAD_TRACE = 3
 
 
 @dataclass(slots=True)
