@@ -42,6 +42,7 @@ from foliodclient.load.reference import (
     libcachesim_misses,
 )
 from foliodclient.load.replay import CALL_ACCESSES, calls
+from foliodclient.load.runner import memmap_bytes
 from foliodclient.load.traces import (
     EXIT_BAD_TRACE,
     FORMAT_ALIASES,
@@ -344,7 +345,7 @@ def run_point(
                 result.device_seconds += totals.stats.device_seconds
                 result.evictions += totals.evictions
                 result.refaults += totals.refaults
-                result.memmap_bytes = {str(m.model): m.total_bytes for m in totals.memmap}
+                result.memmap_bytes = memmap_bytes(totals.memmap)
             result.elapsed_seconds = time.perf_counter() - started
         finally:
             for index in sorted(workload.files):
