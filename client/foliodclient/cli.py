@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report_error(exc: CallError, as_json: bool) -> None:
+def _report_error(exc: CallError, *, as_json: bool) -> None:
     if as_json:
         error = {
             "code": exc.code.name,
@@ -765,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run: Command = args.run
             output = run(client, args)
     except CallError as exc:
-        _report_error(exc, args.json)
+        _report_error(exc, as_json=args.json)
         return EXIT_CODES.get(exc.code, EXIT_FAILURE)
     except OSError as exc:
         print(f"foliodctl: {exc}", file=sys.stderr)
