@@ -20,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from foliod.api import FolioKind
+from foliod.api.pb_enums import FOLIO_KIND, OP_NAMES
+from foliod.rpc import batch as batch_module
 from foliod.rpc import interceptors
 from foliod.rpc.batch import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES
 from foliod.server import FoliodServer
@@ -34,6 +37,7 @@ from foliodclient import (
     IoStats,
     UnknownFile,
 )
+from foliodclient.load.workloads import BATCHABLE
 from tests.conftest import ServerFactory, connect
 
 OK = grpc.StatusCode.OK
@@ -210,6 +214,13 @@ MALFORMED = {
 }  # fmt: skip
 
 
+def test_the_server_and_foliod_load_batch_every_op_code_of_the_proto() -> None:
+    """The server runs exactly the op codes the proto declares, and foliod-load batches exactly
+    the operations they name."""
+    assert set(OP_NAMES) == batch_module._OP_CODES
+    assert {str(kind) for kind in BATCHABLE} == set(OP_NAMES.values())
+
+
 @pytest.mark.parametrize("case", MALFORMED)
 def test_a_malformed_batch_is_rejected_whole_and_changes_nothing(
     server: FoliodServer, client: FoliodClient, case: str
@@ -381,7 +392,7 @@ def _unary(stub: foliod_pb2_grpc.FoliodStub, op: tuple[Any, ...]) -> tuple[Any, 
             return (OK, "", "", "", b"", None, (0, 0), synced.nr_pages)
         if kind == "allocate":
             owner, folio_kind, order, count = args
-            kind_pb = pb.FolioKind.Value(f"FOLIO_KIND_{folio_kind.upper()}")
+            kind_pb = FOLIO_KIND.to_pb[FolioKind(folio_kind)]
             made = stub.Allocate(
                 pb.AllocateRequest(owner=owner, kind=kind_pb, order=order, count=count)
             )

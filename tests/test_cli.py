@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from foliod.server import FoliodServer
-from foliodclient import FaultRule, FoliodClient, cli
+from foliodclient import FaultRule, FoliodClient, _exit_codes, cli
 from tests.conftest import ServerFactory
 from tests.test_client import fake_server
 
@@ -487,3 +487,20 @@ def test_installed_entry_point(server: FoliodServer) -> None:
         timeout=60,
     )
     assert done.returncode == 4 and "UNKNOWN_FILE" in done.stderr
+
+
+def test_the_docs_exit_code_table_is_the_codes() -> None:
+    """The exit code table in the docs (docs/cli.md, and any other in README.md or docs/) is
+    the one foliodctl exits by, as render_markdown() prints it; --help and the module docstring
+    print it too."""
+    root = Path(__file__).resolve().parent.parent
+    header = "| code | meaning | from |\n"
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = path.read_text()
+        for match in re.finditer(re.escape(header) + r"(?:\|.*\n)+", text):
+            found.append((path.relative_to(root), match.group()))
+    expected = _exit_codes.render_markdown()
+    assert found and all(table == expected for _, table in found), found
+    assert _exit_codes.render_text(indent="  ") in cli.build_parser().format_help()
+    assert cli.__doc__ and cli.__doc__.endswith(_exit_codes.render_text(indent="    "))

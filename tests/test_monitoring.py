@@ -35,6 +35,8 @@ import yaml
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from foliod.api import MemmapModel
+from foliod.api.pb_enums import MEMMAP_MODEL
 from foliod.config import ConfigError, load_config
 from foliod.mm.kpageflags import readable as kpageflags_readable
 from foliod.server import FoliodServer
@@ -901,7 +903,7 @@ def test_prometheus_guest_values_match_the_api(foliod: LiveFoliod, prometheus: P
             f"foliod_guest_reported_blocks_total{{{on}}}": guest.reported_blocks,
         }
         for dup, model in zip(guest.duplication, MODELS, strict=True):
-            assert dup.model == pb.MemmapModel.Value(f"MEMMAP_MODEL_{model.upper()}")
+            assert dup.model == MEMMAP_MODEL.to_pb[MemmapModel(model)]
             selector = f'{on}, model="{model}"'
             expected |= {
                 f"foliod_guest_memmap_duplicate_bytes{{{selector}}}": dup.total_bytes,

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from foliod.api.pb_enums import FOLIO_KIND
 from foliod.config import ConfigError, load_config
 from foliod.main import main as foliod_main
 from foliod.mm import DescriptorSizes, FolioKind
@@ -720,8 +721,7 @@ def test_unreadable_kpageflags_stops_start_up_or_falls_back_on_meminfo(
         assert memmap.source == "meminfo-estimate"
         assert memmap.ram_bytes == nr_frames * 4096
         assert {(f.kind, f.order): f.folios for f in memmap.folios} == {
-            (pb.FolioKind.Value(f"FOLIO_KIND_{kind.name}"), order): n
-            for (kind, order), n in folios.items()
+            (FOLIO_KIND.to_pb[kind], order): n for (kind, order), n in folios.items()
         }
         models = {m.model: m for m in memmap.models}
         struct_page, memdesc = models[pb.MEMMAP_MODEL_STRUCT_PAGE], models[pb.MEMMAP_MODEL_MEMDESC]

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 import foliod.api
+from foliod.api.pb_enums import ENUM_MAPS, OP_NAMES, from_pb, to_pb
 from foliod.mm import errors as core
 from foliod.mm.lru import POLICIES
 from foliod.rpc.status import STATUS_CODES, status_code_of
+from foliod.v1 import foliod_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client" / "foliodclient"
@@ -105,6 +107,23 @@ def test_every_reason_has_a_core_error_and_a_code() -> None:
     assert set(classes) == set(foliod.api.Reason) == set(foliod.api.STATUS_CODE_NAMES)
     for reason, cls in classes.items():
         assert status_code_of(cls("x")) is STATUS_CODES[foliod.api.Reason(reason)]
+
+
+def test_every_proto_enum_value_maps_both_ways() -> None:
+    """Each value of a proto enum the API has an enum for (all but UNSPECIFIED) has its member,
+    each member its value, and the two tables invert each other; the proto's other enums are
+    the op codes, which have their names."""
+    enums = {e.name for e in pb.DESCRIPTOR.enum_types_by_name.values()}
+    assert enums == {t.proto.DESCRIPTOR.name for t in ENUM_MAPS.values()} | {"OpCode", "ReplayOp"}
+    for cls, table in ENUM_MAPS.items():
+        values = [value for _, value in table.proto.items() if value]
+        assert sorted(table.from_pb) == values, f"{table.proto.DESCRIPTOR.name} has no member"
+        assert list(table.to_pb) == list(cls), f"{cls.__name__} has no proto value"
+        for member in cls:
+            assert from_pb(cls, to_pb(member)) is member
+            assert table.proto.Name(to_pb(member)).endswith("_" + member.name)
+    assert list(OP_NAMES) == [value for _, value in pb.OpCode.items() if value]
+    assert OP_NAMES[pb.OP_CODE_ALLOCATE] == "allocate"
 
 
 def test_reclaim_policy_names_are_the_cores() -> None:

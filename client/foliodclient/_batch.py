@@ -30,9 +30,9 @@ import grpc
 from grpc import aio
 
 from foliod.api import MAX_BATCH_OPS, MAX_BATCH_PAYLOAD_BYTES, FolioKind
+from foliod.api.pb_enums import FOLIO_KIND, OP_NAMES
 from foliod.v1 import foliod_pb2 as pb
 from foliodclient import errors
-from foliodclient._convert import enum_to_pb
 from foliodclient._types import IoStats
 
 # Batches submit_many keeps in flight on one stream.
@@ -43,13 +43,6 @@ _WRITE: Final = pb.OP_CODE_WRITE
 _FSYNC: Final = pb.OP_CODE_FSYNC
 _ALLOCATE: Final = pb.OP_CODE_ALLOCATE
 _FREE: Final = pb.OP_CODE_FREE
-_OP_NAMES: Final[dict[int, str]] = {
-    _READ: "read",
-    _WRITE: "write",
-    _FSYNC: "fsync",
-    _ALLOCATE: "allocate",
-    _FREE: "free",
-}
 _CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 _NO_STATS: Final = IoStats(0, 0, 0, 0.0)
 
@@ -129,7 +122,7 @@ class Batch:
     def allocate(self, owner: str, kind: FolioKind | str, order: int = 0, count: int = 1) -> int:
         """Allocates `count` folios of a kind and order for an owner (as allocate)."""
         self._name(owner)
-        self._kinds.append(enum_to_pb(FolioKind(kind)))
+        self._kinds.append(FOLIO_KIND.to_pb[FolioKind(kind)])
         self._orders.append(order)
         self._counts.append(count)
         return self._add(_ALLOCATE)
@@ -258,7 +251,7 @@ def decode(ops: list[int], reply: pb.SubmitResponse) -> BatchResult:
         failure = failures.get(index)
         if failure is not None:
             code, message, reason, field_name, metadata = _error_of(failure)
-            append(OpResult(index, _OP_NAMES[op], code, message, reason, field_name, metadata))
+            append(OpResult(index, OP_NAMES[op], code, message, reason, field_name, metadata))
         if op in (_READ, _WRITE):
             if failure is None:
                 stats = IoStats(
@@ -273,7 +266,7 @@ def decode(ops: list[int], reply: pb.SubmitResponse) -> BatchResult:
                     end = at_data + lengths[at_read]
                     chunk = data[at_data:end]
                     at_data = end
-                append(OpResult(index, _OP_NAMES[op], data=chunk, stats=stats))
+                append(OpResult(index, OP_NAMES[op], data=chunk, stats=stats))
             at_io += 1
             at_read += op == _READ
         elif op == _ALLOCATE:
@@ -291,7 +284,7 @@ def decode(ops: list[int], reply: pb.SubmitResponse) -> BatchResult:
             at_pages += 1
         else:
             if failure is None:
-                append(OpResult(index, _OP_NAMES[op], nr_pages=nr_pages[at_pages]))
+                append(OpResult(index, OP_NAMES[op], nr_pages=nr_pages[at_pages]))
             at_pages += 1
     return BatchResult(reply.id, None, tuple(results))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
@@ -17,8 +17,9 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from foliod.api import Backing, FolioKind, ThpSetting
+from foliod.api.pb_enums import BACKING, FOLIO_KIND, THP_SETTING
 from foliod.v1 import foliod_pb2 as pb
-from foliodclient._convert import enum_to_pb, into, to_fields
+from foliodclient._convert import into, to_fields
 from foliodclient._types import (
     Allocation,
     BalloonResult,
@@ -55,9 +56,9 @@ class Rpc(Generic[T]):
     """One method of a service, whether a retry is safe, and how to read its reply."""
 
     method: str
-    idempotent: bool
     result: Callable[[Any], T]
-    service: str = FOLIOD
+    idempotent: bool = field(kw_only=True)
+    service: str = field(default=FOLIOD, kw_only=True)
 
 
 def _vmstat(reply: pb.Vmstat) -> dict[str, int]:
@@ -73,47 +74,51 @@ def _nothing(reply: Message) -> None:
     return None
 
 
+def _files(reply: pb.ListFilesResponse) -> tuple[FileStat, ...]:
+    return tuple(map(into(FileStat), reply.files))
+
+
 # Idempotent calls change nothing the caller asked for (reads, including ReadFile, whose only
 # effect is on the cache) and are sent as they are. A mutation may have been applied before the
 # connection broke, so each carries an idempotency key, the same on its retries: the server runs
 # it once per key and replays the first outcome to a retry.
 # fmt: off
-ALLOCATE          = Rpc("Allocate",        False, into(Allocation))
-FREE              = Rpc("Free",            False, into(FreeResult))
-RELEASE_OWNER     = Rpc("ReleaseOwner",    False, into(ReleaseResult))
-GET_FOLIO         = Rpc("GetFolio",        True,  into(FolioInfo))
-WRITE_FOLIO       = Rpc("WriteFolio",      False, lambda r: int(r.written_bytes))
-READ_FOLIO        = Rpc("ReadFolio",       True,  lambda r: bytes(r.data))
-GET_MACHINE       = Rpc("GetMachine",      True,  into(MachineInfo))
-GET_BUDDY_INFO    = Rpc("GetBuddyInfo",    True,  into(BuddyInfo))
-GET_MEMINFO       = Rpc("GetMeminfo",      True,  into(Meminfo))
-GET_MEMMAP        = Rpc("GetMemmap",       True,  into(MemmapReport))
-GET_VMSTAT        = Rpc("GetVmstat",       True,  _vmstat)
-GET_THP_POLICY    = Rpc("GetThpPolicy",    True,  into(ThpPolicy))
-SET_THP_POLICY    = Rpc("SetThpPolicy",    False, into(ThpPolicy))
-CREATE_FILE       = Rpc("CreateFile",      False, into(FileStat))
-OPEN_FILE         = Rpc("OpenFile",        False, lambda r: int(r.handle))
-CLOSE_FILE        = Rpc("CloseFile",       False, _nothing)
-STAT_FILE         = Rpc("StatFile",        True,  into(FileStat))
-LIST_FILES        = Rpc("ListFiles",       True,  lambda r: tuple(map(into(FileStat), r.files)))
-READ_FILE         = Rpc("ReadFile",        True,  into(FileRead))
-WRITE_FILE        = Rpc("WriteFile",       False, into(FileWrite))
-TRUNCATE_FILE     = Rpc("TruncateFile",    False, into(FileStat))
-DELETE_FILE       = Rpc("DeleteFile",      False, _nothing)
-WRITEBACK         = Rpc("Writeback",       False, lambda r: int(r.nr_pages))
-FSYNC             = Rpc("Fsync",           False, lambda r: int(r.nr_pages))
-RECLAIM           = Rpc("Reclaim",         False, lambda r: int(r.reclaimed_bytes))
-DROP_CACHES       = Rpc("DropCaches",      False, lambda r: int(r.dropped_bytes))
-SET_FAULTS        = Rpc("SetFaults",       False, into(Faults))
-GET_FAULTS        = Rpc("GetFaults",       True,  into(Faults))
-CREATE_GUEST      = Rpc("CreateGuest",     False, into(Guest))
-DESTROY_GUEST     = Rpc("DestroyGuest",    False, lambda r: int(r.freed_bytes))
-GET_GUEST         = Rpc("GetGuest",        True,  into(Guest))
-LIST_GUESTS       = Rpc("ListGuests",      True,  into(GuestList))
-SET_BALLOON       = Rpc("SetBalloon",      False, into(BalloonResult))
-REPORT_FREE_PAGES = Rpc("ReportFreePages", False, into(ReportResult))
-CHECK_HEALTH      = Rpc("Check",           True,  _serving, HEALTH)
+ALLOCATE          = Rpc("Allocate",        into(Allocation),                  idempotent=False)
+FREE              = Rpc("Free",            into(FreeResult),                  idempotent=False)
+RELEASE_OWNER     = Rpc("ReleaseOwner",    into(ReleaseResult),               idempotent=False)
+GET_FOLIO         = Rpc("GetFolio",        into(FolioInfo),                   idempotent=True)
+WRITE_FOLIO       = Rpc("WriteFolio",      lambda r: int(r.written_bytes),    idempotent=False)
+READ_FOLIO        = Rpc("ReadFolio",       lambda r: bytes(r.data),           idempotent=True)
+GET_MACHINE       = Rpc("GetMachine",      into(MachineInfo),                 idempotent=True)
+GET_BUDDY_INFO    = Rpc("GetBuddyInfo",    into(BuddyInfo),                   idempotent=True)
+GET_MEMINFO       = Rpc("GetMeminfo",      into(Meminfo),                     idempotent=True)
+GET_MEMMAP        = Rpc("GetMemmap",       into(MemmapReport),                idempotent=True)
+GET_VMSTAT        = Rpc("GetVmstat",       _vmstat,                           idempotent=True)
+GET_THP_POLICY    = Rpc("GetThpPolicy",    into(ThpPolicy),                   idempotent=True)
+SET_THP_POLICY    = Rpc("SetThpPolicy",    into(ThpPolicy),                   idempotent=False)
+CREATE_FILE       = Rpc("CreateFile",      into(FileStat),                    idempotent=False)
+OPEN_FILE         = Rpc("OpenFile",        lambda r: int(r.handle),           idempotent=False)
+CLOSE_FILE        = Rpc("CloseFile",       _nothing,                          idempotent=False)
+STAT_FILE         = Rpc("StatFile",        into(FileStat),                    idempotent=True)
+LIST_FILES        = Rpc("ListFiles",       _files,                            idempotent=True)
+READ_FILE         = Rpc("ReadFile",        into(FileRead),                    idempotent=True)
+WRITE_FILE        = Rpc("WriteFile",       into(FileWrite),                   idempotent=False)
+TRUNCATE_FILE     = Rpc("TruncateFile",    into(FileStat),                    idempotent=False)
+DELETE_FILE       = Rpc("DeleteFile",      _nothing,                          idempotent=False)
+WRITEBACK         = Rpc("Writeback",       lambda r: int(r.nr_pages),         idempotent=False)
+FSYNC             = Rpc("Fsync",           lambda r: int(r.nr_pages),         idempotent=False)
+RECLAIM           = Rpc("Reclaim",         lambda r: int(r.reclaimed_bytes),  idempotent=False)
+DROP_CACHES       = Rpc("DropCaches",      lambda r: int(r.dropped_bytes),    idempotent=False)
+SET_FAULTS        = Rpc("SetFaults",       into(Faults),                      idempotent=False)
+GET_FAULTS        = Rpc("GetFaults",       into(Faults),                      idempotent=True)
+CREATE_GUEST      = Rpc("CreateGuest",     into(Guest),                       idempotent=False)
+DESTROY_GUEST     = Rpc("DestroyGuest",    lambda r: int(r.freed_bytes),      idempotent=False)
+GET_GUEST         = Rpc("GetGuest",        into(Guest),                       idempotent=True)
+LIST_GUESTS       = Rpc("ListGuests",      into(GuestList),                   idempotent=True)
+SET_BALLOON       = Rpc("SetBalloon",      into(BalloonResult),               idempotent=False)
+REPORT_FREE_PAGES = Rpc("ReportFreePages", into(ReportResult),                idempotent=False)
 # fmt: on
+CHECK_HEALTH = Rpc("Check", _serving, idempotent=True, service=HEALTH)
 
 
 class CallOptions(TypedDict, total=False):
@@ -154,7 +159,7 @@ def allocate(
     """Allocates `count` folios, or `size_bytes` of memory, of a kind for an owner."""
     request = pb.AllocateRequest(
         owner=owner,
-        kind=enum_to_pb(FolioKind(kind)),
+        kind=FOLIO_KIND.to_pb[FolioKind(kind)],
         order=order,
         count=count,
         bytes=size_bytes,
@@ -230,9 +235,10 @@ def set_thp_policy(
     **options: Unpack[CallOptions],
 ) -> Call[ThpPolicy]:
     """Sets the top-level knob (None keeps it) and per-size knobs by size in kB."""
+    to_pb = THP_SETTING.to_pb
     request = pb.SetThpPolicyRequest(
-        enabled=pb.THP_SETTING_UNSPECIFIED if enabled is None else enum_to_pb(ThpSetting(enabled)),
-        sizes={kb: enum_to_pb(ThpSetting(s)) for kb, s in (sizes or {}).items()},
+        enabled=pb.THP_SETTING_UNSPECIFIED if enabled is None else to_pb[ThpSetting(enabled)],
+        sizes={kb: to_pb[ThpSetting(s)] for kb, s in (sizes or {}).items()},
     )
     return Call(SET_THP_POLICY, request, **options)
 
@@ -450,7 +456,7 @@ def create_guest(
     request = pb.CreateGuestRequest(
         name=name,
         ram_bytes=ram_bytes,
-        backing=enum_to_pb(Backing(backing)),
+        backing=BACKING.to_pb[Backing(backing)],
         mthp_size_kb=mthp_size_kb,
         hvo=hvo,
         free_page_reporting=free_page_reporting,
@@ -542,7 +548,7 @@ def boot_guest_chunks(
         machine=machine,
         name=name,
         ram_bytes=ram_bytes,
-        backing=enum_to_pb(Backing(backing)),
+        backing=BACKING.to_pb[Backing(backing)],
         mthp_size_kb=mthp_size_kb,
         hvo=hvo,
         free_page_reporting=free_page_reporting,

@@ -68,7 +68,7 @@ class _Attempts:
     __slots__ = ("_attempt", "_deadline", "_policy", "_retryable", "_rng")
 
     def __init__(
-        self, timeout: float | None, retryable: bool, policy: RetryPolicy, rng: random.Random
+        self, timeout: float | None, policy: RetryPolicy, rng: random.Random, *, retryable: bool
     ) -> None:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._retryable = retryable
@@ -115,11 +115,11 @@ def _with_key(
 
 def _connection(
     target: str,
+    *,
     tls: bool,
     tls_ca: str | os.PathLike[str] | bytes | None,
     token: str | None,
     options: tuple[tuple[str, Any], ...],
-    *,
     tls_cert: str | os.PathLike[str] | bytes | None = None,
     tls_key: str | os.PathLike[str] | bytes | None = None,
 ) -> _Connection:
@@ -170,7 +170,13 @@ class _ClientBase(Generic[C]):
         self.machine = machine
         self.retry = retry or RetryPolicy()
         self._connection = _connection(
-            target, tls, tls_ca, token, channel_options, tls_cert=tls_cert, tls_key=tls_key
+            target,
+            tls=tls,
+            tls_ca=tls_ca,
+            token=token,
+            options=channel_options,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         self._rng = rng or random.Random()
         self._channel: C = self._open_channel(self._connection)
@@ -196,7 +202,7 @@ class _ClientBase(Generic[C]):
             key = call.idempotency_key or os.urandom(16).hex()
             metadata = (*metadata, (IDEMPOTENCY_KEY, key))
             retryable = self.retry.mutations
-        attempts = _Attempts(timeout, retryable, self.retry, self._rng)
+        attempts = _Attempts(timeout, self.retry, self._rng, retryable=retryable)
         return request, attempts, metadata
 
 

@@ -1,8 +1,8 @@
 """Protobuf messages to the client's dataclasses and back, driven by the dataclasses' type hints.
 
 One reader per dataclass is derived (once, on first use) from its fields: scalars are copied,
-``X | None`` reads an optional field, enums go through their ``<ENUM_NAME>_<MEMBER>`` values,
-nested dataclasses recurse, ``tuple[X, ...]`` reads a repeated field and ``Mapping`` a map.
+``X | None`` reads an optional field, enums go through foliod.api.pb_enums, nested dataclasses
+recurse, ``tuple[X, ...]`` reads a repeated field and ``Mapping`` a map.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -18,37 +17,11 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from foliod.api import Backing, FolioKind, MemmapModel, ThpSetting
-from foliod.v1 import foliod_pb2 as pb
+from foliod.api.pb_enums import from_pb, to_pb
 
 D = TypeVar("D")
-E = TypeVar("E", bound=enum.Enum)
 
 FieldReader = Callable[[Message, str], Any]
-
-# The core's enums and the API's, which share member names after the proto enum's prefix.
-_PB_ENUMS: dict[type[enum.Enum], Any] = {
-    Backing: pb.GuestBacking,
-    FolioKind: pb.FolioKind,
-    MemmapModel: pb.MemmapModel,
-    ThpSetting: pb.ThpSetting,
-}
-
-
-def _enum_prefix(cls: type[enum.Enum]) -> str:
-    """Backing -> "GUEST_BACKING_": the proto enum's name, as protobuf's style guide prefixes
-    enum values."""
-    name: str = _PB_ENUMS[cls].DESCRIPTOR.name
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper() + "_"
-
-
-def enum_from_pb(cls: type[E], value: int) -> E:
-    return cls[_PB_ENUMS[cls].Name(value).removeprefix(_enum_prefix(cls))]
-
-
-def enum_to_pb(member: enum.Enum) -> Any:
-    """The API's value of a core enum member (typed Any: each proto enum is its own NewType)."""
-    return _PB_ENUMS[type(member)].Value(_enum_prefix(type(member)) + member.name)
 
 
 def from_message(cls: type[D], message: Message) -> D:
@@ -96,7 +69,7 @@ def _field_reader(hint: Any) -> FieldReader:
 
 def _value_reader(hint: Any) -> Callable[[Any], Any]:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return functools.partial(enum_from_pb, hint)
+        return functools.partial(from_pb, hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _reader(hint)
     return _identity
@@ -109,6 +82,6 @@ def _identity(value: Any) -> Any:
 def to_fields(obj: Any) -> dict[str, Any]:
     """The fields of a flat dataclass as message constructor arguments (None: left unset)."""
     return {
-        f.name: enum_to_pb(v) if isinstance(v := getattr(obj, f.name), enum.Enum) else v
+        f.name: to_pb(v) if isinstance(v := getattr(obj, f.name), enum.Enum) else v
         for f in dataclasses.fields(obj)
     }

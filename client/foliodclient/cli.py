@@ -2,19 +2,9 @@
 
 meminfo, vmstat and buddyinfo print like their /proc files; everything else prints tables with
 IEC sizes; ``--json`` prints the client's results as JSON for scripts. The exit code says what
-failed (EXIT_CODES; docs/cli.md carries the same table):
+failed, as foliodclient._exit_codes.EXIT_CODE_TABLE has it (--help prints the same, and
+tests/test_cli.py holds docs/cli.md's table to it):
 
-    0   success
-    1   any other failure (INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED; a local file unreadable)
-    2   usage: the command line is wrong
-    3   invalid argument: INVALID_ARGUMENT, OUT_OF_RANGE
-    4   not found: NOT_FOUND
-    5   state conflict: ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED
-    6   out of memory: RESOURCE_EXHAUSTED
-    7   data loss: DATA_LOSS (fsync found a writeback error)
-    8   server unavailable or not serving: UNAVAILABLE, health not SERVING
-    9   timed out: DEADLINE_EXCEEDED
-    10  not allowed: UNAUTHENTICATED, PERMISSION_DENIED
 """
 
 from __future__ import annotations
@@ -26,11 +16,9 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-
-import grpc
 
 from foliod.api import (
     MAX_IO_BYTES,
@@ -42,29 +30,19 @@ from foliod.api import (
     parse_size,
 )
 from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, FoliodClient
+from foliodclient._exit_codes import (
+    EXIT_CODES,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+from foliodclient._exit_codes import render_text as render_exit_codes
+from foliodclient._format import iec, table
 from foliodclient._types import Duplication, FileStat, Guest, IoStats, MemmapReport
 from foliodclient.errors import AlreadyExists, CallError, RemoteError
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 8
-
-_S = grpc.StatusCode
-EXIT_CODES: dict[grpc.StatusCode, int] = {
-    _S.INVALID_ARGUMENT: 3,
-    _S.OUT_OF_RANGE: 3,
-    _S.NOT_FOUND: 4,
-    _S.ALREADY_EXISTS: 5,
-    _S.FAILED_PRECONDITION: 5,
-    _S.ABORTED: 5,
-    _S.RESOURCE_EXHAUSTED: 6,
-    _S.DATA_LOSS: 7,
-    _S.UNAVAILABLE: EXIT_UNAVAILABLE,
-    _S.DEADLINE_EXCEEDED: 9,
-    _S.UNAUTHENTICATED: 10,
-    _S.PERMISSION_DENIED: 10,
-}
+__doc__ = f"{__doc__}{render_exit_codes(indent='    ')}"
 
 # /proc/meminfo lines foliod has, in the kernel's order; foliod's own two come last.
 MEMINFO_LINES = (
@@ -98,30 +76,6 @@ Command = Callable[[FoliodClient, argparse.Namespace], Output]
 
 
 # Formatting.
-
-
-def iec(nr_bytes: int) -> str:
-    """A size in IEC units: 512 B, 4 KiB, 1.53 MiB."""
-    value = float(nr_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Columns right-aligned except the first, two spaces apart."""
-    cells = [list(header), *([str(c) for c in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in cells
-    ]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def jsonable(data: Any) -> Any:
@@ -640,9 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foliodctl",
         description="foliod from the command line.",
-        epilog="Exit codes: 0 ok, 1 other failure, 2 usage, 3 invalid argument, 4 not found, "
-        "5 state conflict, 6 out of memory, 7 data loss, 8 unavailable, 9 timed out, "
-        "10 not allowed.",
+        epilog="exit codes:\n" + render_exit_codes(indent="  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"foliodctl {__version__}")
     _global_options(parser, defaults=True)
@@ -773,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report_error(exc: CallError, as_json: bool) -> None:
+def _report_error(exc: CallError, *, as_json: bool) -> None:
     if as_json:
         error = {
             "code": exc.code.name,
@@ -812,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run: Command = args.run
             output = run(client, args)
     except CallError as exc:
-        _report_error(exc, args.json)
+        _report_error(exc, as_json=args.json)
         return EXIT_CODES.get(exc.code, EXIT_FAILURE)
     except OSError as exc:
         print(f"foliodctl: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from grpc.experimental import gevent as grpc_gevent
 from locust.env import Environment
 from locust.exception import LocustError, RescheduleTask
 
-from foliod.api import PAGE_SIZE
+from foliod.api import DEFAULT_ADDRESS, PAGE_SIZE
 from foliodclient._calls import Call
 from foliodclient._client import DEFAULT_TIMEOUT_SECONDS, FoliodClient, RetryPolicy
 from foliodclient.errors import CallError
@@ -143,7 +143,7 @@ class FoliodUser(locust.User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         if not self.host:
-            raise LocustError(f"{type(self).__name__} needs a target: --host 127.0.0.1:50051")
+            raise LocustError(f"{type(self).__name__} needs a target: --host {DEFAULT_ADDRESS}")
         self.client: FoliodClient = _ReportingClient(
             self,
             self.host,

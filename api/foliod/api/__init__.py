@@ -2,7 +2,9 @@
 
 One definition each of the page size, the request limits, the default address, the enums the
 API speaks in, the device profiles, the reclaim policy names and the error reasons with their
-gRPC codes. Imports no grpc or protobuf, so the domain core may use it too.
+gRPC codes. Imports no grpc or protobuf, so the domain core may use it too; foliod.api.pb_enums
+(which imports protobuf) holds the enums' and op codes' protobuf values, for the rpc layer and
+the client.
 """
 
 from foliod.api._devices import DEVICE_PROFILES, DeviceModel

@@ -26,13 +26,14 @@ from typing import Any
 
 from foliod.api import DEVICE_PROFILES, parse_size
 from foliodclient._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS
-from foliodclient.cli import EXIT_CODES, EXIT_FAILURE, EXIT_OK
+from foliodclient._exit_codes import EXIT_CODES, EXIT_FAILURE, EXIT_OK
 from foliodclient.errors import CallError
 from foliodclient.load import report
 from foliodclient.load.progress import Progress
 from foliodclient.load.replay import run_replay
 from foliodclient.load.runner import RunConfig, RunFailed, RunResult, run
 from foliodclient.load.traces import (
+    EXIT_BAD_TRACE,
     FORMAT_ALIASES,
     FORMATS,
     OBJECT_SIZES,
@@ -42,8 +43,6 @@ from foliodclient.load.traces import (
 from foliodclient.load.workloads import WORKLOADS, Params, Replay
 
 EXIT_OPS_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BAD_TRACE = 3
 DEFAULT_DURATION_SECONDS = 10.0
 DEFAULT_CONCURRENCY = 4
 MODES = ("unary", "batched", "rpc")

@@ -33,7 +33,7 @@ from typing import Any
 
 from foliod.api import DEVICE_PROFILES, PAGE_SHIFT, PAGE_SIZE, RECLAIM_POLICIES, parse_size
 from foliodclient._client import DEFAULT_TIMEOUT_SECONDS, FoliodClient
-from foliodclient.cli import EXIT_FAILURE, EXIT_OK
+from foliodclient._exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from foliodclient.errors import CallError, NotFound
 from foliodclient.load.reference import (
     LIBCACHESIM,
@@ -42,7 +42,9 @@ from foliodclient.load.reference import (
     libcachesim_misses,
 )
 from foliodclient.load.replay import CALL_ACCESSES, calls
+from foliodclient.load.runner import memmap_bytes
 from foliodclient.load.traces import (
+    EXIT_BAD_TRACE,
     FORMAT_ALIASES,
     FORMATS,
     OBJECT_SIZES,
@@ -51,8 +53,6 @@ from foliodclient.load.traces import (
 )
 from foliodclient.load.workloads import Params, Replay, ReplayColumns
 
-EXIT_USAGE = 2
-EXIT_BAD_TRACE = 3
 # Readahead window of a file with readahead on: foliod's default (ra_pages unset).
 READAHEAD = {"on": None, "off": 0}
 MAX_FOLIO_ORDER = 9
@@ -345,7 +345,7 @@ def run_point(
                 result.device_seconds += totals.stats.device_seconds
                 result.evictions += totals.evictions
                 result.refaults += totals.refaults
-                result.memmap_bytes = {str(m.model): m.total_bytes for m in totals.memmap}
+                result.memmap_bytes = memmap_bytes(totals.memmap)
             result.elapsed_seconds = time.perf_counter() - started
         finally:
             for index in sorted(workload.files):

@@ -26,6 +26,7 @@ def render(
     errors: int,
     elapsed_seconds: float,
     remaining_seconds: float | None,
+    *,
     warmup: bool = False,
 ) -> str:
     """One progress line: bar (when the remaining time is known), ops, rate, errors, times."""
@@ -73,7 +74,7 @@ class Progress:
         if now - self._last_draw < self.every_seconds:
             return
         self._last_draw = now
-        line = render(ops, errors, elapsed_seconds, remaining_seconds, warmup)
+        line = render(ops, errors, elapsed_seconds, remaining_seconds, warmup=warmup)
         self.stream.write("\r" + line.ljust(self._width))
         self.stream.flush()
         self._width = len(line)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from foliod.api import DEVICE_PROFILES, MAX_REPLAY_ACCESSES
+from foliod.api import DEVICE_PROFILES, MAX_REPLAY_ACCESSES, PAGE_SIZE
 from foliodclient._client import FoliodClient
 from foliodclient._types import ReplayTotals
 from foliodclient.errors import CallError
@@ -22,6 +22,7 @@ from foliodclient.load.runner import (
     RunResult,
     Sample,
     Schedule,
+    memmap_bytes,
     setup,
     teardown,
 )
@@ -55,11 +56,11 @@ def _sample(t_seconds: float, interval: ReplayTotals) -> Sample:
         ops=interval.operations,
         errors=0,
         ops_per_second=interval.operations / span,
-        bytes_per_second=interval.accesses * 4096 / span,
+        bytes_per_second=interval.accesses * PAGE_SIZE / span,
         p50_seconds=0.0,
         p99_seconds=0.0,
         max_seconds=0.0,
-        memmap_bytes={str(m.model): m.total_bytes for m in interval.memmap},
+        memmap_bytes=memmap_bytes(interval.memmap),
     )
 
 

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from foliodclient._format import iec, table
 from foliodclient._types import MemmapReport
-from foliodclient.cli import iec, table
 from foliodclient.load.runner import NS_PER_SECOND, RunResult
 
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))

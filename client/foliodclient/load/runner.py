@@ -16,14 +16,22 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from foliod.api import DEFAULT_ADDRESS, DEVICE_PROFILES, PAGE_SIZE, DeviceModel
 from foliodclient import Batch, BatchResult, OpResult, Submission
 from foliodclient._client import AsyncFoliodClient, FoliodClient
-from foliodclient._types import Allocation, BuddyInfo, FileRead, FileWrite, MemmapReport
+from foliodclient._types import (
+    Allocation,
+    BuddyInfo,
+    FileRead,
+    FileWrite,
+    MemmapReport,
+    MemmapTotal,
+    ModelReport,
+)
 from foliodclient.errors import CallError
 from foliodclient.load.histogram import Histogram
 from foliodclient.load.progress import Progress
@@ -523,10 +531,9 @@ def setup(workload: Workload, client: FoliodClient) -> None:
         raise RunFailed([("setup", exc), *teardown(workload, client)]) from exc
 
 
-def _memmap_totals(report: MemmapReport | None) -> dict[str, int]:
-    if report is None:
-        return {}
-    return {str(model.model): model.total_bytes for model in report.models}
+def memmap_bytes(models: Iterable[ModelReport | MemmapTotal]) -> dict[str, int]:
+    """The memory map's bytes by model name, from a MemmapReport's or a ReplayTotals'."""
+    return {str(model.model): model.total_bytes for model in models}
 
 
 class _Sampler:
@@ -559,7 +566,7 @@ class _Sampler:
                 p50_seconds=h.percentile(50) / NS_PER_SECOND,
                 p99_seconds=h.percentile(99) / NS_PER_SECOND,
                 max_seconds=h.max / NS_PER_SECOND,
-                memmap_bytes=_memmap_totals(memmap),
+                memmap_bytes=memmap_bytes(memmap.models if memmap else ()),
             )
         )
 

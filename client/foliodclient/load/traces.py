@@ -98,7 +98,10 @@ _START_COLUMNS = {
 
 class TraceError(ValueError):
     """A trace file cannot be read: where (path, and line and column or record and field) and
-    why."""
+    why. foliod-load and foliod-load mrc exit with EXIT_BAD_TRACE for it."""
+
+
+EXIT_BAD_TRACE = 3
 
 
 @dataclass(slots=True)
@@ -114,7 +117,7 @@ class Trace:
     # readers skip too (ignore_size_zero_req).
     skipped: int = 0
 
-    def append(self, write: bool, address: int, size: int) -> None:
+    def append(self, address: int, size: int, *, write: bool = False) -> None:
         self.writes.append(write)
         self.addresses.append(address)
         self.sizes.append(size)
@@ -276,7 +279,7 @@ def _read_text(path: Path, trace: Trace, limit: int | None) -> None:
                 raise TraceError(
                     f"{path}:{lineno}: not a page key (a non-negative integer): {text!r}"
                 )
-            trace.append(False, key * PAGE_SIZE, PAGE_SIZE)
+            trace.append(key * PAGE_SIZE, PAGE_SIZE)
 
 
 def _csv_columns(header: list[str], path: Path) -> tuple[int, int, int, int]:
@@ -333,7 +336,7 @@ def _read_csv(path: Path, trace: Trace, limit: int | None, *, sniff_msr: bool = 
                     f"{path}:{lineno}: column {size_at + 1} (size) must be an integer > 0, "
                     f"not {row[size_at]!r}"
                 )
-            trace.append(write, start * unit, size)
+            trace.append(start * unit, size, write=write)
 
 
 def _looks_msr(row: list[str]) -> bool:
@@ -399,7 +402,7 @@ def _read_msr_rows(
                 f"{path}:{lineno}: column 6 (Size) must be an integer > 0 (bytes), not {row[5]!r}"
             )
         volume = volumes.setdefault((row[1].strip(), row[2].strip()), len(volumes))
-        trace.append(kind == "write", volume * MSR_VOLUME_BYTES + offset, size)
+        trace.append(volume * MSR_VOLUME_BYTES + offset, size, write=kind == "write")
 
 
 def _integer(text: str) -> int:

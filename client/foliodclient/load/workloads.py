@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from foliod.api import MAX_IO_BYTES, PAGE_SHIFT, PAGE_SIZE, DeviceModel
+from foliod.api.pb_enums import OP_NAMES
 from foliodclient._calls import CallOptions
 from foliodclient._client import FoliodClient
 from foliodclient._types import IoStats
@@ -41,8 +42,9 @@ class OpKind(StrEnum):
     DELETE = "delete"
 
 
-# What a Batch can carry; anything else is sent unary, in order, between batches.
-BATCHABLE = frozenset({OpKind.READ, OpKind.WRITE, OpKind.FSYNC, OpKind.ALLOCATE, OpKind.FREE})
+# What a Batch can carry, the kinds with a Submit op code of their name; anything else is sent
+# unary, in order, between batches.
+BATCHABLE = frozenset(kind for kind in OpKind if kind in OP_NAMES.values())
 
 
 @dataclass(slots=True)

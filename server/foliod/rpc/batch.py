@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 
 from foliod.api import MAX_BATCH_OPS as MAX_BATCH_OPS  # noqa: PLC0414 -- re-exported
 from foliod.api import MAX_BATCH_PAYLOAD_BYTES as MAX_BATCH_PAYLOAD_BYTES  # noqa: PLC0414 -- re-exported
+from foliod.api.pb_enums import FOLIO_KIND
 from foliod.mm import FoliodError, FolioKind, InvalidArgument, Machines, check_machine
 from foliod.mm.filemap import IoStats
 from foliod.rpc.status import BAD_REQUEST_CODES, status_code_of
@@ -28,12 +29,10 @@ WRITE = pb.OP_CODE_WRITE
 FSYNC = pb.OP_CODE_FSYNC
 ALLOCATE = pb.OP_CODE_ALLOCATE
 FREE = pb.OP_CODE_FREE
+# The op codes this server runs (tests/test_batch.py checks they are all the proto declares).
 _OP_CODES = frozenset((READ, WRITE, FSYNC, ALLOCATE, FREE))
 
 _INTERNAL = code_pb2.INTERNAL
-_KIND_FROM_PB: dict[int, FolioKind] = {
-    pb.FolioKind.Value(f"FOLIO_KIND_{k.name}"): k for k in FolioKind
-}
 
 _log = structlog.get_logger("foliod.rpc")
 
@@ -168,7 +167,7 @@ def plan_batch(request: pb.SubmitRequest) -> list[Planned]:
 
 
 def _kind(value: int) -> FolioKind:
-    kind = _KIND_FROM_PB.get(value)
+    kind = FOLIO_KIND.from_pb.get(pb.FolioKind.ValueType(value))
     if kind is None:
         raise InvalidArgument(f"kind {value} is not a folio kind", field="kind")
     return kind

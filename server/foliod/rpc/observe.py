@@ -40,6 +40,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from foliod.api import PAGE_SIZE
 from foliod.config import Config
 from foliod.mm import FailedPrecondition, Machine, Machines, Meminfo, Watermarks
 from foliod.mm.guest import BackingSpec, Duplication, Guest, Guests
@@ -55,12 +56,10 @@ from foliod.mm.kpageflags import (
 from foliod.mm.meminfo import MEMINFO, estimate_host
 from foliod.mm.memmap import DescriptorSizes, ModelCost
 from foliod.mm.mm_types import FolioKind
+from foliod.mm.page_alloc import MAX_PAGE_ORDER
 from foliod.mm.snapshot import snapshot_host
 from foliod.rpc.servicer import FoliodServicer, _guest_pb, snapshot_chunks
 from foliod.v1 import foliod_pb2 as pb
-
-PAGE_SIZE = 4096
-MAX_ORDER = 10
 
 
 class _Zone:
@@ -95,7 +94,7 @@ class ObservedMachine:
         self.lock = threading.Lock()
         self.nr_pages = obs.scan.present_frames
         self.ram_bytes = self.nr_pages * PAGE_SIZE
-        blocks = (buddy_totals(obs.buddyinfo) + [0] * (MAX_ORDER + 1))[: MAX_ORDER + 1]
+        blocks = (buddy_totals(obs.buddyinfo) + [0] * (MAX_PAGE_ORDER + 1))[: MAX_PAGE_ORDER + 1]
         self.zone = _Zone(obs.free_frames, blocks)
         nr_min, nr_low, nr_high, kbytes = read_watermarks()
         self.watermarks = Watermarks(nr_min, nr_low, nr_high, kbytes)

@@ -10,13 +10,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from foliod.api import MAX_REPLAY_ACCESSES, PAGE_SHIFT, PAGE_SIZE
-from foliod.mm import InvalidArgument, Machine, MemmapModel, VmEvent
+from foliod.api.pb_enums import MEMMAP_MODEL
+from foliod.mm import InvalidArgument, Machine, VmEvent
 from foliod.mm.filemap import MAX_IO_BYTES, IoStats
 from foliod.v1 import foliod_pb2 as pb
 
 _WRITE = pb.REPLAY_OP_WRITE
 _KNOWN_OPS = frozenset((pb.REPLAY_OP_UNSPECIFIED, pb.REPLAY_OP_READ, pb.REPLAY_OP_WRITE))
-_MODEL_TO_PB = {m: pb.MemmapModel.Value(f"MEMMAP_MODEL_{m.name}") for m in MemmapModel}
 _ZEROS = bytes(MAX_IO_BYTES)
 
 # Steps of a parsed trace: (kind, file, what, count).
@@ -265,7 +265,7 @@ class _Series:
             elapsed_seconds=now[0] - since[0],
             nr_cached=machine.files.nr_pages,
             memmap=[
-                pb.MemmapTotal(model=_MODEL_TO_PB[cost.model], total_bytes=cost.total_bytes)
+                pb.MemmapTotal(model=MEMMAP_MODEL.to_pb[cost.model], total_bytes=cost.total_bytes)
                 for cost in machine.memmap()
             ],
         )

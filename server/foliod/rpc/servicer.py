@@ -9,13 +9,13 @@ from typing import TypeVar
 
 import grpc
 
+from foliod.api.pb_enums import BACKING, FOLIO_KIND, MEMMAP_MODEL, THP_SETTING
 from foliod.mm import (
     PAGE_SIZE,
     FolioKind,
     InvalidArgument,
     Machine,
     Machines,
-    MemmapModel,
     MthpStat,
     Release,
     ThpSetting,
@@ -40,32 +40,18 @@ from foliod.v1 import foliod_pb2_grpc
 
 T = TypeVar("T")
 
-# proto enum value <-> core enum, derived from the names so neither list is written twice.
-_KIND_FROM_PB: dict[pb.FolioKind.ValueType, FolioKind] = {
-    pb.FolioKind.Value(f"FOLIO_KIND_{k.name}"): k for k in FolioKind
-}
-_KIND_TO_PB = {k: v for v, k in _KIND_FROM_PB.items()}
 _KIND_RANK = {k: rank for rank, k in enumerate(FolioKind)}
-_THP_FROM_PB: dict[pb.ThpSetting.ValueType, ThpSetting] = {
-    pb.ThpSetting.Value(f"THP_SETTING_{s.name}"): s for s in ThpSetting
-}
-_THP_TO_PB = {s: v for v, s in _THP_FROM_PB.items()}
-_MODEL_TO_PB = {m: pb.MemmapModel.Value(f"MEMMAP_MODEL_{m.name}") for m in MemmapModel}
-_BACKING_FROM_PB: dict[pb.GuestBacking.ValueType, Backing] = {
-    pb.GuestBacking.Value(f"GUEST_BACKING_{b.name}"): b for b in Backing
-}
-_BACKING_TO_PB = {b: v for v, b in _BACKING_FROM_PB.items()}
 
 
 def _kind(value: pb.FolioKind.ValueType) -> FolioKind:
-    kind = _KIND_FROM_PB.get(value)
+    kind = FOLIO_KIND.from_pb.get(value)
     if kind is None:
         raise InvalidArgument(f"kind {value} is not a folio kind", field="kind")
     return kind
 
 
 def _thp_setting(value: pb.ThpSetting.ValueType, field: str) -> ThpSetting:
-    setting = _THP_FROM_PB.get(value)
+    setting = THP_SETTING.from_pb.get(value)
     if setting is None:
         raise InvalidArgument(f"{value} is not a THP setting", field=field)
     return setting
@@ -173,7 +159,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             handle=folio.handle,
             pfn=folio.pfn,
             order=folio.order,
-            kind=_KIND_TO_PB[folio.kind],
+            kind=FOLIO_KIND.to_pb[folio.kind],
             owner=ns.owner_out(folio.owner),
             size_bytes=folio.size_bytes,
             virtual_address=max(folio.vaddr, 0) * PAGE_SIZE,
@@ -254,7 +240,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
             ram_bytes=machine.ram_bytes,
             models=[
                 pb.ModelReport(
-                    model=_MODEL_TO_PB[r.model],
+                    model=MEMMAP_MODEL.to_pb[r.model],
                     total_bytes=r.total_bytes,
                     fraction_of_ram=r.fraction_of_ram,
                     breakdown=[
@@ -267,7 +253,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                         for c in r.breakdown
                     ],
                     by_kind=[
-                        pb.KindBytes(kind=_KIND_TO_PB[kind], total_bytes=nr_bytes)
+                        pb.KindBytes(kind=FOLIO_KIND.to_pb[kind], total_bytes=nr_bytes)
                         for kind, nr_bytes in r.by_kind.items()
                     ],
                     free_memory_bytes=r.free_memory_bytes,
@@ -276,7 +262,9 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
                 for r in reports
             ],
             folios=[
-                pb.FolioCount(kind=_KIND_TO_PB[kind], order=order, folios=n, nr_pages=n << order)
+                pb.FolioCount(
+                    kind=FOLIO_KIND.to_pb[kind], order=order, folios=n, nr_pages=n << order
+                )
                 for (kind, order), n in counts
             ],
         )
@@ -492,7 +480,7 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
     def _create_guest(
         self, request: pb.CreateGuestRequest, snapshot: Snapshot | None = None
     ) -> pb.Guest:
-        backing = _BACKING_FROM_PB.get(request.backing)
+        backing = BACKING.from_pb.get(request.backing)
         if backing is None:
             raise InvalidArgument(
                 f"backing {request.backing} is not one of {', '.join(Backing)}", field="backing"
@@ -716,7 +704,7 @@ def _guest_pb(guest: Guest) -> pb.Guest:
         name=guest.name,
         host=guest.host.name,
         ram_bytes=guest.ram_bytes,
-        backing=_BACKING_TO_PB[spec.backing],
+        backing=BACKING.to_pb[spec.backing],
         mthp_size_kb=spec.mthp_size_kb,
         hvo=spec.hvo,
         lazy=spec.lazy,
@@ -731,7 +719,7 @@ def _guest_pb(guest: Guest) -> pb.Guest:
         free_page_reporting=guest.reporting is not None,
         duplication=[
             _duplication_pb(
-                _MODEL_TO_PB[d.model], d.ram_bytes, d.guest_memmap_bytes, d.host_memmap_bytes
+                MEMMAP_MODEL.to_pb[d.model], d.ram_bytes, d.guest_memmap_bytes, d.host_memmap_bytes
             )
             for d in guest.duplication()
         ],
@@ -788,12 +776,12 @@ def _set_io_stats(target: pb.IoStats, stats: IoStats) -> None:
 def _thp_policy(m: Machine) -> pb.ThpPolicy:
     thp = m.thp
     return pb.ThpPolicy(
-        enabled=_THP_TO_PB[thp.enabled],
+        enabled=THP_SETTING.to_pb[thp.enabled],
         sizes=[
             pb.MthpSize(
                 size_kb=order_to_size_kb(order),
                 order=order,
-                enabled=_THP_TO_PB[setting],
+                enabled=THP_SETTING.to_pb[setting],
                 anon_fault_alloc=thp.stats[order][MthpStat.ANON_FAULT_ALLOC],
                 anon_fault_fallback=thp.stats[order][MthpStat.ANON_FAULT_FALLBACK],
                 split=thp.stats[order][MthpStat.SPLIT],
