@@ -15,12 +15,22 @@ $(PY):
 # (client/). Stamps record which extras are installed; they are rebuilt when a pyproject changes.
 PARTS := pyproject.toml api/pyproject.toml client/pyproject.toml
 
+# The client names the API by this checkout's path (so that `pip install ./client` works
+# alone), which pip will not pair with an editable API in the same command: the API goes in
+# first, the server and the client after (they put a copy of the API in), and the API is made
+# editable again last, so that make proto and edits to api/ take effect.
+INSTALL_API := $(PY) -m pip install --quiet -e ./api
+
 $(VENV)/.installed-run: $(PARTS) | $(PY)
-	$(PY) -m pip install --quiet -e ./api -e . -e ./client
+	$(INSTALL_API)
+	$(PY) -m pip install --quiet -e . -e ./client
+	$(INSTALL_API) --no-deps
 	touch $@
 
 $(VENV)/.installed-test: $(PARTS) | $(PY)
-	$(PY) -m pip install --quiet -e ./api -e '.[test]' -e './client[load,locust]'
+	$(INSTALL_API)
+	$(PY) -m pip install --quiet -e '.[test]' -e './client[load,locust]'
+	$(INSTALL_API) --no-deps
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
