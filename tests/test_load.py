@@ -718,3 +718,16 @@ def test_unavailable_server(capsys: pytest.CaptureFixture[str]) -> None:
 def test_every_workload_is_tested() -> None:
     """The registry and the tests agree on the workloads."""
     assert set(WORKLOADS) == {*WORKLOAD_ARGS, "replay"}
+
+
+def test_the_docs_exit_codes_are_foliod_loads() -> None:
+    """docs/load.md's exit code table is LOAD_EXIT_CODES as render_exit_codes_markdown() prints
+    it, and --help and the module docstring print the same table as text."""
+    from foliodclient.load import cli as load_cli  # noqa: PLC0415
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "load.md").read_text()
+    assert load_cli.render_exit_codes_markdown() in docs
+    assert load_cli.__doc__ and load_cli.__doc__.endswith(
+        load_cli.render_exit_codes_text(indent="    ")
+    )
+    assert load_cli.render_exit_codes_text(indent="  ") in load_cli.parser().format_help()

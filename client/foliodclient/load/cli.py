@@ -1,16 +1,7 @@
 """foliod-load: drives a foliod server with a workload or a trace and reports what it saw.
 
-Exit codes (docs/load.md carries the same list):
+Exit codes (LOAD_EXIT_CODES; --help and docs/load.md print the same table):
 
-    0   the run completed and every operation succeeded
-    1   the run completed but some operations failed (the report counts them by status code;
-        when every one failed there is no report, only the error), or it could not run (no
-        matplotlib for --report)
-    2   usage: the command line is wrong (unknown workload, bad value)
-    3   the trace file is malformed or unreadable
-    4.. setup, a Replay call or teardown failed on the server: foliodctl's codes (8
-        unavailable, 6 out of memory, 9 deadline exceeded, ...); the report of what was
-        measured is printed first (not when setup failed)
 """
 
 from __future__ import annotations
@@ -20,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +35,46 @@ from foliodclient.load.traces import (
 from foliodclient.load.workloads import WORKLOADS, Params, Replay
 
 EXIT_OPS_FAILED = 1
+
+# foliod-load's exit codes, and foliod-load mrc's: the module docstring, --help and
+# docs/load.md render this table (tests/test_load.py holds the docs to it).
+LOAD_EXIT_CODES: tuple[tuple[str, str], ...] = (
+    ("0", "the run completed and every operation succeeded"),
+    (
+        str(EXIT_OPS_FAILED),
+        "the run completed but some operations failed (the report counts them by status code; "
+        "when every one failed there is no report, only the error), or it could not run (no "
+        "matplotlib for --report)",
+    ),
+    ("2", "usage: the command line is wrong (unknown workload, bad value)"),
+    (str(EXIT_BAD_TRACE), "the trace file is malformed or unreadable"),
+    (
+        "4..",
+        "setup, a Replay call or teardown failed on the server: foliodctl's codes (8 "
+        "unavailable, 6 out of memory, 9 deadline exceeded, ...); the report of what was "
+        "measured is printed first (not when setup failed)",
+    ),
+)
+
+
+def render_exit_codes_text(indent: str = "", width: int = 95) -> str:
+    """LOAD_EXIT_CODES as plain text: the code, then its meaning wrapped beside it."""
+    lines = []
+    for code, meaning in LOAD_EXIT_CODES:
+        head = f"{indent}{code:<4}"
+        wrapped = textwrap.wrap(meaning, width - len(head))
+        lines.append(head + wrapped[0])
+        lines += [" " * len(head) + line for line in wrapped[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def render_exit_codes_markdown() -> str:
+    """LOAD_EXIT_CODES as the docs print it."""
+    rows = [f"| {code} | {meaning} |" for code, meaning in LOAD_EXIT_CODES]
+    return "\n".join(["| exit | meaning |", "|---|---|", *rows]) + "\n"
+
+
+__doc__ = f"{__doc__}{render_exit_codes_text(indent='    ')}"
 DEFAULT_DURATION_SECONDS = 10.0
 DEFAULT_CONCURRENCY = 4
 MODES = ("unary", "batched", "rpc")
@@ -84,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
         prog="foliod-load",
         description="Drives a foliod server with a workload or a trace and reports throughput, "
         "latency percentiles, hit ratio, device time and the memory map before and after.",
-        epilog=f"workloads:\n{workloads}\n\nmiss-ratio curves: foliod-load mrc --help",
+        epilog=f"workloads:\n{workloads}\n\nmiss-ratio curves: foliod-load mrc --help\n\n"
+        f"exit codes:\n{render_exit_codes_text(indent='  ')}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("workload", choices=sorted(WORKLOADS), metavar="WORKLOAD", help="see below")
