@@ -134,7 +134,7 @@ def test_folios_is_a_histogram_by_order_and_kind(ctl: Ctl) -> None:
 
 
 def test_files_subcommands(ctl: Ctl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """files write (stdin and a file), ls, stat, cat, truncate, fsync and rm."""
+    """files write (stdin and a file), ls, stat, cat, truncate, fsync, drop and rm."""
     source = tmp_path / "blob"
     source.write_bytes(bytes(range(256)) * 40)
     out = ctl("files", "write", "data/blob", str(source))
@@ -175,6 +175,11 @@ def test_files_subcommands(ctl: Ctl, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert truncated["size_bytes"] == 4096 and truncated["nr_cached"] == 2
     assert ctl("files", "fsync", "notes.txt") == (
         "notes.txt: 1 pages (4 KiB) written back, synced\n"
+    )
+    # Clean now: POSIX_FADV_DONTNEED of the whole file drops its one page, then nothing.
+    assert ctl.json("files", "drop", "notes.txt") == {"name": "notes.txt", "dropped_bytes": 4096}
+    assert ctl("files", "drop", "notes.txt", "--offset", "0", "--length", "1MiB") == (
+        "dropped 0 B\n"
     )
     assert ctl("files", "rm", "notes.txt", "data/blob") == ""
     assert ctl.json("files", "ls") == []

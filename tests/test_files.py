@@ -327,3 +327,25 @@ def test_read_page_counters_add_up_what_the_replies_said(make_server: ServerFact
         "readahead": sum(r.stats.pages_readahead for r in replies),
     }
     assert counted["miss"] > 0 and counted["hit"] > 0 and counted["readahead"] > 0
+
+
+def test_drop_file_range_drops_clean_pages_and_keeps_dirty_ones(stub: Stub) -> None:
+    """DropFileRange is POSIX_FADV_DONTNEED: dirty folios are written back and stay, a second
+    call drops them clean; only full pages of the range count; an unknown file is NOT_FOUND
+    and changes nothing."""
+    stub.CreateFile(pb.CreateFileRequest(name="d"))
+    _write(stub, "d", 0, b"z" * (16 * 4096))  # dirty: one order-4 folio
+    reply = stub.DropFileRange(pb.DropFileRangeRequest(name="d"))
+    assert reply.dropped_bytes == 0
+    assert stub.StatFile(pb.StatFileRequest(name="d")).nr_cached == 16
+    assert stub.StatFile(pb.StatFileRequest(name="d")).nr_dirty == 0
+    # The folio reaches past the range's full pages 1..14: it stays.
+    reply = stub.DropFileRange(pb.DropFileRangeRequest(name="d", offset=4096, length=14 * 4096))
+    assert reply.dropped_bytes == 0
+    reply = stub.DropFileRange(pb.DropFileRangeRequest(name="d", offset=0, length=0))
+    assert reply.dropped_bytes == 16 * 4096
+    assert stub.StatFile(pb.StatFileRequest(name="d")).nr_cached == 0
+    assert _read(stub, "d", 0, 4096).data == b"z" * 4096  # from the backing file
+    with pytest.raises(grpc.RpcError) as error:
+        stub.DropFileRange(pb.DropFileRangeRequest(name="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND

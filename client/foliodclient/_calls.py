@@ -104,6 +104,7 @@ LIST_FILES        = Rpc("ListFiles",       _files,                            id
 READ_FILE         = Rpc("ReadFile",        into(FileRead),                    idempotent=True)
 WRITE_FILE        = Rpc("WriteFile",       into(FileWrite),                   idempotent=False)
 TRUNCATE_FILE     = Rpc("TruncateFile",    into(FileStat),                    idempotent=False)
+DROP_FILE_RANGE   = Rpc("DropFileRange",   lambda r: int(r.dropped_bytes),    idempotent=False)
 DELETE_FILE       = Rpc("DeleteFile",      _nothing,                          idempotent=False)
 WRITEBACK         = Rpc("Writeback",       lambda r: int(r.nr_pages),         idempotent=False)
 FSYNC             = Rpc("Fsync",           lambda r: int(r.nr_pages),         idempotent=False)
@@ -396,6 +397,15 @@ def truncate_file(name: str, size_bytes: int, **options: Unpack[CallOptions]) ->
     """Sets a file's size, splitting a large folio that straddles a smaller new end."""
     request = pb.TruncateFileRequest(name=name, size_bytes=size_bytes)
     return Call(TRUNCATE_FILE, request, **options)
+
+
+def drop_file_range(
+    name: str, offset: int = 0, length: int = 0, **options: Unpack[CallOptions]
+) -> Call[int]:
+    """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the file):
+    clean folios wholly inside its full pages leave the cache; returns the bytes dropped."""
+    request = pb.DropFileRangeRequest(name=name, offset=offset, length=length)
+    return Call(DROP_FILE_RANGE, request, **options)
 
 
 def delete_file(name: str, **options: Unpack[CallOptions]) -> Call[None]:

@@ -317,6 +317,11 @@ def cmd_files_truncate(client: FoliodClient, args: argparse.Namespace) -> Output
     return Output(stat, render_stat(stat))
 
 
+def cmd_files_drop(client: FoliodClient, args: argparse.Namespace) -> Output:
+    dropped = client.drop_file_range(args.name, args.offset, args.length or 0)
+    return Output({"name": args.name, "dropped_bytes": dropped}, f"dropped {iec(dropped)}\n")
+
+
 def cmd_files_rm(client: FoliodClient, args: argparse.Namespace) -> Output:
     for name in args.names:
         client.delete_file(name)
@@ -630,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     truncate = add(files, "truncate", cmd_files_truncate, "set a file's size")
     truncate.add_argument("name")
     truncate.add_argument("size", type=size_arg, help="new size, e.g. 4096 or 1MiB")
+    drop = add(files, "drop", cmd_files_drop, "drop a range's clean pages (POSIX_FADV_DONTNEED)")
+    drop.add_argument("name")
+    drop.add_argument("--offset", type=size_arg, default=0, help="first byte (default 0)")
+    drop.add_argument("--length", type=size_arg, default=None, help="bytes (default: to EOF)")
     add(files, "rm", cmd_files_rm, "delete files").add_argument("names", nargs="+")
     add(files, "fsync", cmd_files_fsync, "write a file back and make it durable").add_argument(
         "name"

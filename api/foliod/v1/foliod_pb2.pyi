@@ -1978,6 +1978,54 @@ class ReclaimResponse(_message.Message):
 Global___ReclaimResponse: _TypeAlias = ReclaimResponse  # noqa: Y015
 
 @_typing.final
+class DropFileRangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MACHINE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    machine: _builtins.str
+    name: _builtins.str
+    offset: _builtins.int
+    length: _builtins.int
+    """0: to the end of the file"""
+    def __init__(
+        self,
+        *,
+        machine: _builtins.str = ...,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "machine", b"machine", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropFileRangeRequest: _TypeAlias = DropFileRangeRequest  # noqa: Y015
+
+@_typing.final
+class DropFileRangeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    dropped_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        dropped_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropFileRangeResponse: _TypeAlias = DropFileRangeResponse  # noqa: Y015
+
+@_typing.final
 class DropCachesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

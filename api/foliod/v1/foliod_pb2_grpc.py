@@ -139,6 +139,11 @@ class FoliodStub:
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.SerializeToString,
                 response_deserializer=foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
                 _registered_method=True)
+        self.DropFileRange = channel.unary_unary(
+                '/foliod.v1.Foliod/DropFileRange',
+                request_serializer=foliod_dot_v1_dot_foliod__pb2.DropFileRangeRequest.SerializeToString,
+                response_deserializer=foliod_dot_v1_dot_foliod__pb2.DropFileRangeResponse.FromString,
+                _registered_method=True)
         self.DeleteFile = channel.unary_unary(
                 '/foliod.v1.Foliod/DeleteFile',
                 request_serializer=foliod_dot_v1_dot_foliod__pb2.DeleteFileRequest.SerializeToString,
@@ -372,6 +377,15 @@ class FoliodServicer:
 
     def TruncateFile(self, request, context):
         """Sets the size; a large folio straddling a smaller new end is split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropFileRange(self, request, context):
+        """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the file): dirty
+        folios in it are written back and stay; clean folios lying wholly in its full pages are
+        dropped, leaving no shadow entries, and its shadow entries are cleared (mm/fadvise.c).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -626,6 +640,11 @@ def add_FoliodServicer_to_server(servicer, server):
                     servicer.TruncateFile,
                     request_deserializer=foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.FromString,
                     response_serializer=foliod_dot_v1_dot_foliod__pb2.FileStat.SerializeToString,
+            ),
+            'DropFileRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropFileRange,
+                    request_deserializer=foliod_dot_v1_dot_foliod__pb2.DropFileRangeRequest.FromString,
+                    response_serializer=foliod_dot_v1_dot_foliod__pb2.DropFileRangeResponse.SerializeToString,
             ),
             'DeleteFile': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFile,
@@ -1280,6 +1299,33 @@ class Foliod:
             '/foliod.v1.Foliod/TruncateFile',
             foliod_dot_v1_dot_foliod__pb2.TruncateFileRequest.SerializeToString,
             foliod_dot_v1_dot_foliod__pb2.FileStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropFileRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foliod.v1.Foliod/DropFileRange',
+            foliod_dot_v1_dot_foliod__pb2.DropFileRangeRequest.SerializeToString,
+            foliod_dot_v1_dot_foliod__pb2.DropFileRangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,11 @@ class FoliodStub:
     """Writes into the page cache (dirty folios); the file grows as written."""
     TruncateFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.TruncateFileRequest, _foliod_pb2.FileStat]
     """Sets the size; a large folio straddling a smaller new end is split."""
+    DropFileRange: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DropFileRangeRequest, _foliod_pb2.DropFileRangeResponse]
+    """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the file): dirty
+    folios in it are written back and stay; clean folios lying wholly in its full pages are
+    dropped, leaving no shadow entries, and its shadow entries are cleared (mm/fadvise.c).
+    """
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.DeleteFileRequest, _foliod_pb2.DeleteFileResponse]
     Writeback: _grpc.UnaryUnaryMultiCallable[_foliod_pb2.WritebackRequest, _foliod_pb2.WritebackResponse]
     """Writes dirty folios back: a byte range of a file, a whole file, or every file."""
@@ -198,6 +203,11 @@ class FoliodAsyncStub(FoliodStub):
     """Writes into the page cache (dirty folios); the file grows as written."""
     TruncateFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.TruncateFileRequest, _foliod_pb2.FileStat]  # type: ignore[assignment]
     """Sets the size; a large folio straddling a smaller new end is split."""
+    DropFileRange: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DropFileRangeRequest, _foliod_pb2.DropFileRangeResponse]  # type: ignore[assignment]
+    """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the file): dirty
+    folios in it are written back and stay; clean folios lying wholly in its full pages are
+    dropped, leaving no shadow entries, and its shadow entries are cleared (mm/fadvise.c).
+    """
     DeleteFile: _aio.UnaryUnaryMultiCallable[_foliod_pb2.DeleteFileRequest, _foliod_pb2.DeleteFileResponse]  # type: ignore[assignment]
     Writeback: _aio.UnaryUnaryMultiCallable[_foliod_pb2.WritebackRequest, _foliod_pb2.WritebackResponse]  # type: ignore[assignment]
     """Writes dirty folios back: a byte range of a file, a whole file, or every file."""
@@ -433,6 +443,17 @@ class FoliodServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_foliod_pb2.FileStat, _abc.Awaitable[_foliod_pb2.FileStat]]:
         """Sets the size; a large folio straddling a smaller new end is split."""
+
+    @_abc_1.abstractmethod
+    def DropFileRange(
+        self,
+        request: _foliod_pb2.DropFileRangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foliod_pb2.DropFileRangeResponse, _abc.Awaitable[_foliod_pb2.DropFileRangeResponse]]:
+        """posix_fadvise(POSIX_FADV_DONTNEED) of a byte range (length 0: to the end of the file): dirty
+        folios in it are written back and stay; clean folios lying wholly in its full pages are
+        dropped, leaving no shadow entries, and its shadow entries are cleared (mm/fadvise.c).
+        """
 
     @_abc_1.abstractmethod
     def DeleteFile(

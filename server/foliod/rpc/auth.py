@@ -95,6 +95,7 @@ _WORKLOAD = (
     "ReadFile",
     "WriteFile",
     "TruncateFile",
+    "DropFileRange",
     "DeleteFile",
     "Writeback",
     "Fsync",

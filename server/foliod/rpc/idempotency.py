@@ -62,6 +62,7 @@ MUTATIONS = frozenset(
         "CloseFile",
         "WriteFile",
         "TruncateFile",
+        "DropFileRange",
         "DeleteFile",
         "Writeback",
         "Fsync",

@@ -391,6 +391,16 @@ class FoliodServicer(foliod_pb2_grpc.FoliodServicer):
 
         return _file_stat(ns.stat_out(self._change(request.machine, truncate)))
 
+    def DropFileRange(
+        self, request: pb.DropFileRangeRequest, context: grpc.ServicerContext
+    ) -> pb.DropFileRangeResponse:
+        name = self._ns().file(request.name)
+        freed = self._change(
+            request.machine,
+            lambda m: m.files.fadvise_dontneed(name, request.offset, request.length),
+        )
+        return pb.DropFileRangeResponse(dropped_bytes=freed * PAGE_SIZE)
+
     def DeleteFile(
         self, request: pb.DeleteFileRequest, context: grpc.ServicerContext
     ) -> pb.DeleteFileResponse:
