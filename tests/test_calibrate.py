@@ -79,7 +79,12 @@ def test_every_pattern_stays_inside_the_file() -> None:
 
 def test_the_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     """Sizes and orders out of range and a missing directory are usage errors (exit 2)."""
-    for argv in (["--size-mib", "0"], ["--max-order", "12"], ["--dir", "/nonexistent/x"]):
+    for argv in (
+        ["--size-mib", "0"],
+        ["--max-order", "12"],
+        ["--dir", "/nonexistent/x"],
+        ["--retries", "11"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

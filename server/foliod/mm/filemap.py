@@ -1106,18 +1106,7 @@ class PageCache(Writeback, Truncation):
             else:
                 fresh: set[int] = set()
                 for index in keys:
-                    self._read_folios(
-                        inode,
-                        index,
-                        index,
-                        fresh,
-                        stats,
-                        ra=inode.ra,
-                        end_pos=(index + 1) << PAGE_SHIFT,
-                        every_access=True,
-                    )
-                    fresh.clear()
-                    self.busy.clear()
+                    self._read_page(inode, index, fresh, stats, inode.ra)
         finally:
             self.busy.clear()
             self._count_reads(stats)
@@ -1286,18 +1275,7 @@ class PageCache(Writeback, Truncation):
                     lru.nonresident_age = age
                 if prev >= 0:
                     ra.prev_pos = (prev + 1) << PAGE_SHIFT
-                self._read_folios(
-                    inode,
-                    index,
-                    index,
-                    fresh,
-                    stats,
-                    ra=ra,
-                    end_pos=(index + 1) << PAGE_SHIFT,
-                    every_access=True,
-                )
-                fresh.clear()
-                self.busy.clear()
+                self._read_page(inode, index, fresh, stats, ra)
                 prev = index
                 full = self.nr_pages == capacity
                 age = lru.nonresident_age
@@ -1315,6 +1293,18 @@ class PageCache(Writeback, Truncation):
                 # Each miss on the short path is one page read alone.
                 device_seconds=(recycled + allocated) * read_seconds,
             )
+
+    def _read_page(
+        self, inode: Inode, index: int, fresh: set[int], stats: IoStats, ra: RaState
+    ) -> None:
+        """One access of a replay through read()'s path: the page at index, counted as an
+        access even where read() would not count it again."""
+        end_pos = (index + 1) << PAGE_SHIFT
+        self._read_folios(
+            inode, index, index, fresh, stats, ra=ra, end_pos=end_pos, every_access=True
+        )
+        fresh.clear()
+        self.busy.clear()
 
     @staticmethod
     def _reads_alone(ra: RaState, prev: int, index: int, inode: Inode) -> bool:

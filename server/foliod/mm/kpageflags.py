@@ -43,7 +43,7 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -333,18 +333,13 @@ def check_readable(path: Path = KPAGEFLAGS) -> None:
         raise ObserveUnavailable(f"cannot read {path}: {exc.strerror}") from None
 
 
-def scan_kpageflags(
-    path: Path = KPAGEFLAGS,
-    chunk_frames: int = CHUNK_FRAMES,
-    *,
-    between_chunks: Callable[[], None] | None = None,
-    ram_ranges: Iterable[tuple[int, int]] | None = None,
-) -> Scan:
-    """Reads and classifies path chunk by chunk (8 bytes x chunk_frames of memory); calls
-    between_chunks (default: yield the GIL) after each chunk."""
-    started = time.perf_counter()
+def read_chunks(
+    path: Path, chunk_frames: int, between_chunks: Callable[[], None] | None = None
+) -> Iterator[npt.NDArray[np.uint64]]:
+    """path's 64-bit flags, chunk_frames of them at a time in one reused buffer (use each
+    chunk before asking for the next); calls between_chunks (default: yield the GIL) after
+    each chunk."""
     pause = between_chunks or (lambda: time.sleep(0))
-    classifier = Classifier(ram_ranges)
     buffer = np.empty(chunk_frames, np.uint64)
     view = buffer.data.cast("B")
     with open(path, "rb", buffering=0) as handle:
@@ -355,12 +350,26 @@ def scan_kpageflags(
                 if not n:
                     break
                 got += n
-            frames = got // 8
-            if frames:
-                classifier.feed(buffer[:frames])
+            if got // 8:
+                yield buffer[: got // 8]
             pause()
             if got < len(view):
-                break
+                return
+
+
+def scan_kpageflags(
+    path: Path = KPAGEFLAGS,
+    chunk_frames: int = CHUNK_FRAMES,
+    *,
+    between_chunks: Callable[[], None] | None = None,
+    ram_ranges: Iterable[tuple[int, int]] | None = None,
+) -> Scan:
+    """Reads and classifies path chunk by chunk (8 bytes x chunk_frames of memory); calls
+    between_chunks (default: yield the GIL) after each chunk."""
+    started = time.perf_counter()
+    classifier = Classifier(ram_ranges)
+    for chunk in read_chunks(path, chunk_frames, between_chunks):
+        classifier.feed(chunk)
     scan = classifier.finish()
     scan.seconds = time.perf_counter() - started
     return scan

@@ -60,6 +60,7 @@ from foliod.mm.kpageflags import (
     hugetlb_vmemmap_optimized,
     kinds_of,
     read_buddyinfo,
+    read_chunks,
     read_ram_ranges,
 )
 from foliod.mm.kpageflags import (
@@ -594,23 +595,9 @@ def snapshot_kpageflags(
     chunk_frames of flags in memory at a time)."""
     if chunk_frames % (1 << MAX_PAGE_ORDER):
         raise ValueError("chunk_frames must be a multiple of 2^MAX_PAGE_ORDER")
-    pause = between_chunks or (lambda: time.sleep(0))
     builder = _LayoutBuilder(ram_ranges, hvo)
-    buffer = np.empty(chunk_frames, np.uint64)
-    view = buffer.data.cast("B")
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            got = 0
-            while got < len(view):
-                n = handle.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got // 8:
-                builder.feed(buffer[: got // 8])
-            pause()
-            if got < len(view):
-                break
+    for chunk in read_chunks(path, chunk_frames, between_chunks):
+        builder.feed(chunk)
     kind, order, count, flags = builder.finish()
     notes = {"inconsistent_folios": builder.inconsistent, "orphan_tails": builder.orphan_tails}
     return Snapshot(

@@ -64,6 +64,8 @@ class Truncation:
 
         def folio_clear_dirty(self, inode: Inode, f: int) -> None: ...
 
+        def dirty_folios(self, inode: Inode | None = None) -> list[int]: ...
+
         def writeback(
             self, name: str | None = None, start: int = 0, end: int | None = None
         ) -> int: ...
@@ -163,7 +165,7 @@ class Truncation:
         store = self.folio_store
         # Dirty folios are written back, and so under writeback when invalidation comes: they
         # stay.
-        under_writeback = {f for f in store.dirtied_at if store.mapping[f] == inode.number}
+        under_writeback = set(self.dirty_folios(inode))
         self.writeback(name, offset, end_byte + 1)
         first = -(-offset // PAGE_SIZE)
         last = end_byte >> PAGE_SHIFT
